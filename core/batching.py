@@ -1,0 +1,48 @@
+"""Batches: validation, device placement and the split into micro-batches.
+
+A batch is any pytree of tensors whose leading dimension holds this rank's
+``train_micro_batch_size_per_gpu x gradient_accumulation_steps`` samples; micro-batch ``i`` is rows
+``[i * MB, (i + 1) * MB)`` of every tensor leaf (views, no copies). Non-tensor leaves pass through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch
+
+
+def check_batch(batch: Any, micro_batch_size: int, accumulation_steps: int) -> None:
+    want = micro_batch_size * accumulation_steps
+    leaves = [x for x in optree.tree_leaves(batch, none_is_leaf=False) if isinstance(x, torch.Tensor)]
+    if not leaves:
+        raise ValueError("batch holds no tensors; expected a pytree of tensors with a leading batch dimension")
+    for path, leaf in zip(*optree.tree_flatten_with_path(batch)[:2]):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        where = "/".join(str(p) for p in path) or "batch"
+        if leaf.dim() == 0 or leaf.shape[0] != want:
+            raise ValueError(
+                f"batch leaf {where!r} has shape {tuple(leaf.shape)}; its leading dimension must be "
+                f"train_micro_batch_size_per_gpu x gradient_accumulation_steps = "
+                f"{micro_batch_size} x {accumulation_steps} = {want}"
+            )
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    return optree.tree_map(
+        lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) and x.device != device else x,
+        batch,
+    )
+
+
+def micro_batches(batch: Any, micro_batch_size: int, accumulation_steps: int) -> list[Any]:
+    if accumulation_steps == 1:
+        return [batch]
+
+    def rows(i: int):
+        lo, hi = i * micro_batch_size, (i + 1) * micro_batch_size
+        return lambda x: x[lo:hi] if isinstance(x, torch.Tensor) else x
+
+    return [optree.tree_map(rows(i), batch) for i in range(accumulation_steps)]

@@ -1,0 +1,73 @@
+"""The ``zerostep`` command: ``train``, ``config check``, ``checkpoint inspect|export``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from zerostep.errors import ConfigError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from zerostep.core.train_job import launch_ranks, train
+
+    if args.nproc < 1:
+        print(f"zerostep train: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.steps < 1:
+        print(f"zerostep train: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+        return 2
+    if args.config and not os.path.exists(args.config):
+        print(f"zerostep train: config file not found: {args.config}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        argv = ["--steps", str(args.steps), "--out", args.out, "--seed", str(args.seed)]
+        if args.config:
+            argv += ["--config", args.config]
+        return launch_ranks(argv, args.nproc)
+    try:
+        train(args.config, args.steps, args.out, seed=args.seed)
+    except ConfigError as e:
+        print(f"zerostep train: bad config: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from zerostep.core.train_job import DEFAULT_STEPS
+
+    parser = argparse.ArgumentParser(prog="zerostep", description="DeepSpeed's engine as pure functions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train the small GPT on the stdlib's sources (the main job)")
+    train.add_argument("--config", help="a DeepSpeed JSON config (default: built-in)")
+    train.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    train.add_argument("--nproc", type=int, default=1, help="ranks to launch via torch.distributed.run")
+    train.add_argument("--out", default="runs/train", help="directory for metrics.jsonl and loss.png")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_train)
+    for register in _registrars():
+        register(sub)
+    return parser
+
+
+def _registrars():
+    from zerostep.core import config_cli
+
+    found = [config_cli.register]
+    try:
+        from zerostep.io import cli as io_cli
+
+        found.append(io_cli.register)
+    except ImportError:
+        pass
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

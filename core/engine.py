@@ -1,0 +1,246 @@
+"""``initialize`` and ``Engine``: build the step's plan and phases once, then run them over states.
+
+The engine holds only what is fixed for its lifetime (the model's code, the config, the layouts, the
+compiled phases); everything that changes lives in ``TrainState``. ``engine.step`` donates its input:
+buffers are updated in place, the old state object is marked consumed, and passing it again raises
+``ConsumedStateError``. (A copy made with ``optree.tree_map`` before the step is not protected: its
+tensors share storage with the donated state.)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zerostep import optim
+from zerostep.core.batching import check_batch, micro_batches, to_device
+from zerostep.core.config import Config
+from zerostep.core.precision import LossScaleError, compute_dtype_of, loss_scale_init, loss_scale_update
+from zerostep.core.state import (
+    FlatParams,
+    Metrics,
+    TrainState,
+    check_not_consumed,
+    empty_metrics,
+    mark_consumed,
+)
+from zerostep.core.step import (
+    StepPlan,
+    compose,
+    make_forward,
+    make_reduce_scatter,
+    make_scaled_backward,
+    make_sharded_update,
+)
+from zerostep.parallel import groups as dist_groups
+from zerostep.parallel.flat import FlatLayout
+from zerostep.parallel.units import plan_groups
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def initialize(
+    model: nn.Module,
+    config: Config | dict | str | os.PathLike,
+    *,
+    loss_fn: LossFn | None = None,
+    compile: bool = True,
+) -> Engine:
+    """Build an ``Engine`` for ``model`` from a ``Config``, a DeepSpeed config dict or a JSON path.
+
+    Initializes ``torch.distributed`` from torchrun's environment when it is set and no process group
+    exists yet; otherwise runs as one process.
+    """
+    dist_groups.maybe_init_distributed()
+    if isinstance(config, Config):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = Config.from_dict(config)
+    elif isinstance(config, (str, os.PathLike)):
+        cfg = Config.from_file(config)
+    else:
+        raise TypeError(f"config must be a Config, a dict or a path, got {type(config).__name__}")
+    return Engine(model, cfg, loss_fn=loss_fn, compile=compile)
+
+
+class Engine:
+    def __init__(self, model: nn.Module, config: Config, *, loss_fn: LossFn | None = None, compile: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.config = config
+        self.loss_fn = loss_fn
+        self.compile = compile
+        self.group = dist_groups.dp_group() if dist.is_initialized() else None
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if config.world_size != self.world_size:
+            raise ValueError(
+                f"config was resolved for world size {config.world_size} but the process group has "
+                f"{self.world_size} ranks; build the Config with world_size={self.world_size}"
+            )
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
+        self.device = next(iter(trainable.values())).device
+        self.compute_dtype = compute_dtype_of(config)
+        zero = config.zero_optimization
+        if zero.offload_optimizer is not None or zero.offload_param is not None:
+            if self.device.type != "cpu":
+                raise NotImplementedError("offload_optimizer / offload_param are not implemented on accelerators")
+            warnings.warn("offload to cpu requested: the model already lives in host memory; nothing to do")
+        layouts = {
+            g: FlatLayout.build([(n, tuple(trainable[n].shape)) for n in names], self.compute_dtype, self.world_size)
+            for g, names in plan_groups(model, list(trainable)).items()
+        }
+        self.plan = StepPlan(
+            layouts=layouts,
+            stage=int(zero.stage),
+            world_size=self.world_size,
+            rank=self.rank,
+            accumulation_steps=int(config.gradient_accumulation_steps),
+            micro_batch_size=int(config.train_micro_batch_size_per_gpu),
+            compute_dtype=self.compute_dtype,
+            gradient_clipping=float(config.gradient_clipping),
+            predivide_factor=float(config.gradient_predivide_factor),
+            reduce_bucket_numel=int(zero.reduce_bucket_size) or None,
+            allgather_bucket_numel=int(zero.allgather_bucket_size) or None,
+        )
+        if config.optimizer is None:
+            raise ValueError(
+                "config has no 'optimizer' block; add one, e.g. "
+                '{"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}'
+            )
+        self.optimizer = optim.from_config(config.optimizer)
+        self.lr_at = optim.lr_schedule(config.scheduler, self.optimizer.lr)
+        self.beta1_at = optim.momentum_schedule(config.scheduler)
+        self._buffers = {
+            n: b.to(self.compute_dtype) if b.is_floating_point() else b for n, b in model.named_buffers()
+        }
+        self._forward = make_forward(model, loss_fn, layouts, self._buffers)
+        self._scaled_backward = make_scaled_backward(self.plan.accumulation_steps, compile and self.plan.stage < 3)
+        self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, compile)
+        self._step = compose(
+            self._forward,
+            self._scaled_backward,
+            make_reduce_scatter(self.plan, self.group, compile),
+            self._sharded_update,
+        )
+        self._eval_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    # ------------------------------------------------------------------ state
+
+    def init(self, seed: int = 0) -> TrainState:
+        """A fresh state from the model's current parameter values (rank 0's values on every rank)."""
+        named = dict(self.model.named_parameters())
+        plan = self.plan
+        master, flats = {}, {}
+        for g, layout in plan.layouts.items():
+            full = layout.flatten({n: named[n].detach() for n in layout.names}, dtype=torch.float32)
+            if self.world_size > 1:
+                dist.broadcast(full, src=0, group=self.group)
+            if plan.sharded_master or plan.stage == 3:
+                shard = layout.shard(full, self.rank).clone()
+            else:
+                shard = full
+            master[g] = shard
+            if plan.params_alias_master:
+                flats[g] = shard
+            elif plan.stage == 3:
+                flats[g] = shard.to(self.compute_dtype)
+            else:
+                flats[g] = full.to(self.compute_dtype)
+        return TrainState(
+            step=torch.tensor(0, dtype=torch.int64),
+            skipped_steps=torch.tensor(0, dtype=torch.int64),
+            seed=torch.tensor(int(seed), dtype=torch.int64),
+            params=FlatParams(flats, dict(plan.layouts), sharded=plan.stage == 3),
+            master=master,
+            opt_state=self.optimizer.init(master),
+            scaler=loss_scale_init(self.config.fp16),
+            metrics=empty_metrics(),
+        )
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, state: TrainState, batch: Any) -> TrainState:
+        """One optimizer step over this rank's ``MB x GAS`` samples. Consumes ``state``."""
+        check_not_consumed(state, "engine.step")
+        plan = self.plan
+        check_batch(batch, plan.micro_batch_size, plan.accumulation_steps)
+        batch = to_device(batch, self.device)
+        step, skipped, seed = int(state.step), int(state.skipped_steps), int(state.seed)
+        torch.manual_seed(_step_seed(seed, step, self.rank))
+        applied_before = step - skipped
+        lr = torch.as_tensor(self.lr_at(applied_before - 1), dtype=torch.float32, device=self.device)
+        beta1 = None
+        if self.beta1_at is not None:
+            beta1 = torch.as_tensor(self.beta1_at(applied_before - 1), dtype=torch.float32, device=self.device)
+        scale = state.scaler.scale.to(self.device)
+
+        applied, loss, grad_norm = self._step(
+            state.params.flats,
+            micro_batches(batch, plan.micro_batch_size, plan.accumulation_steps),
+            scale,
+            master=state.master,
+            opt_state=state.opt_state,
+            params=state.params.flats,
+            lr=lr,
+            beta1=beta1,
+        )
+        scaler = loss_scale_update(state.scaler, not applied, self.config.fp16)
+        if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
+            raise LossScaleError(
+                f"step {step}: fp16 gradients overflowed with the loss scale already at min_loss_scale="
+                f"{self.config.fp16.min_loss_scale}; the state passed in is unchanged and still valid "
+                "(lower the learning rate, raise min_loss_scale's headroom, or use bf16)"
+            )
+        mark_consumed(state)
+        metrics = Metrics(
+            loss=loss.detach().float().cpu(),
+            grad_norm=grad_norm.detach().float().cpu(),
+            lr=lr.cpu(),
+            loss_scale=state.scaler.scale.clone(),
+            skipped=torch.tensor(0 if applied else 1, dtype=torch.int64),
+        )
+        return state.replace(
+            step=state.step + 1,
+            skipped_steps=state.skipped_steps + (0 if applied else 1),
+            scaler=scaler,
+            metrics=metrics,
+        )
+
+    def eval_step(self, state: TrainState, batch: Any) -> torch.Tensor:
+        """The mean loss on ``batch`` (any leading size) at ``state``'s parameters; no update."""
+        check_not_consumed(state, "engine.eval_step")
+        if self.plan.stage == 3:
+            from zerostep.core.full_params import gathered_flats
+
+            flats = {g: f.to(self.compute_dtype) for g, f in gathered_flats(self, state).items()}
+        else:
+            flats = state.params.flats
+        with torch.no_grad():
+            loss = self._eval_forward(flats, to_device(batch, self.device)).float()
+        if self.world_size > 1:
+            loss = loss.clone()
+            dist.all_reduce(loss, group=self.group)
+            loss /= self.world_size
+        return loss.detach()
+
+    def full_params(self, state: TrainState) -> dict[str, torch.Tensor]:
+        """fp32 parameters by name, gathered on every rank (new tensors)."""
+        from zerostep.core.full_params import full_params
+
+        check_not_consumed(state, "engine.full_params")
+        return full_params(self, state)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    # Distinct, reproducible RNG streams per (seed, step, rank) for dropout and friends.
+    return (seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1)

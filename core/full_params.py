@@ -1,0 +1,34 @@
+"""Gathering fp32 parameters from a state, on every rank (``engine.full_params``, exports, eval at stage 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from zerostep.core.state import TrainState
+
+
+def gathered_flats(engine: Any, state: TrainState) -> dict[str, torch.Tensor]:
+    """Group -> full fp32 flat buffer [padded_numel] (new tensors when sharded, else the master itself)."""
+    plan = engine.plan
+    out = {}
+    for g, shard in state.master.items():
+        if plan.sharded_master or plan.stage == 3:
+            full = torch.empty(plan.layouts[g].padded_numel, dtype=shard.dtype, device=shard.device)
+            dist.all_gather_into_tensor(full, shard.contiguous(), group=engine.group)
+            out[g] = full
+        else:
+            out[g] = shard
+    return out
+
+
+def full_params(engine: Any, state: TrainState) -> dict[str, torch.Tensor]:
+    """Parameter name -> fp32 tensor, in the model's ``named_parameters`` order (copies)."""
+    by_name = {}
+    for g, full in gathered_flats(engine, state).items():
+        for name, view in engine.plan.layouts[g].unflatten(full).items():
+            by_name[name] = view.clone()
+    order = [n for n, _ in engine.model.named_parameters() if n in by_name]
+    return {n: by_name[n] for n in order}

@@ -1,0 +1,296 @@
+"""The training step: ``compose(forward, scaled_backward, reduce_scatter, sharded_update)``.
+
+Read this file first. One ``engine.step`` is one optimizer step over ``GAS`` micro-batches:
+
+1. ``forward(flats, micro_batch) -> loss``: the user's module run by ``torch.func.functional_call`` on
+   parameters that are views of the per-group flat buffers (``FlatLayout.split``, whose backward is one
+   ``cat``: the gradient of a group arrives as one flat buffer, no per-parameter copies).
+2. ``scaled_backward(forward, flats, micro_batch, scale) -> (loss, grads)``: gradients of
+   ``loss * scale / GAS`` w.r.t. the flat buffers. Compiled with ``torch.compile`` (AOTAutograd compiles
+   the forward and the backward); stage 3 runs it eagerly through ``parallel.zero3`` instead, which
+   gathers each unit's parameters just before use and reduce-scatters its gradient straight after.
+3. ``reduce_scatter(grads) -> grads``: stage 0 all-reduces at the accumulation boundary, stage 1
+   reduce-scatters at the boundary, stage 2 reduce-scatters every micro-batch (its accumulator is a
+   shard), stage 3 already did it in backward. Identity at world size 1.
+4. ``sharded_update``: the global finite check and gradient norm with one all-reduce (graph A), then,
+   unless the gradients are non-finite, unscale + clip + optimizer update of this rank's fp32 shard +
+   write back of compute-dtype parameters (all-gather at stages 1-2) in one in-place graph (graph B).
+
+Between graph A and graph B the host reads one flag (finite or not): a skipped step must leave
+parameters, master and optimizer state untouched, and deciding that on the host costs one sync instead
+of a ``torch.where`` pass over every buffer. Collectives stay out of the autograd graph because one
+graph holding both failed in AOTAutograd (DESIGN.md); they live in their own compiled graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from zerostep.parallel import collectives
+from zerostep.parallel.flat import FlatLayout
+
+Flats = dict[str, torch.Tensor]  # group name -> 1-D buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Static facts of a step: everything here is fixed for an engine's lifetime."""
+
+    layouts: dict[str, FlatLayout]  # group -> layout in compute dtype, padded for world_size
+    stage: int
+    world_size: int
+    rank: int
+    accumulation_steps: int
+    micro_batch_size: int
+    compute_dtype: torch.dtype
+    gradient_clipping: float
+    predivide_factor: float
+    reduce_bucket_numel: int | None
+    allgather_bucket_numel: int | None
+
+    @property
+    def sharded_master(self) -> bool:
+        return self.stage >= 1 and self.world_size > 1
+
+    @property
+    def params_alias_master(self) -> bool:
+        # fp32 parameters that are exactly the master buffer need no copy-back.
+        return self.compute_dtype == torch.float32 and (self.stage == 3 or not self.sharded_master)
+
+
+def compose(
+    forward: Callable[[Flats, Any], torch.Tensor],
+    scaled_backward: Callable[..., tuple[torch.Tensor, Flats]],
+    reduce_scatter: Callable[[Flats, bool], Flats],
+    sharded_update: Callable[..., Any],
+) -> Callable[..., Any]:
+    """Build ``step(params, micro_batches, scale, update_args) -> update result`` from the four phases.
+
+    ``reduce_scatter(grads, boundary)`` is called after every micro-batch's backward with
+    ``boundary=False`` and once more on the accumulated gradients with ``boundary=True``; each stage's
+    reduce_scatter decides at which of the two it communicates.
+    """
+
+    def step(flats: Flats, micro_batches: list[Any], scale: torch.Tensor, **update_args: Any) -> Any:
+        losses, accumulated = [], None
+        for micro_batch in micro_batches:
+            loss, grads = scaled_backward(forward, flats, micro_batch, scale)
+            grads = reduce_scatter(grads, False)
+            accumulated = grads if accumulated is None else _accumulate(accumulated, grads)
+            losses.append(loss)
+        accumulated = reduce_scatter(accumulated, True)
+        return sharded_update(accumulated, torch.stack(losses).sum(), scale=scale, **update_args)
+
+    return step
+
+
+def _accumulate(acc: Flats, grads: Flats) -> Flats:
+    for g, grad in grads.items():
+        acc[g].add_(grad)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. forward
+
+
+class _LossModule(nn.Module):
+    """Wraps the user's module so ``functional_call`` can run ``loss_fn(model, batch)`` on new params."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        if self.loss_fn is not None:
+            out = self.loss_fn(self.model, batch)
+        elif isinstance(batch, dict):
+            out = self.model(**batch)
+        else:
+            out = self.model(batch)
+        return loss_of_output(out)
+
+
+def loss_of_output(out: Any) -> torch.Tensor:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None:
+        loss = out
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"the loss must be a scalar (0-d) tensor, got {shape}; reduce it (e.g. .mean()) in loss_fn"
+        )
+    return loss
+
+
+def make_forward(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    layouts: dict[str, FlatLayout],
+    buffers: dict[str, torch.Tensor],
+) -> Callable[[Flats, Any], torch.Tensor]:
+    wrapper = _LossModule(model, loss_fn)
+    prefixed_buffers = {"model." + n: b for n, b in buffers.items()}
+
+    def forward(flats: Flats, micro_batch: Any) -> torch.Tensor:
+        tensors = dict(prefixed_buffers)
+        for group, flat in flats.items():
+            for name, view in layouts[group].unflatten(flat).items():
+                tensors["model." + name] = view
+        return torch.func.functional_call(wrapper, tensors, (micro_batch,), strict=False)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. scaled_backward
+
+
+def make_scaled_backward(accumulation_steps: int, compile: bool) -> Callable[..., tuple[torch.Tensor, Flats]]:
+    """Gradients of ``loss * scale / GAS`` w.r.t. the flat buffers, plus the unscaled fp32 loss."""
+
+    def objective(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = forward(flats, micro_batch).float()
+        return loss * (scale / accumulation_steps), loss.detach()
+
+    compiled = torch.compile(objective, dynamic=False) if compile else objective
+
+    def scaled_backward(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor):
+        leaves = {g: f.detach().requires_grad_(True) for g, f in flats.items()}
+        scaled, loss = compiled(forward, leaves, micro_batch, scale)
+        grads = torch.autograd.grad(scaled, list(leaves.values()))
+        return loss, dict(zip(leaves, grads))
+
+    return scaled_backward
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. reduce_scatter
+
+
+def make_reduce_scatter(plan: StepPlan, group: Any, compile: bool) -> Callable[[Flats, bool], Flats]:
+    """Sum gradients over ranks: when and how depends on the ZeRO stage (module docstring)."""
+    if plan.world_size == 1 or plan.stage == 3:
+        return lambda grads, boundary: grads
+    pre = 1.0 / plan.predivide_factor if plan.predivide_factor != 1.0 else None
+
+    def all_reduce(grads: Flats) -> Flats:
+        return {
+            g: collectives.all_reduce_flat(t * pre if pre else t, group, plan.reduce_bucket_numel)
+            for g, t in grads.items()
+        }
+
+    def reduce_scatter(grads: Flats) -> Flats:
+        return {
+            g: collectives.reduce_scatter_flat(t * pre if pre else t, group, plan.reduce_bucket_numel)
+            for g, t in grads.items()
+        }
+
+    if compile:
+        all_reduce = torch.compile(all_reduce, dynamic=False, fullgraph=True)
+        reduce_scatter = torch.compile(reduce_scatter, dynamic=False, fullgraph=True)
+
+    def phase(grads: Flats, boundary: bool) -> Flats:
+        if plan.stage == 2:
+            return grads if boundary else reduce_scatter(grads)
+        if not boundary:
+            return grads
+        return all_reduce(grads) if plan.stage == 0 else reduce_scatter(grads)
+
+    return phase
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. sharded_update
+
+
+def make_norm_and_loss(plan: StepPlan, group: Any, compile: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Graph A: (global squared norm of the scaled, summed gradients, mean loss), one all-reduce."""
+    world = plan.world_size
+
+    def norm_and_loss(grads: Flats, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sumsq = torch.zeros((), dtype=torch.float32, device=loss_sum.device)
+        for g, grad in grads.items():
+            if plan.stage == 0 and world > 1:
+                # Every rank holds the same full gradient: each sums only its own slice.
+                grad = plan.layouts[g].shard(grad, plan.rank)
+            sumsq = sumsq + grad.float().pow(2).sum()
+        packed = torch.stack([sumsq, loss_sum.float() / plan.accumulation_steps])
+        if world > 1:
+            packed = collectives.all_reduce_flat(packed, group, None)
+        return packed[0], packed[1] / world
+
+    return torch.compile(norm_and_loss, dynamic=False, fullgraph=True) if compile else norm_and_loss
+
+
+def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool) -> Callable[..., None]:
+    """Graph B: unscale, clip, optimizer step on the fp32 shard, write back compute-dtype params."""
+    clip = plan.gradient_clipping
+    post = plan.predivide_factor if 1 < plan.world_size and plan.stage < 3 else 1.0
+
+    def apply_update(
+        grads: Flats,
+        master: Flats,
+        opt_state: Any,
+        params: Flats,
+        sumsq: torch.Tensor,
+        scale: torch.Tensor,
+        lr: torch.Tensor,
+        beta1: torch.Tensor | None,
+    ) -> None:
+        # grads hold sum over ranks of d(loss * scale / GAS); the mean over ranks and unscaled:
+        unscale = post / (scale * plan.world_size)
+        grad_scale = unscale
+        if clip > 0:
+            norm = torch.sqrt(sumsq) * unscale
+            grad_scale = unscale * torch.clamp(clip / (norm + 1e-6), max=1.0)
+        grads32 = {g: t.float() for g, t in grads.items()}
+        optimizer.update_(grads32, opt_state, master, lr, grad_scale=grad_scale, beta1=beta1)
+        if plan.params_alias_master:
+            return
+        for g, shard in master.items():
+            if plan.stage == 3 or not plan.sharded_master:
+                params[g].copy_(shard)
+            else:
+                full = collectives.all_gather_flat(shard.to(plan.compute_dtype), group, plan.allgather_bucket_numel)
+                params[g].copy_(full)
+
+    return torch.compile(apply_update, dynamic=False, fullgraph=True) if compile else apply_update
+
+
+def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool) -> Callable[..., Any]:
+    """Phase 4 on the host: graph A, one finite flag read, graph B unless the step is skipped.
+
+    Returns ``(applied, mean_loss, grad_norm)`` with ``grad_norm`` unscaled (inf/nan when skipped).
+    """
+    norm_and_loss = make_norm_and_loss(plan, group, compile)
+    apply_update = make_apply_update(plan, optimizer, group, compile)
+    post = plan.predivide_factor if 1 < plan.world_size and plan.stage < 3 else 1.0
+
+    def sharded_update(
+        grads: Flats,
+        loss_sum: torch.Tensor,
+        *,
+        scale: torch.Tensor,
+        master: Flats,
+        opt_state: Any,
+        params: Flats,
+        lr: torch.Tensor,
+        beta1: torch.Tensor | None,
+    ) -> tuple[bool, torch.Tensor, torch.Tensor]:
+        sumsq, loss = norm_and_loss(grads, loss_sum)
+        grad_norm = torch.sqrt(sumsq) * (post / (scale * plan.world_size))
+        applied = bool(torch.isfinite(sumsq).item())
+        if applied:
+            apply_update(grads, master, opt_state, params, sumsq, scale, lr, beta1)
+        return applied, loss, grad_norm
+
+    return sharded_update

@@ -1,0 +1,104 @@
+"""``from_config``: a DeepSpeed ``"optimizer"`` block to an ``Optimizer``, with DeepSpeed's semantics.
+
+DeepSpeed (``engine._configure_basic_optimizer``) matches the type case-insensitively, rejects
+``max_grad_norm`` (clipping is the top-level ``gradient_clipping``), pops ``adam_w_mode`` (default
+true, so ``"Adam"`` is AdamW) and ``torch_adam`` for Adam/AdamW, and builds FusedAdam, FusedLamb,
+FusedLion, or the torch.optim class of that name (Adagrad, SGD). Defaults are those classes' defaults.
+Where DeepSpeed would fail with a ``TypeError`` on an unexpected keyword, zerostep raises a
+``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from zerostep.optim.adagrad import adagrad
+from zerostep.optim.adam import adam
+from zerostep.optim.base import Optimizer, PerLeaf
+from zerostep.optim.lamb import lamb
+from zerostep.optim.lion import lion
+from zerostep.optim.registry import OPTIMIZER_TYPES, UNSUPPORTED_OPTIMIZER_TYPES
+from zerostep.optim.sgd import sgd
+
+from zerostep.errors import ConfigError
+
+# Each type's accepted params and their defaults (DeepSpeed's FusedAdam/FusedLamb/FusedLion,
+# torch.optim's Adagrad/SGD). Adam's mode flags are handled before this table is consulted.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, bias_correction=True,
+                 amsgrad=False),
+    "lamb": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, bias_correction=True,
+                 eps_inside_sqrt=False, max_coeff=10.0, min_coeff=0.01, amsgrad=False),
+    "adagrad": dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10),
+    "sgd": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
+    "lion": dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0),
+}
+_FACTORIES = {"adam": adam, "lamb": lamb, "adagrad": adagrad, "sgd": sgd, "lion": lion}
+
+
+def block_parts(block: Any, what: str) -> tuple[str | None, dict[str, Any]]:
+    """(type, params) of a config block given as a dict or an object with ``.type``/``.params``."""
+    if isinstance(block, Mapping):  # other keys (e.g. DeepSpeed's legacy_fusion) are core.config's concern
+        kind, params = block.get("type"), block.get("params")
+    else:
+        kind, params = getattr(block, "type", None), getattr(block, "params", None)
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{what}.params: {params!r} is invalid; it must be a dict")
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f"{what}.type: {kind!r} is invalid; it must be a string")
+    return kind, dict(params)
+
+
+def from_config(
+    block: Any,
+    *,
+    weight_decay_mask: PerLeaf = None,
+    lr_multipliers: PerLeaf = None,
+    use_triton: bool | None = None,
+) -> Optimizer:
+    """Build the optimizer a DeepSpeed ``"optimizer": {"type": ..., "params": {...}}`` block names."""
+    kind, params = block_parts(block, "optimizer")
+    if kind is None:
+        raise ConfigError(f"optimizer.type: missing; supported types are {list(OPTIMIZER_TYPES)}")
+    name = kind.lower()
+    if name in UNSUPPORTED_OPTIMIZER_TYPES:
+        raise ConfigError(f"optimizer.type: {kind!r} is a DeepSpeed optimizer zerostep does not implement; "
+                          f"supported types are {list(OPTIMIZER_TYPES)}")
+    if name not in OPTIMIZER_TYPES:
+        raise ConfigError(f"optimizer.type: {kind!r} is not supported; supported types are "
+                          f"{list(OPTIMIZER_TYPES)}")
+    if "max_grad_norm" in params:
+        raise ConfigError("optimizer.params.max_grad_norm: not supported as an optimizer parameter (as in "
+                          "DeepSpeed); use the top-level 'gradient_clipping' instead")
+
+    extra: dict[str, Any] = dict(weight_decay_mask=weight_decay_mask, lr_multipliers=lr_multipliers)
+    base = name
+    if name in ("adam", "adamw"):
+        base = "adam"
+        torch_adam = bool(params.pop("torch_adam", False))
+        adam_w_mode = name == "adamw" or bool(params.pop("adam_w_mode", True))
+        params.pop("adam_w_mode", None)
+        extra["adam_w_mode"] = adam_w_mode
+        extra["use_triton"] = use_triton
+        defaults = dict(_DEFAULTS["adam"])
+        if torch_adam and adam_w_mode:
+            defaults["weight_decay"] = 1e-2  # torch_adam builds torch.optim.AdamW, whose default differs
+    else:
+        defaults = dict(_DEFAULTS[name])
+        if name == "lamb":
+            extra["use_triton"] = use_triton
+
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ConfigError(f"optimizer.params: unknown key(s) {unknown} for type {kind!r}; "
+                          f"accepted keys are {sorted(defaults)}")
+    merged = {**defaults, **params}
+    if isinstance(merged.get("betas"), list):  # JSON gives lists
+        merged["betas"] = tuple(merged["betas"])
+    for key, value in merged.items():
+        if key != "betas" and not isinstance(value, (int, float, bool)):
+            raise ConfigError(f"optimizer.params.{key}: {value!r} is invalid; it must be a number or boolean")
+    return _FACTORIES[base](**merged, **extra)

@@ -1,0 +1,131 @@
+"""Top-level DeepSpeed keys that zerostep does not parse into its Config, and what to say about each.
+
+DeepSpeed ignores unknown top-level keys; zerostep never drops one silently. A key for a DeepSpeed
+feature zerostep lacks is an error when the block turns the feature on and a warning when it is
+present but off. A key that only tunes DeepSpeed internals is accepted, with a warning when it is set
+away from DeepSpeed's default. Anything else close to a known key is a typo (an error with a
+did-you-mean); the rest is warned about and ignored, as DeepSpeed ignores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from zerostep.core.config_values import ConfigError, did_you_mean, fail, show, warn
+
+
+def _any_enabled(value: Any) -> bool:
+    """Whether an ``"enabled": true`` appears anywhere in the block (compression and data-efficiency
+    blocks nest their switches)."""
+    if isinstance(value, Mapping):
+        return value.get("enabled") is True or any(_any_enabled(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_any_enabled(item) for item in value)
+    return False
+
+
+def _non_empty(value: Any) -> bool:
+    """For blocks without a switch: their presence configures the feature."""
+    if isinstance(value, Mapping):
+        return bool(value)
+    return value not in (None, False)
+
+
+def _activation_checkpointing(value: Any) -> bool:
+    # These options change what deepspeed.checkpointing does to activations; the rest only tune it.
+    if not isinstance(value, Mapping):
+        return _non_empty(value)
+    return any(value.get(key) is True for key in
+               ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization"))
+
+
+def _deepcompile(value: Any) -> bool:
+    return isinstance(value, Mapping) and value.get("deepcompile") is True
+
+
+def _true(value: Any) -> bool:
+    return value is True
+
+
+# key -> (is the feature on?, what it is / what to use instead)
+UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "pipeline": (_non_empty, "pipeline parallelism (PipelineModule)"),
+    "sparse_attention": (_non_empty, "sparse attention (removed from DeepSpeed too)"),
+    "compression_training": (_any_enabled, "compression training"),
+    "elasticity": (_any_enabled, "elastic training"),
+    "activation_checkpointing": (_activation_checkpointing,
+                                 "deepspeed.checkpointing (partitioned, CPU or contiguous activation "
+                                 "checkpoints; use torch.utils.checkpoint in the model instead)"),
+    "flops_profiler": (_any_enabled, "the FLOPs profiler"),
+    "curriculum_learning": (_any_enabled, "curriculum learning"),
+    "data_efficiency": (_any_enabled, "data efficiency (curriculum sampling and random-LTD)"),
+    "moe": (_non_empty, "DeepSpeed MoE layers"),
+    "amp": (_any_enabled, "NVIDIA Apex AMP (use fp16 or bf16)"),
+    "aio": (_non_empty, "async I/O for NVMe offload"),
+    "autotuning": (_any_enabled, "the autotuner"),
+    "comms_logger": (_any_enabled, "the communication logger"),
+    "eigenvalue": (_any_enabled, "eigenvalue computation"),
+    "progressive_layer_drop": (_any_enabled, "progressive layer dropping"),
+    "hybrid_engine": (_any_enabled, "the RLHF hybrid engine"),
+    "nebula": (_any_enabled, "Nebula checkpointing"),
+    "torch_autocast": (_any_enabled, "torch.autocast mixed precision (use the fp16 or bf16 block)"),
+    "comet": (_any_enabled, "the Comet monitor (tensorboard, csv_monitor and wandb are parsed)"),
+    "quantize_training": (_any_enabled, "quantized training (MoQ)"),
+    "weight_quantization": (_non_empty, "weight quantization"),
+    "tensor_parallel": (_non_empty, "tensor parallelism (AutoTP)"),
+    "expert_parallel": (_non_empty, "expert parallelism configuration"),
+    "compile": (_deepcompile, "DeepCompile (zerostep compiles its own step: initialize(compile=True))"),
+    "sparse_gradients": (_true, "sparse gradients"),
+}
+
+# Keys that tune DeepSpeed internals zerostep does not have: key -> (DeepSpeed default, why inert).
+NO_EFFECT_KEYS: dict[str, tuple[Any, str]] = {
+    "zero_allow_untested_optimizer": (False, "every zerostep optimizer works with every ZeRO stage"),
+    "zero_force_ds_cpu_optimizer": (True, "zerostep has no DeepSpeed CPU optimizers"),
+    "memory_breakdown": (False, "zerostep does not print memory breakdowns"),
+    "dump_state": (False, "zerostep does not dump engine state"),
+    "disable_allgather": (False, "zerostep always all-gathers updated parameters"),
+    "vocabulary_size": (None, "it only drives a DeepSpeed tensor-core alignment warning"),
+    "log_level": (None, "zerostep logs through Python logging"),
+    "graph_harvesting": (False, "zerostep compiles with torch.compile"),
+    "managed_gradient_accumulation": (True, "zerostep always accumulates over gradient_accumulation_steps"),
+    "use_data_before_expert_parallelism": (False, "zerostep has no expert-parallel topology"),
+    "communication_data_type": (None, "zerostep communicates gradients in their own dtype"),
+    "seq_parallel_communication_data_type": ("fp32", "zerostep has no sequence parallelism"),
+    "timers": (None, "zerostep's timers follow wall_clock_breakdown"),
+}
+
+
+def check_gradient_allreduce_op(value: Any) -> None:
+    if value == "sum":
+        raise fail("gradient_allreduce_op", value, 'only "mean" is implemented: zerostep averages gradients '
+                   "over micro-batches and ranks")
+    if value != "mean":
+        raise fail("gradient_allreduce_op", value, 'must be "mean" (or DeepSpeed\'s "sum", not implemented)')
+
+
+def check_other_keys(raw: Mapping[str, Any], known: list[str]) -> None:
+    """Report every top-level key the Config parser did not take (``known`` lists the ones it did)."""
+    for key, value in raw.items():
+        if key in known:
+            continue
+        if key == "gradient_allreduce_op":
+            check_gradient_allreduce_op(value)
+        elif key in UNSUPPORTED_FEATURES:
+            is_on, feature = UNSUPPORTED_FEATURES[key]
+            if is_on(value):
+                raise fail(key, value, f"{feature} is not implemented by zerostep; remove the block "
+                           "(or switch it off) to train with zerostep")
+            warn(f"{key} = {show(value)}: {feature} is not implemented by zerostep; the block is off "
+                 "and ignored")
+        elif key in NO_EFFECT_KEYS:
+            default, reason = NO_EFFECT_KEYS[key]
+            if value != default:
+                warn(f"{key} = {show(value)} has no effect in zerostep: {reason}")
+        else:
+            everything = [*known, *UNSUPPORTED_FEATURES, *NO_EFFECT_KEYS]
+            hint = did_you_mean(key, everything, cutoff=0.8)
+            if hint is not None:
+                raise ConfigError(f"{key} = {show(value)}: unknown key; did you mean {hint!r}?")
+            warn(f"{key} = {show(value)}: unknown top-level key, ignored (DeepSpeed ignores it too)")

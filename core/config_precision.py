@@ -1,0 +1,141 @@
+"""The ``fp16``, ``bf16`` (legacy ``bfloat16``) and ``data_types`` blocks, with DeepSpeed 0.19's defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from zerostep.core.config_values import Block, boolean, fail, integer, optional
+
+
+@dataclass(frozen=True)
+class FP16Config:
+    enabled: bool = False
+    auto_cast: bool = False
+    loss_scale: float = 0.0  # 0 selects dynamic loss scaling; > 0 is a static scale
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    consecutive_hysteresis: bool = False
+    min_loss_scale: int = 1
+    fp16_master_weights_and_grads: bool = False
+
+    @property
+    def dynamic(self) -> bool:
+        return self.loss_scale == 0
+
+
+@dataclass(frozen=True)
+class BF16Config:
+    enabled: bool = False
+    immediate_grad_update: bool = False
+    check_grad_overflow: bool = True
+
+
+@dataclass(frozen=True)
+class DataTypesConfig:
+    """DeepSpeed's ``data_types`` block: "fp32", "fp16", "bf16" or None (= follow the compute dtype)."""
+
+    grad_accum_dtype: str | None = None
+    param_dtype: str | None = None
+    buffer_dtype: str | None = None
+
+
+def _loss_scale(path: str, value: Any) -> float:
+    # DeepSpeed 0.19 rejects these explicitly: pydantic would turn true into 1.0, a static scale.
+    if isinstance(value, bool):
+        raise fail(path, value, "must be a number, not a boolean (0 selects dynamic loss scaling)")
+    if not isinstance(value, (int, float)):
+        raise fail(path, value, "must be a number (0 selects dynamic loss scaling)")
+    if not math.isfinite(value):
+        raise fail(path, value, "must be a finite number (not NaN or infinity)")
+    if value < 0:
+        raise fail(path, value, "must be >= 0 (0 selects dynamic loss scaling, > 0 a static scale)")
+    return float(value)
+
+
+def _scale_power(path: str, value: Any) -> int:
+    power = integer(path, value)
+    if not -126 <= power <= 127:  # 2**power must be a normal, finite float32
+        raise fail(path, value, "must be an integer in [-126, 127] (the scale is 2**initial_scale_power)")
+    return power
+
+
+def parse_fp16(block: Block | None) -> FP16Config:
+    if block is None:
+        return FP16Config()
+    d = FP16Config()
+    enabled = block.take("enabled", d.enabled, boolean)
+    loss_scale = block.take("loss_scale", d.loss_scale, _loss_scale)
+    config = FP16Config(
+        enabled=enabled,
+        auto_cast=block.take("auto_cast", d.auto_cast, boolean),
+        loss_scale=loss_scale,
+        initial_scale_power=block.take("initial_scale_power", d.initial_scale_power, _scale_power),
+        loss_scale_window=block.take("loss_scale_window", d.loss_scale_window, integer),
+        hysteresis=block.take("hysteresis", d.hysteresis, integer),
+        consecutive_hysteresis=block.take("consecutive_hysteresis", d.consecutive_hysteresis, boolean),
+        min_loss_scale=block.take("min_loss_scale", d.min_loss_scale, integer),
+        fp16_master_weights_and_grads=block.take(
+            "fp16_master_weights_and_grads", d.fp16_master_weights_and_grads, boolean
+        ),
+    )
+    block.finish()
+    # Only a live dynamic scaler uses these (DeepSpeed checks them under the same condition):
+    # the window is a modulus and the minimum the scale's floor.
+    if config.enabled and config.dynamic:
+        for key, minimum in (("loss_scale_window", 1), ("min_loss_scale", 1), ("hysteresis", 1)):
+            value = getattr(config, key)
+            if value < minimum:
+                raise fail(block.key_path(key), value, f"must be >= {minimum} when dynamic loss "
+                           "scaling is on (fp16.enabled with loss_scale 0)")
+    return config
+
+
+def parse_bf16(block: Block | None) -> BF16Config:
+    if block is None:
+        return BF16Config()
+    d = BF16Config()
+    config = BF16Config(
+        enabled=block.take("enabled", d.enabled, boolean),
+        immediate_grad_update=block.take("immediate_grad_update", d.immediate_grad_update, boolean),
+        check_grad_overflow=block.take("check_grad_overflow", d.check_grad_overflow, boolean),
+    )
+    # zerostep's bf16 keeps fp32 master weights and fp32 optimizer state (DESIGN.md, Precision);
+    # a config asking for bf16 ones would silently get different numerics, so say so.
+    for key in ("bf16_master_weights_and_grads", "bf16_optimizer_states"):
+        wanted = block.take(key, False, boolean)
+        if wanted:
+            raise fail(block.key_path(key), True, "not implemented by zerostep, which keeps fp32 master "
+                       "weights and fp32 optimizer state under bf16; remove the key or set it false")
+    block.finish()
+    return config
+
+
+_DTYPE_NAMES = {
+    "fp32": ("fp32", "float32", "float", "torch.float32"),
+    "fp16": ("fp16", "float16", "half", "torch.float16"),
+    "bf16": ("bf16", "bfloat16", "torch.bfloat16"),
+}
+
+
+def _dtype_name(path: str, value: Any) -> str:
+    if isinstance(value, str):
+        for canonical, spellings in _DTYPE_NAMES.items():
+            if value.lower() in spellings:
+                return canonical
+    raise fail(path, value, "must be one of fp32, fp16, bf16 (or null)")
+
+
+def parse_data_types(block: Block | None) -> DataTypesConfig:
+    if block is None:
+        return DataTypesConfig()
+    dtype = optional(_dtype_name)
+    config = DataTypesConfig(
+        grad_accum_dtype=block.take("grad_accum_dtype", None, dtype),
+        param_dtype=block.take("param_dtype", None, dtype),
+        buffer_dtype=block.take("buffer_dtype", None, dtype),
+    )
+    block.finish()
+    return config

@@ -24,8 +24,6 @@ except ImportError:  # CPU-only installs: the torch path serves every optimizer
     tl = None
 
 BLOCK = 1024
-# Scalar slots of the AdamW kernel's scalars tensor (see ``adam_scalars``).
-_LR, _GRAD_SCALE, _BETA1, _BETA2, _BC1, _BC2_SQRT = range(6)
 
 
 # Decided once at import (a plain constant, which torch.compile reads without tracing a cache).
@@ -38,10 +36,11 @@ def available() -> bool:
 
 
 def usable(use_triton: bool | None, tensors: tuple[torch.Tensor, ...], statics: tuple = ()) -> bool:
-    """Whether a leaf can take the fused path: CUDA, contiguous, equal shapes, fp32 state, and the
-    per-leaf options (weight decay mask, lr multiplier) plain numbers rather than tensors."""
+    """Whether a leaf can take the fused path: contiguous, equal shapes, fp32 state, per-leaf options
+    (weight decay mask, lr multiplier) plain numbers rather than tensors, and CUDA tensors unless
+    ``use_triton`` is True (which forces the kernels on any device: CPU runs need TRITON_INTERPRET=1)."""
     p, *rest = tensors
-    if use_triton is False or not p.is_cuda or not _AVAILABLE:
+    if use_triton is False or not _AVAILABLE or (use_triton is None and not p.is_cuda):
         return False
     return (
         p.is_cuda
@@ -56,8 +55,14 @@ def _scalars(values, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
 
 
-def adam_scalars(lr, grad_scale, beta1, beta2, bc1, bc2_sqrt, device: torch.device) -> torch.Tensor:
-    return _scalars([lr, 1.0 if grad_scale is None else grad_scale, beta1, beta2, bc1, bc2_sqrt], device)
+def adam_scalars(lr, grad_scale, beta1, beta2, bc1, bc2, device: torch.device) -> torch.Tensor:
+    """[lr, grad_scale, beta1, 1 - beta1, beta2, 1 - beta2, bc1, bc2] as fp32 on ``device``.
+
+    ``1 - beta`` is formed before the cast: from an fp32 0.999, ``1 - beta2`` is off by 5e-5.
+    ``bc2`` is sqrt(1 - beta2^t) for Adam and 1 - beta2^t for LAMB.
+    """
+    scale = 1.0 if grad_scale is None else grad_scale
+    return _scalars([lr, scale, beta1, 1 - beta1, beta2, 1 - beta2, bc1, bc2], device)
 
 
 if triton is not None:
@@ -70,10 +75,11 @@ if triton is not None:
         mask = offs < n
         lr = tl.load(scalars_ptr + 0)
         grad_scale = tl.load(scalars_ptr + 1)
-        beta1 = tl.load(scalars_ptr + 2)
-        beta2 = tl.load(scalars_ptr + 3)
-        bc1 = tl.load(scalars_ptr + 4)
-        bc2_sqrt = tl.load(scalars_ptr + 5)
+        one_minus_beta1 = tl.load(scalars_ptr + 3)
+        beta2 = tl.load(scalars_ptr + 4)
+        one_minus_beta2 = tl.load(scalars_ptr + 5)
+        bc1 = tl.load(scalars_ptr + 6)
+        bc2_sqrt = tl.load(scalars_ptr + 7)
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
         m = tl.load(m_ptr + offs, mask=mask)
@@ -82,8 +88,8 @@ if triton is not None:
             p = p * (1.0 - lr * weight_decay)
         else:
             g = g + p * weight_decay
-        m = m + (1.0 - beta1) * (g - m)  # torch's lerp
-        v = v * beta2 + (1.0 - beta2) * g * g
+        m = m + one_minus_beta1 * (g - m)  # torch's lerp
+        v = v * beta2 + one_minus_beta2 * g * g
         denom = tl.sqrt(v) / bc2_sqrt + eps
         p = p - (lr / bc1) * (m / denom)
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
@@ -101,15 +107,17 @@ if triton is not None:
         mask = offs < n
         grad_scale = tl.load(scalars_ptr + 1)
         beta1 = tl.load(scalars_ptr + 2)
-        beta2 = tl.load(scalars_ptr + 3)
-        bc1 = tl.load(scalars_ptr + 4)
-        bc2 = tl.load(scalars_ptr + 5)
+        one_minus_beta1 = tl.load(scalars_ptr + 3)
+        beta2 = tl.load(scalars_ptr + 4)
+        one_minus_beta2 = tl.load(scalars_ptr + 5)
+        bc1 = tl.load(scalars_ptr + 6)
+        bc2 = tl.load(scalars_ptr + 7)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
+        m = beta1 * m + one_minus_beta1 * g
+        v = beta2 * v + one_minus_beta2 * g * g
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
         if EPS_INSIDE_SQRT:
@@ -128,9 +136,9 @@ if triton is not None:
         offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
         lr = tl.load(scalars_ptr + 0)
-        bc1 = tl.load(scalars_ptr + 4)
-        bc2 = tl.load(scalars_ptr + 5)
-        ratio = tl.load(scalars_ptr + 6)
+        bc1 = tl.load(scalars_ptr + 6)
+        bc2 = tl.load(scalars_ptr + 7)
+        ratio = tl.load(scalars_ptr + 8)
         p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask)
         v = tl.load(v_ptr + offs, mask=mask)
@@ -182,7 +190,7 @@ def lamb_update_norms_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: tor
 
 def lamb_apply_(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, scalars: torch.Tensor, *, eps: float,
                 weight_decay: float, eps_inside_sqrt: bool, out: torch.Tensor | None = None) -> None:
-    """LAMB pass 2: ``p -= lr * trust_ratio * update``; ``scalars[6]`` holds the trust ratio."""
+    """LAMB pass 2: ``p -= lr * trust_ratio * update``; ``scalars[8]`` holds the trust ratio."""
     n = p.numel()
     if n == 0:
         return

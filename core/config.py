@@ -118,6 +118,15 @@ class Config:
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
 
+    def source(self, path: str) -> str:
+        """Where the value at dotted ``path`` came from: "file", "user" (from_dict), "override",
+        "default", "derived" (batch keys computed from the others) or "auto" (filled by zerostep)."""
+        while path:
+            if path in self.sources:
+                return self.sources[path]
+            path = path.rpartition(".")[0]  # a key inside a block given (or defaulted) as a whole
+        return "default"
+
     @property
     def compute_dtype(self) -> torch.dtype:
         import torch

@@ -49,7 +49,7 @@ def render(config: Config, world_size_given: bool = False) -> str:
     """One line per resolved value: ``key.path = value  (source)``, sources aligned."""
     rows = [("world_size", json.dumps(config.world_size), "argument" if world_size_given else "default")]
     for path, value in _leaves(config.to_dict(), ""):
-        rows.append((path, json.dumps(value), _source(config.sources, path)))
+        rows.append((path, json.dumps(value), config.source(path)))
     width = max(len(path) + len(value) + 3 for path, value, _ in rows)
     lines = [f"{f'{path} = {value}':<{width}}  ({source})" for path, value, source in rows]
     legend = ("sources: file = from the config file, default = DeepSpeed's default, derived = computed "
@@ -63,15 +63,6 @@ def _leaves(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
             yield from _leaves(item, f"{prefix}.{key}" if prefix else key)
     else:
         yield prefix, value
-
-
-def _source(sources: Mapping[str, str], path: str) -> str:
-    """The source recorded for ``path`` or for the nearest block above it."""
-    while path:
-        if path in sources:
-            return sources[path]
-        path = path.rpartition(".")[0]
-    return "default"
 
 
 def main(argv: list[str] | None = None) -> int:

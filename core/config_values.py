@@ -46,7 +46,7 @@ def fail(path: str, value: Any, rule: str) -> ConfigError:
 
 def warn(message: str) -> None:
     """Warn, attributing the warning to the first caller outside the config modules."""
-    frame, level = sys._getframe(1), 1
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is warn()'s caller
     while frame is not None and frame.f_code.co_filename.startswith(_CONFIG_MODULES):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, ConfigWarning, stacklevel=level)

@@ -1,0 +1,748 @@
+"""zerostep.core.config: DeepSpeed 0.19 keys, defaults, batch resolution, errors, "auto", overrides, files."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zerostep.core.config import Config, ConfigError, ConfigWarning
+from zerostep.optim.registry import OPTIMIZER_TYPES, SCHEDULER_TYPES
+
+DS_CONFIGS = Path("/work/shared/ds_configs")
+
+
+def parse(d, world_size=1, **kw):
+    """Parse with ConfigWarnings turned into errors, so a test sees any unexpected warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        return Config.from_dict(d, world_size=world_size, **kw)
+
+
+def error_of(d, world_size=1, **kw) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        with pytest.raises(ConfigError) as info:
+            Config.from_dict(d, world_size=world_size, **kw)
+    return str(info.value)
+
+
+# --- batch triple ------------------------------------------------------------------------------------
+
+TB, MB, GAS = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
+
+
+@pytest.mark.parametrize(
+    "tb, mb, gas, ws, expected",
+    [
+        (32, 16, 1, 2, (32, 16, 1)),  # all three given
+        (32, 16, None, 2, (32, 16, 1)),  # TB, MB -> GAS
+        (32, None, 2, 2, (32, 8, 2)),  # TB, GAS -> MB
+        (None, 8, 2, 2, (32, 8, 2)),  # MB, GAS -> TB
+        (24, 3, None, 1, (24, 3, 8)),
+        (64, None, None, 4, (64, 16, 1)),  # TB only
+        (None, 4, None, 8, (32, 4, 1)),  # MB only
+        (256, 8, None, 1, (256, 8, 32)),
+        (5e2, 5.0, None, 1, (500, 5, 100)),  # integral floats are ints
+    ],
+)
+def test_batch_resolution_table(tb, mb, gas, ws, expected):
+    d = {key: value for key, value in ((TB, tb), (MB, mb), (GAS, gas)) if value is not None}
+    c = parse(d, world_size=ws)
+    assert (c.train_batch_size, c.train_micro_batch_size_per_gpu, c.gradient_accumulation_steps) == expected
+    assert c.world_size == ws
+
+
+@pytest.mark.parametrize(
+    "tb, mb, gas, ws, message",
+    [
+        (33, 17, None, 2, "gradient_accumulation_steps = 0: must be > 0"),  # floor division
+        (30, 4, None, 4, "30: must equal train_micro_batch_size_per_gpu * gradient_accumulation_steps"),
+        (None, None, 4, 1, "one of train_batch_size or train_micro_batch_size_per_gpu is required"),
+        (None, None, None, 1, "is required"),
+        (0, 1, 1, 1, "train_batch_size = 0: must be > 0"),
+        (-8, 2, None, 1, "train_batch_size = -8: must be > 0"),
+        (8, 0, None, 1, "train_micro_batch_size_per_gpu = 0: must be > 0"),
+        (8, None, 0, 1, "train_micro_batch_size_per_gpu = 0: must be > 0"),
+        (3, None, None, 4, "train_micro_batch_size_per_gpu = 0: must be > 0"),
+        (16, 4, 2, 1, "16: must equal"),
+        (8, 2, -1, 1, "gradient_accumulation_steps = -1: must be > 0"),
+    ],
+)
+def test_batch_resolution_errors(tb, mb, gas, ws, message):
+    d = {key: value for key, value in ((TB, tb), (MB, mb), (GAS, gas)) if value is not None}
+    assert message in error_of(d, world_size=ws)
+
+
+def test_batch_order_matches_deepspeed():
+    # TB <= 0 is reported before a mismatched product, as DeepSpeed's _batch_assertion does.
+    assert "train_batch_size = 0" in error_of({TB: 0, MB: 4, GAS: 3})
+
+
+@pytest.mark.parametrize("bad", ["8", True, 2.5, [8], {"n": 8}, float("nan")])
+def test_batch_key_wrong_type(bad):
+    message = error_of({MB: bad})
+    assert "train_micro_batch_size_per_gpu" in message and "must be an integer" in message
+
+
+@pytest.mark.parametrize("bad", [0, -1, "2", True, 1.5])
+def test_world_size_argument_checked(bad):
+    assert "world_size" in error_of({MB: 1}, world_size=bad)
+
+
+def test_world_size_from_process_group(tmp_path):
+    import torch.distributed as dist
+
+    assert Config.from_dict({MB: 2}).world_size == 1
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert Config.from_dict({MB: 2}).world_size == dist.get_world_size() == 1
+        assert Config.from_dict({MB: 2}, world_size=3).train_batch_size == 6  # argument wins
+    finally:
+        dist.destroy_process_group()
+
+
+# --- defaults ----------------------------------------------------------------------------------------
+
+
+def test_deepspeed_defaults():
+    c = parse({MB: 1})
+    assert c.gradient_clipping == 1.0 and c.gradient_predivide_factor == 1.0
+    assert (c.prescale_gradients, c.wall_clock_breakdown, c.dataloader_drop_last) == (False, False, False)
+    assert c.steps_per_print == 10 and c.seed is None
+    f = c.fp16
+    assert (f.enabled, f.loss_scale, f.initial_scale_power, f.loss_scale_window, f.hysteresis) == (
+        False, 0.0, 16, 1000, 2)
+    assert (f.consecutive_hysteresis, f.min_loss_scale, f.auto_cast, f.fp16_master_weights_and_grads) == (
+        False, 1, False, False)
+    assert f.dynamic and not c.bf16.enabled
+    z = c.zero_optimization
+    assert (z.stage, z.reduce_bucket_size, z.allgather_bucket_size) == (0, 500_000_000, 500_000_000)
+    assert (z.overlap_comm, z.contiguous_gradients, z.reduce_scatter, z.allgather_partitions) == (
+        False, True, True, True)
+    assert z.stage3_prefetch_bucket_size == 50_000_000 and z.stage3_param_persistence_threshold == 100_000
+    assert z.stage3_max_live_parameters == z.stage3_max_reuse_distance == 1_000_000_000
+    assert z.offload_optimizer is None and z.offload_param is None
+    assert c.optimizer is None and c.scheduler is None
+    assert c.checkpoint.tag_validation == "Warn" and not c.checkpoint.load_universal
+    assert not (c.tensorboard.enabled or c.csv_monitor.enabled or c.wandb.enabled)
+    assert c.wandb.project == "deepspeed" and c.tensorboard.job_name == "DeepSpeedJobName"
+    assert c.compute_dtype == torch.float32
+    assert c.source("fp16.hysteresis") == "default" and c.source(MB) == "user"
+
+
+def test_overlap_comm_defaults_to_stage_3():
+    for stage in range(4):
+        c = parse({MB: 1, "zero_optimization": {"stage": stage}})
+        assert c.zero_optimization.overlap_comm == (stage == 3)
+    c = parse({MB: 1, "zero_optimization": {"stage": 3, "overlap_comm": False}})
+    assert not c.zero_optimization.overlap_comm
+
+
+# --- realistic configs, written for these tests ------------------------------------------------------
+
+ZERO1_FP16 = {
+    "train_batch_size": 64,
+    "gradient_accumulation_steps": 2,
+    "steps_per_print": 100,
+    "gradient_clipping": 1.0,
+    "optimizer": {"type": "Adam", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                                             "weight_decay": 0.1}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-4,
+                                                 "warmup_num_steps": 100}},
+    "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
+             "hysteresis": 2, "consecutive_hysteresis": True, "min_loss_scale": 1},
+    "zero_optimization": {"stage": 1, "reduce_bucket_size": 5e8},
+}
+
+ZERO2_BF16_OFFLOAD = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 8,
+    "bf16": {"enabled": True},
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 10000, "warmup_num_steps": 500,
+                                                      "warmup_max_lr": 1e-4, "warmup_type": "linear"}},
+    "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
+                          "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 2e8,
+                          "contiguous_gradients": True, "round_robin_gradients": True,
+                          "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+    "wall_clock_breakdown": True,
+    "tensorboard": {"enabled": True, "output_path": "runs/", "job_name": "z2"},
+}
+
+ZERO3_BF16 = {
+    "train_batch_size": 128,
+    "train_micro_batch_size_per_gpu": 8,
+    "bfloat16": {"enabled": True},  # the legacy spelling
+    "optimizer": {"type": "lamb", "params": {"lr": 2e-3, "max_coeff": 0.3, "min_coeff": 0.01}},
+    "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 5000, "warmup_num_steps": 100,
+                                                       "cos_min_ratio": 0.01}},
+    "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5e7,
+                          "stage3_param_persistence_threshold": 1e5, "stage3_max_live_parameters": 1e9,
+                          "stage3_max_reuse_distance": 1e9,
+                          "stage3_gather_fp16_weights_on_model_save": True, "sub_group_size": 1e12,
+                          "offload_param": {"device": "cpu", "pin_memory": True},
+                          "offload_optimizer": {"device": "cpu"}},
+    "checkpoint": {"tag_validation": "fail", "load_universal": True},
+    "wandb": {"enabled": True, "team": "t", "group": "g", "project": "p"},
+    "seed": 1234,
+}
+
+FP32_ONECYCLE = {
+    "train_micro_batch_size_per_gpu": 16,
+    "gradient_clipping": 0.0,
+    "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+    "scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0.01, "cycle_max_lr": 0.1,
+                                                 "cycle_first_step_size": 1000, "cycle_momentum": True,
+                                                 "cycle_min_mom": 0.85, "cycle_max_mom": 0.99}},
+    "csv_monitor": {"enabled": True, "output_path": "csv/", "job_name": "sgd"},
+    "dataloader_drop_last": True,
+}
+
+FP16_STATIC_RANGE_TEST = {
+    "train_batch_size": 32,
+    "fp16": {"enabled": True, "loss_scale": 128, "auto_cast": True},
+    "optimizer": {"type": "Lion", "params": {"lr": 1e-4, "betas": [0.9, 0.99]}},
+    "scheduler": {"type": "lrrangetest", "params": {"lr_range_test_min_lr": 1e-5,
+                                                    "lr_range_test_step_size": 200,
+                                                    "lr_range_test_staircase": True}},
+    "zero_optimization": {"stage": 2, "cpu_offload": False},
+}
+
+
+def test_zero1_fp16_warmup():
+    c = parse(ZERO1_FP16, world_size=4)
+    assert (c.train_batch_size, c.train_micro_batch_size_per_gpu, c.gradient_accumulation_steps) == (64, 8, 2)
+    assert c.fp16.enabled and c.fp16.dynamic and c.fp16.initial_scale_power == 12
+    assert c.fp16.consecutive_hysteresis and c.compute_dtype == torch.float16
+    assert c.zero_optimization.stage == 1 and c.zero_optimization.reduce_bucket_size == 500_000_000
+    assert isinstance(c.zero_optimization.reduce_bucket_size, int)
+    assert c.optimizer.type == "adam" and c.optimizer.params["betas"] == (0.9, 0.95)
+    assert c.scheduler.type == "WarmupLR" and c.scheduler.params["warmup_num_steps"] == 100
+    with pytest.raises(TypeError):
+        c.optimizer.params["lr"] = 1.0  # read-only
+    assert c.source("fp16.initial_scale_power") == "user" and c.source(MB) == "derived"
+
+
+def test_zero2_bf16_offload_cpu():
+    c = parse(ZERO2_BF16_OFFLOAD, world_size=2)
+    assert c.train_batch_size == 64 and c.bf16.enabled and c.compute_dtype == torch.bfloat16
+    z = c.zero_optimization
+    assert z.stage == 2 and z.allgather_bucket_size == 200_000_000 and z.round_robin_gradients
+    assert z.offload_optimizer.device == "cpu" and z.offload_optimizer.pin_memory
+    assert c.optimizer.type == "adamw" and c.scheduler.type == "WarmupDecayLR"
+    assert c.tensorboard.enabled and c.tensorboard.output_path == "runs/" and c.wall_clock_breakdown
+
+
+def test_zero3_bf16_legacy_name_aliases_offload():
+    c = parse(ZERO3_BF16, world_size=4)
+    assert c.gradient_accumulation_steps == 4 and c.bf16.enabled
+    z = c.zero_optimization
+    assert z.stage == 3 and z.overlap_comm and z.stage3_gather_16bit_weights_on_model_save
+    assert z.sub_group_size == 10**12 and z.stage3_prefetch_bucket_size == 50_000_000
+    assert z.offload_param.device == "cpu" and z.offload_param.pin_memory
+    assert z.offload_optimizer.device == "cpu"
+    assert c.checkpoint.tag_validation == "Fail" and c.checkpoint.load_universal
+    assert (c.wandb.team, c.wandb.group, c.wandb.project) == ("t", "g", "p")
+    assert c.seed == 1234 and c.scheduler.type == "WarmupCosineLR" and c.optimizer.type == "lamb"
+
+
+def test_fp32_onecycle():
+    c = parse(FP32_ONECYCLE, world_size=2)
+    assert c.train_batch_size == 32 and c.gradient_clipping == 0.0 and c.compute_dtype == torch.float32
+    assert c.scheduler.type == "OneCycle" and c.optimizer.type == "sgd"
+    assert c.csv_monitor.enabled and c.dataloader_drop_last
+
+
+def test_fp16_static_scale_range_test():
+    with pytest.warns(ConfigWarning, match="cpu_offload = false"):
+        c = Config.from_dict(FP16_STATIC_RANGE_TEST, world_size=2)
+    assert c.fp16.loss_scale == 128.0 and not c.fp16.dynamic and c.fp16.auto_cast
+    assert c.scheduler.type == "LRRangeTest" and c.optimizer.type == "lion"
+    assert c.zero_optimization.offload_optimizer is None
+
+
+@pytest.mark.filterwarnings("ignore::zerostep.core.config.ConfigWarning")
+def test_every_supported_scheduler_is_covered():
+    used = {Config.from_dict(d, world_size=2).scheduler.type for d in
+            (ZERO1_FP16, ZERO2_BF16_OFFLOAD, ZERO3_BF16, FP32_ONECYCLE, FP16_STATIC_RANGE_TEST)}
+    assert used == set(SCHEDULER_TYPES)
+
+
+def test_deprecated_and_aliased_zero_keys():
+    with pytest.warns(ConfigWarning, match="cpu_offload is deprecated"):
+        c = Config.from_dict({MB: 1, "zero_optimization": {"stage": 2, "cpu_offload": True}})
+    assert c.zero_optimization.offload_optimizer.device == "cpu"
+    with pytest.warns(ConfigWarning, match="deprecated"):
+        c = Config.from_dict({MB: 1, "zero_optimization": True, "allgather_size": 1e8})
+    assert c.zero_optimization.stage == 1 and c.zero_optimization.allgather_bucket_size == 100_000_000
+    with pytest.warns(ConfigWarning):
+        assert Config.from_dict({MB: 1, "zero_optimization": False}).zero_optimization.stage == 0
+    c = parse({MB: 1, "zero_optimization": {"stage": 3, "prefetch_bucket_size": 1000,
+                                            "max_live_parameters": 7,
+                                            "gather_16bit_weights_on_model_save": True}})
+    z = c.zero_optimization
+    assert (z.stage3_prefetch_bucket_size, z.stage3_max_live_parameters) == (1000, 7)
+    assert z.stage3_gather_16bit_weights_on_model_save
+    assert "disagree" in error_of({MB: 1, "zero_optimization": {
+        "stage3_max_live_parameters": 1, "max_live_parameters": 2}})
+    c = parse({MB: 1, "zero_optimization": {"offload_optimizer": {"device": "none"}}})
+    assert c.zero_optimization.offload_optimizer is None
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "d, needles",
+    [
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}},
+         ["fp16.enabled", "bf16.enabled", "choose one"]),
+        ({"zero_optimization": {"stage": 4}}, ["zero_optimization.stage = 4", "0, 1, 2 or 3"]),
+        ({"zero_optimization": {"stage": -1}}, ["zero_optimization.stage = -1"]),
+        ({"zero_optimization": {"stage": "2"}}, ["zero_optimization.stage", "integer"]),
+        ({"zero_optimization": [1]}, ["zero_optimization = [1]", "JSON object"]),
+        ({"fp16": {"enabled": True, "loss_scale": -1}}, ["fp16.loss_scale = -1", ">= 0"]),
+        ({"fp16": {"enabled": True, "loss_scale": True}}, ["fp16.loss_scale = true", "not a boolean"]),
+        ({"fp16": {"enabled": True, "loss_scale": float("inf")}}, ["fp16.loss_scale = Infinity", "finite"]),
+        ({"fp16": {"enabled": True, "loss_scale": float("nan")}}, ["fp16.loss_scale = NaN", "finite"]),
+        ({"fp16": {"enabled": True, "loss_scale_window": 0}}, ["fp16.loss_scale_window = 0", "dynamic"]),
+        ({"fp16": {"enabled": True, "min_loss_scale": 0}}, ["fp16.min_loss_scale = 0", "dynamic"]),
+        ({"fp16": {"enabled": True, "min_loss_scale": True}}, ["fp16.min_loss_scale = true", "integer"]),
+        ({"fp16": {"enabled": "yes"}}, ["fp16.enabled = \"yes\"", "true or false"]),
+        ({"fp16": {"enabled": True, "loss_scael": 0}}, ["fp16.loss_scael", "did you mean 'loss_scale'"]),
+        ({"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5}}, ["did you mean 'reduce_bucket_size'"]),
+        ({"zero_optimization": {"reduce_bucket_size": -1}}, ["reduce_bucket_size = -1", ">= 0"]),
+        ({"zero_optimization": {"reduce_bucket_size": 1.5}}, ["reduce_bucket_size = 1.5", "integer"]),
+        ({"train_batch_sze": 8}, ["train_batch_sze", "did you mean 'train_batch_size'"]),
+        ({"gradient_cliping": 1.0}, ["did you mean 'gradient_clipping'"]),
+        ({"gradient_clipping": -1}, ["gradient_clipping = -1", ">= 0"]),
+        ({"gradient_clipping": "1.0"}, ["gradient_clipping = \"1.0\"", "number"]),
+        ({"gradient_predivide_factor": 0}, ["gradient_predivide_factor = 0", "> 0"]),
+        ({"optimizer": {"type": "Adam", "params": {"lr": 1e-3, "max_grad_norm": 1.0}}},
+         ["optimizer.params.max_grad_norm", "gradient_clipping"]),
+        ({"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}},
+         ["OneBitAdam", "not implemented", "adam, adamw, lamb"]),
+        ({"optimizer": {"type": "Adamm"}}, ["optimizer.type = \"Adamm\"", "did you mean", "supported"]),
+        ({"optimizer": {"params": {"lr": 1}}}, ["optimizer", "\"type\""]),
+        ({"optimizer": {"type": "adam", "params": {"lr": "fast"}}}, ["optimizer.params.lr", "number"]),
+        ({"optimizer": {"type": "adam", "params": [1]}}, ["optimizer.params", "JSON object"]),
+        ({"scheduler": {"type": "CosineLR"}}, ["scheduler.type", "WarmupLR", "WarmupCosineLR"]),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 5}}},
+         ["scheduler.params.warmup_num_step", "did you mean 'warmup_num_steps'"]),
+        ({"scheduler": {"type": "WarmupDecayLR", "params": {}}}, ["total_num_steps", "required"]),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cosine"}}}, ["log, linear"]),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}}, ["warmup_num_steps = 0"]),
+        ({"checkpoint": {"tag_validation": "sometimes"}},
+         ["checkpoint.tag_validation", "Warn, Ignore, Fail"]),
+        ({"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}},
+         ["offload_optimizer.device = \"nvme\"", "NVMe", "not implemented"]),
+        ({"zero_optimization": {"offload_param": {"device": "gpu"}}},
+         ["offload_param.device", "none, cpu, nvme"]),
+        ({"zero_optimization": {"zero_quantized_weights": True}}, ["ZeRO++", "not implemented"]),
+        ({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}, ["fp32 master weights"]),
+        ({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, ["bfloat16", "give only one"]),
+        ({"gradient_allreduce_op": "sum"}, ["gradient_allreduce_op", "mean"]),
+        ({"seed": -3}, ["seed = -3"]),
+        ({"steps_per_print": 0}, ["steps_per_print = 0"]),
+        ({1: 2}, ["keys must be strings"]),
+    ],
+)
+def test_error_rules(d, needles):
+    message = error_of({MB: 1, **d} if MB not in d else d)
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_not_a_dict():
+    for bad in ([], "x", None, 3):
+        assert "must be" in error_of(bad)
+
+
+@pytest.mark.parametrize(
+    "key, block",
+    [
+        ("pipeline", {"stages": 2, "partition": "parameters"}),
+        ("sparse_attention", {"mode": "fixed", "block": 16}),
+        ("compression_training", {"weight_quantization": {"shared_parameters": {"enabled": True}}}),
+        ("elasticity", {"enabled": True, "max_train_batch_size": 2000}),
+        ("activation_checkpointing", {"partition_activations": True}),
+        ("activation_checkpointing", {"cpu_checkpointing": True}),
+        ("flops_profiler", {"enabled": True}),
+        ("curriculum_learning", {"enabled": True, "curriculum_type": "seqlen"}),
+        ("data_efficiency", {"enabled": True, "data_sampling": {"enabled": True}}),
+        ("moe", {"num_experts": 8}),
+        ("amp", {"enabled": True, "opt_level": "O1"}),
+        ("aio", {"block_size": 1048576}),
+        ("autotuning", {"enabled": True}),
+        ("comms_logger", {"enabled": True}),
+        ("torch_autocast", {"enabled": True}),
+        ("compile", {"deepcompile": True}),
+    ],
+)
+def test_unsupported_feature_enabled_is_an_error(key, block):
+    message = error_of({MB: 1, key: block})
+    assert message.startswith(key) and "not implemented by zerostep" in message
+
+
+@pytest.mark.parametrize(
+    "key, block",
+    [
+        ("elasticity", {"enabled": False}),
+        ("flops_profiler", {"enabled": False, "profile_step": 1}),
+        ("activation_checkpointing", {"partition_activations": False, "number_checkpoints": 4}),
+        ("pipeline", {}),
+        ("curriculum_learning", {"enabled": False}),
+        ("compression_training", {"weight_quantization": {"shared_parameters": {"enabled": False}}}),
+        ("amp", {"enabled": False}),
+        ("comms_logger", {"enabled": False}),
+    ],
+)
+def test_unsupported_feature_disabled_is_a_warning(key, block):
+    with pytest.warns(ConfigWarning, match=key):
+        Config.from_dict({MB: 1, key: block})
+
+
+def test_unknown_top_level_key_far_from_any_is_a_warning():
+    with pytest.warns(ConfigWarning, match="my_experiment_name"):
+        Config.from_dict({MB: 1, "my_experiment_name": "x"})
+    with pytest.warns(ConfigWarning, match="zero_allow_untested_optimizer"):
+        Config.from_dict({MB: 1, "zero_allow_untested_optimizer": True})
+    parse({MB: 1, "zero_allow_untested_optimizer": False})  # DeepSpeed's default: silent
+
+
+# --- "auto" -----------------------------------------------------------------------------------------
+
+
+def test_auto_resolved_where_derivable():
+    d = {TB: "auto", MB: 4, GAS: 2, "gradient_clipping": "auto",
+         "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                               "stage3_prefetch_bucket_size": "auto",
+                               "stage3_param_persistence_threshold": "auto"},
+         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": "auto", "eps": "auto",
+                                                   "weight_decay": "auto"}},
+         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                      "warmup_num_steps": 10}}}
+    c = parse(d, world_size=2)
+    assert c.train_batch_size == 16 and c.gradient_clipping == 1.0
+    assert c.zero_optimization.reduce_bucket_size == 500_000_000
+    assert c.zero_optimization.stage3_prefetch_bucket_size == 50_000_000
+    assert dict(c.optimizer.params) == {"lr": 1e-3}  # the optimizer's defaults apply
+    assert dict(c.scheduler.params) == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 10}
+    assert c.source(TB) == "auto" and c.source("gradient_clipping") == "auto"
+
+
+def test_auto_not_derivable_says_what_fills_it():
+    message = error_of({MB: 2, "optimizer": {"type": "adam", "params": {"lr": "auto"}}})
+    assert "optimizer.params.lr" in message and "--learning_rate" in message and "overrides" in message
+    message = error_of({TB: "auto", MB: "auto"})
+    assert "train_batch_size" in message and "train_micro_batch_size_per_gpu" in message and "auto" in message
+    message = error_of({MB: 1, "zero_optimization": {"stage": "auto"}})
+    assert "zero_optimization.stage" in message and "auto" in message
+
+
+def test_overrides_fill_auto():
+    d = {TB: "auto", MB: "auto", GAS: "auto", "optimizer": {"type": "adam", "params": {"lr": "auto"}}}
+    c = parse(d, world_size=2, overrides={"optimizer": {"params": {"lr": 1e-4}}},
+              train_micro_batch_size_per_gpu=3, gradient_accumulation_steps=2)
+    assert c.optimizer.params["lr"] == 1e-4 and c.train_batch_size == 12
+    assert c.source("optimizer.params.lr") == "override" and c.source(TB) == "auto"
+
+
+# --- overrides ---------------------------------------------------------------------------------------
+
+
+def test_overrides_merge_and_conflicts():
+    base = {TB: 32, "fp16": {"enabled": True}}
+    c = parse(base, overrides={"fp16": {"initial_scale_power": 8}}, gradient_accumulation_steps=2,
+              world_size=2)
+    assert c.fp16.initial_scale_power == 8 and c.train_micro_batch_size_per_gpu == 8
+    assert c.source("fp16.initial_scale_power") == "override" and c.source("fp16.enabled") == "user"
+    parse(base, train_batch_size=32.0)  # same value twice is fine
+    message = error_of(base, train_batch_size=64)
+    assert "train_batch_size" in message and "the config dict" in message and "keyword overrides" in message
+    message = error_of(base, overrides={"fp16": {"enabled": False}})
+    assert "fp16.enabled" in message and "the config dict" in message and "overrides" in message
+    message = error_of({MB: 1}, overrides={MB: 1}, train_micro_batch_size_per_gpu=3)
+    assert "overrides" in message and "keyword overrides" in message
+    assert "given twice" in error_of({MB: 1, "fp16": {"enabled": True}}, fp16=True)
+    assert "must be a dict" in error_of({MB: 1}, overrides=[1])
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+def test_from_file_json_and_hjson(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ZERO1_FP16))
+    assert Config.from_file(path, world_size=4) == Config.from_dict(ZERO1_FP16, world_size=4)
+    assert Config.from_file(str(path), world_size=4).sources["fp16.enabled"] == "file"
+    hjson_text = """
+    // DeepSpeed reads files with comments and trailing commas
+    {
+      "train_micro_batch_size_per_gpu": 4,  # hash comments too
+      "zero_optimization": {"stage": 2, "reduce_bucket_size": 5e8,},
+      /* block comment */
+      "fp16": {"enabled": true,},
+    }
+    """
+    path.write_text(hjson_text)
+    c = Config.from_file(path, world_size=2)
+    assert c.train_batch_size == 8 and c.zero_optimization.stage == 2 and c.fp16.enabled
+
+
+def test_from_file_errors(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(ConfigError, match="nope.json"):
+        Config.from_file(missing)
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"train_batch_size": 8, "fp16": {"enabled": true, "enabled": false}}')
+    with pytest.raises(ConfigError, match="duplicate key 'enabled'"):
+        Config.from_file(dup)
+    dup.write_text('{"train_batch_size": 8, // comment forces hjson\n "train_batch_size": 8}')
+    with pytest.raises(ConfigError, match="duplicate key 'train_batch_size'"):
+        Config.from_file(dup)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_batch_size": ')
+    with pytest.raises(ConfigError, match="bad.json"):
+        Config.from_file(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        Config.from_file(bad)
+    with pytest.raises(ConfigError, match="given twice"):
+        bad.write_text('{"train_batch_size": 8}')
+        Config.from_file(bad, train_batch_size=16)
+
+
+# --- hypothesis ---------------------------------------------------------------------------------------
+
+KEY_NAMES = [
+    TB, MB, GAS, "fp16", "bf16", "bfloat16", "zero_optimization", "optimizer", "scheduler", "type", "params",
+    "enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
+    "stage", "reduce_bucket_size", "offload_optimizer", "offload_param", "device", "cpu_offload", "lr",
+    "gradient_clipping", "checkpoint", "tag_validation", "pipeline", "sparse_attention", "wandb",
+    "activation_checkpointing", "partition_activations", "stage3_max_live_parameters", "max_grad_norm",
+    "warmup_num_steps", "total_num_steps", "seed", "steps_per_print", "data_types", "grad_accum_dtype",
+]
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 70), st.integers(), st.floats(allow_nan=True),
+    st.sampled_from(["auto", "cpu", "nvme", "Adam", "WarmupLR", "OneBitAdam", "fail", "fp32", ""]),
+    st.text(max_size=6),
+)
+keys = st.one_of(st.sampled_from(KEY_NAMES), st.text(max_size=8))
+json_like = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=5),
+    max_leaves=25,
+)
+
+
+def config_or_config_error(d, world_size):
+    """The property: a Config or a ConfigError with a message, nothing else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        try:
+            c = Config.from_dict(d, world_size=world_size)
+        except ConfigError as error:
+            assert str(error)
+            return
+    product = c.train_micro_batch_size_per_gpu * c.gradient_accumulation_steps * c.world_size
+    assert c.train_batch_size == product
+
+
+@settings(max_examples=120)
+@given(st.dictionaries(keys, json_like, max_size=8), st.sampled_from([None, 1, 2, 3]))
+def test_any_json_like_dict_gives_config_or_config_error(d, world_size):
+    config_or_config_error(d, world_size)
+
+
+@st.composite
+def valid_configs(draw):
+    ws = draw(st.sampled_from([1, 2, 4]))
+    mb, gas = draw(st.integers(1, 8)), draw(st.integers(1, 4))
+    given_keys = draw(st.sampled_from([(TB, MB, GAS), (TB, MB), (TB, GAS), (MB, GAS), (TB,), (MB,)]))
+    if len(given_keys) == 1:
+        gas = 1
+    triple = {TB: mb * gas * ws, MB: mb, GAS: gas}
+    d = {key: triple[key] for key in given_keys}
+    precision = draw(st.sampled_from(["fp32", "fp16", "bf16"]))
+    if precision == "fp16":
+        d["fp16"] = {"enabled": True, "loss_scale": draw(st.sampled_from([0, 0.0, 1024])),
+                     "initial_scale_power": draw(st.integers(0, 32)),
+                     "loss_scale_window": draw(st.integers(1, 2000)), "hysteresis": draw(st.integers(1, 4)),
+                     "consecutive_hysteresis": draw(st.booleans()), "min_loss_scale": draw(st.integers(1, 8))}
+    elif precision == "bf16":
+        d[draw(st.sampled_from(["bf16", "bfloat16"]))] = {"enabled": True}
+    stage = draw(st.integers(0, 3))
+    zero = {"stage": stage, "reduce_bucket_size": draw(st.sampled_from([5e8, 2e8, 7000000, "auto"]))}
+    if draw(st.booleans()):
+        zero["overlap_comm"] = draw(st.booleans())
+    if stage and draw(st.booleans()):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": draw(st.booleans())}
+    if stage == 3 and draw(st.booleans()):
+        zero["offload_param"] = {"device": "cpu"}
+        zero["stage3_gather_fp16_weights_on_model_save"] = True
+    d["zero_optimization"] = zero
+    if draw(st.booleans()):
+        kind = draw(st.sampled_from(OPTIMIZER_TYPES))
+        d["optimizer"] = {"type": draw(st.sampled_from([kind, kind.upper(), kind.capitalize()])),
+                          "params": {"lr": draw(st.floats(1e-6, 1.0)), "betas": [0.9, 0.999]}}
+    if draw(st.booleans()):
+        d["scheduler"] = draw(st.sampled_from([
+            {"type": "WarmupLR", "params": {"warmup_num_steps": 10, "warmup_type": "linear"}},
+            {"type": "warmupdecaylr", "params": {"total_num_steps": 100}},
+            {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "cos_min_ratio": 0.1}},
+            {"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": [1e-3]}},
+            {"type": "LRRangeTest", "params": {}},
+        ]))
+    d["gradient_clipping"] = draw(st.sampled_from([0, 0.5, 1.0, "auto"]))
+    if draw(st.booleans()):
+        d["seed"] = draw(st.integers(0, 2**31))
+    d["checkpoint"] = {"tag_validation": draw(st.sampled_from(["warn", "IGNORE", "Fail"]))}
+    d["wandb"] = {"enabled": draw(st.booleans()), "team": draw(st.sampled_from([None, "team"]))}
+    return d, ws
+
+
+@settings(max_examples=60)
+@given(valid_configs())
+def test_round_trip_config_dict_config(case):
+    d, ws = case
+    c = parse(d, world_size=ws)
+    plain = c.to_dict()
+    assert json.loads(json.dumps(plain)) == plain  # pure JSON
+    again = parse(plain, world_size=ws)
+    assert again == c and again.to_dict() == plain
+    assert all(source in ("user", "default") for source in again.sources.values())
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+
+
+@settings(max_examples=120)
+@given(valid_configs(), st.data())
+def test_valid_config_with_one_value_replaced_gives_config_or_config_error(case, data):
+    # Reaches deep into the blocks, where a random dict rarely gets past the top level.
+    d, ws = case
+    path = data.draw(st.sampled_from([p for p in _paths(d) if p]))
+    target = d
+    for key in path[:-1]:
+        target = target[key]
+    if data.draw(st.booleans()):
+        target[path[-1]] = data.draw(json_like)
+    else:
+        target[data.draw(keys)] = data.draw(json_like)
+    config_or_config_error(d, ws)
+
+
+def test_to_dict_is_deepspeed_shaped():
+    plain = parse(ZERO3_BF16, world_size=4).to_dict()
+    assert plain["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "bfloat16" not in plain and plain["bf16"]["enabled"] is True
+    assert plain["optimizer"] == {"type": "lamb", "params": {"lr": 2e-3, "max_coeff": 0.3, "min_coeff": 0.01}}
+    assert plain[TB] == 128 and plain[GAS] == 4 and "world_size" not in plain
+    assert "optimizer" not in parse({MB: 1}).to_dict()
+
+
+# --- real DeepSpeed configs -----------------------------------------------------------------------------
+
+# file -> (warning substrings expected, or the ConfigError substrings expected)
+REAL_CONFIGS_OK = {
+    "ds_examples_sdma_zero3.json": [],
+    "ds_tests_gpt2_bs4_zero2_cpu_offload.json": ["cpu_offload is deprecated"],
+    "dsex_bingbertsquad_bsz24.json": [],
+    "dsex_imagenet_fp16_z1.json": ["zero_allow_untested_optimizer", "cuda_visible_devices"],
+    "dsex_pipeline_parallelism.json": [],  # named for the example; the file holds no pipeline block
+    "megads_universal_checkpointing_z1_bf16.json": [],
+}
+REAL_CONFIGS_ERROR = {
+    "ds_tests_gpt2_bs8_zero2_gas3.json": ["activation_checkpointing", "not implemented"],
+    "dsex_bf16_master_weight_full_z3.json": ["bf16.bf16_master_weights_and_grads", "fp32 master weights"],
+    "dsex_bing_bert_lamb_bsz64k.json": ["sparse_attention", "not implemented"],
+    "dsex_bing_bert_onebitadam_nccl.json": ["OneBitAdam", "not implemented", "adamw"],
+    "hf_transformers_tests_zero2_auto.json": ["optimizer.params.lr", "--learning_rate", "overrides"],
+    "hf_transformers_tests_zero3_offload.json": ["train_micro_batch_size_per_gpu is required"],
+    "megads_curriculum_z1_baseline.json": ["max_grad_norm", "gradient_clipping"],
+}
+needs_ds_configs = pytest.mark.skipif(not DS_CONFIGS.is_dir(), reason="no /work/shared/ds_configs here")
+
+
+@needs_ds_configs
+def test_real_configs_are_all_classified():
+    present = {path.name for path in DS_CONFIGS.glob("*.json")}
+    assert present <= set(REAL_CONFIGS_OK) | set(REAL_CONFIGS_ERROR)
+
+
+@needs_ds_configs
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS_OK))
+def test_real_config_parses(name):
+    path = DS_CONFIGS / name
+    if not path.exists():
+        pytest.skip(f"{name} absent")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        c = Config.from_file(path)
+    messages = " | ".join(str(w.message) for w in caught if issubclass(w.category, ConfigWarning))
+    for needle in REAL_CONFIGS_OK[name]:
+        assert needle in messages
+    if not REAL_CONFIGS_OK[name]:
+        assert messages == ""
+    assert Config.from_dict(c.to_dict(), world_size=c.world_size) == c
+
+
+@needs_ds_configs
+def test_real_config_values():
+    def load(name, **kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)
+            return Config.from_file(DS_CONFIGS / name, **kw)
+
+    c = load("ds_examples_sdma_zero3.json", world_size=8)
+    assert (c.train_batch_size, c.zero_optimization.stage, c.compute_dtype) == (8, 3, torch.bfloat16)
+    assert c.zero_optimization.sub_group_size == 10**12 and c.scheduler.type == "WarmupLR"
+    c = load("ds_tests_gpt2_bs4_zero2_cpu_offload.json", world_size=2)
+    assert c.train_micro_batch_size_per_gpu == 2 and c.zero_optimization.offload_optimizer.device == "cpu"
+    assert c.zero_optimization.reduce_bucket_size == 7_000_000 and c.fp16.dynamic
+    assert load("dsex_bingbertsquad_bsz24.json").gradient_accumulation_steps == 8
+    c = load("dsex_imagenet_fp16_z1.json")
+    assert c.gradient_clipping == 0 and c.fp16.auto_cast and c.optimizer.params["betas"] == (0.8, 0.999)
+    assert load("dsex_pipeline_parallelism.json").gradient_accumulation_steps == 32
+    assert load("megads_universal_checkpointing_z1_bf16.json").data_types.grad_accum_dtype == "fp32"
+    # The HF zero-3 file leaves the batch to the Trainer; an override fills it.
+    c = load("hf_transformers_tests_zero3_offload.json", train_micro_batch_size_per_gpu=2, world_size=2)
+    assert c.train_batch_size == 4 and c.zero_optimization.stage3_gather_16bit_weights_on_model_save
+    assert c.zero_optimization.offload_param.device == "cpu" and c.zero_optimization.reduce_bucket_size == 0
+
+
+@needs_ds_configs
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS_ERROR))
+def test_real_config_rejected_clearly(name):
+    path = DS_CONFIGS / name
+    if not path.exists():
+        pytest.skip(f"{name} absent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        with pytest.raises(ConfigError) as info:
+            Config.from_file(path)
+    for needle in REAL_CONFIGS_ERROR[name]:
+        assert needle in str(info.value), (needle, str(info.value))
+
+
+@needs_ds_configs
+def test_hf_auto_config_with_overrides():
+    c = Config.from_file(
+        DS_CONFIGS / "hf_transformers_tests_zero2_auto.json", world_size=2,
+        overrides={"optimizer": {"params": {"lr": 5e-5}}, "scheduler": {"params": {"warmup_num_steps": 50}},
+                   "fp16": {"enabled": False}, "bf16": {"enabled": True}},
+        train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2,
+    )
+    assert (c.train_batch_size, c.compute_dtype, c.gradient_clipping) == (16, torch.bfloat16, 1.0)
+    assert c.scheduler.params["warmup_max_lr"] == 5e-5 and math.isclose(c.optimizer.params["lr"], 5e-5)

@@ -30,11 +30,19 @@ def check_batch(batch: Any, micro_batch_size: int, accumulation_steps: int) -> N
             )
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    return optree.tree_map(
-        lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) and x.device != device else x,
-        batch,
-    )
+def to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+    """Move tensor leaves to ``device``; floating ones also to ``float_dtype`` (the compute dtype), as
+    FSDP's ``cast_forward_inputs`` does, so a bf16/fp16 model takes fp32 inputs unchanged."""
+
+    def move(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        dtype = float_dtype if float_dtype is not None and x.is_floating_point() else x.dtype
+        if x.device == device and x.dtype == dtype:
+            return x
+        return x.to(device=device, dtype=dtype, non_blocking=True)
+
+    return optree.tree_map(move, batch)
 
 
 def micro_batches(batch: Any, micro_batch_size: int, accumulation_steps: int) -> list[Any]:

@@ -174,7 +174,7 @@ class Engine:
         check_not_consumed(state, "engine.step")
         plan = self.plan
         check_batch(batch, plan.micro_batch_size, plan.accumulation_steps)
-        batch = to_device(batch, self.device)
+        batch = to_device(batch, self.device, self.compute_dtype)
         step, skipped, seed = int(state.step), int(state.skipped_steps), int(state.seed)
         torch.manual_seed(_step_seed(seed, step, self.rank))
         applied_before = step - skipped
@@ -226,7 +226,7 @@ class Engine:
         else:
             flats = state.params.flats
         with torch.no_grad():
-            loss = self._eval_forward(flats, to_device(batch, self.device)).float()
+            loss = self._eval_forward(flats, to_device(batch, self.device, self.compute_dtype)).float()
         if self.world_size > 1:
             loss = loss.clone()
             dist.all_reduce(loss, group=self.group)

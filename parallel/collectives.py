@@ -1,0 +1,270 @@
+"""Flat-buffer collectives as functional collectives that ``torch.compile`` traces, and their byte accounting.
+
+The three collectives ZeRO needs, over 1-D flat buffers laid out by ``FlatLayout``:
+
+- ``all_reduce_flat(flat)``: the sum over ranks of ``flat`` [P] (stages 0-1 gradients).
+- ``reduce_scatter_flat(flat)``: this rank's shard [P / N] of that sum, shard ``r`` being
+  ``flat[r * S:(r + 1) * S]`` exactly as ``FlatLayout.shard`` (stages 2-3 gradients).
+- ``all_gather_flat(shard)``: the full buffer [N * S] from every rank's shard [S] (updated parameters).
+
+They are written with ``torch.distributed._functional_collectives`` (``funcol``): the collectives are
+ops that return new tensors, so dynamo puts them in the graph (``fullgraph=True`` works with gloo on
+CPU) instead of breaking on ``dist.*`` calls. Reductions are sums; the engine scales.
+
+Buckets (DeepSpeed's ``reduce_bucket_size`` / ``allgather_bucket_size``, in elements) bound how much one
+collective call moves. Bucketing must not change which elements a rank owns, so a padded buffer is
+viewed as ``[N, S]`` (row ``r`` is rank ``r``'s shard) and cut along ``S``: bucket ``b`` is the columns
+``[c0, c1)`` of every row, i.e. the same slice of every rank's shard.
+
+At world size 1 every function is the identity and issues no collective.
+
+Communication accounting (``CommPlan``, ``CommCounter``) uses the convention of the ZeRO paper: the
+bytes one rank sends in a bandwidth-optimal (ring) algorithm, with the ``(N - 1) / N`` factor dropped.
+For a flat buffer of ``B`` bytes a reduce-scatter counts ``B``, an all-gather (of a ``B``-byte result)
+counts ``B``, and an all-reduce counts ``2B`` (it is a reduce-scatter followed by an all-gather). With
+``Ψ`` parameters in units of ``Ψ * itemsize`` bytes this reproduces DESIGN.md's table: stage 0 all-reduces
+the gradients (``2Ψ``), stages 1-2 reduce-scatter gradients and all-gather parameters (``Ψ + Ψ``),
+stage 3 all-gathers parameters in forward and in backward and reduce-scatters gradients (``3Ψ``).
+Collectives at world size 1 count 0. Bytes are computed from shapes only, so they are right even when the
+collective runs inside a compiled graph (where Python code runs only at trace time): the engine builds a
+``CommPlan`` once and ``CommCounter.record``s it per step on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+Group = dist.ProcessGroup | None
+
+# torch 2.13 renamed the tensor collectives to ``*_single`` (the old names warn); 2.11 has only the old ones.
+_reduce_scatter = getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)
+_all_gather = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)
+
+# ---------------------------------------------------------------------------------------------------------
+# Groups and buckets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_group(group: Group) -> dist.ProcessGroup | None:
+    """``None`` means the default group when distributed is up, and a single rank otherwise."""
+    if group is not None:
+        return group
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def group_size(group: Group) -> int:
+    group = resolve_group(group)
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def bucket_bounds(length: int, bucket_len: int | None) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` covering ``[0, length)`` in pieces of at most ``bucket_len`` (one if None)."""
+    if bucket_len is None or bucket_len >= length:
+        return [(0, length)]
+    if bucket_len < 1:
+        raise ValueError(f"bucket length must be >= 1, got {bucket_len}")
+    return [(start, min(start + bucket_len, length)) for start in range(0, length, bucket_len)]
+
+
+def shard_bucket_columns(
+    shard_numel: int, world_size: int, bucket_numel: int | None
+) -> list[tuple[int, int]]:
+    """Column ranges of the ``[N, S]`` view for sharded buckets of about ``bucket_numel`` elements each.
+
+    A bucket holds ``N`` rows of ``width`` columns, so ``width = bucket_numel // N`` (at least one column).
+    """
+    width = None if bucket_numel is None else max(1, int(bucket_numel) // world_size)
+    return bucket_bounds(shard_numel, width)
+
+
+def _check_padded(flat: torch.Tensor, world_size: int) -> int:
+    if flat.dim() != 1:
+        raise ValueError(f"expected a 1-D flat buffer, got shape {tuple(flat.shape)}")
+    if flat.numel() % world_size:
+        raise ValueError(
+            f"flat buffer of {flat.numel()} elements is not padded to a multiple of world size {world_size}"
+        )
+    return flat.numel() // world_size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collectives
+# ---------------------------------------------------------------------------------------------------------
+
+
+def all_reduce_flat(flat: torch.Tensor, group: Group = None, bucket_numel: int | None = None) -> torch.Tensor:
+    """Sum of ``flat`` [P] over the group's ranks, as a new tensor [P]; buckets of ``bucket_numel``."""
+    group = resolve_group(group)
+    if group is None or dist.get_world_size(group) == 1:
+        return flat
+    pieces = [
+        funcol.wait_tensor(funcol.all_reduce(flat[start:end], "sum", group))
+        for start, end in bucket_bounds(flat.numel(), bucket_numel)
+    ]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def reduce_scatter_flat(
+    flat: torch.Tensor, group: Group = None, bucket_numel: int | None = None
+) -> torch.Tensor:
+    """This rank's shard [S] of the sum over ranks of ``flat`` [N * S]: rows ``r * S:(r + 1) * S``."""
+    group = resolve_group(group)
+    if group is None or dist.get_world_size(group) == 1:
+        return flat
+    world_size = dist.get_world_size(group)
+    shard_numel = _check_padded(flat, world_size)
+    columns = shard_bucket_columns(shard_numel, world_size, bucket_numel)
+    if len(columns) == 1:
+        return funcol.wait_tensor(_reduce_scatter(flat, "sum", 0, group))
+    rows = flat.view(world_size, shard_numel)  # [N, S]: row r is rank r's shard
+    pieces = []
+    for c0, c1 in columns:
+        # [N, c1 - c0] -> contiguous [N * (c1 - c0)]: rank r receives the sum of row r's columns
+        bucket = rows[:, c0:c1].contiguous().view(-1)
+        pieces.append(funcol.wait_tensor(_reduce_scatter(bucket, "sum", 0, group)))
+    return torch.cat(pieces)  # [S]
+
+
+def all_gather_flat(
+    shard: torch.Tensor, group: Group = None, bucket_numel: int | None = None
+) -> torch.Tensor:
+    """The full buffer [N * S] whose row ``r`` is rank ``r``'s ``shard`` [S]."""
+    group = resolve_group(group)
+    if group is None or dist.get_world_size(group) == 1:
+        return shard
+    world_size = dist.get_world_size(group)
+    if shard.dim() != 1:
+        raise ValueError(f"expected a 1-D shard, got shape {tuple(shard.shape)}")
+    columns = shard_bucket_columns(shard.numel(), world_size, bucket_numel)
+    if len(columns) == 1:
+        return funcol.wait_tensor(_all_gather(shard.contiguous(), 0, group))
+    pieces = []
+    for c0, c1 in columns:
+        # gathered [N * w] -> [N, w]: row r holds rank r's columns c0:c1
+        gathered = funcol.wait_tensor(_all_gather(shard[c0:c1].contiguous(), 0, group))
+        pieces.append(gathered.view(world_size, c1 - c0))
+    return torch.cat(pieces, dim=1).view(-1)  # [N, S] -> [N * S]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Byte accounting (static: from shapes, never from traced code)
+# ---------------------------------------------------------------------------------------------------------
+
+ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER = "all_reduce", "reduce_scatter", "all_gather"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def all_reduce_bytes(numel: int, dtype: torch.dtype, world_size: int) -> int:
+    """An all-reduce of ``numel`` elements counts twice the buffer's bytes (reduce-scatter + all-gather)."""
+    return 0 if world_size <= 1 else 2 * numel * _itemsize(dtype)
+
+
+def reduce_scatter_bytes(padded_numel: int, dtype: torch.dtype, world_size: int) -> int:
+    """A reduce-scatter of a full buffer of ``padded_numel`` elements counts the buffer's bytes."""
+    return 0 if world_size <= 1 else padded_numel * _itemsize(dtype)
+
+
+def all_gather_bytes(padded_numel: int, dtype: torch.dtype, world_size: int) -> int:
+    """An all-gather producing ``padded_numel`` elements counts the gathered buffer's bytes."""
+    return 0 if world_size <= 1 else padded_numel * _itemsize(dtype)
+
+
+@dataclass(frozen=True)
+class CommOp:
+    """One collective kind over one buffer: ``calls`` collective calls (buckets) moving ``nbytes`` in all."""
+
+    kind: str
+    nbytes: int
+    calls: int = 1
+
+
+@dataclass(frozen=True)
+class CommPlan:
+    """The collectives one step issues, known from shapes before anything runs."""
+
+    ops: tuple[CommOp, ...] = ()
+
+    def __add__(self, other: CommPlan) -> CommPlan:
+        return CommPlan(self.ops + other.ops)
+
+    def times(self, n: int) -> CommPlan:
+        """This plan repeated ``n`` times (e.g. once per micro-batch)."""
+        return CommPlan(self.ops * n)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(op.nbytes for op in self.ops)
+
+    @property
+    def calls(self) -> int:
+        return sum(op.calls for op in self.ops)
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for op in self.ops:
+            out[op.kind] = out.get(op.kind, 0) + op.nbytes
+        return out
+
+
+def all_reduce_plan(
+    numel: int, dtype: torch.dtype, world_size: int, bucket_numel: int | None = None
+) -> CommPlan:
+    if world_size <= 1:
+        return CommPlan()
+    calls = len(bucket_bounds(numel, bucket_numel))
+    return CommPlan((CommOp(ALL_REDUCE, all_reduce_bytes(numel, dtype, world_size), calls),))
+
+
+def reduce_scatter_plan(
+    padded_numel: int, dtype: torch.dtype, world_size: int, bucket_numel: int | None = None
+) -> CommPlan:
+    if world_size <= 1:
+        return CommPlan()
+    calls = len(shard_bucket_columns(padded_numel // world_size, world_size, bucket_numel))
+    return CommPlan((CommOp(REDUCE_SCATTER, reduce_scatter_bytes(padded_numel, dtype, world_size), calls),))
+
+
+def all_gather_plan(
+    padded_numel: int, dtype: torch.dtype, world_size: int, bucket_numel: int | None = None
+) -> CommPlan:
+    if world_size <= 1:
+        return CommPlan()
+    calls = len(shard_bucket_columns(padded_numel // world_size, world_size, bucket_numel))
+    return CommPlan((CommOp(ALL_GATHER, all_gather_bytes(padded_numel, dtype, world_size), calls),))
+
+
+@dataclass
+class CommCounter:
+    """Host-side running totals; the engine calls ``record(plan)`` once per step it executes."""
+
+    steps: int = 0
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    calls_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def record(self, plan: CommPlan, steps: int = 1) -> None:
+        self.steps += steps
+        for op in plan.ops:
+            self.bytes_by_kind[op.kind] = self.bytes_by_kind.get(op.kind, 0) + op.nbytes * steps
+            self.calls_by_kind[op.kind] = self.calls_by_kind.get(op.kind, 0) + op.calls * steps
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_kind.values())
+
+    @property
+    def bytes_per_step(self) -> float:
+        return self.total_bytes / self.steps if self.steps else 0.0
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.bytes_by_kind.clear()
+        self.calls_by_kind.clear()

@@ -1,0 +1,127 @@
+"""Process groups over ``torch.distributed``: start-up from torchrun's environment and the data-parallel mesh.
+
+``maybe_init_distributed()`` is the one place a process group is created: when torchrun (or
+``spawn_ranks``) has set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` it initializes gloo on
+CPU or NCCL on CUDA (binding the process to ``LOCAL_RANK``'s device), with a timeout so that a dead peer
+makes every collective fail instead of hanging. Without those variables the process runs alone.
+
+``Mesh`` describes which ranks a tensor's gradients are reduced over. Today that is one data-parallel
+group (the default group); expert- and pipeline-parallel groups would be further fields, so code asks the
+mesh for ``dp_group`` instead of assuming the world.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_ENV = "ZEROSTEP_DIST_TIMEOUT"
+
+
+def default_timeout_s() -> float:
+    """Collective timeout in seconds: ``$ZEROSTEP_DIST_TIMEOUT`` when set, else 300."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from e
+    if value <= 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be > 0 seconds")
+    return value
+
+
+def backend_for_device() -> str:
+    """NCCL when CUDA is available, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def maybe_init_distributed(timeout_s: float | None = None) -> bool:
+    """Initialize the default process group from torchrun's environment if it is not up yet.
+
+    Returns whether a process group is active afterwards. Does nothing (and returns ``False``) when the
+    torchrun variables are absent; an already initialized group (e.g. by ``spawn_ranks``) is kept as is.
+    """
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    if any(os.environ.get(k) in (None, "") for k in TORCHRUN_ENV):
+        return False
+    timeout = timeout_s if timeout_s is not None else default_timeout_s()
+    backend = backend_for_device()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    kwargs = {}
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        # Binding the group to this rank's device lets NCCL create its communicator eagerly.
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group(
+        backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout),
+        **kwargs,
+    )
+    return True
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def dp_group() -> dist.ProcessGroup | None:
+    """The data-parallel group: the default group when distributed is up, else ``None`` (one rank)."""
+    return dist.group.WORLD if is_distributed() else None
+
+
+def dp_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def dp_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def device_for_backend() -> torch.device:
+    """The device tensors must live on for the active backend: this rank's CUDA device for NCCL, else CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if not is_distributed() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The parallel layout of this process: which group each kind of reduction runs over.
+
+    Only data parallelism exists today. ``dp_group is None`` means a single rank (no collectives).
+    Expert or pipeline groups would be added as fields next to ``dp_group``.
+    """
+
+    dp_group: dist.ProcessGroup | None
+    dp_rank: int
+    dp_world_size: int
+    device: torch.device
+
+    @staticmethod
+    def current() -> Mesh:
+        """The mesh of the default process group (or a one-rank mesh when distributed is not up)."""
+        return Mesh(dp_group(), dp_rank(), dp_world_size(), device_for_backend())
+
+    @staticmethod
+    def single(device: torch.device | str = "cpu") -> Mesh:
+        return Mesh(None, 0, 1, torch.device(device))
+
+    @property
+    def is_single(self) -> bool:
+        return self.dp_world_size == 1

@@ -1,0 +1,217 @@
+"""save_pytree / load_pytree / PytreeReader: exact round trips, partial reads, and every kind of damage."""
+
+import errno
+import os
+import struct
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from zerostep.io import CheckpointError, PytreeReader, load_pytree, save_pytree, write_pytree
+from zerostep.io import writer as writer_mod
+from zerostep.io.codec import DTYPES, TRAILER_LEN
+
+
+def assert_same(a, b, path="root"):
+    assert type(a) is type(b), path
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), path
+        raw = lambda t: t.detach().contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(raw(a.resolve_conj().resolve_neg()), raw(b)), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}/{i}")
+    elif isinstance(a, float):
+        assert struct.pack("<d", a) == struct.pack("<d", b), path  # NaN payloads and -0.0 too
+    else:
+        assert a == b, path
+
+
+@st.composite
+def tensors(draw):
+    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+    shape = draw(st.lists(st.integers(0, 4), max_size=3))
+    n = 1
+    for s in shape:
+        n *= s
+    raw = draw(st.binary(min_size=n * dtype.itemsize, max_size=n * dtype.itemsize))
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape) if n else None
+    t = torch.empty(shape, dtype=dtype) if t is None else t
+    layout = draw(st.sampled_from(["plain", "transposed", "strided", "expanded", "conj"]))
+    if layout == "transposed" and t.dim() >= 2:
+        t = t.mT.contiguous().mT  # same values, column-major strides
+    elif layout == "strided" and t.dim() >= 1:
+        t = torch.stack([t, t], dim=-1)[..., 0]  # every other element of a bigger buffer
+    elif layout == "expanded" and t.dim() >= 1 and t.shape[0] == 1:
+        t = t[:1].expand(3, *t.shape[1:])  # stride 0
+    elif layout == "conj" and dtype in (torch.complex64, torch.complex128):
+        t = t.conj()  # lazy conjugate bit
+    return t
+
+
+scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=6)
+trees = st.recursive(
+    scalars | st.binary(max_size=6) | tensors(),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.lists(children, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@given(tree=trees, mmap=st.booleans())
+def test_round_trip_is_exact(tmp_path_factory, tree, mmap):
+    path = tmp_path_factory.mktemp("rt") / "tree.msgpack"
+    save_pytree(path, tree, fsync=False)
+    assert_same(tree, load_pytree(path, mmap=mmap))
+    with PytreeReader(path) as reader:
+        reader.verify()
+
+
+@given(
+    numel=st.integers(0, 2000),
+    block=st.integers(64, 700),
+    chunk=st.integers(64, 5000),
+    data=st.data(),
+)
+def test_chunked_tensors_and_element_ranges(tmp_path_factory, numel, block, chunk, data):
+    chunk -= chunk % 8  # chunks hold whole bytes; any size works, keep float64 readable per chunk
+    t = torch.randn(numel, dtype=torch.float64)
+    path = tmp_path_factory.mktemp("ch") / "t.msgpack"
+    written = write_pytree(
+        path, {"t": t, "s": t[:3].float()}, fsync=False, block_bytes=block, max_chunk_bytes=chunk
+    )
+    assert sum(n for _, n in written.records[0].extents) == numel * 8
+    start = data.draw(st.integers(0, numel))
+    stop = data.draw(st.integers(start, numel))
+    with PytreeReader(path) as reader:
+        assert torch.equal(reader.tensor("t"), t)
+        assert torch.equal(reader.read_elements("t", start, stop), t[start:stop])
+        out = torch.full((stop - start,), -1.0, dtype=torch.float64)
+        reader.read_elements("t", start, stop, out=out, verify=False)
+        assert torch.equal(out, t[start:stop])
+        assert reader.checksum == written.checksum and reader.paths == {"t": 0, "s": 1}
+
+
+def test_mmap_tensors_are_aligned_writable_and_outlive_the_reader(tmp_path):
+    path = tmp_path / "m.msgpack"
+    save_pytree(path, {"a": torch.arange(10.0), "b": [torch.ones(3, dtype=torch.float64)]})
+    with PytreeReader(path) as reader:
+        a = reader.tensor("a", copy=False)
+        b = reader.tensor("b/0", copy=False)
+    assert a.data_ptr() % 64 == 0 and b.data_ptr() % 64 == 0
+    a += 1  # private copy-on-write mapping: the file is unchanged
+    assert torch.equal(a, torch.arange(1.0, 11.0)) and torch.equal(b, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(load_pytree(path)["a"], torch.arange(10.0))
+
+
+def test_out_tensor_is_filled_in_place(tmp_path):
+    path = tmp_path / "o.msgpack"
+    save_pytree(path, {"w": torch.arange(12, dtype=torch.int32).reshape(3, 4)})
+    out = torch.zeros(3, 4, dtype=torch.int32)
+    with PytreeReader(path) as reader:
+        assert reader.tensor("w", out=out) is out
+        with pytest.raises(ValueError, match="out must be"):
+            reader.tensor("w", out=torch.zeros(3, 4))
+        with pytest.raises(CheckpointError, match="no tensor at path 'nope'"):
+            reader.tensor("nope")
+    assert torch.equal(out, torch.arange(12, dtype=torch.int32).reshape(3, 4))
+
+
+def test_bad_inputs_raise_type_and_value_errors_naming_the_path(tmp_path):
+    with pytest.raises(TypeError, match="a/0: cannot store a set"):
+        save_pytree(tmp_path / "x", {"a": [{1}]})
+    with pytest.raises(TypeError, match="dict keys must be str"):
+        save_pytree(tmp_path / "x", {"a": {1: 2}})
+    with pytest.raises(ValueError, match="b: integer .* 64 bits"):
+        save_pytree(tmp_path / "x", {"b": 2**64})
+    with pytest.raises(TypeError, match="sparse_coo tensor"):
+        save_pytree(tmp_path / "x", torch.ones(2).to_sparse())
+    assert os.listdir(tmp_path) == []  # no temporary file left behind
+
+
+def _small_file(tmp_path):
+    path = tmp_path / "small.msgpack"
+    tree = {
+        "w": torch.arange(24, dtype=torch.float32).reshape(4, 6),
+        "meta": ("x", 1, None),
+        "b": torch.ones(3),
+    }
+    save_pytree(path, tree)
+    return path, path.read_bytes(), tree
+
+
+def test_every_flipped_byte_is_detected(tmp_path):
+    path, data, tree = _small_file(tmp_path)
+    for i in range(len(data)):
+        damaged = bytearray(data)
+        damaged[i] ^= 0x10
+        path.write_bytes(damaged)
+        with pytest.raises(CheckpointError, match="small.msgpack: ") as info:
+            load_pytree(path)
+        assert str(path) in str(info.value), i
+    path.write_bytes(data)
+    assert_same(tree, load_pytree(path))
+
+
+def test_every_truncation_is_detected(tmp_path):
+    path, data, _ = _small_file(tmp_path)
+    for n in range(len(data)):
+        path.write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match=r"truncated|magic"):
+            load_pytree(path)
+
+
+def test_wrong_magic_version_and_missing_file(tmp_path):
+    path, data, _ = _small_file(tmp_path)
+    path.write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(CheckpointError, match="wrong magic"):
+        load_pytree(path)
+    version_at = len(data) - TRAILER_LEN + 2 + 20
+    path.write_bytes(data[:version_at] + struct.pack("<I", 2) + data[version_at + 4 :])
+    with pytest.raises(CheckpointError, match="unsupported format version 2"):
+        load_pytree(path)
+    with pytest.raises(CheckpointError, match="file not found"):
+        load_pytree(tmp_path / "absent.msgpack")
+
+
+def test_damage_in_a_payload_names_the_tensor_even_without_full_verification(tmp_path):
+    path = tmp_path / "p.msgpack"
+    written = write_pytree(path, {"x": {"w": torch.zeros(1000)}}, block_bytes=256)
+    offset = written.records[0].extents[0][0] + 700
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x01")
+    with pytest.raises(CheckpointError, match="checksum mismatch in tensor 'x/w' \\(block 2 of 16\\)"):
+        load_pytree(path)
+    with PytreeReader(path) as reader:
+        assert torch.equal(reader.read_elements("x/w", 0, 128), torch.zeros(128))  # blocks 0-1 are intact
+        with pytest.raises(CheckpointError, match="checksum mismatch"):
+            reader.read_elements("x/w", 190, 191)
+    assert load_pytree(path, verify=False)["x"]["w"].count_nonzero() == 1  # verify=False trusts the data
+
+
+def test_disk_full_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "state.msgpack"
+    save_pytree(path, {"v": torch.ones(100)})
+    real_write_all, written = writer_mod.write_all, [0]
+
+    def full_disk(fd, data):
+        written[0] += len(data)
+        if written[0] > 300:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(writer_mod, "write_all", full_disk)
+    with pytest.raises(CheckpointError, match="state.msgpack: write failed: .*No space left"):
+        save_pytree(path, {"v": torch.zeros(1000)})
+    assert os.listdir(tmp_path) == ["state.msgpack"]
+    assert torch.equal(load_pytree(path)["v"], torch.ones(100))

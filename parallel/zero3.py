@@ -1,0 +1,336 @@
+"""ZeRO stage 3: parameters live as per-rank shards, gathered unit by unit in forward and backward.
+
+Units are planned like FSDP's per-block wrapping (``plan_units``): every child of the outermost
+``nn.ModuleList`` / ``nn.Sequential`` containers is a unit named by its module path (``"layers.3"``), and
+the root unit ``ROOT_UNIT`` owns every other parameter (embeddings, final norm, head). A unit's parameters
+are packed in a ``FlatLayout`` in compute dtype, padded for the data-parallel world size; stage-3 state is
+``{unit name: this rank's shard [layout.shard_numel]}``.
+
+``Zero3Runner.loss_and_grads(shards, call, scale)`` runs ``call(model)`` (the user's loss on a
+micro-batch) with the model's parameters replaced, only while they are needed, by views of gathered
+buffers:
+
+- the root unit is gathered before ``call`` and stays gathered until its gradients are reduce-scattered at
+  the end of backward. A parameter used by several units (tied weights such as GPT's embedding and head)
+  is assigned to the root unit for that reason: it is gathered exactly once, for the whole step;
+- a forward pre-hook on a unit's module all-gathers its shard into a full buffer [N * S] and swaps views
+  of it into the module's ``_parameters``; the forward post-hook swaps the original parameters back and
+  frees the buffer's storage (``untyped_storage().resize_(0)``); the views that autograd saved for
+  backward keep pointing at that storage;
+- a gradient hook on the unit's outputs fires just before the unit's backward: it re-allocates the storage
+  and all-gathers into it again, which makes the saved views valid again;
+- the full buffer is the output of ``_GatherParams``, an autograd function of the shard, so the unit's
+  parameter gradients arrive there as one flat gradient [N * S]; its backward reduce-scatters that
+  gradient (a sum over ranks) into the shard gradient [S] and frees the buffer again.
+
+So at any time about one unit's full parameters (plus the root unit's) are alive; ``peak_gathered_bytes``
+measures it. Each forward call of a unit gathers afresh, so a unit called twice works (its gradients add
+up). The user's module is only touched inside the call (hooks and swapped ``_parameters`` are undone in a
+``finally``); its own parameters are never read, so they may even live on the ``meta`` device.
+
+Limits: a unit must reach its parameters through its own ``forward`` (code outside a unit that reads
+``model.layers[0].weight`` sees the original parameter); a unit's output must not alias its parameters;
+activation checkpointing inside a unit is not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .collectives import Group, all_gather_flat, group_size, resolve_group
+from .flat import FlatLayout
+
+ROOT_UNIT = "<root>"  # module paths never contain "<", so this cannot collide with a unit's path
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A group of parameters gathered together: a block of the model, or the root's leftovers."""
+
+    name: str  # module path of the block, or ROOT_UNIT
+    layout: FlatLayout  # entries named by canonical parameter names, compute dtype, dp world size
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return self.layout.names
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of the gathered (padded) buffer."""
+        return self.layout.padded_numel * torch.empty((), dtype=self.layout.dtype).element_size()
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def unit_module_paths(model: nn.Module) -> list[str]:
+    """Paths of the children of the outermost ``ModuleList``/``Sequential`` containers, in module order."""
+    containers = (nn.ModuleList, nn.Sequential)
+
+    def visit(module: nn.Module, prefix: str) -> list[str]:
+        if isinstance(module, containers):
+            return [_join(prefix, name) for name, _ in module.named_children()]
+        paths = []
+        for name, child in module.named_children():
+            paths += visit(child, _join(prefix, name))
+        return paths
+
+    return visit(model, "")
+
+
+def plan_units(model: nn.Module, world_size: int = 1, dtype: torch.dtype | None = None) -> list[Unit]:
+    """The root unit first (if it owns anything), then one unit per block, each with a padded layout.
+
+    Parameter names are the canonical ones of ``model.named_parameters()`` (first name of a shared
+    parameter). A parameter reachable from more than one unit, or from a unit and the root, belongs to the
+    root unit. Units without parameters are left out. ``dtype`` is the compute dtype (default: the
+    parameters' dtype, which must then be a single one).
+    """
+    paths = unit_module_paths(model)
+
+    def owner_of(name: str) -> str:
+        for path in paths:
+            if name.startswith(path + "."):
+                return path
+        return ROOT_UNIT
+
+    canonical: dict[int, str] = {}  # id(param) -> first name
+    owners: dict[int, set[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        canonical.setdefault(id(param), name)
+        owners.setdefault(id(param), set()).add(owner_of(name))
+        params[id(param)] = param
+    if dtype is None:
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) > 1:
+            raise ValueError(f"parameters have several dtypes {sorted(map(str, dtypes))}; pass dtype=")
+        dtype = dtypes.pop() if dtypes else torch.float32
+
+    shapes: dict[str, list[tuple[str, tuple[int, ...]]]] = {ROOT_UNIT: [], **{p: [] for p in paths}}
+    for key, name in canonical.items():
+        unit = owners[key].pop() if len(owners[key]) == 1 else ROOT_UNIT
+        shapes[unit].append((name, tuple(params[key].shape)))
+    return [
+        Unit(name, FlatLayout.build(entries, dtype, world_size))
+        for name, entries in shapes.items()
+        if entries
+    ]
+
+
+def shard_params(params: Mapping[str, torch.Tensor], units: list[Unit], rank: int) -> dict[str, torch.Tensor]:
+    """Full parameters by canonical name -> this rank's shard [shard_numel] per unit (new tensors)."""
+    return {u.name: u.layout.shard(u.layout.flatten(params), rank).clone() for u in units}
+
+
+def gather_params(shards: Mapping[str, torch.Tensor], units: list[Unit], group: Group = None) -> dict:
+    """Every rank's shards -> full parameters by canonical name (a collective; new tensors)."""
+    out: dict[str, torch.Tensor] = {}
+    for unit in units:
+        full = all_gather_flat(shards[unit.name], group)  # [padded_numel]
+        out.update({k: v.clone() for k, v in unit.layout.unflatten(full).items()})
+    return out
+
+
+class _GatherTracker:
+    """Live and peak bytes of gathered full buffers during one call."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+
+class _Gathered:
+    """One gather of one unit: the full buffer [N * S] whose views are the unit's parameters for one call."""
+
+    def __init__(self, unit: Unit, shard: torch.Tensor, group: dist.ProcessGroup | None, tracker):
+        self.unit, self.shard, self.group, self.tracker = unit, shard.detach(), group, tracker
+        self.nbytes = unit.full_bytes
+        # ``.data`` alias of the autograd-visible buffer: same storage, its own version counter, so
+        # re-gathering into it does not count as an in-place change of the views saved for backward.
+        self.buffer: torch.Tensor | None = None
+        self.live = False
+
+    def _fill(self) -> None:
+        if self.group is None:
+            self.buffer.copy_(self.shard)
+        else:
+            dist.all_gather_into_tensor(self.buffer, self.shard, group=self.group)
+
+    def gather_new(self) -> torch.Tensor:
+        """Allocate and fill a new full buffer [padded_numel]; returns it (the autograd output)."""
+        full = torch.empty(self.unit.layout.padded_numel, dtype=self.shard.dtype, device=self.shard.device)
+        self.buffer = full.data
+        self._fill()
+        self.live = True
+        self.tracker.add(self.nbytes)
+        return full
+
+    def regather(self) -> None:
+        """Re-allocate the freed storage in place and fill it again (before the unit's backward)."""
+        if self.live or self.buffer is None:
+            return
+        self.buffer.untyped_storage().resize_(self.nbytes)
+        self._fill()
+        self.live = True
+        self.tracker.add(self.nbytes)
+
+    def free(self) -> None:
+        if not self.live:
+            return
+        self.buffer.untyped_storage().resize_(0)
+        self.live = False
+        self.tracker.add(-self.nbytes)
+
+    def reduce_scatter(self, grad_full: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of the full gradient [N * S] -> this rank's shard gradient [S]."""
+        grad_full = grad_full.contiguous()
+        if self.group is None:
+            return grad_full
+        grad_shard = torch.empty_like(self.shard)
+        dist.reduce_scatter_tensor(grad_shard, grad_full, op=dist.ReduceOp.SUM, group=self.group)
+        return grad_shard
+
+
+class _GatherParams(torch.autograd.Function):
+    """shard [S] -> full buffer [N * S]; backward reduce-scatters the full gradient into the shard's."""
+
+    @staticmethod
+    def forward(ctx, shard: torch.Tensor, gathered: _Gathered) -> torch.Tensor:
+        ctx.gathered = gathered
+        return gathered.gather_new()
+
+    @staticmethod
+    def backward(ctx, grad_full: torch.Tensor):
+        gathered = ctx.gathered
+        grad_shard = gathered.reduce_scatter(grad_full)
+        gathered.free()  # every use of the unit's parameters has produced its gradient by now
+        return grad_shard, None
+
+
+class Zero3Runner:
+    """Runs a loss on ``model`` with stage-3 sharded parameters; one instance per (model, units, group)."""
+
+    def __init__(self, model: nn.Module, units: list[Unit], group: Group = None) -> None:
+        self.model, self.units = model, units
+        self.group = resolve_group(group)
+        if group_size(self.group) == 1:
+            self.group = None  # world size 1: gathers are copies, no collectives
+        sizes = {u.layout.world_size for u in units}
+        if sizes - {group_size(self.group)}:
+            raise ValueError(
+                f"units planned for world size {sizes}, group has {group_size(self.group)} ranks"
+            )
+        # Every place a parameter sits (tied parameters sit in several): canonical name -> [(module, attr)]
+        canonical: dict[int, str] = {}
+        self._locations: dict[str, list[tuple[nn.Module, str]]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            key = canonical.setdefault(id(param), name)
+            module_path, _, attr = name.rpartition(".")
+            self._locations.setdefault(key, []).append((model.get_submodule(module_path), attr))
+        self.peak_gathered_bytes = 0  # high-water mark of the last call
+
+    def _swap_in(self, unit: Unit, full: torch.Tensor) -> list[tuple[nn.Module, str, object]]:
+        """Put views of ``full`` in place of the unit's parameters; returns what to put back."""
+        saved = []
+        for name, view in zip(unit.param_names, unit.layout.split(full)):
+            for module, attr in self._locations[name]:
+                saved.append((module, attr, module._parameters[attr]))
+                module._parameters[attr] = view
+        return saved
+
+    @staticmethod
+    def _swap_out(saved: list[tuple[nn.Module, str, object]]) -> None:
+        for module, attr, original in reversed(saved):
+            module._parameters[attr] = original
+
+    def loss_and_grads(
+        self,
+        shards: Mapping[str, torch.Tensor],
+        call: Callable[[nn.Module], torch.Tensor],
+        scale: float | torch.Tensor = 1.0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``call(model)`` and d(loss * scale)/d(shard) per unit, summed over ranks; loss is detached."""
+        tracker = _GatherTracker()
+        leaves = {u.name: shards[u.name].detach().requires_grad_(True) for u in self.units}
+        gathers: list[_Gathered] = []
+        swapped: list[list] = []
+        active: dict[str, list[tuple[_Gathered, list]]] = {}  # unit name -> stack of open forward calls
+        handles = []
+
+        def start(unit: Unit) -> _Gathered:
+            gathered = _Gathered(unit, leaves[unit.name], self.group, tracker)
+            gathers.append(gathered)
+            full = _GatherParams.apply(leaves[unit.name], gathered)  # [padded_numel], grad-connected
+            saved = self._swap_in(unit, full)
+            swapped.append(saved)
+            active.setdefault(unit.name, []).append((gathered, saved))
+            return gathered
+
+        def make_hooks(unit: Unit):
+            def pre_forward(module, args):
+                start(unit)
+
+            def post_forward(module, args, output):
+                gathered, saved = active[unit.name].pop()
+                self._swap_out(saved)
+                swapped.remove(saved)
+                gathered.free()
+                for tensor in tree_leaves(output):
+                    if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                        tensor.register_hook(lambda grad, g=gathered: g.regather())
+
+            return pre_forward, post_forward
+
+        try:
+            for unit in self.units:
+                if unit.name == ROOT_UNIT:
+                    start(unit)  # gathered for the whole call; freed when its gradient is reduced
+                    continue
+                pre, post = make_hooks(unit)
+                module = self.model.get_submodule(unit.name)
+                handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+            loss = call(self.model)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(f"call(model) must return a scalar tensor, got {type(loss).__name__}")
+            for saved in reversed(swapped):  # backward no longer needs the module's attributes
+                self._swap_out(saved)
+            swapped.clear()
+            names = list(leaves)
+            grads = torch.autograd.grad(loss * scale, [leaves[n] for n in names], allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for saved in reversed(swapped):
+                self._swap_out(saved)
+            for gathered in gathers:
+                gathered.free()
+            self.peak_gathered_bytes = tracker.peak
+        shard_grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}
+        return loss.detach(), shard_grads
+
+
+def loss_and_grads(
+    model: nn.Module,
+    shards: Mapping[str, torch.Tensor],
+    call: Callable[[nn.Module], torch.Tensor],
+    group: Group = None,
+    scale: float | torch.Tensor = 1.0,
+    units: list[Unit] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One-shot ``Zero3Runner(model, units, group).loss_and_grads(shards, call, scale)``."""
+    if units is None:
+        dtype = next(iter(shards.values())).dtype
+        units = plan_units(model, group_size(group), dtype)
+    return Zero3Runner(model, units, group).loss_and_grads(shards, call, scale)

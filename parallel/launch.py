@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import time
@@ -49,7 +50,9 @@ def _rank_main(rank, world_size, port, timeout, fn, args, results, env):
             timeout=datetime.timedelta(seconds=timeout),
         )
         out = fn(rank, world_size, *args)
-        results.put((rank, True, out))
+        # Plain pickle, not torch.multiprocessing's shared-memory tensor handles, which die with
+        # this process before the parent reads them.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -124,4 +127,4 @@ def spawn_ranks(
         if missing:
             parts.append(f"ranks {missing} did not finish within {timeout:.0f} s")
         raise RankFailure("distributed run failed:\n" + "\n".join(parts))
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

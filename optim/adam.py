@@ -23,6 +23,7 @@ from zerostep.optim.base import (
     finish_param,
     is_static,
     leaves_like,
+    loop_invariant,
     masked_weight_decay,
     per_leaf,
     prepared_grad,
@@ -81,6 +82,7 @@ def adam(
             t = count.double()
             bc1 = 1 - beta1**t
             bc2_sqrt = (1 - beta2**t).sqrt()
+            bc1, bc2_sqrt = loop_invariant(bc1, bc2_sqrt)
         else:
             bc1, bc2_sqrt = 1.0, 1.0
         p_leaves, (g_leaves, m_leaves, v_leaves) = leaves_like(params, grads, state.exp_avg, state.exp_avg_sq)

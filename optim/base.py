@@ -188,3 +188,16 @@ def masked_weight_decay(weight_decay: float, mask: Any) -> Scalar:
     if isinstance(mask, torch.Tensor):
         return weight_decay * mask
     return weight_decay * float(mask)
+
+
+def loop_invariant(*scalars: Scalar) -> tuple[Scalar, ...]:
+    """Compute per-step 0-d tensors once, not once per vector of the element loop.
+
+    Inductor inlines 0-d arithmetic into the fused elementwise loop that consumes it; for the bias
+    corrections that meant two ``std::pow`` calls per 16 elements, and a compiled AdamW 2.5x
+    slower than torch's fused one. Stacking the scalars makes inductor compute them before the loop.
+    Python numbers pass through unchanged.
+    """
+    if not all(isinstance(s, torch.Tensor) for s in scalars):
+        return scalars
+    return tuple(torch.stack(scalars).unbind(0))

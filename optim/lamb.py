@@ -29,6 +29,7 @@ from zerostep.optim.base import (
     finish_param,
     is_static,
     leaves_like,
+    loop_invariant,
     masked_weight_decay,
     per_leaf,
     prepared_grad,
@@ -93,7 +94,7 @@ def lamb(
         count = state.count
         count.add_(1)
         t = count.double()  # fp64: 1 - beta2**t cancels catastrophically in fp32
-        bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if bias_correction else (1.0, 1.0)
+        bc1, bc2 = loop_invariant(1 - beta1**t, 1 - beta2**t) if bias_correction else (1.0, 1.0)
         p_leaves, (g_leaves, m_leaves, v_leaves) = leaves_like(params, grads, state.exp_avg, state.exp_avg_sq)
         c_leaves = per_leaf(opts.param_copies, params, None)
         masks = per_leaf(weight_decay_mask, params, True)

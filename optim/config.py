@@ -79,8 +79,7 @@ def from_config(
     if name in ("adam", "adamw"):
         base = "adam"
         torch_adam = bool(params.pop("torch_adam", False))
-        adam_w_mode = name == "adamw" or bool(params.pop("adam_w_mode", True))
-        params.pop("adam_w_mode", None)
+        adam_w_mode = bool(params.pop("adam_w_mode", True)) or name == "adamw"
         extra["adam_w_mode"] = adam_w_mode
         extra["use_triton"] = use_triton
         defaults = dict(_DEFAULTS["adam"])

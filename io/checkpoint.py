@@ -1,0 +1,361 @@
+"""Sharded checkpoints: every rank writes its file, rank 0 commits; loads reshard to any world size.
+
+Save protocol (layout in ``zerostep.io.manifest``)::
+
+    all ranks   agree on a checkpoint id (broadcast from rank 0)
+    rank r      writes <save_dir>/.tmp-<tag>-<id>/rank_r.msgpack (fsync) and reports checksums or its error
+    rank 0      gathers the reports; if all succeeded: writes the manifest, fsyncs the folder, renames it
+                to <tag>, fsyncs <save_dir>, replaces <save_dir>/latest (fsync), prunes old tags
+    all ranks   learn the outcome; on any failure the temporary folder is removed and every rank raises
+
+A crash at any point leaves the previous checkpoint and ``latest`` untouched (a killed save leaves only a
+``.tmp-*`` folder, which readers ignore). Coordination runs on a dedicated gloo group, so an async save's
+background thread never interleaves with the training loop's collectives.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from zerostep.io import manifest as mf
+from zerostep.io.codec import TensorRef
+from zerostep.io.errors import CheckpointError
+from zerostep.io.reshard import load_flat_shard
+from zerostep.io.writer import _fsync_dir, write_pytree
+
+_groups: dict[tuple[int, int], Any] = {}
+_pending: SaveHandle | None = None
+_pending_lock = threading.Lock()
+
+
+class SaveHandle:
+    """A save in progress (or done). ``wait()`` returns the checkpoint's folder or raises its error."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._reported = False  # the error reached the caller once already
+
+    def _run(self, job) -> None:
+        try:
+            job()
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> str:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"checkpoint save to {self.path} still running after {timeout} s")
+        if self._error is not None:
+            self._reported = True
+            raise self._error
+        return self.path
+
+
+def wait_for_pending_save() -> None:
+    """Block until this process's previous async save has finished; raise its error unless its handle's
+    ``wait()`` already did."""
+    global _pending
+    with _pending_lock:
+        handle, _pending = _pending, None
+    if handle is not None:
+        handle._done.wait()
+        if not handle._reported:
+            handle.wait()
+
+
+class _Coordinator:
+    """Broadcast / gather of small objects among the saving ranks (no-ops for one rank)."""
+
+    def __init__(self, world_size: int, timeout: float):
+        self.group = None
+        if world_size > 1:
+            if not dist.is_initialized() or dist.get_world_size() != world_size:
+                raise ValueError(
+                    f"saving from {world_size} ranks needs torch.distributed initialized with them"
+                )
+            key = (id(dist.group.WORLD), world_size)
+            if key not in _groups:  # collective: every rank's first save creates it together
+                _groups[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+            self.group = _groups[key]
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, obj: Any, rank: int) -> list[Any] | None:
+        if self.group is None:
+            return [obj]
+        out = [None] * dist.get_world_size(self.group) if rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.group)
+        return out
+
+
+def _rank_and_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    initialized = dist.is_available() and dist.is_initialized()
+    rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
+    world_size = world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    return rank, world_size
+
+
+def _snapshot(tree: Any) -> Any:
+    """Host copies of every tensor, so training may modify the originals while a thread writes."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, Mapping):
+        return {k: _snapshot(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        items = [_snapshot(v) for v in tree]
+        return tuple(items) if isinstance(tree, tuple) else items
+    return tree
+
+
+def save_checkpoint(
+    save_dir: str | os.PathLike,
+    tag: str,
+    tree: Any,
+    *,
+    flat_numel: Mapping[str, int] | None = None,
+    meta: dict | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    keep_last: int | None = None,
+    fsync: bool = True,
+    async_save: bool = False,
+    timeout: float = 600.0,
+) -> SaveHandle:
+    """Save this rank's ``tree`` as part of checkpoint ``<save_dir>/<tag>``; every rank calls it.
+
+    ``flat_numel`` maps leaf paths that are this rank's part of a flat 1-D tensor to the tensor's total
+    element count; all other tensors are replicated (rank 0's copy is written). ``meta`` goes into the
+    manifest as is. ``keep_last=N`` then deletes all but the newest N checkpoints (by ``meta['step']``,
+    then time), never the one just written. With ``async_save`` tensors are copied to host memory now and
+    written by a thread; the returned handle's ``wait()`` joins it, and the next save or load waits too.
+    Raises ``CheckpointError`` on every rank if any rank's write fails.
+    """
+    wait_for_pending_save()
+    if not tag or "/" in tag or tag.startswith(".") or tag == mf.LATEST:
+        raise ValueError(f"invalid checkpoint tag {tag!r}")
+    rank, world_size = _rank_and_size(rank, world_size)
+    save_dir = os.fspath(save_dir)
+    table = mf.describe_leaves(tree, flat_numel or {}, world_size)
+    own = mf.rank_tree(tree, table, rank)
+    coord = _Coordinator(world_size, timeout)
+    ckpt_id = coord.broadcast(uuid.uuid4().hex if rank == 0 else None)
+    handle = SaveHandle(os.path.join(save_dir, tag))
+    args = (save_dir, tag, ckpt_id, own, table, meta or {}, rank, world_size, keep_last, fsync, coord)
+    if not async_save:
+        _write_and_commit(*args)
+        handle._done.set()
+        return handle
+    global _pending
+    args = args[:3] + (_snapshot(own),) + args[4:]
+    thread = threading.Thread(target=handle._run, args=(lambda: _write_and_commit(*args),), name="zs-ckpt")
+    with _pending_lock:
+        _pending = handle
+    thread.start()
+    return handle
+
+
+def _write_and_commit(save_dir, tag, ckpt_id, own, table, meta, rank, world_size, keep_last, fsync, coord):
+    tmp = os.path.join(save_dir, f".tmp-{tag}-{ckpt_id}")
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        shard_meta = {"checkpoint_id": ckpt_id, "tag": tag, "rank": rank, "world_size": world_size}
+        written = write_pytree(os.path.join(tmp, mf.rank_file(rank)), own, meta=shard_meta, fsync=fsync)
+        digests = {p: mf.tensor_digest(written.records[i]) for p, i in written.paths.items()}
+        report = {"nbytes": written.nbytes, "checksum": written.checksum, "digests": digests}
+    except Exception as e:  # reported to rank 0 so every rank fails together instead of hanging
+        report = {
+            "error": str(e) if isinstance(e, CheckpointError) else f"rank {rank}: {type(e).__name__}: {e}"
+        }
+    reports = coord.gather(report, rank)
+    outcome = None
+    if rank == 0:
+        errors = [r["error"] for r in reports if "error" in r]
+        if not errors:
+            try:
+                _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync)
+            except Exception as e:
+                errors.append(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}")
+        if errors:
+            shutil.rmtree(tmp, ignore_errors=True)
+            outcome = "save failed, previous checkpoints untouched: " + "; ".join(errors)
+    outcome = coord.broadcast(outcome)
+    if outcome is not None:
+        raise CheckpointError(os.path.join(save_dir, tag), outcome)
+
+
+def _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync) -> None:
+    files = [dict(r, name=mf.rank_file(i), rank=i) for i, r in enumerate(reports)]
+    manifest = {
+        "format": mf.FORMAT,
+        "version": mf.VERSION,
+        "checkpoint_id": ckpt_id,
+        "tag": tag,
+        "world_size": world_size,
+        "created": time.time(),
+        "versions": mf.versions(),
+        "leaves": table,
+        "files": files,
+        "meta": meta,
+    }
+    write_pytree(os.path.join(tmp, mf.MANIFEST), manifest, fsync=fsync)
+    if fsync:
+        _fsync_dir(tmp)
+    final = os.path.join(save_dir, tag)
+    old = os.path.join(save_dir, f".old-{tag}-{ckpt_id}")
+    if os.path.exists(final):  # overwriting a tag: move the old one aside, swap, then delete it
+        os.replace(final, old)
+    os.replace(tmp, final)
+    latest_tmp = os.path.join(save_dir, f".{mf.LATEST}-{ckpt_id}")
+    with open(latest_tmp, "w") as f:
+        f.write(tag)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(latest_tmp, os.path.join(save_dir, mf.LATEST))
+    if fsync:
+        _fsync_dir(save_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    if keep_last is not None:
+        prune(save_dir, keep_last, keep=tag)
+
+
+def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[str, dict]]:
+    """(tag, manifest) of every committed checkpoint under ``save_dir``, oldest first (step, then time)."""
+    found = []
+    for name in os.listdir(save_dir):
+        path = os.path.join(save_dir, name, mf.MANIFEST)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue
+        try:
+            manifest = mf.load_pytree(path, verify=False)
+        except CheckpointError:
+            continue
+        step = manifest.get("meta", {}).get("step") if isinstance(manifest, dict) else None
+        key = (step if isinstance(step, (int, float)) else float("-inf"), os.path.getmtime(path))
+        found.append((key, name, manifest))
+    return [(name, manifest) for _, name, manifest in sorted(found, key=lambda x: x[0])]
+
+
+def prune(save_dir: str | os.PathLike, keep_last: int, *, keep: str | None = None) -> list[str]:
+    """Delete all but the newest ``keep_last`` checkpoints (never ``keep``); returns the deleted tags."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    tags = [t for t, _ in list_checkpoints(save_dir) if t != keep]
+    doomed = tags[: max(0, len(tags) - (keep_last - (keep is not None)))]
+    for tag in doomed:
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+    return doomed
+
+
+def load_checkpoint(
+    load_dir: str | os.PathLike,
+    tag: str | None = None,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    verify: bool = True,
+    leaves: Iterable[str] | None = None,
+) -> tuple[Any, dict]:
+    """(tree, meta) of checkpoint ``tag`` (default: the one named by ``latest``) for this rank.
+
+    Replicated leaves come back as saved; each flat leaf comes back as this rank's part for *this* world
+    size (``shard_numel(numel, world_size)`` elements, zero padded), read from whichever saved files
+    overlap it. ``leaves`` (paths or path prefixes) restricts what is read: other tensors are left out of
+    dicts, or are None inside lists and tuples. ``verify`` checks the crc32 of every byte read.
+    """
+    wait_for_pending_save()
+    rank, world_size = _rank_and_size(rank, world_size)
+    wanted = None if leaves is None else list(leaves)
+    with mf.CheckpointDir.open(load_dir, tag) as ckpt:
+        rank0 = ckpt.reader(0)
+        if verify:
+            rank0.verify_frame()
+        by_index = {i: p for p, i in rank0.paths.items()}
+        skip = object()
+
+        def build(node: Any) -> Any:
+            if isinstance(node, TensorRef):
+                path = by_index[node.index]
+                if not mf.selected(path, wanted):
+                    return skip
+                if ckpt.leaves[path]["kind"] == "flat":
+                    return load_flat_shard(ckpt, path, rank, world_size, verify=verify)
+                return rank0.tensor(node.index, verify=verify)
+            if isinstance(node, dict):
+                items = {k: build(v) for k, v in node.items()}
+                return {k: v for k, v in items.items() if v is not skip}
+            if isinstance(node, (list, tuple)):
+                items = [None if v is skip else v for v in map(build, node)]
+                return tuple(items) if isinstance(node, tuple) else items
+            return node
+
+        return build(rank0.skeleton), ckpt.manifest["meta"]
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict:
+    """A summary for tooling: ``path`` is a save folder (all tags) or one checkpoint folder."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, mf.MANIFEST)):
+        save_dir, tags = os.path.dirname(os.path.abspath(path)), [os.path.basename(os.path.abspath(path))]
+    else:
+        save_dir, tags = path, [t for t, _ in list_checkpoints(path)]
+    try:
+        latest = mf.read_latest(save_dir)
+    except CheckpointError:
+        latest = None
+    out = []
+    for tag in tags:
+        with mf.CheckpointDir.open(save_dir, tag) as ckpt:
+            m = ckpt.manifest
+            rank0 = ckpt.reader(0)
+            shapes = {i: "{dtype}{shape}".format(**ckpt.leaves[p]) for p, i in rank0.paths.items()}
+            out.append(
+                {
+                    "tag": tag,
+                    "path": ckpt.path,
+                    "step": m["meta"].get("step"),
+                    "world_size": m["world_size"],
+                    "zero_stage": m["meta"].get("zero_stage"),
+                    "created": m["created"],
+                    "versions": m["versions"],
+                    "nbytes": sum(f["nbytes"] for f in m["files"]),
+                    "files": [f["name"] for f in m["files"]],
+                    "leaves": m["leaves"],
+                    "tree": _describe(rank0.skeleton, shapes),
+                    "meta": m["meta"],
+                }
+            )
+    return {"dir": save_dir, "latest": latest, "checkpoints": out}
+
+
+def _describe(node: Any, shapes: dict[int, str]) -> Any:
+    """The tree with each tensor replaced by 'dtype[shape]'."""
+    if isinstance(node, TensorRef):
+        return shapes[node.index]
+    if isinstance(node, dict):
+        return {k: _describe(v, shapes) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_describe(v, shapes) for v in node)
+    return node

@@ -1,0 +1,292 @@
+"""Sharded checkpoints: multi-rank saves (gloo), resharded loads, faults, keep_last, async, crashes, export."""
+
+import argparse
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from zerostep.io import (
+    CheckpointError,
+    export_consolidated,
+    inspect_checkpoint,
+    load_checkpoint,
+    read_flat,
+    save_checkpoint,
+    shard_numel,
+)
+from zerostep.io import cli as io_cli
+from zerostep.io import writer as writer_mod
+from zerostep.parallel.launch import spawn_ranks
+
+NUMELS = (0, 1, 2, 7, 10, 1027)  # includes numel < world size and numel not divisible by it
+LAYOUTS = {
+    "g0": {"dtype": "float32", "entries": [["lin.weight", [2, 3], 0], ["lin.bias", [4], 6]]},
+    "g1": {"dtype": "bfloat16", "entries": [["emb", [7], 0]]},
+}
+
+
+def logical(name: str, numel: int, step: int) -> torch.Tensor:
+    dtype = torch.bfloat16 if name.endswith("g1") else torch.float32
+    return (torch.arange(numel, dtype=torch.float64) * 1.5 + step + len(name)).to(dtype)
+
+
+def flat_leaves() -> dict[str, int]:
+    leaves = {f"flat/n{n}": n for n in NUMELS}
+    leaves.update({"master/g0": 10, "master/g1": 7, "opt_state/exp_avg/g0": 10})
+    return leaves
+
+
+def shard_of(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    length = shard_numel(full.numel(), world_size)
+    padded = torch.zeros(length * world_size, dtype=full.dtype)
+    padded[: full.numel()] = full
+    return padded[rank * length : (rank + 1) * length].clone()
+
+
+def rank_state(rank: int, world_size: int, step: int) -> dict:
+    flat = {path: shard_of(logical(path, n, step), rank, world_size) for path, n in flat_leaves().items()}
+    return {
+        "step": torch.tensor(step),
+        "master": {"g0": flat["master/g0"], "g1": flat["master/g1"]},
+        "opt_state": {"exp_avg": {"g0": flat["opt_state/exp_avg/g0"]}},
+        "flat": {k.split("/")[1]: v for k, v in flat.items() if k.startswith("flat/")},
+        "params": {"w": torch.full((2, 3), float(step)), "b": torch.arange(4, dtype=torch.int64)},
+        "scaler": (torch.tensor(2.0**16), 0, None),
+        "note": f"step {step}",
+    }
+
+
+def _save_ranks(rank, world_size, root):
+    meta = lambda step: {"step": step, "zero_stage": 2, "config": {"train_batch_size": 8}, "layouts": LAYOUTS}
+    save_checkpoint(root, "a", rank_state(rank, world_size, 1), flat_numel=flat_leaves(), meta=meta(1))
+    handle = save_checkpoint(
+        root, "b", rank_state(rank, world_size, 2), flat_numel=flat_leaves(), meta=meta(2), async_save=True
+    )
+    handle.wait()
+    # A write failing on one rank fails the save on every rank and leaves the others untouched.
+    if rank == 1:
+        writer_mod.write_all = _disk_full
+    try:
+        save_checkpoint(root, "c", rank_state(rank, world_size, 3), flat_numel=flat_leaves(), meta=meta(3))
+        return "saved?!"
+    except CheckpointError as e:
+        return str(e)
+
+
+def _disk_full(fd, data):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Checkpoints 'a' and 'b' saved by 2 and by 3 gloo ranks."""
+    dirs = {}
+    for world_size in (2, 3):
+        root = str(tmp_path_factory.mktemp(f"ws{world_size}"))
+        errors = spawn_ranks(_save_ranks, world_size, root, timeout=120)
+        assert all("No space left on device" in e and "save failed" in e for e in errors), errors
+        dirs[world_size] = root
+    return dirs
+
+
+def test_multi_rank_failure_left_previous_checkpoints_and_no_temporary(saved):
+    for root in saved.values():
+        assert sorted(os.listdir(root)) == ["a", "b", "latest"]
+        assert open(os.path.join(root, "latest")).read() == "b"
+
+
+@pytest.mark.parametrize("saved_ws", [2, 3])
+@pytest.mark.parametrize("load_ws", [1, 2, 3, 4])
+def test_reshard_matrix(saved, saved_ws, load_ws):
+    for rank in range(load_ws):
+        tree, meta = load_checkpoint(saved[saved_ws], rank=rank, world_size=load_ws)
+        assert meta["step"] == 2 and meta["layouts"] == LAYOUTS
+        flat = {f"flat/{k}": v for k, v in tree["flat"].items()}
+        flat.update({"master/g0": tree["master"]["g0"], "master/g1": tree["master"]["g1"]})
+        flat["opt_state/exp_avg/g0"] = tree["opt_state"]["exp_avg"]["g0"]
+        for path, numel in flat_leaves().items():
+            assert torch.equal(flat[path], shard_of(logical(path, numel, 2), rank, load_ws)), (path, rank)
+        assert torch.equal(tree["params"]["w"], torch.full((2, 3), 2.0)) and tree["step"].item() == 2
+        assert tree["scaler"] == (torch.tensor(2.0**16), 0, None) and isinstance(tree["scaler"], tuple)
+        assert tree["note"] == "step 2"
+
+
+def test_read_flat_and_partial_loads(saved):
+    for root in saved.values():
+        for path, numel in flat_leaves().items():
+            assert torch.equal(read_flat(root, "a", path), logical(path, numel, 1))
+        tree, _ = load_checkpoint(root, "a", rank=0, world_size=1, leaves=["params", "master/g1"])
+        assert set(tree) == {"master", "opt_state", "flat", "params", "scaler", "note"}  # "step" is a tensor
+        assert list(tree["master"]) == ["g1"] and tree["opt_state"] == {"exp_avg": {}} and tree["flat"] == {}
+        assert torch.equal(tree["params"]["b"], torch.arange(4)) and tree["scaler"][0] is None
+
+
+def _copy(saved, tmp_path):
+    root = tmp_path / "ckpt"
+    shutil.copytree(saved[3], root)
+    return root
+
+
+def test_missing_extra_and_foreign_shards(saved, tmp_path):
+    root = _copy(saved, tmp_path)
+    shutil.move(root / "b" / "rank_00002.msgpack", tmp_path / "r2")
+    with pytest.raises(CheckpointError, match=r"rank_00002.msgpack: missing shard .*world size 3"):
+        load_checkpoint(root, rank=0, world_size=1)
+    shutil.copy(root / "a" / "rank_00002.msgpack", root / "b" / "rank_00002.msgpack")
+    with pytest.raises(CheckpointError, match=r"b/rank_00002.msgpack: shard from another checkpoint"):
+        load_checkpoint(root, rank=0, world_size=1)
+    shutil.move(tmp_path / "r2", root / "b" / "rank_00002.msgpack")
+    shutil.copy(root / "b" / "rank_00000.msgpack", root / "b" / "rank_00003.msgpack")
+    with pytest.raises(CheckpointError, match=r"unexpected shard files \['rank_00003.msgpack'\]"):
+        load_checkpoint(root, rank=0, world_size=1)
+
+
+def test_damaged_shards_and_manifest(saved, tmp_path):
+    root = _copy(saved, tmp_path)
+    shard = root / "b" / "rank_00001.msgpack"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"rank_00001.msgpack: truncated"):
+        load_checkpoint(root, rank=0, world_size=1)
+    payload_byte = 200  # inside the first tensor's payload (after the preamble, header and padding)
+    flipped = bytearray(data)
+    flipped[payload_byte] ^= 1
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"rank_00001.msgpack: checksum mismatch in tensor"):
+        load_checkpoint(root, rank=0, world_size=1)
+    assert load_checkpoint(root, rank=0, world_size=1, verify=False)[1]["step"] == 2  # verify=False trusts it
+    shard.write_bytes(data)
+    manifest = root / "b" / "manifest.msgpack"
+    manifest.write_bytes(manifest.read_bytes()[:-1] + b"!")
+    with pytest.raises(CheckpointError, match=r"b/manifest.msgpack: truncated or damaged"):
+        load_checkpoint(root)
+    manifest.unlink()
+    with pytest.raises(CheckpointError, match=r"missing manifest"):
+        load_checkpoint(root)
+    (root / "latest").unlink()
+    with pytest.raises(CheckpointError, match=r"no 'latest' file"):
+        load_checkpoint(root)
+    assert load_checkpoint(root, "a", rank=1, world_size=2)[1]["step"] == 1
+
+
+def test_bad_flat_shapes_and_tags_are_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="flat shard of 7 elements over 1 ranks must be 1-D with 7 elements"):
+        save_checkpoint(tmp_path, "t", {"m": torch.zeros(3)}, flat_numel={"m": 7}, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="not tensors in the tree"):
+        save_checkpoint(tmp_path, "t", {"m": torch.zeros(3)}, flat_numel={"x": 3})
+    with pytest.raises(ValueError, match="invalid checkpoint tag"):
+        save_checkpoint(tmp_path, "latest", {})
+    with pytest.raises(ValueError, match="needs torch.distributed"):
+        save_checkpoint(tmp_path, "t", {}, rank=0, world_size=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_keep_last_deletes_oldest_by_step_never_the_new_one(tmp_path):
+    for step in (5, 1, 3):
+        save_checkpoint(tmp_path, f"s{step}", {"x": torch.tensor(step)}, meta={"step": step}, fsync=False)
+    save_checkpoint(tmp_path, "s2", {"x": torch.tensor(2)}, meta={"step": 2}, keep_last=2, fsync=False)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "s2", "s5"]  # s2 is older by step but just written
+    assert load_checkpoint(tmp_path)[0]["x"].item() == 2
+    assert [c["tag"] for c in inspect_checkpoint(tmp_path)["checkpoints"]] == ["s2", "s5"]
+
+
+def test_async_save_snapshots_and_reports_errors(tmp_path, monkeypatch):
+    w = torch.ones(1000)
+    handle = save_checkpoint(tmp_path, "x", {"w": w}, async_save=True, fsync=False)
+    w.zero_()  # the save wrote a snapshot
+    assert handle.wait() == os.path.join(tmp_path, "x") and handle.done()
+    assert torch.equal(load_checkpoint(tmp_path)[0]["w"], torch.ones(1000))
+    monkeypatch.setattr(writer_mod, "write_all", _disk_full)
+    handle = save_checkpoint(tmp_path, "y", {"w": w}, async_save=True)
+    with pytest.raises(CheckpointError, match="y: save failed.*No space left"):
+        handle.wait()
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["latest", "x"]
+
+
+def test_disk_full_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, "good", {"w": torch.arange(5000.0)}, meta={"step": 1})
+    real, count = writer_mod.write_all, [0]
+
+    def fills_up(fd, data):
+        count[0] += 1
+        if count[0] == 3:  # after the preamble and the first payload
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    monkeypatch.setattr(writer_mod, "write_all", fills_up)
+    with pytest.raises(
+        CheckpointError, match=r"next: save failed.*rank_00000.msgpack: write failed.*No space"
+    ):
+        save_checkpoint(tmp_path, "next", {"w": torch.zeros(5000), "v": torch.ones(10)}, meta={"step": 2})
+    assert sorted(os.listdir(tmp_path)) == ["good", "latest"]
+    assert torch.equal(load_checkpoint(tmp_path)[0]["w"], torch.arange(5000.0))
+
+
+KILLED_SAVE = """
+import sys, time, torch
+from zerostep.io import save_checkpoint, writer
+root = sys.argv[1]
+save_checkpoint(root, "good", {"w": torch.arange(100000.0)}, meta={"step": 1})
+real = writer.write_all
+def slow(fd, data):
+    print("WRITING", flush=True)
+    time.sleep(60)
+    real(fd, data)
+writer.write_all = slow
+save_checkpoint(root, "doomed", {"w": torch.zeros(100000)}, meta={"step": 2})
+"""
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    script = tmp_path / "save.py"
+    script.write_text(textwrap.dedent(KILLED_SAVE))
+    root = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert (root / "latest").read_text() == "good" and not (root / "doomed").exists()
+    tree, meta = load_checkpoint(root)
+    assert meta["step"] == 1 and torch.equal(tree["w"], torch.arange(100000.0))
+    assert [c["tag"] for c in inspect_checkpoint(root)["checkpoints"]] == ["good"]
+
+
+def test_export_consolidated_and_cli(saved, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    root = saved[3]
+    g0, g1 = logical("master/g0", 10, 2), logical("master/g1", 7, 2).float()
+    expected = {"lin.weight": g0[:6].reshape(2, 3), "lin.bias": g0[6:10], "emb": g1}
+    shapes = export_consolidated(root, tmp_path / "w.safetensors")
+    assert shapes == {"lin.weight": (2, 3), "lin.bias": (4,), "emb": (7,)}
+    got = load_file(tmp_path / "w.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    export_consolidated(root, tmp_path / "w.pt", tag="a", dtype=torch.bfloat16)
+    got = torch.load(tmp_path / "w.pt")
+    assert got["lin.bias"].dtype == torch.bfloat16
+    assert torch.equal(got["lin.bias"], logical("master/g0", 10, 1)[6:].bfloat16())
+
+    parser = argparse.ArgumentParser(prog="zerostep")
+    io_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["checkpoint", "inspect", root])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "b: step 2, world size 3, ZeRO stage 2" in out and "g0: float32[4]" in out and "(latest: b)" in out
+    args = parser.parse_args(
+        ["checkpoint", "export", os.path.join(root, "a"), str(tmp_path / "x.safetensors"), "--dtype", "fp16"]
+    )
+    assert args.func(args) == 0 and load_file(tmp_path / "x.safetensors")["emb"].dtype == torch.float16
+    args = parser.parse_args(["checkpoint", "inspect", str(tmp_path / "nothing")])
+    assert args.func(args) == 1 and "error:" in capsys.readouterr().err

@@ -153,8 +153,10 @@ def main() -> None:
         name = names[0]
         print(json.dumps({"seconds": compile_time(name, args.batch or (16 if name == "gpt" else 32))}))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = zerostep / eager torch "
-          "(fused AdamW), median of interleaved steps; < 1 is faster")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = zerostep / eager torch "
+        "(fused AdamW), median of interleaved steps; < 1 is faster"
+    )
     for name in names:
         batch = args.batch or (16 if name == "gpt" else 32)
         row = measure_ratio(name, batch, args.steps, args.warmup)

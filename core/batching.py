@@ -17,7 +17,9 @@ def check_batch(batch: Any, micro_batch_size: int, accumulation_steps: int) -> N
     want = micro_batch_size * accumulation_steps
     leaves = [x for x in optree.tree_leaves(batch, none_is_leaf=False) if isinstance(x, torch.Tensor)]
     if not leaves:
-        raise ValueError("batch holds no tensors; expected a pytree of tensors with a leading batch dimension")
+        raise ValueError(
+            "batch holds no tensors; expected a pytree of tensors with a leading batch dimension"
+        )
     for path, leaf in zip(*optree.tree_flatten_with_path(batch)[:2]):
         if not isinstance(leaf, torch.Tensor):
             continue

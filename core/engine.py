@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerostep import optim
+from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.batching import check_batch, micro_batches, to_device
 from zerostep.core.config import Config
 from zerostep.core.precision import LossScaleError, compute_dtype_of, loss_scale_init, loss_scale_update
@@ -34,13 +35,16 @@ from zerostep.core.step import (
     StepPlan,
     compose,
     make_forward,
+    make_module_forward,
     make_reduce_scatter,
     make_scaled_backward,
     make_sharded_update,
+    make_zero3_backward,
 )
 from zerostep.parallel import groups as dist_groups
+from zerostep.parallel.collectives import CommCounter
 from zerostep.parallel.flat import FlatLayout
-from zerostep.parallel.units import plan_groups
+from zerostep.parallel.zero3 import Unit, Zero3Runner, plan_units
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -70,7 +74,9 @@ def initialize(
 
 
 class Engine:
-    def __init__(self, model: nn.Module, config: Config, *, loss_fn: LossFn | None = None, compile: bool = True):
+    def __init__(
+        self, model: nn.Module, config: Config, *, loss_fn: LossFn | None = None, compile: bool = True
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -93,12 +99,14 @@ class Engine:
         zero = config.zero_optimization
         if zero.offload_optimizer is not None or zero.offload_param is not None:
             if self.device.type != "cpu":
-                raise NotImplementedError("offload_optimizer / offload_param are not implemented on accelerators")
-            warnings.warn("offload to cpu requested: the model already lives in host memory; nothing to do")
-        layouts = {
-            g: FlatLayout.build([(n, tuple(trainable[n].shape)) for n in names], self.compute_dtype, self.world_size)
-            for g, names in plan_groups(model, list(trainable)).items()
-        }
+                raise NotImplementedError(
+                    "offload_optimizer / offload_param are not implemented on accelerators"
+                )
+            warnings.warn(
+                "offload to cpu requested: the model already lives in host memory; nothing to do",
+                stacklevel=3,
+            )
+        layouts = _trainable_layouts(model, set(trainable), self.compute_dtype, self.world_size)
         self.plan = StepPlan(
             layouts=layouts,
             stage=int(zero.stage),
@@ -119,12 +127,19 @@ class Engine:
             )
         self.optimizer = optim.from_config(config.optimizer)
         self.lr_at = optim.lr_schedule(config.scheduler, self.optimizer.lr)
-        self.beta1_at = optim.momentum_schedule(config.scheduler)
+        self.beta1_at = optim.momentum_schedule(config.scheduler, self.optimizer)
         self._buffers = {
             n: b.to(self.compute_dtype) if b.is_floating_point() else b for n, b in model.named_buffers()
         }
         self._forward = make_forward(model, loss_fn, layouts, self._buffers)
-        self._scaled_backward = make_scaled_backward(self.plan.accumulation_steps, compile and self.plan.stage < 3)
+        self._runner = None
+        if self.plan.stage == 3:
+            self._runner = Zero3Runner(model, [Unit(g, lay) for g, lay in layouts.items()], self.group)
+            self._scaled_backward = make_zero3_backward(
+                self._runner, make_module_forward(loss_fn, self._buffers), self.plan.accumulation_steps
+            )
+        else:
+            self._scaled_backward = make_scaled_backward(self.plan.accumulation_steps, compile)
         self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, compile)
         self._step = compose(
             self._forward,
@@ -132,6 +147,9 @@ class Engine:
             make_reduce_scatter(self.plan, self.group, compile),
             self._sharded_update,
         )
+        self.comm = CommCounter()  # host-side byte totals, for benchmarks and monitors
+        self._comm_applied = step_comm_plan(self.plan, applied=True)
+        self._comm_skipped = step_comm_plan(self.plan, applied=False)
         self._eval_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     # ------------------------------------------------------------------ state
@@ -181,7 +199,9 @@ class Engine:
         lr = torch.as_tensor(self.lr_at(applied_before - 1), dtype=torch.float32, device=self.device)
         beta1 = None
         if self.beta1_at is not None:
-            beta1 = torch.as_tensor(self.beta1_at(applied_before - 1), dtype=torch.float32, device=self.device)
+            beta1 = torch.as_tensor(
+                self.beta1_at(applied_before - 1), dtype=torch.float32, device=self.device
+            )
         scale = state.scaler.scale.to(self.device)
 
         applied, loss, grad_norm = self._step(
@@ -194,6 +214,7 @@ class Engine:
             lr=lr,
             beta1=beta1,
         )
+        self.comm.record(self._comm_applied if applied else self._comm_skipped)
         scaler = loss_scale_update(state.scaler, not applied, self.config.fp16)
         if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
             raise LossScaleError(
@@ -233,12 +254,34 @@ class Engine:
             loss /= self.world_size
         return loss.detach()
 
+    def memory_report(self, state: TrainState) -> dict[str, int]:
+        """Per-rank bytes of parameters, master, optimizer state and gradient buffer (see accounting.py)."""
+        check_not_consumed(state, "engine.memory_report")
+        return memory_report(self.plan, state, self._gather_high_water())
+
+    def _gather_high_water(self) -> int:
+        return self._runner.peak_gathered_bytes if self._runner is not None else 0
+
     def full_params(self, state: TrainState) -> dict[str, torch.Tensor]:
         """fp32 parameters by name, gathered on every rank (new tensors)."""
         from zerostep.core.full_params import full_params
 
         check_not_consumed(state, "engine.full_params")
         return full_params(self, state)
+
+
+def _trainable_layouts(
+    model: nn.Module, trainable: set[str], dtype: torch.dtype, world_size: int
+) -> dict[str, FlatLayout]:
+    """One flat layout per ZeRO unit (``parallel.zero3.plan_units``), trainable parameters only.
+
+    Every stage uses the same units, so a checkpoint reshards across stages by world size alone."""
+    out = {}
+    for unit in plan_units(model, world_size, dtype):
+        entries = [(e.name, e.shape) for e in unit.layout.entries if e.name in trainable]
+        if entries:
+            out[unit.name] = FlatLayout.build(entries, dtype, world_size)
+    return out
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

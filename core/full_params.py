@@ -1,4 +1,4 @@
-"""Gathering fp32 parameters from a state, on every rank (``engine.full_params``, exports, eval at stage 3)."""
+"""Gathering fp32 parameters from a state on every rank (engine.full_params, exports, stage-3 eval)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def loss_scale_init(fp16: Any) -> ScalerState:
     if not _enabled(fp16):
         scale, hysteresis = 1.0, 1
     elif is_dynamic(fp16):
-        scale, hysteresis = float(2.0 ** fp16.initial_scale_power), int(fp16.hysteresis)
+        scale, hysteresis = float(2.0**fp16.initial_scale_power), int(fp16.hysteresis)
     else:
         scale, hysteresis = float(fp16.loss_scale), int(getattr(fp16, "hysteresis", 1))
     return ScalerState(

@@ -20,7 +20,6 @@ from optree import registry as _optree_registry
 from zerostep.core.precision import ScalerState
 from zerostep.parallel.flat import FlatLayout
 
-
 # Registered in optree's global namespace so plain ``optree.tree_map(f, state)`` sees through the state.
 _GLOBAL = getattr(_optree_registry, "__GLOBAL_NAMESPACE")
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zerostep.optim import ONE_CYCLE_BETA2
 from zerostep.parallel import collectives
 from zerostep.parallel.flat import FlatLayout
 
@@ -150,6 +151,19 @@ def make_forward(
     return forward
 
 
+def make_module_forward(
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None, buffers: dict[str, torch.Tensor]
+) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """Stage 3's forward: the loss of ``module`` as ``parallel.zero3`` has patched it, unit by unit."""
+    prefixed_buffers = {"model." + n: b for n, b in buffers.items()}
+
+    def forward(module: nn.Module, micro_batch: Any) -> torch.Tensor:
+        wrapper = _LossModule(module, loss_fn)
+        return torch.func.functional_call(wrapper, prefixed_buffers, (micro_batch,), strict=False)
+
+    return forward
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. scaled_backward
 
@@ -157,7 +171,9 @@ def make_forward(
 def make_scaled_backward(accumulation_steps: int, compile: bool) -> Callable[..., tuple[torch.Tensor, Flats]]:
     """Gradients of ``loss * scale / GAS`` w.r.t. the flat buffers, plus the unscaled fp32 loss."""
 
-    def objective(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(
+        forward, flats: Flats, micro_batch: Any, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         loss = forward(flats, micro_batch).float()
         return loss * (scale / accumulation_steps), loss.detach()
 
@@ -168,6 +184,20 @@ def make_scaled_backward(accumulation_steps: int, compile: bool) -> Callable[...
         scaled, loss = compiled(forward, leaves, micro_batch, scale)
         grads = torch.autograd.grad(scaled, list(leaves.values()))
         return loss, dict(zip(leaves, grads))
+
+    return scaled_backward
+
+
+def make_zero3_backward(runner: Any, module_forward: Callable, accumulation_steps: int):
+    """Stage 3: ``parallel.zero3`` gathers each unit just before use and reduce-scatters its gradient
+    (a sum over ranks) into this rank's shard right after; runs eagerly (its hooks free and re-gather
+    parameter storage, which the compiler does not trace)."""
+
+    def scaled_backward(forward, shards: Flats, micro_batch: Any, scale: torch.Tensor):
+        def call(module: nn.Module) -> torch.Tensor:
+            return module_forward(module, micro_batch).float()
+
+        return runner.loss_and_grads(shards, call, scale / accumulation_steps)
 
     return scaled_backward
 
@@ -212,7 +242,9 @@ def make_reduce_scatter(plan: StepPlan, group: Any, compile: bool) -> Callable[[
 # 4. sharded_update
 
 
-def make_norm_and_loss(plan: StepPlan, group: Any, compile: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def make_norm_and_loss(
+    plan: StepPlan, group: Any, compile: bool
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """Graph A: (global squared norm of the scaled, summed gradients, mean loss), one all-reduce."""
     world = plan.world_size
 
@@ -253,14 +285,18 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
             norm = torch.sqrt(sumsq) * unscale
             grad_scale = unscale * torch.clamp(clip / (norm + 1e-6), max=1.0)
         grads32 = {g: t.float() for g, t in grads.items()}
-        optimizer.update_(grads32, opt_state, master, lr, grad_scale=grad_scale, beta1=beta1)
+        # OneCycle's momentum cycle writes (beta1, 0.99) into the betas, as DeepSpeed does.
+        beta2 = None if beta1 is None else ONE_CYCLE_BETA2
+        optimizer.update_(grads32, opt_state, master, lr, grad_scale=grad_scale, beta1=beta1, beta2=beta2)
         if plan.params_alias_master:
             return
         for g, shard in master.items():
             if plan.stage == 3 or not plan.sharded_master:
                 params[g].copy_(shard)
             else:
-                full = collectives.all_gather_flat(shard.to(plan.compute_dtype), group, plan.allgather_bucket_numel)
+                full = collectives.all_gather_flat(
+                    shard.to(plan.compute_dtype), group, plan.allgather_bucket_numel
+                )
                 params[g].copy_(full)
 
     return torch.compile(apply_update, dynamic=False, fullgraph=True) if compile else apply_update

@@ -40,7 +40,11 @@ def default_config(steps: int, world_size: int) -> dict[str, Any]:
         },
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": steps, "warmup_num_steps": max(1, steps // 10), "warmup_type": "linear"},
+            "params": {
+                "total_num_steps": steps,
+                "warmup_num_steps": max(1, steps // 10),
+                "warmup_type": "linear",
+            },
         },
     }
 
@@ -50,9 +54,16 @@ def launch_ranks(argv: list[str], nproc: int) -> int:
     from zerostep.parallel.launch import free_port
 
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-        "-m", "zerostep.core.cli", "train", *argv,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "zerostep.core.cli",
+        "train",
+        *argv,
     ]
     return subprocess.call(cmd)
 
@@ -83,7 +94,8 @@ def train(config_path: str | None, steps: int, out: str, seed: int = 0, sample_b
             f"zerostep train: GPT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
             f"{world} rank(s), ZeRO stage {config.zero_optimization.stage}, "
             f"{str(engine.compute_dtype).removeprefix('torch.')}, batch {config.train_batch_size} x "
-            f"{model_cfg.block_size} bytes, {steps} steps, corpus {len(train_data) / 1e6:.1f} MB of stdlib sources",
+            f"{model_cfg.block_size} bytes, {steps} steps, "
+            f"corpus {len(train_data) / 1e6:.1f} MB of stdlib sources",
             flush=True,
         )
     bar = _progress(steps, rank == 0)
@@ -116,7 +128,9 @@ def train(config_path: str | None, steps: int, out: str, seed: int = 0, sample_b
     params = engine.full_params(state)
     if rank == 0:
         log.close()
-        print(f"\ndone in {elapsed:.1f} s; final train loss {history[-1]['loss']:.4f}, val loss {val_loss:.4f}")
+        print(
+            f"\ndone in {elapsed:.1f} s; final train loss {history[-1]['loss']:.4f}, val loss {val_loss:.4f}"
+        )
         _plot(history, out_dir / "loss.png")
         print(f"wrote {out_dir / 'metrics.jsonl'} and {out_dir / 'loss.png'}")
         with torch.no_grad():

@@ -48,7 +48,9 @@ def config(mb=4, gas=1, clip=1.0, lr=1e-2, wd=0.01, stage=0, **extra) -> Config:
 
 def batches(n, rows, d_in=6, d_out=1, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(rows, d_in, generator=gen), torch.randn(rows, d_out, generator=gen)) for _ in range(n)]
+    return [
+        (torch.randn(rows, d_in, generator=gen), torch.randn(rows, d_out, generator=gen)) for _ in range(n)
+    ]
 
 
 def torch_reference(model, data, lr=1e-2, wd=0.01, clip=1.0, gas=1):
@@ -194,8 +196,15 @@ def test_loss_scale_error_at_minimum_keeps_state_valid():
 
 def test_schedule_advances_only_on_applied_steps():
     cfg = config(
-        scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01,
-                                                  "warmup_num_steps": 10, "warmup_type": "linear"}}
+        scheduler={
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": 0.01,
+                "warmup_num_steps": 10,
+                "warmup_type": "linear",
+            },
+        }
     )
     engine = initialize(make_mlp(), cfg, loss_fn=mse, compile=False)
     state = engine.init()

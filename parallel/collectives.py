@@ -7,9 +7,11 @@ The three collectives ZeRO needs, over 1-D flat buffers laid out by ``FlatLayout
   ``flat[r * S:(r + 1) * S]`` exactly as ``FlatLayout.shard`` (stages 2-3 gradients).
 - ``all_gather_flat(shard)``: the full buffer [N * S] from every rank's shard [S] (updated parameters).
 
-They are written with ``torch.distributed._functional_collectives`` (``funcol``): the collectives are
-ops that return new tensors, so dynamo puts them in the graph (``fullgraph=True`` works with gloo on
-CPU) instead of breaking on ``dist.*`` calls. Reductions are sums; the engine scales.
+Under ``torch.compile`` they are ``torch.distributed._functional_collectives`` (``funcol``): collectives
+that return new tensors, so dynamo puts them in the graph (``fullgraph=True`` works with gloo on CPU)
+instead of breaking on ``dist.*`` calls. In eager mode the same results come from in-place c10d
+collectives into freshly allocated outputs (cheaper; see ``_eager``). Either way the input is left
+unchanged and the result is a new tensor (except at world size 1). Reductions are sums; the engine scales.
 
 Buckets (DeepSpeed's ``reduce_bucket_size`` / ``allgather_bucket_size``, in elements) bound how much one
 collective call moves. Bucketing must not change which elements a rank owns, so a padded buffer is
@@ -98,15 +100,28 @@ def _check_padded(flat: torch.Tensor, world_size: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _eager() -> bool:
+    """Outside ``torch.compile``: use in-place c10d ops into preallocated outputs.
+
+    They skip funcol's wrapper tensors and its first-call import of ``torch._dynamo`` (seconds per process),
+    and write bucket results straight into the output instead of concatenating. Under tracing this is
+    constant-folded to False and the functional collectives go into the graph.
+    """
+    return not torch.compiler.is_compiling()
+
+
 def all_reduce_flat(flat: torch.Tensor, group: Group = None, bucket_numel: int | None = None) -> torch.Tensor:
     """Sum of ``flat`` [P] over the group's ranks, as a new tensor [P]; buckets of ``bucket_numel``."""
     group = resolve_group(group)
     if group is None or dist.get_world_size(group) == 1:
         return flat
-    pieces = [
-        funcol.wait_tensor(funcol.all_reduce(flat[start:end], "sum", group))
-        for start, end in bucket_bounds(flat.numel(), bucket_numel)
-    ]
+    buckets = bucket_bounds(flat.numel(), bucket_numel)
+    if _eager():
+        out = flat.clone()
+        for start, end in buckets:
+            dist.all_reduce(out[start:end], group=group)  # a 1-D slice of a contiguous buffer is contiguous
+        return out
+    pieces = [funcol.wait_tensor(funcol.all_reduce(flat[start:end], "sum", group)) for start, end in buckets]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
@@ -120,15 +135,24 @@ def reduce_scatter_flat(
     world_size = dist.get_world_size(group)
     shard_numel = _check_padded(flat, world_size)
     columns = shard_bucket_columns(shard_numel, world_size, bucket_numel)
+    eager = _eager()
     if len(columns) == 1:
+        if eager:
+            out = flat.new_empty(shard_numel)
+            dist.reduce_scatter_tensor(out, flat.contiguous(), group=group)
+            return out
         return funcol.wait_tensor(_reduce_scatter(flat, "sum", 0, group))
     rows = flat.view(world_size, shard_numel)  # [N, S]: row r is rank r's shard
+    out = flat.new_empty(shard_numel) if eager else None
     pieces = []
     for c0, c1 in columns:
         # [N, c1 - c0] -> contiguous [N * (c1 - c0)]: rank r receives the sum of row r's columns
         bucket = rows[:, c0:c1].contiguous().view(-1)
-        pieces.append(funcol.wait_tensor(_reduce_scatter(bucket, "sum", 0, group)))
-    return torch.cat(pieces)  # [S]
+        if eager:
+            dist.reduce_scatter_tensor(out[c0:c1], bucket, group=group)
+        else:
+            pieces.append(funcol.wait_tensor(_reduce_scatter(bucket, "sum", 0, group)))
+    return out if eager else torch.cat(pieces)  # [S]
 
 
 def all_gather_flat(
@@ -141,15 +165,29 @@ def all_gather_flat(
     world_size = dist.get_world_size(group)
     if shard.dim() != 1:
         raise ValueError(f"expected a 1-D shard, got shape {tuple(shard.shape)}")
-    columns = shard_bucket_columns(shard.numel(), world_size, bucket_numel)
+    shard_numel = shard.numel()
+    columns = shard_bucket_columns(shard_numel, world_size, bucket_numel)
+    eager = _eager()
     if len(columns) == 1:
+        if eager:
+            out = shard.new_empty(world_size * shard_numel)
+            dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
+            return out
         return funcol.wait_tensor(_all_gather(shard.contiguous(), 0, group))
+    rows = shard.new_empty(world_size, shard_numel) if eager else None  # [N, S]
     pieces = []
     for c0, c1 in columns:
         # gathered [N * w] -> [N, w]: row r holds rank r's columns c0:c1
-        gathered = funcol.wait_tensor(_all_gather(shard[c0:c1].contiguous(), 0, group))
-        pieces.append(gathered.view(world_size, c1 - c0))
-    return torch.cat(pieces, dim=1).view(-1)  # [N, S] -> [N * S]
+        if eager:
+            gathered = shard.new_empty(world_size * (c1 - c0))
+            dist.all_gather_into_tensor(gathered, shard[c0:c1].contiguous(), group=group)
+            rows[:, c0:c1] = gathered.view(world_size, c1 - c0)
+        else:
+            gathered = funcol.wait_tensor(_all_gather(shard[c0:c1].contiguous(), 0, group))
+            pieces.append(gathered.view(world_size, c1 - c0))
+    if not eager:
+        rows = torch.cat(pieces, dim=1)  # [N, S]
+    return rows.view(-1)  # [N, S] -> [N * S]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -130,7 +130,9 @@ def shard_params(params: Mapping[str, torch.Tensor], units: list[Unit], rank: in
     return {u.name: u.layout.shard(u.layout.flatten(params), rank).clone() for u in units}
 
 
-def gather_params(shards: Mapping[str, torch.Tensor], units: list[Unit], group: Group = None) -> dict:
+def gather_params(
+    shards: Mapping[str, torch.Tensor], units: list[Unit], group: Group = None
+) -> dict[str, torch.Tensor]:
     """Every rank's shards -> full parameters by canonical name (a collective; new tensors)."""
     out: dict[str, torch.Tensor] = {}
     for unit in units:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+
 from zerostep.parallel.collectives import (
     ALL_GATHER,
     ALL_REDUCE,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from zerostep.parallel.collectives import all_gather_flat
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.launch import spawn_ranks

@@ -42,11 +42,13 @@ WORKER = textwrap.dedent(
     mesh = Mesh.current()
     total = torch.tensor([float(dp_rank() + 1)])
     dist.all_reduce(total, group=mesh.dp_group)
-    print("REPORT " + json.dumps(dict(
-        active=active, again=again, rank=dp_rank(), world_size=dp_world_size(), backend=dist.get_backend(),
-        device=str(mesh.device), total=total.item(), timeout=seen["timeout"],
-        local_rank=int(os.environ["LOCAL_RANK"]),
-    )), flush=True)
+    report_path = os.path.join(os.environ["REPORT_DIR"], f"rank{dp_rank()}.json")
+    with open(report_path, "w") as f:  # one file per rank: torchrun interleaves the ranks' stdout
+        f.write(json.dumps(dict(
+            active=active, again=again, rank=dp_rank(), world_size=dp_world_size(),
+            backend=dist.get_backend(), device=str(mesh.device), total=total.item(),
+            timeout=seen["timeout"], local_rank=int(os.environ["LOCAL_RANK"]),
+        )))
     dist.destroy_process_group()
     """
 )
@@ -56,15 +58,12 @@ def test_torchrun_two_ranks_initialize_gloo(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(ZEROSTEP_DIST_TIMEOUT="42", OMP_NUM_THREADS="1")
+    env.update(ZEROSTEP_DIST_TIMEOUT="42", OMP_NUM_THREADS="1", REPORT_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    reports = sorted(
-        (json.loads(line.split("REPORT ", 1)[1]) for line in done.stdout.splitlines() if "REPORT " in line),
-        key=lambda r: r["rank"],
-    )
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in reports] == [0, 1]
     for r in reports:
         assert r["active"] and r["again"] and r["world_size"] == 2 and r["local_rank"] == r["rank"]

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
 from zerostep.parallel.collectives import all_reduce_flat
 from zerostep.parallel.launch import spawn_ranks
 from zerostep.parallel.zero3 import (

@@ -174,16 +174,64 @@ class Engine:
                 flats[g] = shard.to(self.compute_dtype)
             else:
                 flats[g] = full.to(self.compute_dtype)
+        return self.state_from(master, flats, seed=seed)
+
+    def state_from(
+        self,
+        master: dict[str, torch.Tensor],
+        flats: dict[str, torch.Tensor],
+        opt_state: Any = None,
+        seed: int = 0,
+    ) -> TrainState:
+        """A step-0 state around given master and compute-dtype buffers (fresh optimizer state if None)."""
         return TrainState(
             step=torch.tensor(0, dtype=torch.int64),
             skipped_steps=torch.tensor(0, dtype=torch.int64),
             seed=torch.tensor(int(seed), dtype=torch.int64),
-            params=FlatParams(flats, dict(plan.layouts), sharded=plan.stage == 3),
+            params=FlatParams(flats, dict(self.plan.layouts), sharded=self.plan.stage == 3),
             master=master,
-            opt_state=self.optimizer.init(master),
+            opt_state=self.optimizer.init(master) if opt_state is None else opt_state,
             scaler=loss_scale_init(self.config.fp16),
             metrics=empty_metrics(),
         )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(
+        self,
+        state: TrainState,
+        save_dir: str | os.PathLike,
+        tag: str | None = None,
+        client_state: dict | None = None,
+        *,
+        keep_last: int | None = None,
+        async_save: bool = False,
+        fsync: bool = True,
+    ):
+        """Write ``<save_dir>/<tag>/`` (default tag ``global_step{N}``), one shard file per rank plus a
+        manifest, atomically; ``latest`` is updated last. Every rank calls it. With ``async_save`` the
+        tensors are snapshotted now and written by a thread: the returned handle's ``wait()`` joins it."""
+        from zerostep.core import checkpointing
+
+        check_not_consumed(state, "engine.save")
+        return checkpointing.save(
+            self, state, save_dir, tag, client_state, keep_last=keep_last, async_save=async_save, fsync=fsync
+        )
+
+    def load(
+        self,
+        load_dir: str | os.PathLike,
+        tag: str | None = None,
+        *,
+        load_optimizer_states: bool = True,
+        return_client_state: bool = False,
+    ):
+        """The state saved in ``<load_dir>/<tag>`` (default: ``latest``), resharded to this engine's world
+        size and stage. ``load_optimizer_states=False`` loads only the parameters (fine-tuning)."""
+        from zerostep.core import checkpointing
+
+        state, client = checkpointing.load(self, load_dir, tag, load_optimizer_states=load_optimizer_states)
+        return (state, client) if return_client_state else state
 
     # ------------------------------------------------------------------ step
 

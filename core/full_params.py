@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from zerostep.core.state import TrainState
+from zerostep.parallel.collectives import all_gather_flat
 
 
 def gathered_flats(engine: Any, state: TrainState) -> dict[str, torch.Tensor]:
@@ -15,10 +15,8 @@ def gathered_flats(engine: Any, state: TrainState) -> dict[str, torch.Tensor]:
     plan = engine.plan
     out = {}
     for g, shard in state.master.items():
-        if plan.sharded_master or plan.stage == 3:
-            full = torch.empty(plan.layouts[g].padded_numel, dtype=shard.dtype, device=shard.device)
-            dist.all_gather_into_tensor(full, shard.contiguous(), group=engine.group)
-            out[g] = full
+        if plan.world_size > 1 and (plan.sharded_master or plan.stage == 3):
+            out[g] = all_gather_flat(shard.contiguous(), engine.group)
         else:
             out[g] = shard
     return out

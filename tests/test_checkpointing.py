@@ -1,0 +1,189 @@
+"""engine.save / engine.load: round trips, resharding across world sizes and stages, model mismatch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zerostep.core import Config, initialize
+from zerostep.core.cli import main as cli_main
+from zerostep.io import CheckpointError
+from zerostep.parallel.launch import spawn_ranks
+
+TB, STEPS, SPLIT = 6, 4, 2  # global batch (divisible by 1, 2, 3); save after SPLIT steps
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 7):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(5, hidden)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x)
+
+
+def mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def engine_for(stage: int, world_size: int, model=None, **extra):
+    d = {
+        "train_batch_size": TB,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.1,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_max_lr": 0.01}},
+    }
+    d.update(extra)
+    return initialize(model or Net(), Config.from_dict(d, world_size=world_size), loss_fn=mse, compile=False)
+
+
+def batches():
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(TB, 5, generator=gen), torch.randn(TB, 1, generator=gen)) for _ in range(STEPS)]
+
+
+def rank_rows(batch, rank, world_size):
+    per = TB // world_size
+    return tuple(t[rank * per : (rank + 1) * per] for t in batch)
+
+
+def run_steps(engine, state, steps, rank, world_size):
+    for b in steps:
+        state = engine.step(state, rank_rows(b, rank, world_size))
+    return state
+
+
+def reference_params():
+    engine = engine_for(0, 1)
+    state = run_steps(engine, engine.init(), batches(), 0, 1)
+    return engine.full_params(state)
+
+
+def save_after_split(rank, world_size, stage, path):
+    engine = engine_for(stage, world_size)
+    state = run_steps(engine, engine.init(), batches()[:SPLIT], rank, world_size)
+    engine.save(state, path, client_state={"epoch": 3})
+    return True
+
+
+def resume(rank, world_size, stage, path):
+    engine = engine_for(stage, world_size)
+    state, client = engine.load(path, return_client_state=True)
+    assert client == {"epoch": 3}
+    assert int(state.step) == SPLIT
+    state = run_steps(engine, state, batches()[SPLIT:], rank, world_size)
+    return engine.full_params(state)
+
+
+def save_all(rank, world_size, root, stages):
+    for stage in stages:
+        save_after_split(rank, world_size, stage, os.path.join(root, f"w{world_size}s{stage}"))
+    return True
+
+
+def resume_all(rank, world_size, pairs):
+    return [resume(rank, world_size, stage, path) for stage, path in pairs]
+
+
+def assert_close_params(got, want):
+    for name, p in want.items():
+        err = float((got[name] - p).abs().max() / p.abs().max())
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+def test_round_trip_in_one_process(tmp_path):
+    want = reference_params()
+    for stage in (0, 3):
+        save_after_split(0, 1, stage, tmp_path / f"s{stage}")
+        assert_close_params(resume(0, 1, stage, tmp_path / f"s{stage}"), want)
+    saved = sorted(os.listdir(tmp_path / "s0"))
+    assert "latest" in saved and f"global_step{SPLIT}" in saved
+
+
+def test_reshard_matrix_across_world_sizes_and_stages(tmp_path):
+    root = str(tmp_path)
+    want = reference_params()
+    # world size 1 saves stages 0 and 2; world size 2 saves stages 1 and 3; world size 3 saves stage 2
+    save_all(0, 1, root, (0, 2))
+    spawn_ranks(save_all, 2, root, (1, 3), timeout=180)
+    spawn_ranks(save_all, 3, root, (2,), timeout=180)
+    # ... and each is loaded at another world size and stage
+    at2 = spawn_ranks(resume_all, 2, [(3, f"{root}/w1s0"), (0, f"{root}/w3s2")], timeout=180)
+    at3 = spawn_ranks(resume_all, 3, [(1, f"{root}/w1s2"), (3, f"{root}/w2s1")], timeout=180)
+    at1 = resume_all(0, 1, [(2, f"{root}/w2s3"), (0, f"{root}/w3s2")])
+    for per_rank in (at2, at3, [at1]):
+        for results in per_rank:
+            for params in results:
+                assert_close_params(params, want)
+
+
+def test_params_only_load_for_fine_tuning(tmp_path):
+    save_after_split(0, 1, 2, tmp_path)
+    engine = engine_for(1, 1)
+    state = engine.load(tmp_path, load_optimizer_states=False)
+    assert int(state.step) == 0
+    ref = engine_for(0, 1)
+    ref_state = run_steps(ref, ref.init(), batches()[:SPLIT], 0, 1)
+    assert_close_params(engine.full_params(state), ref.full_params(ref_state))
+
+
+def test_bf16_state_loads_as_fp32_and_back(tmp_path):
+    engine = engine_for(2, 1, bf16={"enabled": True})
+    state = run_steps(engine, engine.init(), batches()[:SPLIT], 0, 1)
+    engine.save(state, tmp_path)
+    fp32 = engine_for(0, 1)
+    loaded = fp32.load(tmp_path)
+    assert_close_params(fp32.full_params(loaded), engine.full_params(state))
+
+
+def test_a_different_model_is_rejected_naming_the_mismatch(tmp_path):
+    save_after_split(0, 1, 0, tmp_path)
+    other = engine_for(0, 1, model=Net(hidden=9))
+    with pytest.raises(
+        CheckpointError, match=r"inp.weight: checkpoint shape \(7, 5\) vs model shape \(9, 5\)"
+    ):
+        other.load(tmp_path)
+
+
+def test_async_save_and_keep_last(tmp_path):
+    engine = engine_for(0, 1)
+    state = engine.init()
+    for i, b in enumerate(batches()):
+        state = engine.step(state, b)
+        handle = engine.save(state, tmp_path, keep_last=2, async_save=True)
+        if i == 1:
+            handle.wait()
+    handle.wait()
+    tags = sorted(t for t in os.listdir(tmp_path) if t.startswith("global_step"))
+    assert tags == ["global_step3", "global_step4"]
+    assert (tmp_path / "latest").read_text().strip() == "global_step4"
+    loaded = engine.load(tmp_path)
+    assert_close_params(engine.full_params(loaded), engine.full_params(state))
+
+
+def test_cli_inspect_and_export(tmp_path, capsys):
+    save_after_split(0, 1, 1, tmp_path / "ck")
+    assert cli_main(["checkpoint", "inspect", str(tmp_path / "ck")]) == 0
+    shown = capsys.readouterr().out
+    assert f"global_step{SPLIT}" in shown and "master" in shown and "world size 1" in shown
+    out = tmp_path / "model.safetensors"
+    assert cli_main(["checkpoint", "export", str(tmp_path / "ck"), str(out)]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out))
+    engine = engine_for(1, 1)
+    full = engine.full_params(engine.load(tmp_path / "ck"))
+    assert set(weights) == set(full)
+    assert all(torch.equal(weights[n], full[n]) for n in full)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from zerostep.io import manifest as mf
 from zerostep.io.codec import TensorRef
 from zerostep.io.errors import CheckpointError
@@ -183,7 +184,7 @@ def _write_and_commit(save_dir, tag, ckpt_id, own, table, meta, rank, world_size
         shard_meta = {"checkpoint_id": ckpt_id, "tag": tag, "rank": rank, "world_size": world_size}
         written = write_pytree(os.path.join(tmp, mf.rank_file(rank)), own, meta=shard_meta, fsync=fsync)
         digests = {p: mf.tensor_digest(written.records[i]) for p, i in written.paths.items()}
-        report = {"nbytes": written.nbytes, "checksum": written.checksum, "digests": digests}
+        report = {"nbytes": written.nbytes, "checksum": written.checksum, "digests": digests, "leaves": table}
     except Exception as e:  # reported to rank 0 so every rank fails together instead of hanging
         report = {
             "error": str(e) if isinstance(e, CheckpointError) else f"rank {rank}: {type(e).__name__}: {e}"
@@ -192,6 +193,11 @@ def _write_and_commit(save_dir, tag, ckpt_id, own, table, meta, rank, world_size
     outcome = None
     if rank == 0:
         errors = [r["error"] for r in reports if "error" in r]
+        differ = [i for i, r in enumerate(reports) if "leaves" in r and r.pop("leaves") != table]
+        if differ and not errors:
+            errors.append(
+                f"ranks {differ} describe a different tree (leaf paths, shapes or flat sizes) than rank 0"
+            )
         if not errors:
             try:
                 _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync)

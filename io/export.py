@@ -16,6 +16,7 @@ import math
 import os
 
 import torch
+
 from zerostep.io.codec import dtype_from_name
 from zerostep.io.errors import CheckpointError
 from zerostep.io.manifest import CheckpointDir

@@ -22,6 +22,7 @@ from typing import Any
 
 import msgpack
 import torch
+
 from zerostep.io.codec import TensorRecord, dtype_name
 from zerostep.io.errors import CheckpointError
 from zerostep.io.reader import PytreeReader, load_pytree

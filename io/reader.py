@@ -14,6 +14,7 @@ import zlib
 from typing import Any
 
 import torch
+
 from zerostep.io.codec import (
     FORMAT,
     PREAMBLE,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from zerostep.io.codec import dtype_from_name
 from zerostep.io.errors import CheckpointError
 from zerostep.io.manifest import CheckpointDir, shard_numel

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 import torch
+
 from zerostep.io.codec import (
     BLOCK_BYTES,
     FORMAT,

@@ -1,4 +1,4 @@
-"""Sharded checkpoints: multi-rank saves (gloo), resharded loads, faults, keep_last, async, crashes, export."""
+"""Sharded checkpoints: multi-rank saves (gloo), resharded loads, faults, keep_last, async, crash, export."""
 
 import argparse
 import errno
@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+
 from zerostep.io import (
     CheckpointError,
     export_consolidated,
@@ -71,13 +72,23 @@ def _save_ranks(rank, world_size, root):
     )
     handle.wait()
     # A write failing on one rank fails the save on every rank and leaves the others untouched.
+    real, errors = writer_mod.write_all, []
     if rank == 1:
         writer_mod.write_all = _disk_full
     try:
         save_checkpoint(root, "c", rank_state(rank, world_size, 3), flat_numel=flat_leaves(), meta=meta(3))
-        return "saved?!"
     except CheckpointError as e:
-        return str(e)
+        errors.append(str(e))
+    writer_mod.write_all = real
+    # So does a rank whose tree differs from rank 0's.
+    state = rank_state(rank, world_size, 4)
+    if rank == world_size - 1:
+        state["params"]["w"] = torch.zeros(5)
+    try:
+        save_checkpoint(root, "d", state, flat_numel=flat_leaves(), meta=meta(4))
+    except CheckpointError as e:
+        errors.append(str(e))
+    return errors
 
 
 def _disk_full(fd, data):
@@ -90,8 +101,12 @@ def saved(tmp_path_factory):
     dirs = {}
     for world_size in (2, 3):
         root = str(tmp_path_factory.mktemp(f"ws{world_size}"))
-        errors = spawn_ranks(_save_ranks, world_size, root, timeout=120)
-        assert all("No space left on device" in e and "save failed" in e for e in errors), errors
+        for full, mismatch in spawn_ranks(_save_ranks, world_size, root, timeout=120):
+            assert "c: save failed" in full and "No space left on device" in full
+            assert (
+                "d: save failed" in mismatch
+                and f"ranks [{world_size - 1}] describe a different tree" in mismatch
+            )
         dirs[world_size] = root
     return dirs
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from zerostep.io import codec, write_pytree
 from zerostep.io.codec import (
     ALIGN,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from zerostep.io import CheckpointError, PytreeReader, load_pytree, save_pytree, write_pytree
 from zerostep.io import writer as writer_mod
 from zerostep.io.codec import DTYPES, TRAILER_LEN

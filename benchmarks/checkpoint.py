@@ -1,0 +1,256 @@
+"""Checkpoint throughput: zerostep.io vs torch.save, safetensors and torch.distributed.checkpoint (DCP).
+
+    python benchmarks/checkpoint.py                 # ~1 GiB state, 3 repeats
+    python benchmarks/checkpoint.py --gib 0.25 --repeats 5 --skip-dcp
+
+Part 1, one process: save (without and with fsync) and load of a dict of fp32 tensors. Loads are from
+the page cache (every file was just written) and *materialized*: the tensors own their memory, and
+"touch" rows additionally read every element of a zero-copy (mmap) load. DCP loads into preallocated
+tensors (its only mode); their allocation is inside the timing.
+
+Part 2, resharding: flat fp32 leaves (master, exp_avg, exp_avg_sq) sharded over 2 gloo ranks, saved
+with ``save_checkpoint`` and with DCP (DTensor, Shard(0)); then loaded at 1 rank (in this process) and at
+3 ranks (every rank loads its new shard; the time is the slowest rank's). Medians over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import zerostep.io as zio
+from zerostep.parallel.launch import spawn_ranks
+
+LEAVES = ("master", "exp_avg", "exp_avg_sq")
+
+
+def timed(fn, repeats: int, before=None) -> float:
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def clean(path: str):
+    def run():
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
+        os.sync()  # start every save with no dirty pages (the disk here is slow and shared)
+
+    return run
+
+
+def single_process(args, root: str, rows: list) -> None:
+    from safetensors.torch import load_file, save_file
+
+    n = int(args.gib * 2**30 / 4 / args.tensors)
+    state = {f"layer{i}.weight": torch.randn(n) for i in range(args.tensors)}
+    nbytes = sum(t.numel() * 4 for t in state.values())
+    paths = {k: os.path.join(root, f"state.{k}") for k in ("zs", "pt", "st", "dcp")}
+    r = args.repeats
+
+    def dcp_save(fsync):
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(paths["dcp"], sync_files=fsync))
+
+    def saves(fsync: bool) -> list:
+        sync = lambda path: fsync and fsync_file(path)  # the other writers have no fsync option
+        return [
+            ("zerostep save_pytree", lambda: zio.save_pytree(paths["zs"], state, fsync=fsync), paths["zs"]),
+            (
+                "safetensors save_file",
+                lambda: (save_file(state, paths["st"]), sync(paths["st"])),
+                paths["st"],
+            ),
+            ("torch.save", lambda: (torch.save(state, paths["pt"]), sync(paths["pt"])), paths["pt"]),
+        ] + ([] if args.skip_dcp else [("DCP save", lambda: dcp_save(fsync), paths["dcp"])])
+
+    for fsync in (False, True):
+        for name, fn, path in saves(fsync):
+            rows.append(
+                (f"save ({'fsync' if fsync else 'no fsync'})", name, nbytes, timed(fn, r, clean(path)))
+            )
+
+    def dcp_load():
+        import torch.distributed.checkpoint as dcp
+
+        into = {k: torch.empty_like(v) for k, v in state.items()}
+        dcp.load(into, checkpoint_id=paths["dcp"])
+
+    touch = lambda tree: [t.sum() for t in tree.values()]
+    loads = [
+        ("zerostep load_pytree (verify)", lambda: zio.load_pytree(paths["zs"])),
+        ("zerostep load_pytree (no verify)", lambda: zio.load_pytree(paths["zs"], verify=False)),
+        ("safetensors load_file + clone", lambda: [t.clone() for t in load_file(paths["st"]).values()]),
+        ("torch.load", lambda: torch.load(paths["pt"])),
+        ("zerostep mmap + touch (verify)", lambda: touch(zio.load_pytree(paths["zs"], mmap=True))),
+        (
+            "zerostep mmap + touch (no verify)",
+            lambda: touch(zio.load_pytree(paths["zs"], mmap=True, verify=False)),
+        ),
+        ("safetensors load_file + touch", lambda: touch(load_file(paths["st"]))),
+        ("torch.load(mmap) + touch", lambda: touch(torch.load(paths["pt"], mmap=True))),
+    ]
+    if not args.skip_dcp:
+        loads.append(("DCP load (into preallocated)", dcp_load))
+    for name, fn in loads:
+        fn()  # warm: every file fully in the page cache
+        rows.append(("load (page cache)", name, nbytes, timed(fn, r)))
+
+
+def flat_shards(rank: int, world_size: int, numel: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(rank)
+    length = zio.shard_numel(numel, world_size)
+    return {k: torch.randn(length, generator=gen) for k in LEAVES}
+
+
+def _dist_save(rank, world_size, root, numel, repeats, skip_dcp):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    shards = flat_shards(rank, world_size, numel)
+    mesh = init_device_mesh("cpu", (world_size,))
+    flat_numel = {k: numel for k in LEAVES}
+
+    def ours(path, fsync):
+        zio.save_checkpoint(path, "t", shards, flat_numel=flat_numel, fsync=fsync)
+
+    def theirs(path, fsync):
+        state = {k: DTensor.from_local(v, mesh, [Shard(0)]) for k, v in shards.items()}
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, sync_files=fsync))
+
+    out = {}
+    for fsync in (False, True):
+        for name, fn in (("zs", ours), ("dcp", theirs)):
+            if name == "dcp" and skip_dcp:
+                continue
+            path, times = os.path.join(root, f"{name}{int(fsync)}"), []
+            for _ in range(repeats):
+                if rank == 0:
+                    clean(path)()
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn(path, fsync)
+                dist.barrier()
+                times.append(time.perf_counter() - t0)
+            out[(name, fsync)] = statistics.median(times)
+    return out
+
+
+def _dist_load(rank, world_size, root, numel, repeats, skip_dcp):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world_size,)) if world_size > 1 else None
+    length = zio.shard_numel(numel, world_size)
+
+    def ours():
+        return zio.load_checkpoint(os.path.join(root, "zs0"), rank=rank, world_size=world_size)[0]
+
+    def theirs():
+        if mesh is None:
+            state = {k: torch.empty(numel) for k in LEAVES}
+        else:
+            state = {k: DTensor.from_local(torch.empty(length), mesh, [Shard(0)]) for k in LEAVES}
+        dcp.load(state, checkpoint_id=os.path.join(root, "dcp0"))
+        return state
+
+    out = {}
+    for name, fn in (("zs", ours), ("dcp", theirs)):
+        if name == "dcp" and skip_dcp:
+            continue
+        fn()
+        times = []
+        for _ in range(repeats):
+            if mesh is not None:
+                dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            if mesh is not None:
+                dist.barrier()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def resharding(args, root: str, rows: list) -> None:
+    numel = int(args.gib * 2**30 / 4 / len(LEAVES)) // 6 * 6  # DTensor Shard(0) shards evenly at 2 and 3
+    nbytes = numel * 4 * len(LEAVES)
+    saved = spawn_ranks(_dist_save, 2, root, numel, args.repeats, args.skip_dcp, timeout=1200)
+    for (name, fsync), seconds in sorted(saved[0].items(), key=lambda kv: (kv[0][1], kv[0][0] != "zs")):
+        label = "zerostep save_checkpoint" if name == "zs" else "DCP save (DTensor)"
+        rows.append((f"save 2 ranks ({'fsync' if fsync else 'no fsync'})", label, nbytes, seconds))
+    for world_size in (1, 3):
+        if world_size == 1:
+            got = _dist_load(0, 1, root, numel, args.repeats, args.skip_dcp)
+        else:
+            got = spawn_ranks(_dist_load, world_size, root, numel, args.repeats, args.skip_dcp, timeout=1200)
+            got = {k: max(g[k] for g in got) for k in got[0]}
+        for name, seconds in got.items():
+            label = "zerostep load_checkpoint" if name == "zs" else "DCP load (DTensor)"
+            rows.append((f"load 2 -> {world_size} ranks", label, nbytes, seconds))
+
+
+def report(rows: list) -> None:
+    print(f"\n{'operation':<26} {'method':<36} {'GiB':>6} {'seconds':>8} {'GiB/s':>7} {'vs zerostep':>12}")
+    ours = {}
+    for op, method, _, seconds in rows:
+        if method.startswith("zerostep") and op not in ours:
+            ours[op] = seconds
+    for op, method, nbytes, seconds in rows:
+        ratio = seconds / ours[op] if op in ours else float("nan")
+        print(
+            f"{op:<26} {method:<36} {nbytes / 2**30:>6.2f} {seconds:>8.3f} {nbytes / 2**30 / seconds:>7.2f} "
+            f"{ratio:>11.2f}x"
+        )
+    print("\n'vs zerostep': that method's time / zerostep's first row of the operation (>1: zerostep faster)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gib", type=float, default=1.0, help="state size in GiB (default 1)")
+    parser.add_argument("--tensors", type=int, default=32, help="tensors in the single-process state")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default="/tmp/zerostep-bench-checkpoint")
+    parser.add_argument("--skip-dcp", action="store_true")
+    parser.add_argument("--skip-reshard", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    rows: list = []
+    try:
+        single_process(args, args.dir, rows)
+        if not args.skip_reshard:
+            resharding(args, os.path.join(args.dir, "reshard"), rows)
+    finally:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, median of {args.repeats}")
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -45,6 +45,9 @@ Group = dist.ProcessGroup | None
 # torch 2.13 renamed the tensor collectives to ``*_single`` (the old names warn); 2.11 has only the old ones.
 _reduce_scatter = getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)
 _all_gather = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)
+# Same rename for the in-place c10d ops used in eager mode.
+c10d_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+c10d_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 # ---------------------------------------------------------------------------------------------------------
 # Groups and buckets
@@ -139,7 +142,7 @@ def reduce_scatter_flat(
     if len(columns) == 1:
         if eager:
             out = flat.new_empty(shard_numel)
-            dist.reduce_scatter_tensor(out, flat.contiguous(), group=group)
+            c10d_reduce_scatter(out, flat.contiguous(), group=group)
             return out
         return funcol.wait_tensor(_reduce_scatter(flat, "sum", 0, group))
     rows = flat.view(world_size, shard_numel)  # [N, S]: row r is rank r's shard
@@ -149,7 +152,7 @@ def reduce_scatter_flat(
         # [N, c1 - c0] -> contiguous [N * (c1 - c0)]: rank r receives the sum of row r's columns
         bucket = rows[:, c0:c1].contiguous().view(-1)
         if eager:
-            dist.reduce_scatter_tensor(out[c0:c1], bucket, group=group)
+            c10d_reduce_scatter(out[c0:c1], bucket, group=group)
         else:
             pieces.append(funcol.wait_tensor(_reduce_scatter(bucket, "sum", 0, group)))
     return out if eager else torch.cat(pieces)  # [S]
@@ -171,7 +174,7 @@ def all_gather_flat(
     if len(columns) == 1:
         if eager:
             out = shard.new_empty(world_size * shard_numel)
-            dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
+            c10d_all_gather(out, shard.contiguous(), group=group)
             return out
         return funcol.wait_tensor(_all_gather(shard.contiguous(), 0, group))
     rows = shard.new_empty(world_size, shard_numel) if eager else None  # [N, S]
@@ -180,7 +183,7 @@ def all_gather_flat(
         # gathered [N * w] -> [N, w]: row r holds rank r's columns c0:c1
         if eager:
             gathered = shard.new_empty(world_size * (c1 - c0))
-            dist.all_gather_into_tensor(gathered, shard[c0:c1].contiguous(), group=group)
+            c10d_all_gather(gathered, shard[c0:c1].contiguous(), group=group)
             rows[:, c0:c1] = gathered.view(world_size, c1 - c0)
         else:
             gathered = funcol.wait_tensor(_all_gather(shard[c0:c1].contiguous(), 0, group))

@@ -43,7 +43,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .collectives import Group, all_gather_flat, group_size, resolve_group
+from .collectives import (
+    Group,
+    all_gather_flat,
+    c10d_all_gather,
+    c10d_reduce_scatter,
+    group_size,
+    resolve_group,
+)
 from .flat import FlatLayout
 
 ROOT_UNIT = "<root>"  # module paths never contain "<", so this cannot collide with a unit's path
@@ -127,7 +134,9 @@ def plan_units(model: nn.Module, world_size: int = 1, dtype: torch.dtype | None 
 
 def shard_params(params: Mapping[str, torch.Tensor], units: list[Unit], rank: int) -> dict[str, torch.Tensor]:
     """Full parameters by canonical name -> this rank's shard [shard_numel] per unit (new tensors)."""
-    return {u.name: u.layout.shard(u.layout.flatten(params), rank).clone() for u in units}
+    with torch.no_grad():  # parameters may require grad; shards are plain state
+        detached = {name: t.detach() for name, t in params.items()}
+        return {u.name: u.layout.shard(u.layout.flatten(detached), rank).clone() for u in units}
 
 
 def gather_params(
@@ -162,33 +171,50 @@ class _Gathered:
         # ``.data`` alias of the autograd-visible buffer: same storage, its own version counter, so
         # re-gathering into it does not count as an in-place change of the views saved for backward.
         self.buffer: torch.Tensor | None = None
+        self._full: torch.Tensor | None = None  # the buffer itself until _GatherParams returns it
+        self.pending = None  # the async all-gather's Work while a prefetch is in flight
         self.live = False
 
-    def _fill(self) -> None:
+    def _fill(self, async_op: bool) -> None:
         if self.group is None:
             self.buffer.copy_(self.shard)
         else:
-            dist.all_gather_into_tensor(self.buffer, self.shard, group=self.group)
+            self.pending = c10d_all_gather(self.buffer, self.shard, group=self.group, async_op=async_op)
 
-    def gather_new(self) -> torch.Tensor:
-        """Allocate and fill a new full buffer [padded_numel]; returns it (the autograd output)."""
+    def start(self, async_op: bool = False) -> None:
+        """Allocate a new full buffer [padded_numel] and gather into it (in the background if async)."""
         full = torch.empty(self.unit.layout.padded_numel, dtype=self.shard.dtype, device=self.shard.device)
-        self.buffer = full.data
-        self._fill()
+        self._full, self.buffer = full, full.data
+        self._fill(async_op)
         self.live = True
         self.tracker.add(self.nbytes)
+
+    def take_full(self) -> torch.Tensor:
+        """The gathered buffer, complete; hands over the only reference (no cycle through autograd)."""
+        if self._full is None:
+            self.start()
+        self.wait()
+        full, self._full = self._full, None
         return full
 
-    def regather(self) -> None:
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+    def regather(self, async_op: bool = False) -> None:
         """Re-allocate the freed storage in place and fill it again (before the unit's backward)."""
-        if self.live or self.buffer is None:
-            return
-        self.buffer.untyped_storage().resize_(self.nbytes)
-        self._fill()
-        self.live = True
-        self.tracker.add(self.nbytes)
+        if not self.live and self.buffer is not None:
+            self.buffer.untyped_storage().resize_(self.nbytes)
+            self._fill(async_op)
+            self.live = True
+            self.tracker.add(self.nbytes)
+        if not async_op:
+            self.wait()
 
     def free(self) -> None:
+        self.wait()  # never free storage a collective is still writing
+        self._full = None
         if not self.live:
             return
         self.buffer.untyped_storage().resize_(0)
@@ -201,7 +227,7 @@ class _Gathered:
         if self.group is None:
             return grad_full
         grad_shard = torch.empty_like(self.shard)
-        dist.reduce_scatter_tensor(grad_shard, grad_full, op=dist.ReduceOp.SUM, group=self.group)
+        c10d_reduce_scatter(grad_shard, grad_full, op=dist.ReduceOp.SUM, group=self.group)
         return grad_shard
 
 
@@ -211,7 +237,7 @@ class _GatherParams(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard: torch.Tensor, gathered: _Gathered) -> torch.Tensor:
         ctx.gathered = gathered
-        return gathered.gather_new()
+        return gathered.take_full()
 
     @staticmethod
     def backward(ctx, grad_full: torch.Tensor):
@@ -222,9 +248,17 @@ class _GatherParams(torch.autograd.Function):
 
 
 class Zero3Runner:
-    """Runs a loss on ``model`` with stage-3 sharded parameters; one instance per (model, units, group)."""
+    """Runs a loss on ``model`` with stage-3 sharded parameters; one instance per (model, units, group).
 
-    def __init__(self, model: nn.Module, units: list[Unit], group: Group = None) -> None:
+    ``prefetch``: while a unit computes, all-gather the next one in the background (forward: the unit
+    that followed it in the previous call; backward: the unit that preceded it in this call's forward).
+    Communication then overlaps compute at the cost of a second unit's full buffer (peak: root unit + two
+    units instead of one). It does nothing at world size 1 or in the first call (no recorded order yet).
+    """
+
+    def __init__(
+        self, model: nn.Module, units: list[Unit], group: Group = None, prefetch: bool = True
+    ) -> None:
         self.model, self.units = model, units
         self.group = resolve_group(group)
         if group_size(self.group) == 1:
@@ -234,6 +268,8 @@ class Zero3Runner:
             raise ValueError(
                 f"units planned for world size {sizes}, group has {group_size(self.group)} ranks"
             )
+        self.prefetch = prefetch and self.group is not None
+        self._by_name = {u.name: u for u in units}
         # Every place a parameter sits (tied parameters sit in several): canonical name -> [(module, attr)]
         canonical: dict[int, str] = {}
         self._locations: dict[str, list[tuple[nn.Module, str]]] = {}
@@ -241,6 +277,7 @@ class Zero3Runner:
             key = canonical.setdefault(id(param), name)
             module_path, _, attr = name.rpartition(".")
             self._locations.setdefault(key, []).append((model.get_submodule(module_path), attr))
+        self._forward_order: list[str] = []  # unit names in call order, recorded by the last call
         self.peak_gathered_bytes = 0  # high-water mark of the last call
 
     def _swap_in(self, unit: Unit, full: torch.Tensor) -> list[tuple[nn.Module, str, object]]:
@@ -266,39 +303,61 @@ class Zero3Runner:
         """``call(model)`` and d(loss * scale)/d(shard) per unit, summed over ranks; loss is detached."""
         tracker = _GatherTracker()
         leaves = {u.name: shards[u.name].detach().requires_grad_(True) for u in self.units}
-        gathers: list[_Gathered] = []
+        gathers: list[_Gathered] = []  # every gather of this call, for the final clean-up
+        unit_calls: list[_Gathered] = []  # block-unit gathers in forward call order
+        prefetched: dict[str, _Gathered] = {}  # unit name -> gather started ahead of its forward
         swapped: list[list] = []
         active: dict[str, list[tuple[_Gathered, list]]] = {}  # unit name -> stack of open forward calls
+        order = self._forward_order if self.prefetch else []
         handles = []
 
-        def start(unit: Unit) -> _Gathered:
+        def new_gather(unit: Unit) -> _Gathered:
             gathered = _Gathered(unit, leaves[unit.name], self.group, tracker)
             gathers.append(gathered)
+            return gathered
+
+        def enter(unit: Unit, gathered: _Gathered) -> None:
             full = _GatherParams.apply(leaves[unit.name], gathered)  # [padded_numel], grad-connected
             saved = self._swap_in(unit, full)
             swapped.append(saved)
             active.setdefault(unit.name, []).append((gathered, saved))
-            return gathered
+
+        def prefetch_backward(index: int):
+            def hook(grad):
+                unit_calls[index].regather()
+                if self.prefetch and index > 0:
+                    unit_calls[index - 1].regather(async_op=True)
+
+            return hook
 
         def make_hooks(unit: Unit):
             def pre_forward(module, args):
-                start(unit)
+                index = len(unit_calls)
+                gathered = prefetched.pop(unit.name, None) or new_gather(unit)
+                unit_calls.append(gathered)
+                if index + 1 < len(order) and order[index] == unit.name:
+                    upcoming = order[index + 1]
+                    if upcoming not in prefetched:
+                        prefetched[upcoming] = new_gather(self._by_name[upcoming])
+                        prefetched[upcoming].start(async_op=True)
+                enter(unit, gathered)
 
             def post_forward(module, args, output):
                 gathered, saved = active[unit.name].pop()
                 self._swap_out(saved)
                 swapped.remove(saved)
                 gathered.free()
+                hook = prefetch_backward(unit_calls.index(gathered))
                 for tensor in tree_leaves(output):
                     if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                        tensor.register_hook(lambda grad, g=gathered: g.regather())
+                        tensor.register_hook(hook)
 
             return pre_forward, post_forward
 
         try:
             for unit in self.units:
                 if unit.name == ROOT_UNIT:
-                    start(unit)  # gathered for the whole call; freed when its gradient is reduced
+                    enter(unit, new_gather(unit))  # gathered for the whole call; freed with its gradient
                     continue
                 pre, post = make_hooks(unit)
                 module = self.model.get_submodule(unit.name)
@@ -309,6 +368,9 @@ class Zero3Runner:
             for saved in reversed(swapped):  # backward no longer needs the module's attributes
                 self._swap_out(saved)
             swapped.clear()
+            for gathered in prefetched.values():  # predicted, never used: release before backward
+                gathered.free()
+            self._forward_order = [g.unit.name for g in unit_calls]
             names = list(leaves)
             grads = torch.autograd.grad(loss * scale, [leaves[n] for n in names], allow_unused=True)
         finally:

@@ -93,7 +93,7 @@ def save(
     meta = {
         "format": "zerostep-train-state/1",
         "step": step,
-        "stage": plan.stage,
+        "zero_stage": plan.stage,
         "world_size": plan.world_size,
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         "optimizer": engine.optimizer.name,

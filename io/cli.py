@@ -66,7 +66,19 @@ def _inspect(args: argparse.Namespace) -> int:
             file=out,
         )
         _print_tree(c["tree"], "  ", out)
+        _print_layouts(c.get("meta", {}).get("layouts"), out)
     return 0
+
+
+def _print_layouts(layouts: Any, out) -> None:
+    """The parameters each flat group holds (name, shape, offset), when the saver recorded them."""
+    if not isinstance(layouts, dict):
+        return
+    print("  parameters:", file=out)
+    for group, layout in layouts.items():
+        print(f"    group {group} ({layout.get('dtype', '?')}):", file=out)
+        for name, shape, offset in layout.get("entries", []):
+            print(f"      {name}: {list(shape)} @ {offset}", file=out)
 
 
 def _export(args: argparse.Namespace) -> int:

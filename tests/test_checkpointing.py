@@ -177,7 +177,8 @@ def test_cli_inspect_and_export(tmp_path, capsys):
     save_after_split(0, 1, 1, tmp_path / "ck")
     assert cli_main(["checkpoint", "inspect", str(tmp_path / "ck")]) == 0
     shown = capsys.readouterr().out
-    assert f"global_step{SPLIT}" in shown and "master" in shown and "world size 1" in shown
+    assert f"global_step{SPLIT}" in shown and "master" in shown and "world size 1, ZeRO stage 1" in shown
+    assert "blocks.0.0.weight: [7, 7]" in shown
     out = tmp_path / "model.safetensors"
     assert cli_main(["checkpoint", "export", str(tmp_path / "ck"), str(out)]) == 0
     from safetensors.torch import load_file

@@ -35,6 +35,7 @@ activation checkpointing inside a unit is not supported.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -173,6 +174,10 @@ class _Gathered:
         self.buffer: torch.Tensor | None = None
         self._full: torch.Tensor | None = None  # the buffer itself until _GatherParams returns it
         self.pending = None  # the async all-gather's Work while a prefetch is in flight
+        # Where to leave an asynchronous reduce-scatter (Work, input kept alive) for the runner to wait on;
+        # None: reduce synchronously. Only for units gathered once per call: autograd then hands the
+        # shard gradient to the caller untouched, whereas a second gather's gradient would be added to it.
+        self.async_reductions: list | None = None
         self.live = False
 
     def _fill(self, async_op: bool) -> None:
@@ -227,7 +232,13 @@ class _Gathered:
         if self.group is None:
             return grad_full
         grad_shard = torch.empty_like(self.shard)
-        c10d_reduce_scatter(grad_shard, grad_full, op=dist.ReduceOp.SUM, group=self.group)
+        if self.async_reductions is None:
+            c10d_reduce_scatter(grad_shard, grad_full, op=dist.ReduceOp.SUM, group=self.group)
+        else:  # overlaps the backward of the units before this one
+            work = c10d_reduce_scatter(
+                grad_shard, grad_full, op=dist.ReduceOp.SUM, group=self.group, async_op=True
+            )
+            self.async_reductions.append((work, grad_full))
         return grad_shard
 
 
@@ -257,7 +268,12 @@ class Zero3Runner:
     """
 
     def __init__(
-        self, model: nn.Module, units: list[Unit], group: Group = None, prefetch: bool = True
+        self,
+        model: nn.Module,
+        units: list[Unit],
+        group: Group = None,
+        prefetch: bool = True,
+        overlap_reduce: bool = True,
     ) -> None:
         self.model, self.units = model, units
         self.group = resolve_group(group)
@@ -269,6 +285,7 @@ class Zero3Runner:
                 f"units planned for world size {sizes}, group has {group_size(self.group)} ranks"
             )
         self.prefetch = prefetch and self.group is not None
+        self.overlap_reduce = overlap_reduce and self.group is not None
         self._by_name = {u.name: u for u in units}
         # Every place a parameter sits (tied parameters sit in several): canonical name -> [(module, attr)]
         canonical: dict[int, str] = {}
@@ -309,6 +326,7 @@ class Zero3Runner:
         swapped: list[list] = []
         active: dict[str, list[tuple[_Gathered, list]]] = {}  # unit name -> stack of open forward calls
         order = self._forward_order if self.prefetch else []
+        reductions: list = []  # asynchronous reduce-scatters in flight
         handles = []
 
         def new_gather(unit: Unit) -> _Gathered:
@@ -371,13 +389,23 @@ class Zero3Runner:
             for gathered in prefetched.values():  # predicted, never used: release before backward
                 gathered.free()
             self._forward_order = [g.unit.name for g in unit_calls]
+            if self.overlap_reduce:
+                calls = Counter(g.unit.name for g in unit_calls)  # the root unit is gathered once
+                for gathered in gathers:
+                    if calls[gathered.unit.name] <= 1:
+                        gathered.async_reductions = reductions
             names = list(leaves)
             grads = torch.autograd.grad(loss * scale, [leaves[n] for n in names], allow_unused=True)
+            for work, _ in reductions:
+                work.wait()
+            reductions.clear()
         finally:
             for handle in handles:
                 handle.remove()
             for saved in reversed(swapped):
                 self._swap_out(saved)
+            for work, _ in reductions:  # only after an error: leave no collective running
+                work.wait()
             for gathered in gathers:
                 gathered.free()
             self.peak_gathered_bytes = tracker.peak

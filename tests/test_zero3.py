@@ -128,8 +128,8 @@ def _check_equivalence(rank: int, world_size: int) -> dict:
         shards = shard_params(reference, units, rank)
         local = _slice(batch, rank, world_size)
         peaks = {}
-        for prefetch in (False, True):
-            runner = Zero3Runner(model, units, group, prefetch=prefetch)
+        for prefetch in (False, True):  # fully synchronous, then overlapped gathers and reductions
+            runner = Zero3Runner(model, units, group, prefetch=prefetch, overlap_reduce=prefetch)
             for call_index in range(2):  # reusable; with prefetch, the second call prefetches
                 loss, shard_grads = runner.loss_and_grads(
                     shards, lambda m, b=local, f=loss_fn: f(m, b), scale=4.0

@@ -24,13 +24,19 @@ buffers:
   gradient (a sum over ranks) into the shard gradient [S] and frees the buffer again.
 
 So at any time about one unit's full parameters (plus the root unit's) are alive; ``peak_gathered_bytes``
-measures it. Each forward call of a unit gathers afresh, so a unit called twice works (its gradients add
+measures it. With ``prefetch`` (the default at world size > 1) the next unit's all-gather runs in the
+background while the current unit computes, so two units are alive at once; with ``overlap_reduce`` a
+unit's reduce-scatter runs in the background while the backward goes on. Both pay on the measured
+4x1024 MLP at 2 gloo ranks (about 15% of the step).
+
+Each forward call of a unit gathers afresh, so a unit called twice works (its gradients add
 up). The user's module is only touched inside the call (hooks and swapped ``_parameters`` are undone in a
 ``finally``); its own parameters are never read, so they may even live on the ``meta`` device.
 
 Limits: a unit must reach its parameters through its own ``forward`` (code outside a unit that reads
 ``model.layers[0].weight`` sees the original parameter); a unit's output must not alias its parameters;
-activation checkpointing inside a unit is not supported.
+activation checkpointing inside a unit is not supported; every rank must call the same units in the same
+order (each gather and reduction is a collective), as with FSDP.
 """
 
 from __future__ import annotations

@@ -23,11 +23,21 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         argv = ["--steps", str(args.steps), "--out", args.out, "--seed", str(args.seed)]
+        argv += ["--sample-bytes", str(args.sample_bytes)]
         if args.config:
             argv += ["--config", args.config]
+        if not args.compile:
+            argv.append("--no-compile")
         return launch_ranks(argv, args.nproc)
     try:
-        train(args.config, args.steps, args.out, seed=args.seed)
+        train(
+            args.config,
+            args.steps,
+            args.out,
+            seed=args.seed,
+            sample_bytes=args.sample_bytes,
+            compile=args.compile,
+        )
     except ConfigError as e:
         print(f"zerostep train: bad config: {e}", file=sys.stderr)
         return 2
@@ -45,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, help="ranks to launch via torch.distributed.run")
     train.add_argument("--out", default="runs/train", help="directory for metrics.jsonl and loss.png")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--sample-bytes", type=int, default=200, help="length of the generated sample")
+    train.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="run the step eagerly (no torch.compile)"
+    )
     train.set_defaults(func=_train)
     for register in _registrars():
         register(sub)

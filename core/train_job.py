@@ -68,7 +68,14 @@ def launch_ranks(argv: list[str], nproc: int) -> int:
     return subprocess.call(cmd)
 
 
-def train(config_path: str | None, steps: int, out: str, seed: int = 0, sample_bytes: int = 200) -> dict:
+def train(
+    config_path: str | None,
+    steps: int,
+    out: str,
+    seed: int = 0,
+    sample_bytes: int = 200,
+    compile: bool = True,
+) -> dict:
     """The training job on this process's rank; returns the last metrics (rank 0 writes the files)."""
     torch.manual_seed(seed)
     from zerostep.parallel.groups import maybe_init_distributed
@@ -82,7 +89,7 @@ def train(config_path: str | None, steps: int, out: str, seed: int = 0, sample_b
         config = Config.from_dict(default_config(steps, world), world_size=world)
     model_cfg = GPTConfig()
     model = GPT(model_cfg)
-    engine = initialize(model, config)
+    engine = initialize(model, config, compile=compile)
     state = engine.init(seed=seed)
     train_data, val_data = split_corpus(stdlib_corpus())
     per_rank = config.train_micro_batch_size_per_gpu * config.gradient_accumulation_steps

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 import zerostep.optim as zo
 from zerostep.optim import triton_kernels
 

@@ -21,7 +21,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from zerostep.core import Config, initialize
@@ -33,12 +32,16 @@ from train_step import make_case  # noqa: E402  (same models and batches as the 
 LR = 1e-4
 
 
-def ds_config(stage: int, mb: int) -> dict:
+OVERLAP = {"default": None, "on": True, "off": False}
+
+
+def ds_config(stage: int, mb: int, overlap: bool | None = None) -> dict:
+    zero = {"stage": stage} if overlap is None else {"stage": stage, "overlap_comm": overlap}
     return {
         "train_micro_batch_size_per_gpu": mb,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}},
     }
 
@@ -87,14 +90,16 @@ def model_state_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def bench_rank(rank: int, world: int, name: str, mb: int, steps: int, warmup: int, compile: bool):
+def bench_rank(
+    rank: int, world: int, name: str, mb: int, steps: int, warmup: int, compile: bool, overlap: bool | None
+):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     factory, loss_fn, global_batch = make_case(name, mb * world)
     contenders = {}
     engines = {}
     for stage in (0, 1, 2, 3):
-        engine = initialize(factory(), Config.from_dict(ds_config(stage, mb), world_size=world),
-                            loss_fn=loss_fn, compile=compile)
+        cfg = Config.from_dict(ds_config(stage, mb, overlap if stage < 3 else None), world_size=world)
+        engine = initialize(factory(), cfg, loss_fn=loss_fn, compile=compile)
         engines[stage] = engine
         contenders[f"zerostep-{stage}"] = ZerostepContender(engine)
     ddp = torch.nn.parallel.DistributedDataParallel(factory())
@@ -119,8 +124,11 @@ def bench_rank(rank: int, world: int, name: str, mb: int, steps: int, warmup: in
             contenders[f"deepspeed-{stage}"] = DeepSpeedContender(factory(), loss_fn, stage, mb)
     except ImportError:
         if rank == 0:
-            print("DeepSpeed not installed: skipping it (DS_BUILD_OPS=0 pip install --no-build-isolation "
-                  "deepspeed)", flush=True)
+            print(
+                "DeepSpeed not installed: skipping it (DS_BUILD_OPS=0 pip install --no-build-isolation "
+                "deepspeed)",
+                flush=True,
+            )
 
     def local(i):
         b = global_batch(i)
@@ -135,7 +143,7 @@ def bench_rank(rank: int, world: int, name: str, mb: int, steps: int, warmup: in
     times = {k: [] for k in contenders}
     names = list(contenders)
     for i in range(steps):
-        order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
+        order = names[i % len(names) :] + names[: i % len(names)]  # rotate who goes first
         for k in order:
             dist.barrier()
             t0 = time.perf_counter()
@@ -160,16 +168,20 @@ def bench_rank(rank: int, world: int, name: str, mb: int, steps: int, warmup: in
 def report(name: str, out: dict, world: int) -> None:
     med, psi = out["medians"], out["psi"]
     base = med["ddp"]
-    print(f"\n{name}: {psi / 1e6:.2f}M params, {world} ranks; median step time relative to DDP (< 1 is faster)")
+    print(
+        f"\n{name}: {psi / 1e6:.2f}M params, {world} ranks; median step time relative to DDP (< 1 is faster)"
+    )
     for k, v in med.items():
         line = f"  {k:12s} {1e3 * v:8.1f} ms   x DDP {v / base:5.2f}"
         if k.startswith("zerostep-"):
             stage = int(k[-1])
             ex = out["extra"][k]
             formula = {0: 16, 1: 4 + 12 / world, 2: 2 + 14 / world, 3: 16 / world}[stage]
-            line += (f"   comm {ex['comm_psi_per_step']:.2f} Ψ/step (fp32 Ψ)   "
-                     f"model state {ex['memory_bytes']['total'] / psi:5.2f} B/param (mixed-precision formula "
-                     f"{formula:.1f}; fp32 here)")
+            line += (
+                f"   comm {ex['comm_psi_per_step']:.2f} Ψ/step (fp32 Ψ)   "
+                f"model state {ex['memory_bytes']['total'] / psi:5.2f} B/param (mixed-precision formula "
+                f"{formula:.1f}; fp32 here)"
+            )
             ds = med.get(f"deepspeed-{stage}")
             if ds:
                 line += f"   {ds / v:4.2f}x faster than DeepSpeed"
@@ -184,12 +196,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--overlap-comm",
+        choices=list(OVERLAP),
+        default="on",
+        help="zero_optimization.overlap_comm for zerostep stages 0-2 (stage 3 always overlaps)",
+    )
     args = parser.parse_args()
     names = ["mlp", "gpt"] if args.model == "both" else [args.model]
     for name in names:
         mb = 32 if name == "mlp" else 8
-        outs = spawn_ranks(bench_rank, args.world_size, name, mb, args.steps, args.warmup,
-                           not args.no_compile, timeout=1800)
+        outs = spawn_ranks(
+            bench_rank,
+            args.world_size,
+            name,
+            mb,
+            args.steps,
+            args.warmup,
+            not args.no_compile,
+            OVERLAP[args.overlap_comm],
+            timeout=1800,
+        )
         report(name, outs[0], args.world_size)
 
 

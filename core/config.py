@@ -61,7 +61,6 @@ from zerostep.core.config_zero import (
     parse_legacy_zero,
     parse_zero,
 )
-
 from zerostep.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -132,6 +132,10 @@ class Engine:
             n: b.to(self.compute_dtype) if b.is_floating_point() else b for n, b in model.named_buffers()
         }
         self._forward = make_forward(model, loss_fn, layouts, self._buffers)
+        # overlap_comm (DeepSpeed's key): start each unit's collective from its gradient hook during
+        # backward. The hooks fire one by one only in an eager backward (a compiled one returns every
+        # gradient at once), so stages 0-2 then run forward/backward eagerly.
+        overlap = bool(zero.overlap_comm) and self.world_size > 1 and self.plan.stage < 3
         self._runner = None
         if self.plan.stage == 3:
             self._runner = Zero3Runner(model, [Unit(g, lay) for g, lay in layouts.items()], self.group)
@@ -139,12 +143,15 @@ class Engine:
                 self._runner, make_module_forward(loss_fn, self._buffers), self.plan.accumulation_steps
             )
         else:
-            self._scaled_backward = make_scaled_backward(self.plan.accumulation_steps, compile)
+            self._scaled_backward = make_scaled_backward(
+                self.plan.accumulation_steps, compile and not overlap
+            )
         self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, compile)
+        self._reducer = make_reduce_scatter(self.plan, self.group, compile, overlap)
         self._step = compose(
             self._forward,
             self._scaled_backward,
-            make_reduce_scatter(self.plan, self.group, compile),
+            self._reducer,
             self._sharded_update,
         )
         self.comm = CommCounter()  # host-side byte totals, for benchmarks and monitors

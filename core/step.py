@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from zerostep.optim import ONE_CYCLE_BETA2
@@ -67,33 +68,27 @@ class StepPlan:
 def compose(
     forward: Callable[[Flats, Any], torch.Tensor],
     scaled_backward: Callable[..., tuple[torch.Tensor, Flats]],
-    reduce_scatter: Callable[[Flats, bool], Flats],
+    reduce_scatter: Reducer,
     sharded_update: Callable[..., Any],
 ) -> Callable[..., Any]:
-    """Build ``step(params, micro_batches, scale, update_args) -> update result`` from the four phases.
+    """Build ``step(flats, micro_batches, scale, **update_args) -> update result`` from the four phases.
 
-    ``reduce_scatter(grads, boundary)`` is called after every micro-batch's backward with
-    ``boundary=False`` and once more on the accumulated gradients with ``boundary=True``; each stage's
-    reduce_scatter decides at which of the two it communicates.
+    ``reduce_scatter`` sees every micro-batch's gradients (``add``) and hands the reduced, accumulated
+    ones to the update (``result``); it may also start its collectives from inside the backward pass
+    through per-group gradient hooks (``grad_hooks``), so communication overlaps the rest of backward.
     """
 
     def step(flats: Flats, micro_batches: list[Any], scale: torch.Tensor, **update_args: Any) -> Any:
-        losses, accumulated = [], None
-        for micro_batch in micro_batches:
-            loss, grads = scaled_backward(forward, flats, micro_batch, scale)
-            grads = reduce_scatter(grads, False)
-            accumulated = grads if accumulated is None else _accumulate(accumulated, grads)
+        losses = []
+        for i, micro_batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            hooks = reduce_scatter.grad_hooks(last)
+            loss, grads = scaled_backward(forward, flats, micro_batch, scale, hooks)
+            reduce_scatter.add(grads, last)
             losses.append(loss)
-        accumulated = reduce_scatter(accumulated, True)
-        return sharded_update(accumulated, torch.stack(losses).sum(), scale=scale, **update_args)
+        return sharded_update(reduce_scatter.result(), torch.stack(losses).sum(), scale=scale, **update_args)
 
     return step
-
-
-def _accumulate(acc: Flats, grads: Flats) -> Flats:
-    for g, grad in grads.items():
-        acc[g].add_(grad)
-    return acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +174,10 @@ def make_scaled_backward(accumulation_steps: int, compile: bool) -> Callable[...
 
     compiled = torch.compile(objective, dynamic=False) if compile else objective
 
-    def scaled_backward(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor):
+    def scaled_backward(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None):
         leaves = {g: f.detach().requires_grad_(True) for g, f in flats.items()}
+        for g, hook in (hooks or {}).items():
+            leaves[g].register_hook(hook)
         scaled, loss = compiled(forward, leaves, micro_batch, scale)
         grads = torch.autograd.grad(scaled, list(leaves.values()))
         return loss, dict(zip(leaves, grads))
@@ -193,7 +190,8 @@ def make_zero3_backward(runner: Any, module_forward: Callable, accumulation_step
     (a sum over ranks) into this rank's shard right after; runs eagerly (its hooks free and re-gather
     parameter storage, which the compiler does not trace)."""
 
-    def scaled_backward(forward, shards: Flats, micro_batch: Any, scale: torch.Tensor):
+    def scaled_backward(forward, shards: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None):
+        # stage 3 reduce-scatters inside backward already (parallel.zero3); there are no hooks to run
         def call(module: nn.Module) -> torch.Tensor:
             return module_forward(module, micro_batch).float()
 
@@ -206,36 +204,126 @@ def make_zero3_backward(runner: Any, module_forward: Callable, accumulation_step
 # 3. reduce_scatter
 
 
-def make_reduce_scatter(plan: StepPlan, group: Any, compile: bool) -> Callable[[Flats, bool], Flats]:
-    """Sum gradients over ranks: when and how depends on the ZeRO stage (module docstring)."""
+class Reducer:
+    """Phase 3's interface. The base class accumulates only: world size 1, and stage 3 (whose
+    gradients arrive already reduce-scattered from ``parallel.zero3``)."""
+
+    def __init__(self) -> None:
+        self.acc: Flats | None = None
+
+    def grad_hooks(self, last: bool) -> dict[str, Callable] | None:
+        return None
+
+    def _accumulate(self, grads: Flats) -> None:
+        if self.acc is None:
+            self.acc = dict(grads)
+        else:
+            for g, grad in grads.items():
+                self.acc[g].add_(grad)
+
+    def add(self, grads: Flats, last: bool) -> None:
+        self._accumulate(grads)
+
+    def result(self) -> Flats:
+        acc, self.acc = self.acc, None
+        return acc
+
+
+class CompiledReducer(Reducer):
+    """Collectives after backward, as ``torch.compile``d functional collectives.
+
+    Stage 0 all-reduces the accumulated gradients at the boundary, stage 1 reduce-scatters them at
+    the boundary, stage 2 reduce-scatters every micro-batch (its accumulator is a shard)."""
+
+    def __init__(self, plan: StepPlan, group: Any, compile: bool) -> None:
+        super().__init__()
+        self.stage = plan.stage
+        pre = 1.0 / plan.predivide_factor if plan.predivide_factor != 1.0 else None
+        bucket = plan.reduce_bucket_numel
+
+        def all_reduce(grads: Flats) -> Flats:
+            return {
+                g: collectives.all_reduce_flat(t * pre if pre else t, group, bucket) for g, t in grads.items()
+            }
+
+        def reduce_scatter(grads: Flats) -> Flats:
+            return {
+                g: collectives.reduce_scatter_flat(t * pre if pre else t, group, bucket)
+                for g, t in grads.items()
+            }
+
+        if compile:
+            all_reduce = torch.compile(all_reduce, dynamic=False, fullgraph=True)
+            reduce_scatter = torch.compile(reduce_scatter, dynamic=False, fullgraph=True)
+        self.all_reduce, self.reduce_scatter = all_reduce, reduce_scatter
+
+    def add(self, grads: Flats, last: bool) -> None:
+        if self.stage == 2:
+            self._accumulate(self.reduce_scatter(grads))
+            return
+        self._accumulate(grads)
+        if last:
+            self.acc = (self.all_reduce if self.stage == 0 else self.reduce_scatter)(self.acc)
+
+
+class OverlappedReducer(Reducer):
+    """Collectives started from gradient hooks while backward is still running (``overlap_comm``).
+
+    Each group's (ZeRO unit's) flat gradient is complete as soon as autograd has produced it; its hook
+    starts an async all-reduce (stage 0) or reduce-scatter (stages 1-2) at once, so the collective of
+    the last unit overlaps the backward of the earlier ones. Stages 0-1 communicate on the last
+    micro-batch only (the hook adds the earlier micro-batches' sum first); stage 2 on every one."""
+
+    def __init__(self, plan: StepPlan, group: Any) -> None:
+        super().__init__()
+        self.plan, self.group = plan, group
+        self.pre = 1.0 / plan.predivide_factor if plan.predivide_factor != 1.0 else None
+        self.pending: dict[str, tuple[Any, torch.Tensor]] = {}
+
+    def _start(self, g: str, grad: torch.Tensor) -> None:
+        if self.plan.stage < 2 and self.acc is not None:
+            grad.add_(self.acc[g])
+        if self.pre is not None:
+            grad.mul_(self.pre)
+        if self.plan.stage == 0:
+            self.pending[g] = (dist.all_reduce(grad, group=self.group, async_op=True), grad)
+        else:
+            shard = grad.new_empty(self.plan.layouts[g].shard_numel)
+            work = collectives.c10d_reduce_scatter(shard, grad, group=self.group, async_op=True)
+            self.pending[g] = (work, shard)
+
+    def grad_hooks(self, last: bool) -> dict[str, Callable] | None:
+        if self.plan.stage < 2 and not last:
+            return None
+
+        def hook_for(g: str) -> Callable:
+            def hook(grad: torch.Tensor) -> None:
+                self._start(g, grad)
+
+            return hook
+
+        return {g: hook_for(g) for g in self.plan.layouts}
+
+    def add(self, grads: Flats, last: bool) -> None:
+        if not self.pending:  # stages 0-1 before the last micro-batch: accumulate locally
+            self._accumulate(grads)
+            return
+        reduced = {}
+        for g in grads:
+            work, out = self.pending.pop(g)
+            work.wait()
+            reduced[g] = out
+        if self.plan.stage == 2:
+            self._accumulate(reduced)
+        else:
+            self.acc = reduced
+
+
+def make_reduce_scatter(plan: StepPlan, group: Any, compile: bool, overlap: bool) -> Reducer:
+    """Phase 3 for a plan: sum gradients over ranks (module docstring)."""
     if plan.world_size == 1 or plan.stage == 3:
-        return lambda grads, boundary: grads
-    pre = 1.0 / plan.predivide_factor if plan.predivide_factor != 1.0 else None
-
-    def all_reduce(grads: Flats) -> Flats:
-        return {
-            g: collectives.all_reduce_flat(t * pre if pre else t, group, plan.reduce_bucket_numel)
-            for g, t in grads.items()
-        }
-
-    def reduce_scatter(grads: Flats) -> Flats:
-        return {
-            g: collectives.reduce_scatter_flat(t * pre if pre else t, group, plan.reduce_bucket_numel)
-            for g, t in grads.items()
-        }
-
-    if compile:
-        all_reduce = torch.compile(all_reduce, dynamic=False, fullgraph=True)
-        reduce_scatter = torch.compile(reduce_scatter, dynamic=False, fullgraph=True)
-
-    def phase(grads: Flats, boundary: bool) -> Flats:
-        if plan.stage == 2:
-            return grads if boundary else reduce_scatter(grads)
-        if not boundary:
-            return grads
-        return all_reduce(grads) if plan.stage == 0 else reduce_scatter(grads)
-
-    return phase
+        return Reducer()
+    return OverlappedReducer(plan, group) if overlap else CompiledReducer(plan, group, compile)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,12 +34,17 @@ def mse(model, batch):
     return F.mse_loss(model(batch[0]), batch[1])
 
 
-def make_config(stage: int, world_size: int, mb: int = MB, **extra) -> Config:
+def make_config(stage: int, world_size: int, mb: int = MB, overlap: bool = False, **extra) -> Config:
     d = {
         "train_micro_batch_size_per_gpu": mb,
         "gradient_accumulation_steps": GAS,
         "gradient_clipping": 0.05,
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 16, "allgather_bucket_size": 16},
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": 16,
+            "allgather_bucket_size": 16,
+            "overlap_comm": overlap,
+        },
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
     }
     d.update(extra)
@@ -52,8 +57,8 @@ def global_batches(world_size: int):
     return [(torch.randn(rows, 5, generator=gen), torch.randn(rows, 1, generator=gen)) for _ in range(STEPS)]
 
 
-def train(rank: int, world_size: int, stage: int, compile: bool):
-    engine = initialize(Net(), make_config(stage, world_size), loss_fn=mse, compile=compile)
+def train(rank: int, world_size: int, stage: int, compile: bool, overlap: bool = False):
+    engine = initialize(Net(), make_config(stage, world_size, overlap=overlap), loss_fn=mse, compile=compile)
     state = engine.init()
     per = MB * GAS
     losses = []
@@ -83,8 +88,8 @@ def reference(world_size: int):
     return engine.full_params(state), losses
 
 
-def all_stages(rank: int, world_size: int, compile: bool, stages: tuple[int, ...]):
-    return {stage: train(rank, world_size, stage, compile) for stage in stages}
+def all_stages(rank: int, world_size: int, compile: bool, stages: tuple[int, ...], overlap: bool = False):
+    return {stage: train(rank, world_size, stage, compile, overlap) for stage in stages}
 
 
 def check_equal(results, world_size, stages):
@@ -107,6 +112,13 @@ def eager_runs():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_stage_equals_one_process_eager(world_size, eager_runs):
     check_equal(eager_runs[world_size], world_size, (0, 1, 2, 3))
+
+
+def test_overlapped_communication_equals_one_process():
+    # overlap_comm: collectives started from gradient hooks during backward (stages 0-2)
+    stages = (0, 1, 2)
+    results = spawn_ranks(all_stages, 3, False, stages, True, timeout=240)
+    check_equal(results, 3, stages)
 
 
 def test_every_stage_equals_one_process_compiled():

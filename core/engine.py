@@ -42,7 +42,7 @@ from zerostep.core.step import (
     make_zero3_backward,
 )
 from zerostep.parallel import groups as dist_groups
-from zerostep.parallel.collectives import CommCounter
+from zerostep.parallel.collectives import CommCounter, all_reduce_flat
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.zero3 import Unit, Zero3Runner, plan_units
 
@@ -125,7 +125,7 @@ class Engine:
                 "config has no 'optimizer' block; add one, e.g. "
                 '{"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}'
             )
-        self.optimizer = optim.from_config(config.optimizer)
+        self.optimizer = optim.from_config(config.optimizer, **self._lamb_options())
         self.lr_at = optim.lr_schedule(config.scheduler, self.optimizer.lr)
         self.beta1_at = optim.momentum_schedule(config.scheduler, self.optimizer)
         self._buffers = {
@@ -158,6 +158,30 @@ class Engine:
         self._comm_applied = step_comm_plan(self.plan, applied=True)
         self._comm_skipped = step_comm_plan(self.plan, applied=False)
         self._eval_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    def _lamb_options(self) -> dict[str, Any]:
+        """LAMB's trust ratio is per parameter: tell it where each parameter lies in the flat shards
+        and, when shards are split over ranks, sum the partial norms with an all-reduce."""
+        if self.config.optimizer is None or self.config.optimizer.type != "lamb":
+            return {}
+        plan, segments = self.plan, {}
+        for g, lay in plan.layouts.items():
+            lo, hi = (
+                lay.shard_range(plan.rank)
+                if plan.sharded_master or plan.stage == 3
+                else (0, lay.padded_numel)
+            )
+            pieces = []
+            for index, e in enumerate(lay.entries):
+                start, stop = max(lo, e.offset), min(hi, e.offset + e.numel)
+                if start < stop:
+                    pieces.append((start - lo, stop - lo, index))
+            segments[g] = optim.TrustSegments(tuple(pieces), len(lay.entries))
+        options: dict[str, Any] = {"trust_segments": segments}
+        if plan.world_size > 1 and (plan.sharded_master or plan.stage == 3):
+            group = self.group
+            options["norm_reduce"] = lambda sums: all_reduce_flat(sums.reshape(-1), group).reshape(sums.shape)
+        return options
 
     # ------------------------------------------------------------------ state
 

@@ -13,7 +13,7 @@ from zerostep.optim.adagrad import AdagradState, adagrad
 from zerostep.optim.adam import AdamState, adam, adamw
 from zerostep.optim.base import Optimizer
 from zerostep.optim.config import from_config
-from zerostep.optim.lamb import LambState, lamb
+from zerostep.optim.lamb import LambState, TrustSegments, lamb
 from zerostep.optim.lion import LionState, lion
 from zerostep.optim.registry import OPTIMIZER_TYPES, SCHEDULER_TYPES, UNSUPPORTED_OPTIMIZER_TYPES
 from zerostep.optim.schedules import ONE_CYCLE_BETA2, lr_schedule, momentum_schedule
@@ -30,6 +30,7 @@ __all__ = [
     "LionState",
     "Optimizer",
     "SgdState",
+    "TrustSegments",
     "adagrad",
     "adam",
     "adamw",

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from zerostep.errors import ConfigError
 from zerostep.optim.adagrad import adagrad
 from zerostep.optim.adam import adam
 from zerostep.optim.base import Optimizer, PerLeaf
@@ -20,8 +21,6 @@ from zerostep.optim.lamb import lamb
 from zerostep.optim.lion import lion
 from zerostep.optim.registry import OPTIMIZER_TYPES, UNSUPPORTED_OPTIMIZER_TYPES
 from zerostep.optim.sgd import sgd
-
-from zerostep.errors import ConfigError
 
 # Each type's accepted params and their defaults (DeepSpeed's FusedAdam/FusedLamb/FusedLion,
 # torch.optim's Adagrad/SGD). Adam's mode flags are handled before this table is consulted.
@@ -58,8 +57,13 @@ def from_config(
     weight_decay_mask: PerLeaf = None,
     lr_multipliers: PerLeaf = None,
     use_triton: bool | None = None,
+    trust_segments: PerLeaf = None,
+    norm_reduce: Any = None,
 ) -> Optimizer:
-    """Build the optimizer a DeepSpeed ``"optimizer": {"type": ..., "params": {...}}`` block names."""
+    """Build the optimizer a DeepSpeed ``"optimizer": {"type": ..., "params": {...}}`` block names.
+
+    ``trust_segments`` and ``norm_reduce`` reach LAMB only (see ``zerostep.optim.lamb``): how a flat
+    shard splits into parameters, and how partial norms are summed over ranks."""
     kind, params = block_parts(block, "optimizer")
     if kind is None:
         raise ConfigError(f"optimizer.type: missing; supported types are {list(OPTIMIZER_TYPES)}")
@@ -88,7 +92,7 @@ def from_config(
     else:
         defaults = dict(_DEFAULTS[name])
         if name == "lamb":
-            extra["use_triton"] = use_triton
+            extra.update(use_triton=use_triton, trust_segments=trust_segments, norm_reduce=norm_reduce)
 
     unknown = sorted(set(params) - set(defaults))
     if unknown:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+
+from zerostep.errors import ConfigError
 from zerostep.optim import triton_kernels
 from zerostep.optim.base import (
     Optimizer,
@@ -37,7 +39,14 @@ from zerostep.optim.base import (
     zeros_like_state,
 )
 
-from zerostep.errors import ConfigError
+
+class TrustSegments(NamedTuple):
+    """Static description of a flat leaf as pieces of parameters: ``(start, stop, index)`` element
+    ranges of the leaf, ``index`` in ``[0, n_segments)`` naming the parameter (several ranks' pieces of
+    one parameter share an index, and ``norm_reduce`` sums their partial norms)."""
+
+    pieces: tuple[tuple[int, int, int], ...]
+    n_segments: int
 
 
 class LambState(NamedTuple):
@@ -61,9 +70,14 @@ def lamb(
     lr_multipliers: PerLeaf = None,
     norm_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     use_triton: bool | None = None,
+    trust_segments: PerLeaf = None,
 ) -> Optimizer:
-    """DeepSpeed's FusedLamb. ``norm_reduce`` maps a leaf's local ``[sum p^2, sum update^2]`` to
-    the global sums (identity when None)."""
+    """DeepSpeed's FusedLamb. ``norm_reduce`` maps a leaf's local ``[sum p^2, sum update^2]`` (or, with
+    segments, ``[2, n_segments]``) to the global sums (identity when None).
+
+    ``trust_segments``: per leaf, None or a ``TrustSegments`` saying which element ranges of a flat leaf
+    belong to which parameter, so that each parameter gets its own trust ratio as with unflattened
+    tensors (the engine passes this for its flat ZeRO shards)."""
     b1, b2 = check_betas(betas)
     check_range("lr", lr, 0.0)
     check_range("eps", eps, 0.0)
@@ -81,6 +95,7 @@ def lamb(
         return LambState(step_count(params), zeros_like_state(params), zeros_like_state(params))
 
     def trust_ratio(sums: torch.Tensor) -> torch.Tensor:
+        """[2] -> [] or [2, k] -> [k]: the clamped ratio ||p|| / ||update|| (1 where either is 0)."""
         if norm_reduce is not None:
             sums = norm_reduce(sums)
         norms = sums.sqrt()
@@ -99,11 +114,12 @@ def lamb(
         c_leaves = per_leaf(opts.param_copies, params, None)
         masks = per_leaf(weight_decay_mask, params, True)
         mults = per_leaf(lr_multipliers, params, 1.0)
-        leaves = zip(p_leaves, g_leaves, m_leaves, v_leaves, c_leaves, masks, mults)
-        for p, g, m, v, copy, mask, mult in leaves:
+        segments = per_leaf(trust_segments, params, None)
+        leaves = zip(p_leaves, g_leaves, m_leaves, v_leaves, c_leaves, masks, mults, segments)
+        for p, g, m, v, copy, mask, mult, seg in leaves:
             leaf_lr = lr if is_static(mult, 1) else lr * mult
             wd = masked_weight_decay(weight_decay, mask)
-            if triton_kernels.usable(use_triton, (p, g, m, v), (wd, mult)):
+            if seg is None and triton_kernels.usable(use_triton, (p, g, m, v), (wd, mult)):
                 scalars = triton_kernels.adam_scalars(leaf_lr, opts.grad_scale, beta1, beta2, bc1, bc2,
                                                       p.device)
                 sums = triton_kernels.lamb_update_norms_(p, g, m, v, scalars, eps=eps, weight_decay=float(wd),
@@ -121,8 +137,23 @@ def lamb(
             update = (m / bc1) / denom
             if not is_static(wd, 0):
                 update = update + wd * pw
-            sums = torch.stack([(pw * pw).sum(), (update * update).sum()])
-            pw.sub_(update * (leaf_lr * trust_ratio(sums)))
+            if seg is None:
+                sums = torch.stack([(pw * pw).sum(), (update * update).sum()])
+                pw.sub_(update * (leaf_lr * trust_ratio(sums)))
+            else:
+                apply_segmented(pw, update, leaf_lr, seg)
             finish_param(p, pw, copy)
+
+    def apply_segmented(pw: torch.Tensor, update: torch.Tensor, leaf_lr: Scalar, seg: TrustSegments) -> None:
+        # Partial sums per piece, scattered into per-parameter sums [2, n_segments] (a piece is the part
+        # of one parameter inside this flat leaf; static, so the loop unrolls in a compiled graph).
+        columns = [torch.zeros((), dtype=torch.float32, device=pw.device)] * seg.n_segments
+        columns = [list(columns), list(columns)]
+        for start, stop, index in seg.pieces:
+            columns[0][index] = columns[0][index] + (pw[start:stop] * pw[start:stop]).sum()
+            columns[1][index] = columns[1][index] + (update[start:stop] * update[start:stop]).sum()
+        ratio = trust_ratio(torch.stack([torch.stack(columns[0]), torch.stack(columns[1])]))  # [n_segments]
+        for start, stop, index in seg.pieces:
+            pw[start:stop].sub_(update[start:stop] * (leaf_lr * ratio[index]))
 
     return Optimizer(name="lamb", lr=float(lr), hyperparams=hyper, init_fn=init, apply_fn=apply)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
 from zerostep.optim.base import (
     Optimizer,
     PerLeaf,

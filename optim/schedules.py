@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from zerostep.optim.config import block_parts
-from zerostep.optim.registry import SCHEDULER_TYPES
 
 from zerostep.errors import ConfigError
+from zerostep.optim.config import block_parts
+from zerostep.optim.registry import SCHEDULER_TYPES
 
 Step = int | torch.Tensor
 Schedule = Callable[[Step], Any]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from zerostep.errors import ConfigError
 from zerostep.optim.base import (
     Optimizer,
     PerLeaf,
@@ -28,8 +30,6 @@ from zerostep.optim.base import (
     step_count,
     zeros_like_state,
 )
-
-from zerostep.errors import ConfigError
 
 
 class SgdState(NamedTuple):

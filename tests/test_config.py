@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from zerostep.core.config import Config, ConfigError, ConfigWarning
 from zerostep.optim.registry import OPTIMIZER_TYPES, SCHEDULER_TYPES
 

@@ -289,3 +289,30 @@ def test_bad_inputs_have_clear_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="does-not-exist.json"):
         initialize(make_mlp(), str(tmp_path / "does-not-exist.json"), loss_fn=mse)
+
+
+def test_lamb_trust_ratio_is_per_parameter_over_flat_buffers():
+    """The engine's flat LAMB equals LAMB over the unflattened parameters (one trust ratio each)."""
+    from zerostep import optim
+
+    block = {"type": "Lamb", "params": {"lr": 0.05, "weight_decay": 0.01}}
+    cfg = config(clip=0.0, optimizer=block)
+    engine = initialize(make_mlp(), cfg, loss_fn=mse, compile=False)
+    state = engine.init()
+    data = batches(4, 4)
+    for b in data:
+        state = engine.step(state, b)
+    ref = make_mlp()
+    params = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    opt = optim.from_config(block)
+    opt_state = opt.init(params)
+
+    def loss_at(p, b):
+        return mse(lambda x: torch.func.functional_call(ref, p, (x,)), b)
+
+    for b in data:
+        grads = torch.func.grad(loss_at)(params, b)
+        params, opt_state = opt.update(grads, opt_state, params)
+    got = engine.full_params(state)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p, rtol=1e-5, atol=1e-6)

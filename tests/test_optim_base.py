@@ -4,9 +4,10 @@ beta overrides, param copies, and a compiled in-place step that does not recompi
 import pytest
 import torch
 import torch._dynamo.testing
-import zerostep.optim as zo
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import zerostep.optim as zo
 
 FACTORIES = {
     "adam": lambda: zo.adam(lr=1e-2, weight_decay=0.1),

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import zerostep.optim as zo
 
+import zerostep.optim as zo
 from zerostep.errors import ConfigError
 
 

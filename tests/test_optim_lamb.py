@@ -4,9 +4,10 @@ FusedLamb's choices: eps outside the root, decay inside the update, trust ratio 
 import math
 
 import torch
-import zerostep.optim as zo
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import zerostep.optim as zo
 
 
 def reference_lamb(params, grads_per_step, lr, b1, b2, eps, wd, max_coeff, min_coeff):

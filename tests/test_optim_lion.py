@@ -2,9 +2,10 @@
 interpolated momentum, decoupled weight decay, momentum updated with beta2 after the step."""
 
 import torch
-import zerostep.optim as zo
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import zerostep.optim as zo
 
 
 def reference_lion(x, grads, lr, b1, b2, wd):

@@ -8,9 +8,10 @@ one-ulp bf16 rounding difference.
 
 import pytest
 import torch
-import zerostep.optim as zo
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import zerostep.optim as zo
 
 STEPS = 100
 shapes = st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=2).map(tuple), min_size=1, max_size=3)

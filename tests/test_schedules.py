@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch._dynamo.testing
-import zerostep.optim as zo
 
+import zerostep.optim as zo
 from zerostep.errors import ConfigError
 
 

@@ -57,8 +57,13 @@ def global_batches(world_size: int):
     return [(torch.randn(rows, 5, generator=gen), torch.randn(rows, 1, generator=gen)) for _ in range(STEPS)]
 
 
-def train(rank: int, world_size: int, stage: int, compile: bool, overlap: bool = False):
-    engine = initialize(Net(), make_config(stage, world_size, overlap=overlap), loss_fn=mse, compile=compile)
+LAMB = {"type": "Lamb", "params": {"lr": 0.02, "weight_decay": 0.01}}
+
+
+def train(rank: int, world_size: int, stage: int, compile: bool, overlap: bool = False, optimizer=None):
+    extra = {"optimizer": optimizer} if optimizer else {}
+    cfg = make_config(stage, world_size, overlap=overlap, **extra)
+    engine = initialize(Net(), cfg, loss_fn=mse, compile=compile)
     state = engine.init()
     per = MB * GAS
     losses = []
@@ -68,9 +73,10 @@ def train(rank: int, world_size: int, stage: int, compile: bool, overlap: bool =
     return engine.full_params(state), losses, engine.comm.bytes_per_step
 
 
-def reference(world_size: int):
+def reference(world_size: int, optimizer=None):
     """One process, micro-batch MB * world_size: the same samples per micro-batch step as the ranks."""
-    engine = initialize(Net(), make_config(0, 1, mb=MB * world_size), loss_fn=mse, compile=False)
+    extra = {"optimizer": optimizer} if optimizer else {}
+    engine = initialize(Net(), make_config(0, 1, mb=MB * world_size, **extra), loss_fn=mse, compile=False)
     state = engine.init()
     losses = []
     for x, y in global_batches(world_size):
@@ -88,12 +94,14 @@ def reference(world_size: int):
     return engine.full_params(state), losses
 
 
-def all_stages(rank: int, world_size: int, compile: bool, stages: tuple[int, ...], overlap: bool = False):
-    return {stage: train(rank, world_size, stage, compile, overlap) for stage in stages}
+def all_stages(
+    rank: int, world_size: int, compile: bool, stages: tuple[int, ...], overlap: bool = False, optimizer=None
+):
+    return {stage: train(rank, world_size, stage, compile, overlap, optimizer) for stage in stages}
 
 
-def check_equal(results, world_size, stages):
-    ref_params, ref_losses = reference(world_size)
+def check_equal(results, world_size, stages, optimizer=None):
+    ref_params, ref_losses = reference(world_size, optimizer)
     for rank_out in results:
         for stage in stages:
             params, losses, _ = rank_out[stage]
@@ -119,6 +127,13 @@ def test_overlapped_communication_equals_one_process():
     stages = (0, 1, 2)
     results = spawn_ranks(all_stages, 3, False, stages, True, timeout=240)
     check_equal(results, 3, stages)
+
+
+def test_lamb_trust_ratios_span_ranks():
+    # a parameter split across two ranks' shards still gets one trust ratio (partial norms all-reduced)
+    stages = (1, 3)
+    results = spawn_ranks(all_stages, 2, False, stages, False, LAMB, timeout=240)
+    check_equal(results, 2, stages, LAMB)
 
 
 def test_every_stage_equals_one_process_compiled():

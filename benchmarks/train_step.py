@@ -86,7 +86,7 @@ def measure_ratio(name: str, batch: int, steps: int, warmup: int) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt.step()
-        return loss
+        return loss.detach()
 
     for i in range(warmup):
         state = engine.step(state, batches(i))

@@ -59,7 +59,7 @@ class TorchContender:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 class ZerostepContender:
@@ -83,7 +83,7 @@ class DeepSpeedContender:
         loss = self.loss_fn(self.engine, batch)
         self.engine.backward(loss)
         self.engine.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 def model_state_bytes(module: nn.Module) -> int:
@@ -199,8 +199,8 @@ def main() -> None:
     parser.add_argument(
         "--overlap-comm",
         choices=list(OVERLAP),
-        default="on",
-        help="zero_optimization.overlap_comm for zerostep stages 0-2 (stage 3 always overlaps)",
+        default="default",
+        help="zero_optimization.overlap_comm for zerostep stages 0-2 (default: unset, zerostep overlaps)",
     )
     args = parser.parse_args()
     names = ["mlp", "gpt"] if args.model == "both" else [args.model]

@@ -134,8 +134,13 @@ class Engine:
         self._forward = make_forward(model, loss_fn, layouts, self._buffers)
         # overlap_comm (DeepSpeed's key): start each unit's collective from its gradient hook during
         # backward. The hooks fire one by one only in an eager backward (a compiled one returns every
-        # gradient at once), so stages 0-2 then run forward/backward eagerly.
-        overlap = bool(zero.overlap_comm) and self.world_size > 1 and self.plan.stage < 3
+        # gradient at once), so stages 0-2 then run forward/backward eagerly. Results are identical
+        # either way; when the config leaves the key unset, zerostep overlaps (measured faster on 2
+        # gloo ranks: benchmarks/zero_step.py) instead of following DeepSpeed's default of off.
+        overlap_asked = (
+            zero.overlap_comm if config.source("zero_optimization.overlap_comm") != "default" else True
+        )
+        overlap = bool(overlap_asked) and self.world_size > 1 and self.plan.stage < 3
         self._runner = None
         if self.plan.stage == 3:
             self._runner = Zero3Runner(model, [Unit(g, lay) for g, lay in layouts.items()], self.group)

@@ -278,7 +278,7 @@ class Engine:
         check_batch(batch, plan.micro_batch_size, plan.accumulation_steps)
         batch = to_device(batch, self.device, self.compute_dtype)
         step, skipped, seed = int(state.step), int(state.skipped_steps), int(state.seed)
-        torch.manual_seed(_step_seed(seed, step, self.rank))
+        self._seed_rng(_step_seed(seed, step, self.rank))
         applied_before = step - skipped
         lr = torch.as_tensor(self.lr_at(applied_before - 1), dtype=torch.float32, device=self.device)
         beta1 = None
@@ -320,6 +320,13 @@ class Engine:
             scaler=scaler,
             metrics=metrics,
         )
+
+    def _seed_rng(self, seed: int) -> None:
+        # Only the generators this engine's device uses: torch.manual_seed also seeds every lazily
+        # initialized accelerator backend, which records a Python stack each call (~0.3 ms a step).
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
 
     def eval_step(self, state: TrainState, batch: Any) -> torch.Tensor:
         """The mean loss on ``batch`` (any leading size) at ``state``'s parameters; no update."""

@@ -316,3 +316,19 @@ def test_lamb_trust_ratio_is_per_parameter_over_flat_buffers():
     got = engine.full_params(state)
     for n, p in params.items():
         torch.testing.assert_close(got[n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_follows_the_state_seed():
+    def run(seed):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 1))
+        engine = initialize(model, config(), loss_fn=mse, compile=False)
+        state = engine.init(seed=seed)
+        torch.manual_seed(1234 + seed)  # the global RNG's state must not matter
+        for b in batches(3, 4):
+            state = engine.step(state, b)
+        return engine.full_params(state)
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import zlib
+from concurrent.futures import wait
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from zerostep.io.codec import (
     unpack_trailer,
 )
 from zerostep.io.errors import CheckpointError
+from zerostep.io.native import crc32
 from zerostep.io.writer import byte_view, worker_pool
 
 _INLINE_CRC_BYTES = 1 << 20  # below this, checksum in the calling thread
@@ -34,7 +36,7 @@ _INLINE_CRC_BYTES = 1 << 20  # below this, checksum in the calling thread
 def _crc(parts: list[memoryview]) -> int:
     crc = 0
     for part in parts:
-        crc = zlib.crc32(part, crc)
+        crc = crc32(part, crc)
     return crc
 
 
@@ -153,34 +155,46 @@ class PytreeReader:
 
     def _read(self, rec: TensorRecord, start: int, stop: int, dest: memoryview | None, verify: bool) -> None:
         """Read raw bytes [start, stop) of ``rec`` into ``dest`` (if given) and check the crc32 of every
-        block they touch. This thread reads block k while a worker checksums block k - 1."""
-        if stop <= start:
+        block they touch. Blocks are read and checksummed by the worker threads in parallel, each block
+        checksummed right after it is read (still in cache); page faults on fresh ``dest`` memory, the
+        largest cost of a load into new memory, then also run in parallel."""
+        if stop <= start or (dest is None and not verify):
             return
-        size, pending, bad = rec.block_bytes, [], []
-        inline = stop - start <= _INLINE_CRC_BYTES
-        for k in range(start // size, (stop - 1) // size + 1):
-            k_start, k_stop = k * size, min((k + 1) * size, rec.nbytes)
-            a, b = max(start, k_start), min(stop, k_stop)
-            if dest is not None:
-                self._pread(rec, a, b, dest[a - start : b - start])
-            if not verify:
-                continue
-            if dest is None:  # checksum the mapping itself
-                parts = [memoryview(self._mm)[o : o + n] for o, n in self._pieces(rec, k_start, k_stop)]
-            else:  # the block's bytes outside [start, stop) are read into scratch memory
-                parts = [dest[a - start : b - start]]
-                if k_start < a:
-                    parts.insert(0, self._scratch(rec, k_start, a))
-                if b < k_stop:
-                    parts.append(self._scratch(rec, b, k_stop))
-            if inline:
-                bad += [k] if _crc(parts) != rec.crcs[k] else []
-            else:
-                pending.append((k, worker_pool().submit(_crc, parts)))
-        bad += [k for k, f in pending if f.result() != rec.crcs[k]]
+        size = rec.block_bytes
+        blocks = range(start // size, (stop - 1) // size + 1)
+        if stop - start <= _INLINE_CRC_BYTES or len(blocks) == 1:
+            ok = [self._block(rec, k, start, stop, dest, verify) for k in blocks]
+        else:
+            pool = worker_pool()
+            jobs = [pool.submit(self._block, rec, k, start, stop, dest, verify) for k in blocks]
+            wait(jobs)  # every job has finished with ``dest`` before this returns or raises
+            ok = [job.result() for job in jobs]
+        bad = [k for k, good in zip(blocks, ok) if not good]
         if bad:
             name = next((p for p, i in self.paths.items() if self.records[i] is rec), "?")
             self._fail(f"checksum mismatch in tensor {name!r} (block {bad[0]} of {len(rec.crcs)})")
+
+    def _block(
+        self, rec: TensorRecord, k: int, start: int, stop: int, dest: memoryview | None, verify: bool
+    ) -> bool:
+        """Read the part of checksum block ``k`` inside [start, stop) into ``dest`` (if given); False if
+        ``verify`` and the block's crc32 differs from the index."""
+        k_start, k_stop = k * rec.block_bytes, min((k + 1) * rec.block_bytes, rec.nbytes)
+        a, b = max(start, k_start), min(stop, k_stop)
+        if dest is not None:
+            self._pread(rec, a, b, dest[a - start : b - start])
+        if not verify:
+            return True
+        if dest is None:  # checksum the mapping itself
+            with memoryview(self._mm) as mm:
+                return _crc([mm[o : o + n] for o, n in self._pieces(rec, k_start, k_stop)]) == rec.crcs[k]
+        # the block's bytes outside [start, stop) are read into scratch memory
+        parts = [dest[a - start : b - start]]
+        if k_start < a:
+            parts.insert(0, self._scratch(rec, k_start, a))
+        if b < k_stop:
+            parts.append(self._scratch(rec, b, k_stop))
+        return _crc(parts) == rec.crcs[k]
 
     def _scratch(self, rec: TensorRecord, start: int, stop: int) -> memoryview:
         buf = memoryview(bytearray(stop - start))

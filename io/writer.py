@@ -2,8 +2,10 @@
 
 Structure bytes come from ``msgpack.Packer`` and collect in a small buffer; tensor payloads go from the
 tensor's own memory to ``os.write`` (no ``bytes`` copy, unlike ``msgpack.ExtType``), while worker threads
-crc32 the same memory block by block (``zlib.crc32`` and ``os.write`` both release the GIL). The file is
-written under a temporary name in the destination folder and renamed into place with ``os.replace``.
+crc32 the same memory block by block (``zlib.crc32``-compatible, via libdeflate where installed; it and
+``os.write`` release the GIL). The payload's extent is ``fallocate``d first (``zerostep.io.native``). The
+file is written under a temporary name in the destination folder and renamed into place with
+``os.replace``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from zerostep.io.codec import (
     tuple_marker,
 )
 from zerostep.io.errors import CheckpointError
+from zerostep.io.native import crc32, preallocate
 
 _WRITE_SLICE = 1 << 30  # Linux writes at most 0x7ffff000 bytes per call
 _FLUSH_AT = 1 << 20
@@ -84,7 +87,7 @@ def host_bytes(t: torch.Tensor) -> tuple[memoryview, torch.Tensor]:
 
 def block_crcs(view: memoryview, block_bytes: int) -> list[Future]:
     pool = worker_pool()
-    return [pool.submit(zlib.crc32, view[i : i + block_bytes]) for i in range(0, len(view), block_bytes)]
+    return [pool.submit(crc32, view[i : i + block_bytes]) for i in range(0, len(view), block_bytes)]
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,17 @@ class _BodyWriter:
         return TensorRef(len(self.records) - 1)
 
 
+def _payload_bytes(tree: Any) -> int:
+    """Raw tensor bytes in ``tree`` (a lower bound of the file's size)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_payload_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_payload_bytes(v) for v in tree)
+    return 0
+
+
 def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -223,6 +237,7 @@ def write_pytree(
         raise CheckpointError(path, f"cannot create file: {e}") from e
     try:
         try:
+            preallocate(fd, _payload_bytes(tree))  # the file ends up larger: every byte is written
             sink = _Sink(fd)
             sink.frame(PREAMBLE)
             body = _BodyWriter(sink, block_bytes, max_chunk_bytes)

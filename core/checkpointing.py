@@ -30,6 +30,8 @@ from zerostep.io.checkpoint import SaveHandle
 from zerostep.io.manifest import CheckpointDir
 from zerostep.parallel.collectives import all_gather_flat
 
+FORMAT = "zerostep-train-state/1"
+
 
 def _layouts_meta(layouts) -> dict:
     return {
@@ -38,14 +40,20 @@ def _layouts_meta(layouts) -> dict:
     }
 
 
+def _leaf_key(path: tuple) -> str:
+    return "/".join(str(p) for p in path) or "value"
+
+
 def _opt_leaves(opt_state: Any) -> dict[str, Any]:
     paths, leaves, _ = optree.tree_flatten_with_path(opt_state)
-    return {"/".join(str(p) for p in path) or "value": leaf for path, leaf in zip(paths, leaves)}
+    return {_leaf_key(path): leaf for path, leaf in zip(paths, leaves)}
 
 
 def _flat_group(path: str, groups) -> str | None:
-    parts = path.split("/")
-    return next((g for g in groups if g in parts), None)
+    """The group a flat optimizer-state leaf belongs to: optimizer states keep per-group dicts, so the
+    group is the path's last part (earlier parts are field indices, which may look like group names)."""
+    last = path.rsplit("/", 1)[-1]
+    return last if last in groups else None
 
 
 def save(
@@ -65,7 +73,7 @@ def save(
 
     def own(g: str, t: torch.Tensor) -> torch.Tensor:
         # stage 0 (or world size 1) keeps the whole padded buffer: write this rank's slice of it
-        return plan.layouts[g].shard(t, plan.rank) if t.numel() == plan.layouts[g].padded_numel else t
+        return t if plan.sharded_master else plan.layouts[g].shard(t, plan.rank)
 
     flat_numel: dict[str, int] = {}
     master = {}
@@ -91,7 +99,7 @@ def save(
         "client_state": client_state or {},
     }
     meta = {
-        "format": "zerostep-train-state/1",
+        "format": FORMAT,
         "step": step,
         "zero_stage": plan.stage,
         "world_size": plan.world_size,
@@ -149,8 +157,12 @@ def load(
     fresh optimizer state, loss scaler, step 0."""
     plan = engine.plan
     where, meta = _resolve(load_dir, tag)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            where, f"not a zerostep train state (format {meta.get('format')!r}, want {FORMAT})"
+        )
     _check_model_matches(engine, meta, where)
-    full = plan.stage == 0 or not plan.sharded_master and plan.stage != 3
+    full = not plan.sharded_master
     # The flat leaves at this world size: whole buffers (read as rank 0 of 1) or this rank's shard.
     rank, world = (0, 1) if full else (plan.rank, plan.world_size)
     wanted = None if load_optimizer_states else ["master"]
@@ -170,7 +182,7 @@ def load(
     for g, m in master.items():
         if plan.params_alias_master:
             params[g] = m
-        elif full or plan.stage == 3:
+        elif plan.params_match_master:
             params[g] = m.to(plan.compute_dtype)
         else:
             params[g] = all_gather_flat(m, engine.group).to(plan.compute_dtype)
@@ -181,7 +193,7 @@ def load(
     paths, leaves, spec = optree.tree_flatten_with_path(template)
     restored = []
     for path, leaf in zip(paths, leaves):
-        key = "/".join(str(p) for p in path) or "value"
+        key = _leaf_key(path)
         if key not in saved_opt:
             raise CheckpointError(
                 where, f"optimizer state leaf {key!r} missing (saved with another optimizer?)"

@@ -106,10 +106,30 @@ class Engine:
                 "offload to cpu requested: the model already lives in host memory; nothing to do",
                 stacklevel=3,
             )
+        if dist.is_initialized() and dist.get_backend(self.group) == "nccl" and self.device.type != "cuda":
+            raise ValueError(
+                f"the process group uses NCCL but the model's parameters are on {self.device}; "
+                "move the model to its GPU (cuda:LOCAL_RANK) before initialize()"
+            )
+        stage = int(zero.stage)
+        if stage == 3 and float(config.gradient_predivide_factor) != 1.0:
+            warnings.warn(
+                "gradient_predivide_factor is ignored at ZeRO stage 3 (gradients are reduce-scattered "
+                "unit by unit inside backward, as sums)",
+                stacklevel=3,
+            )
+        # overlap_comm (DeepSpeed's key): start each unit's collective from its gradient hook during
+        # backward. The hooks fire one by one only in an eager backward (a compiled one returns every
+        # gradient at once), so stages 0-2 then run forward/backward eagerly. Results are identical
+        # either way; when the config leaves the key unset, zerostep overlaps (measured faster on 2
+        # gloo ranks: benchmarks/zero_step.py) instead of following DeepSpeed's default of off.
+        # Stage 3 always overlaps (parallel.zero3 prefetches gathers and reduce-scatters in backward).
+        user_set = config.source("zero_optimization.overlap_comm") != "default"
+        overlap = bool(zero.overlap_comm if user_set else True) and self.world_size > 1 and stage < 3
         layouts = _trainable_layouts(model, set(trainable), self.compute_dtype, self.world_size)
         self.plan = StepPlan(
             layouts=layouts,
-            stage=int(zero.stage),
+            stage=stage,
             world_size=self.world_size,
             rank=self.rank,
             accumulation_steps=int(config.gradient_accumulation_steps),
@@ -119,6 +139,7 @@ class Engine:
             predivide_factor=float(config.gradient_predivide_factor),
             reduce_bucket_numel=int(zero.reduce_bucket_size) or None,
             allgather_bucket_numel=int(zero.allgather_bucket_size) or None,
+            overlap_comm=overlap,
         )
         if config.optimizer is None:
             raise ValueError(
@@ -128,37 +149,26 @@ class Engine:
         self.optimizer = optim.from_config(config.optimizer, **self._lamb_options())
         self.lr_at = optim.lr_schedule(config.scheduler, self.optimizer.lr)
         self.beta1_at = optim.momentum_schedule(config.scheduler, self.optimizer)
-        self._buffers = {
-            n: b.to(self.compute_dtype) if b.is_floating_point() else b for n, b in model.named_buffers()
+        # Buffers and frozen parameters enter the forward as constants, cast like the parameters.
+        frozen = ((n, p.detach()) for n, p in model.named_parameters() if not p.requires_grad)
+        self._constants = {
+            n: t.to(self.compute_dtype) if t.is_floating_point() else t
+            for n, t in [*model.named_buffers(), *frozen]
         }
-        self._forward = make_forward(model, loss_fn, layouts, self._buffers)
-        # overlap_comm (DeepSpeed's key): start each unit's collective from its gradient hook during
-        # backward. The hooks fire one by one only in an eager backward (a compiled one returns every
-        # gradient at once), so stages 0-2 then run forward/backward eagerly. Results are identical
-        # either way; when the config leaves the key unset, zerostep overlaps (measured faster on 2
-        # gloo ranks: benchmarks/zero_step.py) instead of following DeepSpeed's default of off.
-        overlap_asked = (
-            zero.overlap_comm if config.source("zero_optimization.overlap_comm") != "default" else True
-        )
-        overlap = bool(overlap_asked) and self.world_size > 1 and self.plan.stage < 3
+        self._forward = make_forward(model, loss_fn, layouts, self._constants)
         self._runner = None
-        if self.plan.stage == 3:
+        if stage == 3:
             self._runner = Zero3Runner(model, [Unit(g, lay) for g, lay in layouts.items()], self.group)
-            self._scaled_backward = make_zero3_backward(
-                self._runner, make_module_forward(loss_fn, self._buffers), self.plan.accumulation_steps
-            )
+            self._scaled_backward = make_zero3_backward(self._runner, self.plan.accumulation_steps)
+            step_forward = make_module_forward(loss_fn, self._constants)
         else:
             self._scaled_backward = make_scaled_backward(
                 self.plan.accumulation_steps, compile and not overlap
             )
+            step_forward = self._forward
         self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, compile)
-        self._reducer = make_reduce_scatter(self.plan, self.group, compile, overlap)
-        self._step = compose(
-            self._forward,
-            self._scaled_backward,
-            self._reducer,
-            self._sharded_update,
-        )
+        self._reducer = make_reduce_scatter(self.plan, self.group, compile)
+        self._step = compose(step_forward, self._scaled_backward, self._reducer, self._sharded_update)
         self.comm = CommCounter()  # host-side byte totals, for benchmarks and monitors
         self._comm_applied = step_comm_plan(self.plan, applied=True)
         self._comm_skipped = step_comm_plan(self.plan, applied=False)
@@ -171,11 +181,7 @@ class Engine:
             return {}
         plan, segments = self.plan, {}
         for g, lay in plan.layouts.items():
-            lo, hi = (
-                lay.shard_range(plan.rank)
-                if plan.sharded_master or plan.stage == 3
-                else (0, lay.padded_numel)
-            )
+            lo, hi = lay.shard_range(plan.rank) if plan.sharded_master else (0, lay.padded_numel)
             pieces = []
             for index, e in enumerate(lay.entries):
                 start, stop = max(lo, e.offset), min(hi, e.offset + e.numel)
@@ -183,7 +189,7 @@ class Engine:
                     pieces.append((start - lo, stop - lo, index))
             segments[g] = optim.TrustSegments(tuple(pieces), len(lay.entries))
         options: dict[str, Any] = {"trust_segments": segments}
-        if plan.world_size > 1 and (plan.sharded_master or plan.stage == 3):
+        if plan.sharded_master:
             group = self.group
             options["norm_reduce"] = lambda sums: all_reduce_flat(sums.reshape(-1), group).reshape(sums.shape)
         return options
@@ -199,17 +205,12 @@ class Engine:
             full = layout.flatten({n: named[n].detach() for n in layout.names}, dtype=torch.float32)
             if self.world_size > 1:
                 dist.broadcast(full, src=0, group=self.group)
-            if plan.sharded_master or plan.stage == 3:
-                shard = layout.shard(full, self.rank).clone()
-            else:
-                shard = full
+            shard = layout.shard(full, self.rank).clone() if plan.sharded_master else full
             master[g] = shard
             if plan.params_alias_master:
                 flats[g] = shard
-            elif plan.stage == 3:
-                flats[g] = shard.to(self.compute_dtype)
             else:
-                flats[g] = full.to(self.compute_dtype)
+                flats[g] = (shard if plan.params_match_master else full).to(self.compute_dtype)
         return self.state_from(master, flats, seed=seed)
 
     def state_from(
@@ -278,7 +279,6 @@ class Engine:
         check_batch(batch, plan.micro_batch_size, plan.accumulation_steps)
         batch = to_device(batch, self.device, self.compute_dtype)
         step, skipped, seed = int(state.step), int(state.skipped_steps), int(state.seed)
-        self._seed_rng(_step_seed(seed, step, self.rank))
         applied_before = step - skipped
         lr = torch.as_tensor(self.lr_at(applied_before - 1), dtype=torch.float32, device=self.device)
         beta1 = None
@@ -288,16 +288,21 @@ class Engine:
             )
         scale = state.scaler.scale.to(self.device)
 
-        applied, loss, grad_norm = self._step(
-            state.params.flats,
-            micro_batches(batch, plan.micro_batch_size, plan.accumulation_steps),
-            scale,
-            master=state.master,
-            opt_state=state.opt_state,
-            params=state.params.flats,
-            lr=lr,
-            beta1=beta1,
-        )
+        # Randomness (dropout) comes from the state's seed and step, in a forked RNG so the caller's
+        # global generator is left as it was.
+        with torch.random.fork_rng(devices=self._rng_devices):
+            self._seed_rng(_step_seed(seed, step, self.rank))
+            # The same flats are read by backward and written in place by the update (donation).
+            applied, loss, grad_norm = self._step(
+                state.params.flats,
+                micro_batches(batch, plan.micro_batch_size, plan.accumulation_steps),
+                scale,
+                master=state.master,
+                opt_state=state.opt_state,
+                params=state.params.flats,
+                lr=lr,
+                beta1=beta1,
+            )
         self.comm.record(self._comm_applied if applied else self._comm_skipped)
         scaler = loss_scale_update(state.scaler, not applied, self.config.fp16)
         if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
@@ -321,6 +326,10 @@ class Engine:
             metrics=metrics,
         )
 
+    @property
+    def _rng_devices(self) -> list[int]:
+        return [self.device.index or 0] if self.device.type == "cuda" else []
+
     def _seed_rng(self, seed: int) -> None:
         # Only the generators this engine's device uses: torch.manual_seed also seeds every lazily
         # initialized accelerator backend, which records a Python stack each call (~0.3 ms a step).
@@ -337,8 +346,13 @@ class Engine:
             flats = {g: f.to(self.compute_dtype) for g, f in gathered_flats(self, state).items()}
         else:
             flats = state.params.flats
-        with torch.no_grad():
-            loss = self._eval_forward(flats, to_device(batch, self.device, self.compute_dtype)).float()
+        was_training = self.model.training
+        self.model.eval()  # dropout off, as in DeepSpeed's engine.eval()
+        try:
+            with torch.no_grad():
+                loss = self._eval_forward(flats, to_device(batch, self.device, self.compute_dtype)).float()
+        finally:
+            self.model.train(was_training)
         if self.world_size > 1:
             loss = loss.clone()
             dist.all_reduce(loss, group=self.group)

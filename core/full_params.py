@@ -15,7 +15,7 @@ def gathered_flats(engine: Any, state: TrainState) -> dict[str, torch.Tensor]:
     plan = engine.plan
     out = {}
     for g, shard in state.master.items():
-        if plan.world_size > 1 and (plan.sharded_master or plan.stage == 3):
+        if plan.sharded_master:
             out[g] = all_gather_flat(shard.contiguous(), engine.group)
         else:
             out[g] = shard

@@ -5,13 +5,16 @@ Read this file first. One ``engine.step`` is one optimizer step over ``GAS`` mic
 1. ``forward(flats, micro_batch) -> loss``: the user's module run by ``torch.func.functional_call`` on
    parameters that are views of the per-group flat buffers (``FlatLayout.split``, whose backward is one
    ``cat``: the gradient of a group arrives as one flat buffer, no per-parameter copies).
-2. ``scaled_backward(forward, flats, micro_batch, scale) -> (loss, grads)``: gradients of
+2. ``scaled_backward(forward, flats, micro_batch, scale, hooks) -> (loss, grads)``: gradients of
    ``loss * scale / GAS`` w.r.t. the flat buffers. Compiled with ``torch.compile`` (AOTAutograd compiles
-   the forward and the backward); stage 3 runs it eagerly through ``parallel.zero3`` instead, which
-   gathers each unit's parameters just before use and reduce-scatters its gradient straight after.
-3. ``reduce_scatter(grads) -> grads``: stage 0 all-reduces at the accumulation boundary, stage 1
-   reduce-scatters at the boundary, stage 2 reduce-scatters every micro-batch (its accumulator is a
-   shard), stage 3 already did it in backward. Identity at world size 1.
+   the forward and the backward) unless communication overlaps backward (``overlap_comm``, the default
+   on several ranks), whose per-group gradient hooks only fire one by one in an eager backward. Stage 3
+   runs eagerly through ``parallel.zero3``, which gathers each unit's parameters just before use and
+   reduce-scatters its gradient straight after.
+3. ``reduce_scatter``, a ``Reducer``: the one stateful phase (it accumulates micro-batches). Stage 0
+   all-reduces at the accumulation boundary, stage 1 reduce-scatters at the boundary, stage 2
+   reduce-scatters every micro-batch (its accumulator is a shard), stage 3 already did it in backward;
+   identity at world size 1. With ``overlap_comm`` the collectives start from gradient hooks.
 4. ``sharded_update``: the global finite check and gradient norm with one all-reduce (graph A), then,
    unless the gradients are non-finite, unscale + clip + optimizer update of this rank's fp32 shard +
    write back of compute-dtype parameters (all-gather at stages 1-2) in one in-place graph (graph B).
@@ -54,15 +57,31 @@ class StepPlan:
     predivide_factor: float
     reduce_bucket_numel: int | None
     allgather_bucket_numel: int | None
+    overlap_comm: bool = False  # stages 0-2: collectives start from gradient hooks during backward
 
     @property
     def sharded_master(self) -> bool:
+        """Master (and optimizer state) hold this rank's shard, not the whole buffer. At world size 1
+        the one shard is the whole buffer, so every stage is treated alike there."""
         return self.stage >= 1 and self.world_size > 1
 
     @property
+    def params_match_master(self) -> bool:
+        """Compute-dtype params have the master's shape: the whole buffer (stage 0, or world size 1)
+        or, at stage 3, this rank's shard."""
+        return self.stage == 3 or not self.sharded_master
+
+    @property
     def params_alias_master(self) -> bool:
-        # fp32 parameters that are exactly the master buffer need no copy-back.
-        return self.compute_dtype == torch.float32 and (self.stage == 3 or not self.sharded_master)
+        # fp32 parameters of the master's shape are the master itself: nothing to copy back.
+        return self.compute_dtype == torch.float32 and self.params_match_master
+
+    @property
+    def unscale_numerator(self) -> float:
+        """Gradients arrive as the sum over ranks of d(loss * scale / GAS), pre-divided by
+        ``gradient_predivide_factor`` before a collective (stages 0-2); times this over
+        (scale * world_size) they become the mean gradient."""
+        return self.predivide_factor if 1 < self.world_size and self.stage < 3 else 1.0
 
 
 def compose(
@@ -79,6 +98,7 @@ def compose(
     """
 
     def step(flats: Flats, micro_batches: list[Any], scale: torch.Tensor, **update_args: Any) -> Any:
+        reduce_scatter.reset()  # a step that raised midway must not leak its partial sums into this one
         losses = []
         for i, micro_batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -113,6 +133,11 @@ class _LossModule(nn.Module):
         return loss_of_output(out)
 
 
+def _prefixed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # names as ``_LossModule`` sees them: the user's module is its ``model`` child
+    return {"model." + n: t for n, t in tensors.items()}
+
+
 def loss_of_output(out: Any) -> torch.Tensor:
     loss = getattr(out, "loss", None)
     if loss is None and isinstance(out, dict):
@@ -131,13 +156,14 @@ def make_forward(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
     layouts: dict[str, FlatLayout],
-    buffers: dict[str, torch.Tensor],
+    constants: dict[str, torch.Tensor],
 ) -> Callable[[Flats, Any], torch.Tensor]:
+    """``constants``: buffers and frozen parameters (in compute dtype), by module-relative name."""
     wrapper = _LossModule(model, loss_fn)
-    prefixed_buffers = {"model." + n: b for n, b in buffers.items()}
+    prefixed_constants = _prefixed(constants)
 
     def forward(flats: Flats, micro_batch: Any) -> torch.Tensor:
-        tensors = dict(prefixed_buffers)
+        tensors = dict(prefixed_constants)
         for group, flat in flats.items():
             for name, view in layouts[group].unflatten(flat).items():
                 tensors["model." + name] = view
@@ -147,14 +173,14 @@ def make_forward(
 
 
 def make_module_forward(
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None, buffers: dict[str, torch.Tensor]
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None, constants: dict[str, torch.Tensor]
 ) -> Callable[[nn.Module, Any], torch.Tensor]:
     """Stage 3's forward: the loss of ``module`` as ``parallel.zero3`` has patched it, unit by unit."""
-    prefixed_buffers = {"model." + n: b for n, b in buffers.items()}
+    prefixed_constants = _prefixed(constants)
 
     def forward(module: nn.Module, micro_batch: Any) -> torch.Tensor:
         wrapper = _LossModule(module, loss_fn)
-        return torch.func.functional_call(wrapper, prefixed_buffers, (micro_batch,), strict=False)
+        return torch.func.functional_call(wrapper, prefixed_constants, (micro_batch,), strict=False)
 
     return forward
 
@@ -179,21 +205,22 @@ def make_scaled_backward(accumulation_steps: int, compile: bool) -> Callable[...
         for g, hook in (hooks or {}).items():
             leaves[g].register_hook(hook)
         scaled, loss = compiled(forward, leaves, micro_batch, scale)
-        grads = torch.autograd.grad(scaled, list(leaves.values()))
-        return loss, dict(zip(leaves, grads))
+        grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
+        # a group the forward never touched (an unused block) gets a zero gradient
+        return loss, {g: torch.zeros_like(leaves[g]) if d is None else d for g, d in zip(leaves, grads)}
 
     return scaled_backward
 
 
-def make_zero3_backward(runner: Any, module_forward: Callable, accumulation_steps: int):
+def make_zero3_backward(runner: Any, accumulation_steps: int):
     """Stage 3: ``parallel.zero3`` gathers each unit just before use and reduce-scatters its gradient
     (a sum over ranks) into this rank's shard right after; runs eagerly (its hooks free and re-gather
-    parameter storage, which the compiler does not trace)."""
+    parameter storage, which the compiler does not trace). ``forward`` here is the module-level one
+    (``make_module_forward``); there are no reducer hooks, the runner communicates itself."""
 
     def scaled_backward(forward, shards: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None):
-        # stage 3 reduce-scatters inside backward already (parallel.zero3); there are no hooks to run
         def call(module: nn.Module) -> torch.Tensor:
-            return module_forward(module, micro_batch).float()
+            return forward(module, micro_batch).float()
 
         return runner.loss_and_grads(shards, call, scale / accumulation_steps)
 
@@ -210,6 +237,9 @@ class Reducer:
 
     def __init__(self) -> None:
         self.acc: Flats | None = None
+
+    def reset(self) -> None:
+        self.acc = None
 
     def grad_hooks(self, last: bool) -> dict[str, Callable] | None:
         return None
@@ -238,24 +268,17 @@ class CompiledReducer(Reducer):
     def __init__(self, plan: StepPlan, group: Any, compile: bool) -> None:
         super().__init__()
         self.stage = plan.stage
-        pre = 1.0 / plan.predivide_factor if plan.predivide_factor != 1.0 else None
+        pre = _predivide(plan)
         bucket = plan.reduce_bucket_numel
 
-        def all_reduce(grads: Flats) -> Flats:
-            return {
-                g: collectives.all_reduce_flat(t * pre if pre else t, group, bucket) for g, t in grads.items()
-            }
+        def over_groups(collective: Callable) -> Callable[[Flats], Flats]:
+            def run(grads: Flats) -> Flats:
+                return {g: collective(t * pre if pre else t, group, bucket) for g, t in grads.items()}
 
-        def reduce_scatter(grads: Flats) -> Flats:
-            return {
-                g: collectives.reduce_scatter_flat(t * pre if pre else t, group, bucket)
-                for g, t in grads.items()
-            }
+            return torch.compile(run, dynamic=False, fullgraph=True) if compile else run
 
-        if compile:
-            all_reduce = torch.compile(all_reduce, dynamic=False, fullgraph=True)
-            reduce_scatter = torch.compile(reduce_scatter, dynamic=False, fullgraph=True)
-        self.all_reduce, self.reduce_scatter = all_reduce, reduce_scatter
+        self.all_reduce = over_groups(collectives.all_reduce_flat)
+        self.reduce_scatter = over_groups(collectives.reduce_scatter_flat)
 
     def add(self, grads: Flats, last: bool) -> None:
         if self.stage == 2:
@@ -277,10 +300,19 @@ class OverlappedReducer(Reducer):
     def __init__(self, plan: StepPlan, group: Any) -> None:
         super().__init__()
         self.plan, self.group = plan, group
-        self.pre = 1.0 / plan.predivide_factor if plan.predivide_factor != 1.0 else None
+        self.pre = _predivide(plan)
         self.pending: dict[str, tuple[Any, torch.Tensor]] = {}
 
+    def reset(self) -> None:
+        for work, _ in self.pending.values():
+            work.wait()  # never leave a collective in flight: the ranks' sequences must stay aligned
+        self.pending.clear()
+        super().reset()
+
     def _start(self, g: str, grad: torch.Tensor) -> None:
+        # Modifies the hook's argument in place, which tensor hooks normally must not do: here the
+        # gradient is the fresh output of the split's backward (one cat per group), which nothing
+        # else holds, and the leaf it belongs to is our own detached view.
         if self.plan.stage < 2 and self.acc is not None:
             grad.add_(self.acc[g])
         if self.pre is not None:
@@ -305,9 +337,14 @@ class OverlappedReducer(Reducer):
         return {g: hook_for(g) for g in self.plan.layouts}
 
     def add(self, grads: Flats, last: bool) -> None:
-        if not self.pending:  # stages 0-1 before the last micro-batch: accumulate locally
+        if self.plan.stage < 2 and not last:  # stages 0-1 before the last micro-batch: local sum
             self._accumulate(grads)
             return
+        # Groups whose hook never fired (unused in this forward) communicate now, in layout order,
+        # which is the same on every rank.
+        for g in self.plan.layouts:
+            if g not in self.pending:
+                self._start(g, grads[g])
         reduced = {}
         for g in grads:
             work, out = self.pending.pop(g)
@@ -319,11 +356,15 @@ class OverlappedReducer(Reducer):
             self.acc = reduced
 
 
-def make_reduce_scatter(plan: StepPlan, group: Any, compile: bool, overlap: bool) -> Reducer:
+def _predivide(plan: StepPlan) -> float | None:
+    return 1.0 / plan.predivide_factor if plan.predivide_factor != 1.0 else None
+
+
+def make_reduce_scatter(plan: StepPlan, group: Any, compile: bool) -> Reducer:
     """Phase 3 for a plan: sum gradients over ranks (module docstring)."""
     if plan.world_size == 1 or plan.stage == 3:
         return Reducer()
-    return OverlappedReducer(plan, group) if overlap else CompiledReducer(plan, group, compile)
+    return OverlappedReducer(plan, group) if plan.overlap_comm else CompiledReducer(plan, group, compile)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +395,6 @@ def make_norm_and_loss(
 def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool) -> Callable[..., None]:
     """Graph B: unscale, clip, optimizer step on the fp32 shard, write back compute-dtype params."""
     clip = plan.gradient_clipping
-    post = plan.predivide_factor if 1 < plan.world_size and plan.stage < 3 else 1.0
 
     def apply_update(
         grads: Flats,
@@ -366,8 +406,7 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
         lr: torch.Tensor,
         beta1: torch.Tensor | None,
     ) -> None:
-        # grads hold sum over ranks of d(loss * scale / GAS); the mean over ranks and unscaled:
-        unscale = post / (scale * plan.world_size)
+        unscale = plan.unscale_numerator / (scale * plan.world_size)
         grad_scale = unscale
         if clip > 0:
             norm = torch.sqrt(sumsq) * unscale
@@ -375,17 +414,25 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
         grads32 = {g: t.float() for g, t in grads.items()}
         # OneCycle's momentum cycle writes (beta1, 0.99) into the betas, as DeepSpeed does.
         beta2 = None if beta1 is None else ONE_CYCLE_BETA2
-        optimizer.update_(grads32, opt_state, master, lr, grad_scale=grad_scale, beta1=beta1, beta2=beta2)
-        if plan.params_alias_master:
+        # params of the master's shape take the updated values in the optimizer's own pass
+        copies = params if plan.params_match_master and not plan.params_alias_master else None
+        optimizer.update_(
+            grads32,
+            opt_state,
+            master,
+            lr,
+            grad_scale=grad_scale,
+            beta1=beta1,
+            beta2=beta2,
+            param_copies=copies,
+        )
+        if plan.params_match_master:
             return
         for g, shard in master.items():
-            if plan.stage == 3 or not plan.sharded_master:
-                params[g].copy_(shard)
-            else:
-                full = collectives.all_gather_flat(
-                    shard.to(plan.compute_dtype), group, plan.allgather_bucket_numel
-                )
-                params[g].copy_(full)
+            full = collectives.all_gather_flat(
+                shard.to(plan.compute_dtype), group, plan.allgather_bucket_numel
+            )
+            params[g].copy_(full)
 
     return torch.compile(apply_update, dynamic=False, fullgraph=True) if compile else apply_update
 
@@ -397,7 +444,6 @@ def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: boo
     """
     norm_and_loss = make_norm_and_loss(plan, group, compile)
     apply_update = make_apply_update(plan, optimizer, group, compile)
-    post = plan.predivide_factor if 1 < plan.world_size and plan.stage < 3 else 1.0
 
     def sharded_update(
         grads: Flats,
@@ -411,7 +457,7 @@ def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: boo
         beta1: torch.Tensor | None,
     ) -> tuple[bool, torch.Tensor, torch.Tensor]:
         sumsq, loss = norm_and_loss(grads, loss_sum)
-        grad_norm = torch.sqrt(sumsq) * (post / (scale * plan.world_size))
+        grad_norm = torch.sqrt(sumsq) * (plan.unscale_numerator / (scale * plan.world_size))
         applied = bool(torch.isfinite(sumsq).item())
         if applied:
             apply_update(grads, master, opt_state, params, sumsq, scale, lr, beta1)

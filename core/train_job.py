@@ -3,7 +3,7 @@
 Runs out of the box: a built-in DeepSpeed config (overridable with ``--config``), a progress bar with
 step, loss and tokens/s, ``DIR/metrics.jsonl`` (one JSON object per step), ``DIR/loss.png`` and a
 generated sample at the end. ``--nproc N`` re-launches itself on N ranks through
-``torch.distributed.run`` (gloo on CPU, NCCL on CUDA) at ZeRO stage 2 unless the config says otherwise.
+``torch.distributed.run`` (gloo on CPU, NCCL on CUDA); the built-in config then uses ZeRO stage 2.
 """
 
 from __future__ import annotations
@@ -88,7 +88,10 @@ def train(
     else:
         config = Config.from_dict(default_config(steps, world), world_size=world)
     model_cfg = GPTConfig()
-    model = GPT(model_cfg)
+    device = torch.device(
+        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    )
+    model = GPT(model_cfg).to(device)
     engine = initialize(model, config, compile=compile)
     state = engine.init(seed=seed)
     train_data, val_data = split_corpus(stdlib_corpus())
@@ -144,7 +147,7 @@ def train(
             for name, p in model.named_parameters():
                 p.copy_(params[name])
         model.eval()
-        prompt = torch.tensor(list(b"def "), dtype=torch.long)
+        prompt = torch.tensor(list(b"def "), dtype=torch.long, device=device)
         text = bytes(model.generate(prompt, sample_bytes, seed=seed).tolist()).decode("utf-8", "replace")
         print("sample:\n" + text)
     return {"history": history, "val_loss": val_loss}

@@ -188,3 +188,34 @@ def test_cli_inspect_and_export(tmp_path, capsys):
     full = engine.full_params(engine.load(tmp_path / "ck"))
     assert set(weights) == set(full)
     assert all(torch.equal(weights[n], full[n]) for n in full)
+
+
+def seq_round_trip(rank, world_size, path):
+    """nn.Sequential roots name their groups "0", "1", ...: optimizer-state paths like "1/2" must
+    still file exp_avg["2"] under group "2"."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 1))
+
+    cfg = {"train_batch_size": TB, "zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW"}}
+    engine = initialize(make(), Config.from_dict(cfg, world_size=world_size), loss_fn=mse, compile=False)
+    state = run_steps(engine, engine.init(), batches()[:SPLIT], rank, world_size)
+    engine.save(state, path)
+    loaded = engine.load(path)
+    import optree
+
+    pairs = zip(optree.tree_leaves(state.opt_state), optree.tree_leaves(loaded.opt_state))
+    return all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_optimizer_state_of_a_sequential_model_round_trips_on_two_ranks(tmp_path):
+    assert spawn_ranks(seq_round_trip, 2, str(tmp_path), timeout=120) == [True, True]
+
+
+def test_a_non_train_state_checkpoint_is_rejected(tmp_path):
+    from zerostep.io import save_checkpoint
+
+    save_checkpoint(tmp_path, "other", {"w": torch.zeros(3)}, meta={"format": "something-else"})
+    with pytest.raises(CheckpointError, match="not a zerostep train state"):
+        engine_for(0, 1).load(tmp_path)

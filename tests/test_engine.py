@@ -332,3 +332,71 @@ def test_dropout_follows_the_state_seed():
     a, b, c = run(0), run(0), run(1)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_frozen_parameters_are_constants_in_the_compute_dtype():
+    model = make_mlp((6, 8, 8, 1))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    engine = initialize(model, config(bf16={"enabled": True}), loss_fn=mse, compile=False)
+    state = engine.step(engine.init(), batches(1, 4)[0])
+    assert set(state.params) == {"2.weight", "2.bias", "4.weight", "4.bias"}
+    assert math.isfinite(float(state.metrics.loss))
+
+
+class WithUnusedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)])
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.blocks[0](x)))  # blocks[1] is never used
+
+
+def test_a_block_the_forward_never_uses_gets_zero_gradients():
+    engine = initialize(WithUnusedBlock(), config(wd=0.0), loss_fn=mse, compile=False)
+    before = engine.full_params(engine.init())
+    state = engine.init()
+    for b in batches(2, 4):
+        state = engine.step(state, b)
+    after = engine.full_params(state)
+    assert torch.equal(after["blocks.1.weight"], before["blocks.1.weight"])
+    assert not torch.equal(after["blocks.0.weight"], before["blocks.0.weight"])
+
+
+def test_a_step_that_raises_midway_leaves_no_partial_gradients():
+    calls = {"n": 0}
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:  # second micro-batch of the first step
+            raise RuntimeError("data error")
+        return mse(model, batch)
+
+    engine = initialize(make_mlp(), config(mb=2, gas=2), loss_fn=flaky, compile=False)
+    state = engine.init()
+    with pytest.raises(RuntimeError, match="data error"):
+        engine.step(state, batches(1, 4)[0])
+    state = engine.step(state, batches(1, 4)[0])  # the raising step consumed nothing
+
+    clean = initialize(make_mlp(), config(mb=2, gas=2), loss_fn=mse, compile=False)
+    ref = clean.step(clean.init(), batches(1, 4)[0])
+    got, want = engine.full_params(state), clean.full_params(ref)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_step_leaves_the_global_rng_alone_and_eval_turns_dropout_off():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 1))
+    engine = initialize(model, config(), loss_fn=mse, compile=False)
+    state = engine.init()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    state = engine.step(state, batches(1, 4)[0])
+    assert torch.equal(torch.rand(3), expected)
+    x, y = batches(1, 8)[0]
+    assert float(engine.eval_step(state, (x, y))) == float(engine.eval_step(state, (x, y)))
+    assert model.training

@@ -162,9 +162,7 @@ class Engine:
             self._scaled_backward = make_zero3_backward(self._runner, self.plan.accumulation_steps)
             step_forward = make_module_forward(loss_fn, self._constants)
         else:
-            self._scaled_backward = make_scaled_backward(
-                self.plan.accumulation_steps, compile and not overlap
-            )
+            self._scaled_backward = make_scaled_backward(self.plan, compile and not overlap)
             step_forward = self._forward
         self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, compile)
         self._reducer = make_reduce_scatter(self.plan, self.group, compile)

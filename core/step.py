@@ -31,6 +31,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import optree
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -40,6 +41,9 @@ from zerostep.parallel import collectives
 from zerostep.parallel.flat import FlatLayout
 
 Flats = dict[str, torch.Tensor]  # group name -> 1-D buffer
+# A group's gradient: its flat buffer, or (one process, stages 0-2) the list of its parameters'
+# gradients in layout order, which saves the concatenation that a flat gradient costs in backward.
+Grads = dict[str, "torch.Tensor | list[torch.Tensor]"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,12 @@ class StepPlan:
     def params_alias_master(self) -> bool:
         # fp32 parameters of the master's shape are the master itself: nothing to copy back.
         return self.compute_dtype == torch.float32 and self.params_match_master
+
+    @property
+    def per_param_grads(self) -> bool:
+        """One process and no stage-3 runner: nothing needs a flat gradient for communication, so
+        backward returns per-parameter gradients and the update concatenates them in its own pass."""
+        return self.world_size == 1 and self.stage < 3
 
     @property
     def unscale_numerator(self) -> float:
@@ -162,11 +172,13 @@ def make_forward(
     wrapper = _LossModule(model, loss_fn)
     prefixed_constants = _prefixed(constants)
 
-    def forward(flats: Flats, micro_batch: Any) -> torch.Tensor:
+    def forward(flats: Grads, micro_batch: Any) -> torch.Tensor:
+        # a group is its flat buffer (split into views here) or the list of its parameter tensors
         tensors = dict(prefixed_constants)
         for group, flat in flats.items():
-            for name, view in layouts[group].unflatten(flat).items():
-                tensors["model." + name] = view
+            pieces = layouts[group].split(flat) if isinstance(flat, torch.Tensor) else flat
+            for name, tensor in zip(layouts[group].names, pieces):
+                tensors["model." + name] = tensor
         return torch.func.functional_call(wrapper, tensors, (micro_batch,), strict=False)
 
     return forward
@@ -189,8 +201,10 @@ def make_module_forward(
 # 2. scaled_backward
 
 
-def make_scaled_backward(accumulation_steps: int, compile: bool) -> Callable[..., tuple[torch.Tensor, Flats]]:
-    """Gradients of ``loss * scale / GAS`` w.r.t. the flat buffers, plus the unscaled fp32 loss."""
+def make_scaled_backward(plan: StepPlan, compile: bool) -> Callable[..., tuple[torch.Tensor, Grads]]:
+    """Gradients of ``loss * scale / GAS`` w.r.t. the flat buffers (or, with ``per_param_grads``,
+    w.r.t. each parameter's view of them), plus the unscaled fp32 loss."""
+    accumulation_steps = plan.accumulation_steps
 
     def objective(
         forward, flats: Flats, micro_batch: Any, scale: torch.Tensor
@@ -201,13 +215,21 @@ def make_scaled_backward(accumulation_steps: int, compile: bool) -> Callable[...
     compiled = torch.compile(objective, dynamic=False) if compile else objective
 
     def scaled_backward(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None):
-        leaves = {g: f.detach().requires_grad_(True) for g, f in flats.items()}
-        for g, hook in (hooks or {}).items():
-            leaves[g].register_hook(hook)
+        if plan.per_param_grads:
+            leaves = {
+                g: [v.detach().requires_grad_(True) for v in plan.layouts[g].split(f)]
+                for g, f in flats.items()
+            }
+        else:
+            leaves = {g: f.detach().requires_grad_(True) for g, f in flats.items()}
+            for g, hook in (hooks or {}).items():
+                leaves[g].register_hook(hook)
         scaled, loss = compiled(forward, leaves, micro_batch, scale)
-        grads = torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True)
-        # a group the forward never touched (an unused block) gets a zero gradient
-        return loss, {g: torch.zeros_like(leaves[g]) if d is None else d for g, d in zip(leaves, grads)}
+        inputs = list(optree.tree_leaves(leaves))
+        grads = torch.autograd.grad(scaled, inputs, allow_unused=True)
+        # a parameter the forward never touched (an unused block) gets a zero gradient
+        grads = [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads)]
+        return loss, optree.tree_unflatten(optree.tree_structure(leaves), grads)
 
     return scaled_backward
 
@@ -244,12 +266,12 @@ class Reducer:
     def grad_hooks(self, last: bool) -> dict[str, Callable] | None:
         return None
 
-    def _accumulate(self, grads: Flats) -> None:
+    def _accumulate(self, grads: Grads) -> None:
         if self.acc is None:
             self.acc = dict(grads)
         else:
-            for g, grad in grads.items():
-                self.acc[g].add_(grad)
+            for acc, grad in zip(optree.tree_leaves(self.acc), optree.tree_leaves(grads)):
+                acc.add_(grad)
 
     def add(self, grads: Flats, last: bool) -> None:
         self._accumulate(grads)
@@ -377,13 +399,14 @@ def make_norm_and_loss(
     """Graph A: (global squared norm of the scaled, summed gradients, mean loss), one all-reduce."""
     world = plan.world_size
 
-    def norm_and_loss(grads: Flats, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def norm_and_loss(grads: Grads, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sumsq = torch.zeros((), dtype=torch.float32, device=loss_sum.device)
         for g, grad in grads.items():
             if plan.stage == 0 and world > 1:
                 # Every rank holds the same full gradient: each sums only its own slice.
                 grad = plan.layouts[g].shard(grad, plan.rank)
-            sumsq = sumsq + grad.float().pow(2).sum()
+            for part in grad if isinstance(grad, list) else [grad]:
+                sumsq = sumsq + part.float().pow(2).sum()
         packed = torch.stack([sumsq, loss_sum.float() / plan.accumulation_steps])
         if world > 1:
             packed = collectives.all_reduce_flat(packed, group, None)
@@ -411,7 +434,12 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
         if clip > 0:
             norm = torch.sqrt(sumsq) * unscale
             grad_scale = unscale * torch.clamp(clip / (norm + 1e-6), max=1.0)
-        grads32 = {g: t.float() for g, t in grads.items()}
+        # per-parameter gradients (one process) are concatenated here, inside the optimizer's fused
+        # kernel, rather than by a separate cat in backward
+        grads32 = {
+            g: (t if isinstance(t, torch.Tensor) else torch.cat([p.reshape(-1) for p in t])).float()
+            for g, t in grads.items()
+        }
         # OneCycle's momentum cycle writes (beta1, 0.99) into the betas, as DeepSpeed does.
         beta2 = None if beta1 is None else ONE_CYCLE_BETA2
         # params of the master's shape take the updated values in the optimizer's own pass

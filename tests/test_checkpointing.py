@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
+from models import Net, mse
 from torch import nn
 
 from zerostep.core import Config, initialize
@@ -15,25 +15,6 @@ from zerostep.io import CheckpointError
 from zerostep.parallel.launch import spawn_ranks
 
 TB, STEPS, SPLIT = 6, 4, 2  # global batch (divisible by 1, 2, 3); save after SPLIT steps
-
-
-class Net(nn.Module):
-    def __init__(self, hidden: int = 7):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(5, hidden)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) for _ in range(2))
-        self.head = nn.Linear(hidden, 1)
-
-    def forward(self, x):
-        x = self.inp(x)
-        for b in self.blocks:
-            x = x + b(x)
-        return self.head(x)
-
-
-def mse(model, batch):
-    return F.mse_loss(model(batch[0]), batch[1])
 
 
 def engine_for(stage: int, world_size: int, model=None, **extra):

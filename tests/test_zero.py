@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from models import Net, mse
 from torch import nn
 
 from zerostep.core import Config, initialize
 from zerostep.parallel.launch import RankFailure, spawn_ranks
 
 MB, GAS, STEPS = 2, 2, 4
-
-
-class Net(nn.Module):
-    """Units: two blocks in a ModuleList plus a root (embedding-like input layer and head)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(5, 7)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(7, 7), nn.Tanh()) for _ in range(2))
-        self.head = nn.Linear(7, 1)
-
-    def forward(self, x):
-        x = self.inp(x)
-        for b in self.blocks:
-            x = x + b(x)
-        return self.head(x)
-
-
-def mse(model, batch):
-    return F.mse_loss(model(batch[0]), batch[1])
 
 
 def make_config(stage: int, world_size: int, mb: int = MB, overlap: bool = False, **extra) -> Config:

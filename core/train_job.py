@@ -80,7 +80,7 @@ def train(
     torch.manual_seed(seed)
     from zerostep.parallel.groups import maybe_init_distributed
 
-    maybe_init_distributed()
+    started_here = not dist.is_initialized() and maybe_init_distributed()
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     if config_path:
@@ -150,6 +150,11 @@ def train(
         prompt = torch.tensor(list(b"def "), dtype=torch.long, device=device)
         text = bytes(model.generate(prompt, sample_bytes, seed=seed).tolist()).decode("utf-8", "replace")
         print("sample:\n" + text)
+    if started_here:
+        # Every rank leaves together and tears the group down: a rank exiting with live gloo threads
+        # while another still works can abort in C++ ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
     return {"history": history, "val_loss": val_loss}
 
 

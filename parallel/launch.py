@@ -50,6 +50,8 @@ def _rank_main(rank, world_size, port, timeout, fn, args, results, env):
             timeout=datetime.timedelta(seconds=timeout),
         )
         out = fn(rank, world_size, *args)
+        # Leave together: a rank tearing down gloo while a peer still works can abort in C++.
+        dist.barrier()
         # Plain pickle, not torch.multiprocessing's shared-memory tensor handles, which die with
         # this process before the parent reads them.
         results.put((rank, True, pickle.dumps(out)))

@@ -49,6 +49,7 @@ WORKER = textwrap.dedent(
             backend=dist.get_backend(), device=str(mesh.device), total=total.item(),
             timeout=seen["timeout"], local_rank=int(os.environ["LOCAL_RANK"]),
         )))
+    dist.barrier()  # leave together: a rank tearing down gloo while its peer still runs can abort
     dist.destroy_process_group()
     """
 )

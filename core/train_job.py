@@ -24,7 +24,7 @@ from zerostep.core.corpus import split_corpus, stdlib_corpus, window_batch
 from zerostep.core.engine import initialize
 from zerostep.core.gpt import GPT, GPTConfig
 
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 300
 
 
 def default_config(steps: int, world_size: int) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def default_config(steps: int, world_size: int) -> dict[str, Any]:
         "zero_optimization": {"stage": 2 if world_size > 1 else 0},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+            "params": {"lr": 1.5e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
         },
         "scheduler": {
             "type": "WarmupCosineLR",
@@ -201,7 +201,8 @@ def _plot(history: list[dict], path: Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(steps, [r["lr"] for r in history], color="tab:orange", alpha=0.5, label="lr")
     ax2.set_ylabel("learning rate")
-    fig.legend(loc="upper right")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -23,6 +23,7 @@ from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.batching import check_batch, micro_batches, to_device
 from zerostep.core.config import Config
 from zerostep.core.precision import LossScaleError, compute_dtype_of, loss_scale_init, loss_scale_update
+from zerostep.core.reducers import make_reduce_scatter
 from zerostep.core.state import (
     FlatParams,
     Metrics,
@@ -36,7 +37,6 @@ from zerostep.core.step import (
     compose,
     make_forward,
     make_module_forward,
-    make_reduce_scatter,
     make_scaled_backward,
     make_sharded_update,
     make_zero3_backward,

@@ -205,3 +205,86 @@ def test_unused_block_with_overlapped_communication():
     for stage in (0, 2):
         out = spawn_ranks(unused_block, 2, stage, timeout=120)
         assert all(torch.equal(out[0][n], out[1][n]) for n in out[0])
+
+
+def random_cases(n: int) -> list[dict]:
+    """Configurations drawn by hypothesis in the parent; every rank runs all of them in one spawn."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    cases: list[dict] = []
+    case = st.fixed_dictionaries(
+        {
+            "stage": st.integers(0, 3),
+            "mb": st.integers(1, 3),
+            "gas": st.integers(1, 3),
+            "clip": st.sampled_from([0.0, 0.01, 1.0]),
+            "hidden": st.integers(1, 9),
+            "overlap": st.booleans(),
+            "bucket": st.sampled_from([0, 5, 64]),
+        }
+    )
+
+    @settings(max_examples=n, database=None)
+    @given(case)
+    def collect(c):
+        cases.append(c)
+
+    collect()
+    return cases[:n]
+
+
+def run_case(rank: int, world_size: int, c: dict):
+    cfg = {
+        "train_micro_batch_size_per_gpu": c["mb"],
+        "gradient_accumulation_steps": c["gas"],
+        "gradient_clipping": c["clip"],
+        "zero_optimization": {
+            "stage": c["stage"],
+            "overlap_comm": c["overlap"],
+            "reduce_bucket_size": c["bucket"],
+            "allgather_bucket_size": c["bucket"],
+        },
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
+    }
+    engine = initialize(
+        Net(c["hidden"]), Config.from_dict(cfg, world_size=world_size), loss_fn=mse, compile=False
+    )
+    state = engine.init()
+    per = c["mb"] * c["gas"]
+    gen = torch.Generator().manual_seed(c["hidden"])
+    for _ in range(3):
+        x, y = (
+            torch.randn(per * world_size, 5, generator=gen),
+            torch.randn(per * world_size, 1, generator=gen),
+        )
+        if world_size > 1:
+            # rows so that rank r's micro-batch i is rows of the one-process micro-batch i
+            idx = torch.cat(
+                [
+                    torch.arange(r * per + i * c["mb"], r * per + (i + 1) * c["mb"])
+                    for i in range(c["gas"])
+                    for r in range(world_size)
+                ]
+            )
+            x, y = x[idx.argsort()], y[idx.argsort()]
+        state = engine.step(state, (x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]))
+    return engine.full_params(state)
+
+
+def run_cases(rank: int, world_size: int, cases: list[dict]):
+    return [run_case(rank, world_size, c) for c in cases]
+
+
+def test_stage_equivalence_property():
+    """Hypothesis-drawn stage, micro-batch, accumulation, clipping, width, overlap and bucket size:
+    three ranks equal one process (which sees every rank's micro-batch i as its micro-batch i)."""
+    cases = random_cases(12)
+    distributed = spawn_ranks(run_cases, 3, cases, timeout=300)
+    for i, c in enumerate(cases):
+        single = {**c, "mb": c["mb"] * 3, "stage": 0, "overlap": False}
+        want = run_case(0, 1, single)
+        for per_rank in distributed:
+            for name, p in want.items():
+                err = float((per_rank[i][name] - p).abs().max() / p.abs().max().clamp_min(1e-12))
+                assert err <= 2e-5, (c, name, err)

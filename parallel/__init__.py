@@ -1,0 +1,38 @@
+"""zerostep.parallel: process groups, flat-buffer sharding plans, collectives, ZeRO-3 unit gathering.
+
+- ``groups``: ``maybe_init_distributed`` from torchrun's environment, the data-parallel group, ``Mesh``.
+- ``flat``: ``FlatLayout``, many named tensors packed in one buffer padded to shard evenly.
+- ``collectives``: all-reduce / reduce-scatter / all-gather over flat buffers (functional collectives
+  under ``torch.compile``), buckets, and static byte accounting.
+- ``zero3``: ``plan_units`` (FSDP-style units) and ``Zero3Runner`` (gather, free, regather, reduce-scatter).
+- ``launch``: ``spawn_ranks`` for real multi-rank runs on one machine (tests, benchmarks).
+"""
+
+from zerostep.parallel.collectives import (
+    CommCounter,
+    CommPlan,
+    all_gather_flat,
+    all_reduce_flat,
+    reduce_scatter_flat,
+)
+from zerostep.parallel.flat import FlatLayout
+from zerostep.parallel.groups import Mesh, maybe_init_distributed
+from zerostep.parallel.launch import RankFailure, spawn_ranks
+from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units
+
+__all__ = [
+    "ROOT_UNIT",
+    "CommCounter",
+    "CommPlan",
+    "FlatLayout",
+    "Mesh",
+    "RankFailure",
+    "Unit",
+    "Zero3Runner",
+    "all_gather_flat",
+    "all_reduce_flat",
+    "maybe_init_distributed",
+    "plan_units",
+    "reduce_scatter_flat",
+    "spawn_ranks",
+]

@@ -89,12 +89,12 @@ class StepPlan:
         backward returns per-parameter gradients and the update concatenates them in its own pass."""
         return self.world_size == 1 and self.stage < 3
 
-    @property
-    def unscale_numerator(self) -> float:
+    def unscale(self, scale: torch.Tensor) -> torch.Tensor:
         """Gradients arrive as the sum over ranks of d(loss * scale / GAS), pre-divided by
-        ``gradient_predivide_factor`` before a collective (stages 0-2); times this over
-        (scale * world_size) they become the mean gradient."""
-        return self.predivide_factor if 1 < self.world_size and self.stage < 3 else 1.0
+        ``gradient_predivide_factor`` before a collective (stages 0-2); times this factor they are
+        the mean gradient."""
+        numerator = self.predivide_factor if 1 < self.world_size and self.stage < 3 else 1.0
+        return numerator / (scale * self.world_size)
 
 
 def compose(
@@ -253,7 +253,7 @@ def make_zero3_backward(runner: Any, accumulation_steps: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. reduce_scatter
+# 3. reduce_scatter: the Reducers in reducers.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
         lr: torch.Tensor,
         beta1: torch.Tensor | None,
     ) -> None:
-        unscale = plan.unscale_numerator / (scale * plan.world_size)
+        unscale = plan.unscale(scale)
         grad_scale = unscale
         if clip > 0:
             norm = torch.sqrt(sumsq) * unscale
@@ -352,7 +352,7 @@ def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: boo
         beta1: torch.Tensor | None,
     ) -> tuple[bool, torch.Tensor, torch.Tensor]:
         sumsq, loss = norm_and_loss(grads, loss_sum)
-        grad_norm = torch.sqrt(sumsq) * (plan.unscale_numerator / (scale * plan.world_size))
+        grad_norm = torch.sqrt(sumsq) * plan.unscale(scale)
         applied = bool(torch.isfinite(sumsq).item())
         if applied:
             apply_update(grads, master, opt_state, params, sumsq, scale, lr, beta1)

@@ -49,11 +49,14 @@ def _opt_leaves(opt_state: Any) -> dict[str, Any]:
     return {_leaf_key(path): leaf for path, leaf in zip(paths, leaves)}
 
 
-def _flat_group(path: str, groups) -> str | None:
-    """The group a flat optimizer-state leaf belongs to: optimizer states keep per-group dicts, so the
-    group is the path's last part (earlier parts are field indices, which may look like group names)."""
-    last = path.rsplit("/", 1)[-1]
-    return last if last in groups else None
+def _flat_group(path: str, leaf: Any, master: dict[str, torch.Tensor]) -> str | None:
+    """The group whose flat buffer an optimizer-state leaf mirrors, or None (a replicated leaf such as a
+    step count). Optimizer states keep per-group dicts, so the group is the path's last part (earlier
+    parts are field indices, which may look like group names), and the leaf has the master's shape."""
+    g = path.rsplit("/", 1)[-1]
+    if g in master and isinstance(leaf, torch.Tensor) and leaf.shape == master[g].shape:
+        return g
+    return None
 
 
 def save(
@@ -82,8 +85,8 @@ def save(
         flat_numel[f"master/{g}"] = plan.layouts[g].numel
     opt = {}
     for path, leaf in _opt_leaves(state.opt_state).items():
-        g = _flat_group(path, plan.layouts)
-        if g is not None and isinstance(leaf, torch.Tensor) and leaf.shape == state.master[g].shape:
+        g = _flat_group(path, leaf, state.master)
+        if g is not None:
             opt[path] = own(g, leaf)
             flat_numel[f"opt_state/{path}"] = plan.layouts[g].numel
         else:
@@ -199,8 +202,8 @@ def load(
                 where, f"optimizer state leaf {key!r} missing (saved with another optimizer?)"
             )
         value = saved_opt[key]
-        g = _flat_group(key, plan.layouts)
-        if g is not None and isinstance(leaf, torch.Tensor) and leaf.shape == master[g].shape:
+        g = _flat_group(key, leaf, master)
+        if g is not None:
             value = place(g, value)
         restored.append(
             value.to(device=leaf.device, dtype=leaf.dtype) if isinstance(value, torch.Tensor) else value

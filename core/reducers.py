@@ -115,7 +115,7 @@ class OverlappedReducer(Reducer):
             self.pending[g] = (dist.all_reduce(grad, group=self.group, async_op=True), grad)
         else:
             shard = grad.new_empty(self.plan.layouts[g].shard_numel)
-            work = collectives.c10d_reduce_scatter(shard, grad, group=self.group, async_op=True)
+            work = collectives.reduce_scatter_into(shard, grad, self.group, async_op=True)
             self.pending[g] = (work, shard)
 
     def grad_hooks(self, last: bool) -> dict[str, Callable] | None:

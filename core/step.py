@@ -283,7 +283,9 @@ def make_norm_and_loss(
 
 
 def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool) -> Callable[..., None]:
-    """Graph B: unscale, clip, optimizer step on the fp32 shard, write back compute-dtype params."""
+    """Graph B: unscale, clip, optimizer step on the fp32 shard, write back compute-dtype params: the
+    whole buffer where params have the master's shape, else (stages 1-2) this rank's row of it
+    (``param_rows``), which ``gather_params`` then all-gathers in place."""
     clip = plan.gradient_clipping
 
     def apply_update(
@@ -295,6 +297,7 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
         scale: torch.Tensor,
         lr: torch.Tensor,
         beta1: torch.Tensor | None,
+        param_rows: Flats | None,
     ) -> None:
         unscale = plan.unscale(scale)
         grad_scale = unscale
@@ -309,8 +312,8 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
         }
         # OneCycle's momentum cycle writes (beta1, 0.99) into the betas, as DeepSpeed does.
         beta2 = None if beta1 is None else ONE_CYCLE_BETA2
-        # params of the master's shape take the updated values in the optimizer's own pass
-        copies = params if plan.params_match_master and not plan.params_alias_master else None
+        # compute-dtype params take the updated values in the optimizer's own pass
+        copies = params if plan.params_match_master and not plan.params_alias_master else param_rows
         optimizer.update_(
             grads32,
             opt_state,
@@ -321,13 +324,6 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
             beta2=beta2,
             param_copies=copies,
         )
-        if plan.params_match_master:
-            return
-        for g, shard in master.items():
-            full = collectives.all_gather_flat(
-                shard.to(plan.compute_dtype), group, plan.allgather_bucket_numel
-            )
-            params[g].copy_(full)
 
     return torch.compile(apply_update, dynamic=False, fullgraph=True) if compile else apply_update
 
@@ -355,7 +351,22 @@ def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: boo
         grad_norm = torch.sqrt(sumsq) * plan.unscale(scale)
         applied = bool(torch.isfinite(sumsq).item())
         if applied:
-            apply_update(grads, master, opt_state, params, sumsq, scale, lr, beta1)
+            rows = None if plan.params_match_master else param_rows(plan, params)
+            apply_update(grads, master, opt_state, params, sumsq, scale, lr, beta1, rows)
+            if rows is not None:
+                gather_params(plan, params, group)
         return applied, loss, grad_norm
 
     return sharded_update
+
+
+def param_rows(plan: StepPlan, params: Flats) -> Flats:
+    """This rank's row [S] of every full compute-dtype buffer [N * S] (stages 1-2): its shard's place."""
+    return {g: flat.view(plan.world_size, -1)[plan.rank] for g, flat in params.items()}
+
+
+def gather_params(plan: StepPlan, params: Flats, group: Any) -> None:
+    """Stages 1-2, after the update: all-gather every group's rows in place (eagerly, outside graph B,
+    so no copy in or out of the collective)."""
+    for flat in params.values():
+        collectives.all_gather_rows(flat, group, plan.allgather_bucket_numel)

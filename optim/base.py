@@ -133,7 +133,8 @@ def per_leaf(option: PerLeaf, params: PyTree, default: Any) -> list[Any]:
     n = optree.tree_structure(params).num_leaves
     if option is None:
         return [default] * n
-    tree = option(params) if callable(option) else option
+    # containers first: dynamo cannot trace ``callable`` on a dict
+    tree = option if isinstance(option, (dict, list, tuple)) or not callable(option) else option(params)
     return leaves_like(params, tree)[1][0]
 
 

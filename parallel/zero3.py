@@ -53,9 +53,9 @@ from torch.utils._pytree import tree_leaves
 from .collectives import (
     Group,
     all_gather_flat,
-    c10d_all_gather,
-    c10d_reduce_scatter,
+    all_gather_into,
     group_size,
+    reduce_scatter_into,
     resolve_group,
 )
 from .flat import FlatLayout
@@ -190,7 +190,7 @@ class _Gathered:
         if self.group is None:
             self.buffer.copy_(self.shard)
         else:
-            self.pending = c10d_all_gather(self.buffer, self.shard, group=self.group, async_op=async_op)
+            self.pending = all_gather_into(self.buffer, self.shard, self.group, async_op=async_op)
 
     def start(self, async_op: bool = False) -> None:
         """Allocate a new full buffer [padded_numel] and gather into it (in the background if async)."""
@@ -239,11 +239,9 @@ class _Gathered:
             return grad_full
         grad_shard = torch.empty_like(self.shard)
         if self.async_reductions is None:
-            c10d_reduce_scatter(grad_shard, grad_full, op=dist.ReduceOp.SUM, group=self.group)
+            reduce_scatter_into(grad_shard, grad_full, self.group)
         else:  # overlaps the backward of the units before this one
-            work = c10d_reduce_scatter(
-                grad_shard, grad_full, op=dist.ReduceOp.SUM, group=self.group, async_op=True
-            )
+            work = reduce_scatter_into(grad_shard, grad_full, self.group, async_op=True)
             self.async_reductions.append((work, grad_full))
         return grad_shard
 

@@ -13,15 +13,19 @@ from zerostep.parallel.collectives import (
     CommCounter,
     all_gather_bytes,
     all_gather_flat,
+    all_gather_into,
     all_gather_plan,
+    all_gather_rows,
     all_reduce_bytes,
     all_reduce_flat,
     all_reduce_plan,
     bucket_bounds,
     reduce_scatter_bytes,
     reduce_scatter_flat,
+    reduce_scatter_into,
     reduce_scatter_plan,
     shard_bucket_columns,
+    uses_exchange_algorithms,
 )
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.launch import spawn_ranks
@@ -73,10 +77,49 @@ def _check_collectives(rank: int, world_size: int, backend: str) -> list[str]:
 
 # Inductor's C++ code generation costs tens of seconds per rank on 2 cores, so world size 3 checks dynamo's
 # full-graph trace and AOT functionalization only (aot_eager); world size 2 runs the real compiler.
-@pytest.mark.parametrize("world_size,backend", [(2, "inductor"), (3, "aot_eager")])
-def test_eager_compiled_bucketed_agree(world_size, backend):
+# "exchange": gloo's collectives replaced by all-to-all + sum and broadcasts (the default on gloo);
+# "native": gloo's own reduce-scatter and all-gather, the code path every other backend takes.
+@pytest.mark.parametrize(
+    "world_size,backend,algorithms",
+    [(2, "inductor", "exchange"), (3, "aot_eager", "exchange"), (3, "aot_eager", "native")],
+)
+def test_eager_compiled_bucketed_agree(world_size, backend, algorithms, monkeypatch):
+    monkeypatch.setenv("ZEROSTEP_GLOO_COLLECTIVES", algorithms)  # inherited by the spawned ranks
     results = spawn_ranks(_check_collectives, world_size, backend, timeout=240)
     assert all(len(r) == 2 * len(BUCKETS) for r in results)
+
+
+def _check_into_and_rows(rank: int, world_size: int, algorithms: str) -> None:
+    assert uses_exchange_algorithms(dist.group.WORLD) == (algorithms == "exchange")
+    shard_numel = 5
+    inputs = [_rank_input(r, world_size * shard_numel) for r in range(world_size)]
+    total = torch.stack(inputs).sum(0)
+    for async_op in (False, True):
+        out = torch.full((shard_numel,), float("nan"))
+        work = reduce_scatter_into(out, inputs[rank].clone(), None, async_op=async_op)
+        if async_op:
+            assert work.wait() and work.wait()  # idempotent, like c10d's
+        assert torch.equal(out, total[rank * shard_numel : (rank + 1) * shard_numel])
+
+        gathered = torch.full((world_size * shard_numel,), float("nan"))
+        work = all_gather_into(gathered, inputs[rank][:shard_numel], None, async_op=async_op)
+        if async_op:
+            work.wait()
+        assert torch.equal(gathered, torch.cat([x[:shard_numel] for x in inputs]))
+
+        for bucket in (None, 2 * world_size, 1):
+            full = torch.full((world_size * shard_numel,), float("nan"))
+            full.view(world_size, -1)[rank] = inputs[rank][:shard_numel]  # as the optimizer leaves it
+            work = all_gather_rows(full, None, bucket, async_op=async_op)
+            if async_op:
+                work.wait()
+            assert torch.equal(full, torch.cat([x[:shard_numel] for x in inputs])), (async_op, bucket)
+
+
+@pytest.mark.parametrize("algorithms", ["exchange", "native"])
+def test_into_and_in_place_row_gather_sync_and_async(algorithms, monkeypatch):
+    monkeypatch.setenv("ZEROSTEP_GLOO_COLLECTIVES", algorithms)
+    spawn_ranks(_check_into_and_rows, 3, algorithms, timeout=120)
 
 
 def test_world_size_one_is_identity_without_group():

@@ -33,6 +33,7 @@ from zerostep.core.state import (
     mark_consumed,
 )
 from zerostep.core.step import (
+    ParamGathers,
     StepPlan,
     compose,
     make_forward,
@@ -44,7 +45,7 @@ from zerostep.core.step import (
 from zerostep.parallel import groups as dist_groups
 from zerostep.parallel.collectives import CommCounter, all_reduce_flat
 from zerostep.parallel.flat import FlatLayout
-from zerostep.parallel.zero3 import Unit, Zero3Runner, plan_units
+from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -164,6 +165,8 @@ class Engine:
         else:
             self._scaled_backward = make_scaled_backward(self.plan, compile and not overlap)
             step_forward = self._forward
+            if self.plan.defer_param_gather:
+                step_forward = self._wait_gathers_around(model, step_forward)
         self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, compile)
         self._reducer = make_reduce_scatter(self.plan, self.group, compile)
         self._step = compose(step_forward, self._scaled_backward, self._reducer, self._sharded_update)
@@ -171,6 +174,32 @@ class Engine:
         self._comm_applied = step_comm_plan(self.plan, applied=True)
         self._comm_skipped = step_comm_plan(self.plan, applied=False)
         self._eval_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    def _wait_gathers_around(self, model: nn.Module, forward: Callable) -> Callable:
+        """Stages 1-2 with ``defer_param_gather``: a forward pre-hook on each unit's module waits for
+        that unit's parameter all-gather, started by the previous step's update, so the gathers of later
+        units overlap the forward of earlier ones. ``engine.step`` waits for the root unit before the
+        forward; units the forward never entered are waited for after it, before backward."""
+        self._in_flight: ParamGathers | None = None
+
+        def wait_unit(group: str) -> Callable:
+            def hook(module: nn.Module, args: Any) -> None:
+                if self._in_flight is not None:
+                    self._in_flight.wait(group)
+
+            return hook
+
+        for group in self.plan.layouts:
+            if group != ROOT_UNIT:
+                model.get_submodule(group).register_forward_pre_hook(wait_unit(group))
+
+        def forward_then_wait(flats: dict[str, torch.Tensor], micro_batch: Any) -> torch.Tensor:
+            loss = forward(flats, micro_batch)
+            if self._in_flight is not None:
+                self._in_flight.wait_all()
+            return loss
+
+        return forward_then_wait
 
     def _lamb_options(self) -> dict[str, Any]:
         """LAMB's trust ratio is per parameter: tell it where each parameter lies in the flat shards
@@ -288,19 +317,28 @@ class Engine:
 
         # Randomness (dropout) comes from the state's seed and step, in a forked RNG so the caller's
         # global generator is left as it was.
-        with torch.random.fork_rng(devices=self._rng_devices):
-            self._seed_rng(_step_seed(seed, step, self.rank))
-            # The same flats are read by backward and written in place by the update (donation).
-            applied, loss, grad_norm = self._step(
-                state.params.flats,
-                micro_batches(batch, plan.micro_batch_size, plan.accumulation_steps),
-                scale,
-                master=state.master,
-                opt_state=state.opt_state,
-                params=state.params.flats,
-                lr=lr,
-                beta1=beta1,
-            )
+        flats, in_flight = state.params.take_in_flight()
+        if in_flight is not None:
+            in_flight.wait(ROOT_UNIT)  # the root unit's parameters may be used anywhere in the forward
+        self._in_flight = in_flight
+        try:
+            with torch.random.fork_rng(devices=self._rng_devices):
+                self._seed_rng(_step_seed(seed, step, self.rank))
+                # The same flats are read by backward and written in place by the update (donation).
+                applied, loss, grad_norm, gathers = self._step(
+                    flats,
+                    micro_batches(batch, plan.micro_batch_size, plan.accumulation_steps),
+                    scale,
+                    master=state.master,
+                    opt_state=state.opt_state,
+                    params=flats,
+                    lr=lr,
+                    beta1=beta1,
+                )
+        finally:
+            self._in_flight = None
+            if in_flight is not None:
+                in_flight.wait_all()  # a step that raised leaves complete buffers (and aligned ranks)
         self.comm.record(self._comm_applied if applied else self._comm_skipped)
         scaler = loss_scale_update(state.scaler, not applied, self.config.fp16)
         if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
@@ -317,6 +355,8 @@ class Engine:
             loss_scale=state.scaler.scale.clone(),
             skipped=torch.tensor(0 if applied else 1, dtype=torch.int64),
         )
+        if gathers is not None:
+            state.params.set_in_flight(gathers)  # the returned state shares this FlatParams
         return state.replace(
             step=state.step + 1,
             skipped_steps=state.skipped_steps + (0 if applied else 1),

@@ -44,13 +44,48 @@ def empty_metrics() -> Metrics:
 
 
 class FlatParams(Mapping):
-    """Group name -> flat compute-dtype buffer, readable as parameter name -> tensor (stages 0-2)."""
+    """Group name -> flat compute-dtype buffer, readable as parameter name -> tensor (stages 0-2).
 
-    def __init__(self, flats: dict[str, torch.Tensor], layouts: dict[str, FlatLayout], sharded: bool):
-        self.flats = flats
+    At stages 1-2 with ``overlap_comm`` the step returns while the parameter all-gathers are still
+    running (the next step's forward waits for each unit just before it runs). Every read through this
+    object (``flats``, ``params[name]``, flattening the state as a pytree) first waits for them, so
+    nothing outside the engine sees a buffer in flight; ``wait()`` does it explicitly."""
+
+    def __init__(
+        self,
+        flats: dict[str, torch.Tensor],
+        layouts: dict[str, FlatLayout],
+        sharded: bool,
+        in_flight: Any = None,
+    ):
+        self._flats = flats
         self.layouts = layouts
         self.sharded = sharded
+        self._in_flight = in_flight  # an object with wait_all(): the gathers still filling the buffers
         self._where = {e.name: g for g, lay in layouts.items() for e in lay.entries}
+
+    @property
+    def flats(self) -> dict[str, torch.Tensor]:
+        """The buffers, complete (waits for gathers in flight)."""
+        self.wait()
+        return self._flats
+
+    def wait(self) -> FlatParams:
+        """Block until every collective still writing these buffers has finished."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.wait_all()
+        return self
+
+    def take_in_flight(self) -> tuple[dict[str, torch.Tensor], Any]:
+        """For the engine's step: the buffers without waiting, and the gathers still filling them (or
+        None), which the caller now owns and must wait for."""
+        in_flight, self._in_flight = self._in_flight, None
+        return self._flats, in_flight
+
+    def set_in_flight(self, in_flight: Any) -> None:
+        self.wait()
+        self._in_flight = in_flight
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.sharded:
@@ -68,7 +103,7 @@ class FlatParams(Mapping):
 
     def __repr__(self) -> str:
         kind = "sharded" if self.sharded else "full"
-        return f"FlatParams({kind}, groups={list(self.flats)}, params={len(self)})"
+        return f"FlatParams({kind}, groups={list(self._flats)}, params={len(self)})"
 
 
 optree.register_pytree_node(
@@ -106,6 +141,13 @@ class TrainState:
 
     def replace(self, **changes: Any) -> TrainState:
         return dataclasses.replace(self, **changes)
+
+    def block_until_ready(self) -> TrainState:
+        """Wait for every collective still writing this state's buffers (the overlapped parameter
+        all-gather of stages 1-2), as ``jax.block_until_ready``; returns the state. Reading the state
+        waits by itself; this is for timing and for handing buffers to code outside zerostep."""
+        self.params.wait()
+        return self
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(TrainState))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -82,6 +82,12 @@ class StepPlan:
     def params_alias_master(self) -> bool:
         # fp32 parameters of the master's shape are the master itself: nothing to copy back.
         return self.compute_dtype == torch.float32 and self.params_match_master
+
+    @property
+    def defer_param_gather(self) -> bool:
+        """Stages 1-2 with ``overlap_comm``: the update starts the parameter all-gathers and returns; the
+        next forward (eager in this mode) waits for each unit's just before the unit runs."""
+        return self.overlap_comm and self.stage in (1, 2) and self.world_size > 1
 
     @property
     def per_param_grads(self) -> bool:
@@ -328,10 +334,17 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
     return torch.compile(apply_update, dynamic=False, fullgraph=True) if compile else apply_update
 
 
+class UpdateResult(NamedTuple):
+    applied: bool  # False: non-finite gradients, nothing updated
+    loss: torch.Tensor  # fp32 [], mean over micro-batches and ranks
+    grad_norm: torch.Tensor  # fp32 [], unscaled global norm before clipping (inf/nan when skipped)
+    gathers: ParamGathers | None  # stages 1-2 with defer_param_gather: all-gathers still in flight
+
+
 def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool) -> Callable[..., Any]:
     """Phase 4 on the host: graph A, one finite flag read, graph B unless the step is skipped.
 
-    Returns ``(applied, mean_loss, grad_norm)`` with ``grad_norm`` unscaled (inf/nan when skipped).
+    Returns an ``UpdateResult``.
     """
     norm_and_loss = make_norm_and_loss(plan, group, compile)
     apply_update = make_apply_update(plan, optimizer, group, compile)
@@ -350,12 +363,13 @@ def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: boo
         sumsq, loss = norm_and_loss(grads, loss_sum)
         grad_norm = torch.sqrt(sumsq) * plan.unscale(scale)
         applied = bool(torch.isfinite(sumsq).item())
+        gathers = None
         if applied:
             rows = None if plan.params_match_master else param_rows(plan, params)
             apply_update(grads, master, opt_state, params, sumsq, scale, lr, beta1, rows)
             if rows is not None:
-                gather_params(plan, params, group)
-        return applied, loss, grad_norm
+                gathers = gather_params(plan, params, group)
+        return UpdateResult(applied, loss, grad_norm, gathers)
 
     return sharded_update
 
@@ -365,8 +379,32 @@ def param_rows(plan: StepPlan, params: Flats) -> Flats:
     return {g: flat.view(plan.world_size, -1)[plan.rank] for g, flat in params.items()}
 
 
-def gather_params(plan: StepPlan, params: Flats, group: Any) -> None:
+class ParamGathers:
+    """The parameter all-gathers of stages 1-2 still in flight, by group; each wait is idempotent."""
+
+    def __init__(self, pending: dict[str, collectives.Pending]) -> None:
+        self.pending = pending
+
+    def wait(self, group: str) -> None:
+        work = self.pending.pop(group, None)
+        if work is not None:
+            work.wait()
+
+    def wait_all(self) -> None:
+        for group in list(self.pending):  # in launch order, the order the ranks issued them
+            self.wait(group)
+
+
+def gather_params(plan: StepPlan, params: Flats, group: Any) -> ParamGathers | None:
     """Stages 1-2, after the update: all-gather every group's rows in place (eagerly, outside graph B,
-    so no copy in or out of the collective)."""
-    for flat in params.values():
-        collectives.all_gather_rows(flat, group, plan.allgather_bucket_numel)
+    so no copy in or out of the collective). With ``defer_param_gather`` they are left running, in
+    layout order (the root unit, then the blocks as the forward meets them), for the next forward."""
+    pending = {
+        g: collectives.all_gather_rows(flat, group, plan.allgather_bucket_numel, async_op=True)
+        for g, flat in params.items()
+    }
+    gathers = ParamGathers(pending)
+    if plan.defer_param_gather:
+        return gathers
+    gathers.wait_all()
+    return None

@@ -206,7 +206,9 @@ def all_gather_rows(
                 continue
             gathered = full.new_empty(world_size, c1 - c0)  # [N, w]
             works.append(c10d_all_gather(gathered.view(-1), mine.contiguous(), group=group, async_op=True))
-            finish.append(lambda c0=c0, c1=c1, gathered=gathered: rows[:, c0:c1].copy_(gathered))
+            # ``.data``: this copy may run inside the next forward (a deferred wait), where bumping the
+            # version counter of a buffer that autograd has views of would fail the backward
+            finish.append(lambda c0=c0, c1=c1, gathered=gathered: rows.data[:, c0:c1].copy_(gathered))
     pending = Pending(works, (lambda: [f() for f in finish]) if finish else None)
     if async_op:
         return pending

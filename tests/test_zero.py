@@ -207,6 +207,99 @@ def test_unused_block_with_overlapped_communication():
         assert all(torch.equal(out[0][n], out[1][n]) for n in out[0])
 
 
+class Reversed(Net):
+    """Net whose forward runs its blocks in the opposite of module (and gather launch) order."""
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in reversed(self.blocks):
+            x = x + b(x)
+        return self.head(x)
+
+
+def deferred_gathers(rank: int, world_size: int, stage: int):
+    """Stages 1-2 with overlap_comm leave the parameter all-gathers running after the step; every way of
+    reading the state waits for them, and a step that raises leaves complete buffers."""
+    per = MB * GAS
+    batches = [
+        (x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per])
+        for x, y in global_batches(world_size)
+    ]
+    fail = {"now": False}
+
+    def loss_fn(model, batch):
+        if fail["now"]:
+            raise RuntimeError("loss_fn fails on every rank")
+        return mse(model, batch)
+
+    # Gathers that finish only when waited for: until then the other ranks' rows hold NaN, so any read
+    # that does not wait shows up in the losses and parameters.
+    from zerostep.parallel import collectives
+
+    real_gather = collectives.all_gather_rows
+
+    def poisoned_until_waited(full, group, bucket_numel, async_op=False):
+        done = full.clone()
+        real_gather(done, group, bucket_numel)
+        mine = full.view(world_size, -1)[rank].clone()
+        full.fill_(float("nan"))
+        full.view(world_size, -1)[rank] = mine
+        pending = collectives.Pending([], lambda: full.data.copy_(done))  # as a collective writes
+        return pending if async_op else pending.wait() and None
+
+    collectives.all_gather_rows = poisoned_until_waited
+    engine = initialize(
+        Reversed(), make_config(stage, world_size, overlap=True), loss_fn=loss_fn, compile=False
+    )
+    state = engine.step(engine.init(), batches[0])
+    assert state.params._in_flight is not None  # the gathers really are left running
+    state = engine.step(state, batches[1])  # its forward waits unit by unit, blocks in reverse order
+    name = "blocks.1.0.weight"
+    first_read = state.params[name].clone()  # waits
+    assert state.params._in_flight is None
+    assert torch.equal(first_read, engine.full_params(state)[name])
+    assert not first_read.isnan().any()
+
+    state = engine.step(state, batches[2])
+    eval_loss = engine.eval_step(state, batches[2])  # waits, then reads complete buffers
+    state = engine.step(state, batches[3])
+    fail["now"] = True
+    with pytest.raises(RuntimeError, match="fails on every rank"):
+        engine.step(state, batches[0])
+    assert state.params._in_flight is None  # waited on the way out: the buffers are complete
+    fail["now"] = False
+    state = engine.step(state, batches[0]).block_until_ready()
+    return engine.full_params(state), float(eval_loss), int(state.skipped_steps)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deferred_parameter_gathers_are_waited_for_on_every_read(stage):
+    results = spawn_ranks(deferred_gathers, 2, stage, timeout=120)
+    # the same training with the gathers completed inside each step (overlap off) gives the same params
+    plain = spawn_ranks(train_reversed_plain, 2, stage, timeout=120)
+    for (params, eval_loss, skipped), (want, want_eval, _) in zip(results, plain):
+        assert skipped == 0 and eval_loss == want_eval
+        for n in want:
+            torch.testing.assert_close(params[n], want[n], rtol=1e-6, atol=0)
+
+
+def train_reversed_plain(rank: int, world_size: int, stage: int):
+    per = MB * GAS
+    batches = [
+        (x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per])
+        for x, y in global_batches(world_size)
+    ]
+    engine = initialize(Reversed(), make_config(stage, world_size, overlap=False), loss_fn=mse, compile=False)
+    state = engine.step(engine.init(), batches[0])
+    assert state.params._in_flight is None
+    for batch in batches[1:3]:
+        state = engine.step(state, batch)
+    eval_loss = engine.eval_step(state, batches[2])
+    for batch in batches[3:] + batches[:1]:
+        state = engine.step(state, batch)
+    return engine.full_params(state), float(eval_loss), int(state.skipped_steps)
+
+
 def random_cases(n: int) -> list[dict]:
     """Configurations drawn by hypothesis in the parent; every rank runs all of them in one spawn."""
     from hypothesis import given, settings

@@ -27,7 +27,7 @@ from zerostep.io.codec import (
     unpack_trailer,
 )
 from zerostep.io.errors import CheckpointError
-from zerostep.io.native import crc32, empty_for_load
+from zerostep.io.native import crc32
 from zerostep.io.writer import byte_view, worker_pool
 
 _INLINE_CRC_BYTES = 1 << 20  # below this, checksum in the calling thread
@@ -240,7 +240,7 @@ class PytreeReader:
             result = torch.frombuffer(self._mm, dtype=torch.uint8, count=n, offset=off)
             return result.view(rec.dtype).view(rec.shape)
         else:
-            result = empty_for_load(rec.shape, rec.dtype) if out is None else out
+            result = torch.empty(rec.shape, dtype=rec.dtype) if out is None else out
             if out is not None and (
                 out.dtype != rec.dtype
                 or out.numel() != rec.numel
@@ -262,7 +262,7 @@ class PytreeReader:
             raise ValueError(f"element range [{start}, {stop}) outside tensor of {rec.numel} elements")
         size = rec.dtype.itemsize
         if out is None:
-            out = empty_for_load(stop - start, rec.dtype)
+            out = torch.empty(stop - start, dtype=rec.dtype)
         elif out.dtype != rec.dtype or out.numel() != stop - start or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {rec.dtype} tensor of {stop - start} elements")
         self._read(rec, start * size, stop * size, byte_view(out), verify)

@@ -18,7 +18,6 @@ import torch
 from zerostep.io.codec import dtype_from_name
 from zerostep.io.errors import CheckpointError
 from zerostep.io.manifest import CheckpointDir, shard_numel
-from zerostep.io.native import empty_for_load
 
 
 def read_flat_range(
@@ -48,7 +47,7 @@ def load_flat_shard(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     length = shard_numel(entry["numel"], world_size)
-    out = empty_for_load(length, dtype_from_name(entry["dtype"]))
+    out = torch.empty(length, dtype=dtype_from_name(entry["dtype"]))
     read_flat_range(ckpt, path, rank * length, (rank + 1) * length, out, verify)
     return out
 
@@ -61,6 +60,6 @@ def read_flat(
         entry = ckpt.leaves.get(path)
         if entry is None or entry["kind"] != "flat":
             raise CheckpointError(ckpt.path, f"no flat-sharded leaf {path!r} in this checkpoint")
-        out = empty_for_load(entry["numel"], dtype_from_name(entry["dtype"]))
+        out = torch.empty(entry["numel"], dtype=dtype_from_name(entry["dtype"]))
         read_flat_range(ckpt, path, 0, entry["numel"], out, verify)
         return out

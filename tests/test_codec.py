@@ -194,27 +194,3 @@ def test_preallocate_grows_the_file_reports_unsupported_and_raises_when_full(tmp
             native.preallocate(fd, 1 << 20)
     finally:
         os.close(fd)
-
-
-def test_empty_for_load_advises_only_whole_huge_pages_inside_large_allocations(monkeypatch):
-    from zerostep.io import native
-
-    calls = []
-    monkeypatch.setattr(native, "_madvise", lambda addr, length, advice: calls.append((addr, length)) or 0)
-    huge = native._HUGE_PAGE
-
-    small = native.empty_for_load((3, 5), torch.bfloat16)
-    assert small.shape == (3, 5) and small.dtype == torch.bfloat16 and calls == []
-
-    big = native.empty_for_load(native._HUGE_MIN_BYTES // 4 + 7, torch.float32)
-    begin, end = big.data_ptr(), big.data_ptr() + big.numel() * 4
-    [(addr, length)] = calls
-    assert addr % huge == 0 and length % huge == 0 and length > 0
-    assert begin <= addr and addr + length <= end  # never a neighbour's memory
-    assert addr - begin < huge and end - (addr + length) < huge  # every whole page inside is advised
-    big.fill_(1.5)
-    big.resize_(big.numel() * 2)  # an ordinary tensor of PyTorch's allocator, not a foreign buffer
-    assert big[0].item() == 1.5
-
-    monkeypatch.setattr(native, "_madvise", None)  # no madvise (not Linux): plain torch.empty
-    assert native.empty_for_load(native._HUGE_MIN_BYTES, torch.uint8).numel() == native._HUGE_MIN_BYTES

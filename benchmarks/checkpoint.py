@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import statistics
 import time
@@ -34,10 +35,15 @@ LEAVES = ("master", "exp_avg", "exp_avg_sq")
 def timed(cases: list, repeats: int) -> list[float]:
     """Median seconds of each ``(fn, before)`` case. Repeats go round-robin over the cases, so a burst of
     load from other processes (this machine is shared) slows one repeat of several methods rather than
-    every repeat of one; ``before`` runs untimed before each call."""
+    every repeat of one; ``before`` runs untimed before each call. Each round runs the cases in a new
+    (seeded) random order: a case inherits the memory state the one before it left, and on this VM that
+    matters (free memory handed back to the host through virtio-balloon free page reporting costs a
+    host fault on first touch; a fixed order made the same load 0.14 s or 0.70 s by position alone)."""
     times: list[list[float]] = [[] for _ in cases]
+    order = random.Random(0)
     for _ in range(repeats):
-        for (fn, before), out in zip(cases, times):
+        for i in order.sample(range(len(cases)), len(cases)):
+            (fn, before), out = cases[i], times[i]
             if before is not None:
                 before()
             t0 = time.perf_counter()

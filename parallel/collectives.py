@@ -139,25 +139,29 @@ def uses_exchange_algorithms(group: dist.ProcessGroup) -> bool:
     return dist.get_backend(group) == dist.Backend.GLOO
 
 
+def _hand_over(pending: Pending, async_op: bool) -> Pending | None:
+    """The handle for an async call; otherwise wait here and return None (c10d's convention)."""
+    if async_op:
+        return pending
+    pending.wait()
+    return None
+
+
 def reduce_scatter_into(
     out: torch.Tensor, flat: torch.Tensor, group: Group = None, async_op: bool = False
 ) -> Pending | None:
     """``out`` [S] = this rank's shard of the sum over ranks of ``flat`` [N * S] (contiguous)."""
     group = resolve_group(group)
     if not uses_exchange_algorithms(group):
-        work = c10d_reduce_scatter(out, flat, group=group, async_op=async_op)
-        return Pending([work]) if async_op else None
+        return _hand_over(Pending([c10d_reduce_scatter(out, flat, group=group, async_op=True)]), async_op)
     world_size = dist.get_world_size(group)
     received = torch.empty_like(flat)  # [N * S]: row r is rank r's copy of this rank's shard
-    work = dist.all_to_all_single(received, flat, group=group, async_op=async_op)
+    work = dist.all_to_all_single(received, flat, group=group, async_op=True)
 
     def finish() -> None:
         torch.sum(received.view(world_size, -1), dim=0, out=out)
 
-    if not async_op:
-        finish()
-        return None
-    return Pending([work], finish)
+    return _hand_over(Pending([work], finish), async_op)
 
 
 def all_gather_into(
@@ -166,18 +170,11 @@ def all_gather_into(
     """``out`` [N * S] = every rank's ``shard`` [S] in rank order (``shard`` may be ``out``'s own row)."""
     group = resolve_group(group)
     if not uses_exchange_algorithms(group):
-        work = c10d_all_gather(out, shard, group=group, async_op=async_op)
-        return Pending([work]) if async_op else None
-    rows = out.view(dist.get_world_size(group), -1)  # [N, S]
-    mine = rows[dist.get_rank(group)]
+        return _hand_over(Pending([c10d_all_gather(out, shard, group=group, async_op=True)]), async_op)
+    mine = out.view(dist.get_world_size(group), -1)[dist.get_rank(group)]
     if mine.data_ptr() != shard.data_ptr():
         mine.copy_(shard)
-    works = [dist.broadcast(row, group_src=r, group=group, async_op=True) for r, row in enumerate(rows)]
-    pending = Pending(works)
-    if not async_op:
-        pending.wait()
-        return None
-    return pending
+    return all_gather_rows(out, group, None, async_op)
 
 
 def all_gather_rows(
@@ -209,11 +206,7 @@ def all_gather_rows(
             # ``.data``: this copy may run inside the next forward (a deferred wait), where bumping the
             # version counter of a buffer that autograd has views of would fail the backward
             finish.append(lambda c0=c0, c1=c1, gathered=gathered: rows.data[:, c0:c1].copy_(gathered))
-    pending = Pending(works, (lambda: [f() for f in finish]) if finish else None)
-    if async_op:
-        return pending
-    pending.wait()
-    return None
+    return _hand_over(Pending(works, (lambda: [f() for f in finish]) if finish else None), async_op)
 
 
 def _traced_reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -10,6 +10,7 @@ units of Ψ = parameter bytes in the compute dtype) and per-rank model-state mem
 
     python benchmarks/zero_step.py                      # MLP 4x1024 and the small GPT, 2 ranks
     python benchmarks/zero_step.py --model mlp --steps 20 --no-compile
+    python benchmarks/zero_step.py --overlap-param-gather   # stages 1-2 gather into the next forward
 """
 
 from __future__ import annotations
@@ -106,13 +107,17 @@ def bench_rank(
     compile: bool,
     overlap: bool | None,
     block_steps: int,
+    param_gather: bool,
 ):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     factory, loss_fn, global_batch = make_case(name, mb * world)
     contenders = {}
     engines = {}
     for stage in (0, 1, 2, 3):
-        cfg = Config.from_dict(ds_config(stage, mb, overlap if stage < 3 else None), world_size=world)
+        d = ds_config(stage, mb, overlap if stage < 3 else None)
+        if param_gather and stage in (1, 2):
+            d["zero_optimization"]["overlap_param_gather"] = True  # zerostep's own key
+        cfg = Config.from_dict(d, world_size=world)
         engine = initialize(factory(), cfg, loss_fn=loss_fn, compile=compile)
         engines[stage] = engine
         contenders[f"zerostep-{stage}"] = ZerostepContender(engine)
@@ -214,6 +219,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--block", type=int, default=3, help="consecutive steps per timed block")
+    parser.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="zerostep stages 1-2: zero_optimization.overlap_param_gather (gather into the next forward)",
+    )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument(
         "--overlap-comm",
@@ -235,6 +245,7 @@ def main() -> None:
             not args.no_compile,
             OVERLAP[args.overlap_comm],
             args.block,
+            args.overlap_param_gather,
             timeout=1800,
         )
         report(name, outs[0], args.world_size)

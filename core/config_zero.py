@@ -60,6 +60,10 @@ class ZeroConfig:
     allgather_partitions: bool = True
     allgather_bucket_size: int = 500_000_000
     overlap_comm: bool = False  # DeepSpeed's default is stage == 3; from_dict resolves it
+    # zerostep's own key (Megatron-LM's --overlap-param-gather): stages 1-2 with overlap_comm leave the
+    # parameter all-gather running into the next forward, which waits for each block in a pre-hook.
+    # Off by default: it asks that a block's parameters be used only through its own forward.
+    overlap_param_gather: bool = False
     round_robin_gradients: bool = False
     use_multi_rank_bucket_allreduce: bool = True
     load_from_fp32_weights: bool = True
@@ -217,6 +221,7 @@ def parse_zero(block: Block | None) -> ZeroConfig:
         allgather_partitions=block.take("allgather_partitions", d.allgather_partitions, boolean),
         allgather_bucket_size=bucket("allgather_bucket_size", d.allgather_bucket_size),
         overlap_comm=block.take("overlap_comm", stage == 3, optional(boolean)),
+        overlap_param_gather=block.take("overlap_param_gather", d.overlap_param_gather, boolean),
         round_robin_gradients=block.take("round_robin_gradients", d.round_robin_gradients, boolean),
         use_multi_rank_bucket_allreduce=block.take(
             "use_multi_rank_bucket_allreduce", d.use_multi_rank_bucket_allreduce, boolean),

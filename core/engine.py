@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -127,6 +128,12 @@ class Engine:
         # Stage 3 always overlaps (parallel.zero3 prefetches gathers and reduce-scatters in backward).
         user_set = config.source("zero_optimization.overlap_comm") != "default"
         overlap = bool(zero.overlap_comm if user_set else True) and self.world_size > 1 and stage < 3
+        if zero.overlap_param_gather and not (overlap and stage in (1, 2)):
+            warnings.warn(
+                "zero_optimization.overlap_param_gather has no effect here: it needs stage 1 or 2, "
+                "several ranks and overlap_comm",
+                stacklevel=3,
+            )
         layouts = _trainable_layouts(model, set(trainable), self.compute_dtype, self.world_size)
         self.plan = StepPlan(
             layouts=layouts,
@@ -141,6 +148,7 @@ class Engine:
             reduce_bucket_numel=int(zero.reduce_bucket_size) or None,
             allgather_bucket_numel=int(zero.allgather_bucket_size) or None,
             overlap_comm=overlap,
+            overlap_param_gather=bool(zero.overlap_param_gather),
         )
         if config.optimizer is None:
             raise ValueError(
@@ -181,17 +189,22 @@ class Engine:
         units overlap the forward of earlier ones. ``engine.step`` waits for the root unit before the
         forward; units the forward never entered are waited for after it, before backward."""
         self._in_flight: ParamGathers | None = None
+        engine = weakref.ref(self)  # the hooks live on the user's modules: they must not keep us alive
 
         def wait_unit(group: str) -> Callable:
             def hook(module: nn.Module, args: Any) -> None:
-                if self._in_flight is not None:
-                    self._in_flight.wait(group)
+                in_flight = getattr(engine(), "_in_flight", None)
+                if in_flight is not None:
+                    in_flight.wait(group)
 
             return hook
 
-        for group in self.plan.layouts:
-            if group != ROOT_UNIT:
-                model.get_submodule(group).register_forward_pre_hook(wait_unit(group))
+        self._hook_handles = [
+            model.get_submodule(group).register_forward_pre_hook(wait_unit(group))
+            for group in self.plan.layouts
+            if group != ROOT_UNIT
+        ]
+        weakref.finalize(self, lambda handles: [h.remove() for h in handles], self._hook_handles)
 
         def forward_then_wait(flats: dict[str, torch.Tensor], micro_batch: Any) -> torch.Tensor:
             loss = forward(flats, micro_batch)
@@ -318,10 +331,10 @@ class Engine:
         # Randomness (dropout) comes from the state's seed and step, in a forked RNG so the caller's
         # global generator is left as it was.
         flats, in_flight = state.params.take_in_flight()
-        if in_flight is not None:
-            in_flight.wait(ROOT_UNIT)  # the root unit's parameters may be used anywhere in the forward
-        self._in_flight = in_flight
         try:
+            if in_flight is not None:
+                in_flight.wait(ROOT_UNIT)  # the root unit's parameters may be used anywhere in forward
+            self._in_flight = in_flight
             with torch.random.fork_rng(devices=self._rng_devices):
                 self._seed_rng(_step_seed(seed, step, self.rank))
                 # The same flats are read by backward and written in place by the update (donation).

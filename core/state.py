@@ -87,6 +87,11 @@ class FlatParams(Mapping):
         self.wait()
         self._in_flight = in_flight
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy, pickle, torch.save: complete buffers, and no collective handles
+        self.wait()
+        return dict(self.__dict__)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         if self.sharded:
             raise KeyError(
@@ -147,6 +152,9 @@ class TrainState:
         all-gather of stages 1-2), as ``jax.block_until_ready``; returns the state. Reading the state
         waits by itself; this is for timing and for handing buffers to code outside zerostep."""
         self.params.wait()
+        devices = {t.device for t in self.params._flats.values() if t.device.type == "cuda"}
+        for device in devices:  # on CUDA, Work.wait() only orders the stream; wait for the device too
+            torch.cuda.synchronize(device)
         return self
 
 

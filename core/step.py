@@ -65,6 +65,7 @@ class StepPlan:
     reduce_bucket_numel: int | None
     allgather_bucket_numel: int | None
     overlap_comm: bool = False  # stages 0-2: collectives start from gradient hooks during backward
+    overlap_param_gather: bool = False  # zero_optimization.overlap_param_gather (see defer_param_gather)
 
     @property
     def sharded_master(self) -> bool:
@@ -85,9 +86,11 @@ class StepPlan:
 
     @property
     def defer_param_gather(self) -> bool:
-        """Stages 1-2 with ``overlap_comm``: the update starts the parameter all-gathers and returns; the
-        next forward (eager in this mode) waits for each unit's just before the unit runs."""
-        return self.overlap_comm and self.stage in (1, 2) and self.world_size > 1
+        """Stages 1-2 with ``overlap_comm`` and ``overlap_param_gather``: the update starts the parameter
+        all-gathers and returns; the next forward (eager in this mode) waits for each unit's just before
+        the unit runs."""
+        sharded_params = self.stage in (1, 2) and self.world_size > 1
+        return self.overlap_param_gather and self.overlap_comm and sharded_params
 
     @property
     def per_param_grads(self) -> bool:
@@ -398,7 +401,7 @@ class ParamGathers:
 def gather_params(plan: StepPlan, params: Flats, group: Any) -> ParamGathers | None:
     """Stages 1-2, after the update: all-gather every group's rows in place (eagerly, outside graph B,
     so no copy in or out of the collective). With ``defer_param_gather`` they are left running, in
-    layout order (the root unit, then the blocks as the forward meets them), for the next forward."""
+    layout order (the root unit, then the blocks in module order), for the next forward."""
     pending = {
         g: collectives.all_gather_rows(flat, group, plan.allgather_bucket_numel, async_op=True)
         for g, flat in params.items()

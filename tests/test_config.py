@@ -747,3 +747,11 @@ def test_hf_auto_config_with_overrides():
     )
     assert (c.train_batch_size, c.compute_dtype, c.gradient_clipping) == (16, torch.bfloat16, 1.0)
     assert c.scheduler.params["warmup_max_lr"] == 5e-5 and math.isclose(c.optimizer.params["lr"], 5e-5)
+
+
+def test_overlap_param_gather_is_zerosteps_own_key_off_by_default():
+    assert not parse({MB: 1, "zero_optimization": {"stage": 2}}).zero_optimization.overlap_param_gather
+    c = parse({MB: 1, "zero_optimization": {"stage": 2, "overlap_param_gather": True}})
+    assert c.zero_optimization.overlap_param_gather
+    with pytest.raises(ConfigError, match="overlap_param_gather"):
+        parse({MB: 1, "zero_optimization": {"stage": 2, "overlap_param_gather": "yes please"}})

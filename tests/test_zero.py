@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from models import Net, mse
@@ -248,17 +250,21 @@ def deferred_gathers(rank: int, world_size: int, stage: int):
         return pending if async_op else pending.wait() and None
 
     collectives.all_gather_rows = poisoned_until_waited
-    engine = initialize(
-        Reversed(), make_config(stage, world_size, overlap=True), loss_fn=loss_fn, compile=False
-    )
+    zero = {"stage": stage, "allgather_bucket_size": 16, "overlap_comm": True, "overlap_param_gather": True}
+    config = make_config(stage, world_size, zero_optimization=zero)
+    engine = initialize(Reversed(), config, loss_fn=loss_fn, compile=False)
     state = engine.step(engine.init(), batches[0])
     assert state.params._in_flight is not None  # the gathers really are left running
     state = engine.step(state, batches[1])  # its forward waits unit by unit, blocks in reverse order
+    assert state.params._in_flight is not None
+    copied = copy.deepcopy(state)  # waits, and carries no collective handle
+    assert state.params._in_flight is None and copied.params._in_flight is None
     name = "blocks.1.0.weight"
     first_read = state.params[name].clone()  # waits
     assert state.params._in_flight is None
     assert torch.equal(first_read, engine.full_params(state)[name])
     assert not first_read.isnan().any()
+    assert torch.equal(copied.params[name], first_read)
 
     state = engine.step(state, batches[2])
     eval_loss = engine.eval_step(state, batches[2])  # waits, then reads complete buffers
@@ -289,7 +295,8 @@ def train_reversed_plain(rank: int, world_size: int, stage: int):
         (x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per])
         for x, y in global_batches(world_size)
     ]
-    engine = initialize(Reversed(), make_config(stage, world_size, overlap=False), loss_fn=mse, compile=False)
+    # overlap_comm without overlap_param_gather (the default): gathered inside the step
+    engine = initialize(Reversed(), make_config(stage, world_size, overlap=True), loss_fn=mse, compile=False)
     state = engine.step(engine.init(), batches[0])
     assert state.params._in_flight is None
     for batch in batches[1:3]:

@@ -116,7 +116,8 @@ def bench_rank(
     for stage in (0, 1, 2, 3):
         d = ds_config(stage, mb, overlap if stage < 3 else None)
         if param_gather and stage in (1, 2):
-            d["zero_optimization"]["overlap_param_gather"] = True  # zerostep's own key
+            d["zero_optimization"]["overlap_param_gather"] = True  # zerostep's own key, which needs
+            d["zero_optimization"]["overlap_comm"] = True  # overlap_comm (off at 1-2 when unset)
         cfg = Config.from_dict(d, world_size=world)
         engine = initialize(factory(), cfg, loss_fn=loss_fn, compile=compile)
         engines[stage] = engine
@@ -222,14 +223,15 @@ def main() -> None:
     parser.add_argument(
         "--overlap-param-gather",
         action="store_true",
-        help="zerostep stages 1-2: zero_optimization.overlap_param_gather (gather into the next forward)",
+        help="zerostep stages 1-2: overlap_comm and overlap_param_gather (gather into the next forward)",
     )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument(
         "--overlap-comm",
         choices=list(OVERLAP),
         default="default",
-        help="zero_optimization.overlap_comm for zerostep stages 0-2 (default: unset, zerostep overlaps)",
+        help="zero_optimization.overlap_comm for zerostep stages 0-2 (default: unset, which overlaps at "
+        "stage 0 and not at stages 1-2)",
     )
     args = parser.parse_args()
     names = ["mlp", "gpt"] if args.model == "both" else [args.model]

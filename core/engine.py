@@ -123,11 +123,12 @@ class Engine:
         # overlap_comm (DeepSpeed's key): start each unit's collective from its gradient hook during
         # backward. The hooks fire one by one only in an eager backward (a compiled one returns every
         # gradient at once), so stages 0-2 then run forward/backward eagerly. Results are identical
-        # either way; when the config leaves the key unset, zerostep overlaps (measured faster on 2
-        # gloo ranks: benchmarks/zero_step.py) instead of following DeepSpeed's default of off.
-        # Stage 3 always overlaps (parallel.zero3 prefetches gathers and reduce-scatters in backward).
+        # either way. When the config leaves the key unset: stage 0 overlaps (zerostep's choice, measured
+        # faster on 2 gloo ranks: MLP 0.86x DDP against 0.97x), stages 1-2 follow DeepSpeed's default
+        # of off (compiled backward, measured faster there: 0.95-0.96x DDP against 1.03-1.04x). Stage 3
+        # always overlaps (parallel.zero3 prefetches gathers and reduce-scatters in backward).
         user_set = config.source("zero_optimization.overlap_comm") != "default"
-        overlap = bool(zero.overlap_comm if user_set else True) and self.world_size > 1 and stage < 3
+        overlap = bool(zero.overlap_comm if user_set else stage == 0) and self.world_size > 1 and stage < 3
         if zero.overlap_param_gather and not (overlap and stage in (1, 2)):
             warnings.warn(
                 "zero_optimization.overlap_param_gather has no effect here: it needs stage 1 or 2, "

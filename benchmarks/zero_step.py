@@ -11,6 +11,7 @@ units of Ψ = parameter bytes in the compute dtype) and per-rank model-state mem
     python benchmarks/zero_step.py                      # MLP 4x1024 and the small GPT, 2 ranks
     python benchmarks/zero_step.py --model mlp --steps 20 --no-compile
     python benchmarks/zero_step.py --overlap-param-gather   # stages 1-2 gather into the next forward
+    python benchmarks/zero_step.py --device cuda            # NCCL, one GPU per rank (default 1 rank)
 """
 
 from __future__ import annotations
@@ -108,9 +109,19 @@ def bench_rank(
     overlap: bool | None,
     block_steps: int,
     param_gather: bool,
+    device: str,
 ):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    factory, loss_fn, global_batch = make_case(name, mb * world)
+    dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    make_model, loss_fn, global_batch = make_case(name, mb * world)
+
+    def factory():
+        return make_model().to(dev)
+
+    def sync():  # host waits for the device, so a block's time covers its work
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     contenders = {}
     engines = {}
     for stage in (0, 1, 2, 3):
@@ -122,7 +133,9 @@ def bench_rank(
         engine = initialize(factory(), cfg, loss_fn=loss_fn, compile=compile)
         engines[stage] = engine
         contenders[f"zerostep-{stage}"] = ZerostepContender(engine)
-    ddp = torch.nn.parallel.DistributedDataParallel(factory())
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        factory(), device_ids=[rank] if dev.type == "cuda" else None
+    )
     contenders["ddp"] = TorchContender(ddp, loss_fn)
     try:
         from torch.distributed.fsdp import fully_shard
@@ -152,7 +165,7 @@ def bench_rank(
 
     def local(i):
         b = global_batch(i)
-        pick = lambda t: t[rank * mb : (rank + 1) * mb] if isinstance(t, torch.Tensor) else t  # noqa: E731
+        pick = lambda t: t[rank * mb : (rank + 1) * mb].to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return {k: pick(v) for k, v in b.items()} if isinstance(b, dict) else tuple(pick(t) for t in b)
 
     for i in range(warmup):
@@ -172,12 +185,13 @@ def bench_rank(
             for j in range(block_steps):
                 contenders[k].step(local(warmup + i * block_steps + j))
             getattr(contenders[k], "sync", lambda: None)()
+            sync()
             times[k].append((time.perf_counter() - t0) / block_steps)
     # rank-max per step: a step is as slow as its slowest rank
-    stacked = {k: torch.tensor(v) for k, v in times.items()}
+    stacked = {k: torch.tensor(v, device=dev) for k, v in times.items()}  # NCCL reduces device tensors
     for v in stacked.values():
         dist.all_reduce(v, op=dist.ReduceOp.MAX)
-    medians = {k: statistics.median(v.tolist()) for k, v in stacked.items()}
+    medians = {k: statistics.median(v.cpu().tolist()) for k, v in stacked.items()}
     psi_bytes = sum(lay.numel for lay in engines[0].plan.layouts.values()) * 4
     extra = {
         f"zerostep-{s}": {
@@ -216,7 +230,13 @@ def report(name: str, out: dict, world: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["mlp", "gpt", "both"], default="both")
-    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--world-size", type=int, default=None, help="ranks (default: 2 on CPU, 1 on CUDA)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: one GPU per rank over NCCL (on a one-GPU machine, world size 1: absolute step times)",
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--block", type=int, default=3, help="consecutive steps per timed block")
@@ -235,11 +255,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     names = ["mlp", "gpt"] if args.model == "both" else [args.model]
+    world_size = args.world_size or (1 if args.device == "cuda" else 2)
+    if args.device == "cuda" and torch.cuda.device_count() < world_size:
+        parser.error(f"--device cuda needs {world_size} GPU(s), this machine has {torch.cuda.device_count()}")
     for name in names:
         mb = 32 if name == "mlp" else 8
         outs = spawn_ranks(
             bench_rank,
-            args.world_size,
+            world_size,
             name,
             mb,
             args.steps,
@@ -248,9 +271,11 @@ def main() -> None:
             OVERLAP[args.overlap_comm],
             args.block,
             args.overlap_param_gather,
+            args.device,
             timeout=1800,
+            backend="nccl" if args.device == "cuda" else "gloo",
         )
-        report(name, outs[0], args.world_size)
+        report(name, outs[0], world_size)
 
 
 if __name__ == "__main__":

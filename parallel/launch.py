@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -32,7 +33,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world_size, port, timeout, fn, args, results, env):
+def _rank_main(rank, world_size, port, timeout, fn, args, results, env, backend="gloo"):
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -43,8 +44,10 @@ def _rank_main(rank, world_size, port, timeout, fn, args, results, env):
         LOCAL_WORLD_SIZE=str(world_size),
     )
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank, as torchrun's LOCAL_RANK
         dist.init_process_group(
-            "gloo",
+            backend,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
@@ -72,8 +75,10 @@ def spawn_ranks(
     timeout: float = 120.0,
     collective_timeout: float | None = None,
     env: dict[str, str] | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo; ``backend="nccl"`` puts rank
+    ``r`` on GPU ``r``); return results by rank.
 
     ``fn`` and its results must be picklable (define ``fn`` at module level). ``collective_timeout``
     bounds each collective (default: ``timeout``), so a rank that dies makes the others fail instead of
@@ -86,7 +91,7 @@ def spawn_ranks(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(r, world_size, port, ctimeout, fn, args, results, dict(env or {})),
+            args=(r, world_size, port, ctimeout, fn, args, results, dict(env or {}), backend),
             daemon=True,
         )
         for r in range(world_size)

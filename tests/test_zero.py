@@ -321,6 +321,7 @@ def random_cases(n: int) -> list[dict]:
             "clip": st.sampled_from([0.0, 0.01, 1.0]),
             "hidden": st.integers(1, 9),
             "overlap": st.booleans(),
+            "param_gather": st.booleans(),  # overlap_param_gather (acts with overlap at stages 1-2)
             "bucket": st.sampled_from([0, 5, 64]),
         }
     )
@@ -342,6 +343,7 @@ def run_case(rank: int, world_size: int, c: dict):
         "zero_optimization": {
             "stage": c["stage"],
             "overlap_comm": c["overlap"],
+            "overlap_param_gather": c["param_gather"] and c["overlap"] and c["stage"] in (1, 2),
             "reduce_bucket_size": c["bucket"],
             "allgather_bucket_size": c["bucket"],
         },
@@ -377,12 +379,13 @@ def run_cases(rank: int, world_size: int, cases: list[dict]):
 
 
 def test_stage_equivalence_property():
-    """Hypothesis-drawn stage, micro-batch, accumulation, clipping, width, overlap and bucket size:
+    """Hypothesis-drawn stage, micro-batch, accumulation, clipping, width, overlap (of the reductions and
+    of the stage 1-2 parameter gather) and bucket size:
     three ranks equal one process (which sees every rank's micro-batch i as its micro-batch i)."""
     cases = random_cases(12)
     distributed = spawn_ranks(run_cases, 3, cases, timeout=300)
     for i, c in enumerate(cases):
-        single = {**c, "mb": c["mb"] * 3, "stage": 0, "overlap": False}
+        single = {**c, "mb": c["mb"] * 3, "stage": 0, "overlap": False, "param_gather": False}
         want = run_case(0, 1, single)
         for per_rank in distributed:
             for name, p in want.items():

@@ -3,7 +3,8 @@
 - ``groups``: ``maybe_init_distributed`` from torchrun's environment, the data-parallel group, ``Mesh``.
 - ``flat``: ``FlatLayout``, many named tensors packed in one buffer padded to shard evenly.
 - ``collectives``: all-reduce / reduce-scatter / all-gather over flat buffers (functional collectives
-  under ``torch.compile``), buckets, and static byte accounting.
+  under ``torch.compile``), the same into preallocated outputs, sync or async (``Pending``), with
+  faster algorithms on gloo; buckets, and static byte accounting.
 - ``zero3``: ``plan_units`` (FSDP-style units) and ``Zero3Runner`` (gather, free, regather, reduce-scatter).
 - ``launch``: ``spawn_ranks`` for real multi-rank runs on one machine (tests, benchmarks).
 """
@@ -11,9 +12,13 @@
 from zerostep.parallel.collectives import (
     CommCounter,
     CommPlan,
+    Pending,
     all_gather_flat,
+    all_gather_into,
+    all_gather_rows,
     all_reduce_flat,
     reduce_scatter_flat,
+    reduce_scatter_into,
 )
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.groups import Mesh, maybe_init_distributed
@@ -26,13 +31,17 @@ __all__ = [
     "CommPlan",
     "FlatLayout",
     "Mesh",
+    "Pending",
     "RankFailure",
     "Unit",
     "Zero3Runner",
     "all_gather_flat",
+    "all_gather_into",
+    "all_gather_rows",
     "all_reduce_flat",
     "maybe_init_distributed",
     "plan_units",
     "reduce_scatter_flat",
+    "reduce_scatter_into",
     "spawn_ranks",
 ]

@@ -46,7 +46,7 @@ def empty_metrics() -> Metrics:
 class FlatParams(Mapping):
     """Group name -> flat compute-dtype buffer, readable as parameter name -> tensor (stages 0-2).
 
-    At stages 1-2 with ``overlap_comm`` the step returns while the parameter all-gathers are still
+    At stages 1-2 with ``overlap_param_gather`` the step returns while the parameter all-gathers are still
     running (the next step's forward waits for each unit just before it runs). Every read through this
     object (``flats``, ``params[name]``, flattening the state as a pytree) first waits for them, so
     nothing outside the engine sees a buffer in flight; ``wait()`` does it explicitly."""
@@ -151,8 +151,7 @@ class TrainState:
         """Wait for every collective still writing this state's buffers (the overlapped parameter
         all-gather of stages 1-2), as ``jax.block_until_ready``; returns the state. Reading the state
         waits by itself; this is for timing and for handing buffers to code outside zerostep."""
-        self.params.wait()
-        devices = {t.device for t in self.params._flats.values() if t.device.type == "cuda"}
+        devices = {t.device for t in self.params.flats.values() if t.device.type == "cuda"}  # waits
         for device in devices:  # on CUDA, Work.wait() only orders the stream; wait for the device too
             torch.cuda.synchronize(device)
         return self

@@ -165,16 +165,19 @@ def reduce_scatter_into(
 
 
 def all_gather_into(
-    out: torch.Tensor, shard: torch.Tensor, group: Group = None, async_op: bool = False
+    out: torch.Tensor,
+    shard: torch.Tensor,
+    group: Group = None,
+    async_op: bool = False,
+    bucket_numel: int | None = None,
 ) -> Pending | None:
-    """``out`` [N * S] = every rank's ``shard`` [S] in rank order (``shard`` may be ``out``'s own row)."""
+    """``out`` [N * S] = every rank's ``shard`` [S] in rank order (``shard`` may be ``out``'s own row):
+    ``shard`` goes into this rank's row, then ``all_gather_rows``."""
     group = resolve_group(group)
-    if not uses_exchange_algorithms(group):
-        return _hand_over(Pending([c10d_all_gather(out, shard, group=group, async_op=True)]), async_op)
     mine = out.view(dist.get_world_size(group), -1)[dist.get_rank(group)]
     if mine.data_ptr() != shard.data_ptr():
         mine.copy_(shard)
-    return all_gather_rows(out, group, None, async_op)
+    return all_gather_rows(out, group, bucket_numel, async_op)
 
 
 def all_gather_rows(
@@ -290,28 +293,18 @@ def all_gather_flat(
     if shard.dim() != 1:
         raise ValueError(f"expected a 1-D shard, got shape {tuple(shard.shape)}")
     shard_numel = shard.numel()
+    if _eager():  # buckets are all_gather_rows' business
+        out = shard.new_empty(world_size * shard_numel)
+        all_gather_into(out, shard.contiguous(), group, bucket_numel=bucket_numel)
+        return out
     columns = shard_bucket_columns(shard_numel, world_size, bucket_numel)
-    eager = _eager()
     if len(columns) == 1:
-        if eager:
-            out = shard.new_empty(world_size * shard_numel)
-            all_gather_into(out, shard.contiguous(), group)
-            return out
         return _traced_all_gather(shard.contiguous(), group)
-    rows = shard.new_empty(world_size, shard_numel) if eager else None  # [N, S]
-    pieces = []
-    for c0, c1 in columns:
-        # gathered [N * w] -> [N, w]: row r holds rank r's columns c0:c1
-        if eager:
-            gathered = shard.new_empty(world_size * (c1 - c0))
-            all_gather_into(gathered, shard[c0:c1].contiguous(), group)
-            rows[:, c0:c1] = gathered.view(world_size, c1 - c0)
-        else:
-            gathered = _traced_all_gather(shard[c0:c1].contiguous(), group)
-            pieces.append(gathered.view(world_size, c1 - c0))
-    if not eager:
-        rows = torch.cat(pieces, dim=1)  # [N, S]
-    return rows.view(-1)  # [N, S] -> [N * S]
+    # gathered [N * w] -> [N, w]: row r holds rank r's columns c0:c1
+    pieces = [
+        _traced_all_gather(shard[c0:c1].contiguous(), group).view(world_size, c1 - c0) for c0, c1 in columns
+    ]
+    return torch.cat(pieces, dim=1).view(-1)  # [N, S] -> [N * S]
 
 
 # ---------------------------------------------------------------------------------------------------------

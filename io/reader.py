@@ -2,12 +2,16 @@
 
 Nothing in the body is parsed: the index gives every tensor's byte extents, so a tensor (or a sub-range
 of a large flat one, for resharding) is read by copying from the mmap into a tensor, or returned as a
-zero-copy ``torch.frombuffer`` view of the mapping. Checksums are verified per ``block_bytes`` block,
-so a partial read checks only the blocks it touches. Every inconsistency raises ``CheckpointError``.
+zero-copy ``torch.frombuffer`` view of the mapping. A file that shrinks while open (another program
+truncating it in place; zerostep's writer never does) is caught before each read; one truncated in the
+middle of a copy would be a SIGBUS, as with safetensors or ``torch.load(mmap=True)``. Checksums are
+verified per ``block_bytes`` block, so a partial read checks only the blocks it touches. Every
+inconsistency raises ``CheckpointError``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import zlib
@@ -75,6 +79,9 @@ class PytreeReader:
                     self._fail(f"truncated: only {self.nbytes} bytes")
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 self._fd = os.dup(f.fileno())
+                # a buffer export: the mapping cannot be closed under a copy in flight
+                self._map_export = ctypes.c_char.from_buffer(self._mm)
+                self._map_address = ctypes.addressof(self._map_export)
         except FileNotFoundError:
             raise CheckpointError(self.path, "file not found") from None
         except OSError as e:
@@ -140,39 +147,47 @@ class PytreeReader:
             logical += n
         return out
 
-    def _pread(self, rec: TensorRecord, start: int, stop: int, dest: memoryview) -> None:
-        """Read raw bytes [start, stop) of ``rec`` into ``dest``: the kernel copies from the page cache
-        straight into tensor memory (faulting an mmap in page by page was 5-30x slower here)."""
-        at = 0
-        for off, n in self._pieces(rec, start, stop):
-            view = dest[at : at + n]
-            while len(view):
-                got = os.preadv(self._fd, [view], off)
-                if got == 0:
-                    self._fail("truncated while reading (was the file changed?)")
-                view, off = view[got:], off + got
-            at += n
+    def _copy(self, rec: TensorRecord, start: int, stop: int, dest: memoryview) -> None:
+        """Copy raw bytes [start, stop) of ``rec`` into ``dest`` from the mapping. The page cache backs
+        the mapping with large folios, so the source costs few faults; at 1 GiB this took a load from
+        0.27 s (``preadv`` into the same memory) to 0.23 s, what safetensors plus ``clone`` takes.
+        ``memmove`` through ctypes releases the GIL, so the worker threads copy in parallel."""
+        if os.fstat(self._fd).st_size != self.nbytes:  # reading past a shrunk file's end is a SIGBUS
+            self._fail("the file changed size while open (was it overwritten?)")
+        with memoryview(dest).cast("B") as out:
+            at, to = 0, ctypes.addressof(ctypes.c_char.from_buffer(out)) if out.nbytes else 0
+            for off, n in self._pieces(rec, start, stop):
+                ctypes.memmove(to + at, self._map_address + off, n)
+                at += n
 
     def _read(self, rec: TensorRecord, start: int, stop: int, dest: memoryview | None, verify: bool) -> None:
         """Read raw bytes [start, stop) of ``rec`` into ``dest`` (if given) and check the crc32 of every
-        block they touch. Blocks are read and checksummed by the worker threads in parallel, each block
-        checksummed right after it is read (still in cache); page faults on fresh ``dest`` memory, the
-        largest cost of a load into new memory, then also run in parallel."""
-        if stop <= start or (dest is None and not verify):
-            return
-        size = rec.block_bytes
-        blocks = range(start // size, (stop - 1) // size + 1)
-        if stop - start <= _INLINE_CRC_BYTES or len(blocks) == 1:
-            ok = [self._block(rec, k, start, stop, dest, verify) for k in blocks]
-        else:
-            pool = worker_pool()
-            jobs = [pool.submit(self._block, rec, k, start, stop, dest, verify) for k in blocks]
-            wait(jobs)  # every job has finished with ``dest`` before this returns or raises
-            ok = [job.result() for job in jobs]
-        bad = [k for k, good in zip(blocks, ok) if not good]
-        if bad:
-            name = next((p for p, i in self.paths.items() if self.records[i] is rec), "?")
-            self._fail(f"checksum mismatch in tensor {name!r} (block {bad[0]} of {len(rec.crcs)})")
+        block they touch."""
+        self._read_many([(rec, start, stop, dest)], verify)
+
+    def _read_many(self, reads: list[tuple[TensorRecord, int, int, memoryview | None]], verify: bool) -> None:
+        """``_read`` of each ``(rec, start, stop, dest)``. The blocks of all of them are read and
+        checksummed by the worker threads in parallel, each block checksummed right after it is copied
+        (still in cache); page faults on fresh ``dest`` memory, the largest cost of a load into new
+        memory, then also run in parallel. One wait for the whole list: waiting tensor by tensor left a
+        thread idle at the end of each (a 1 GiB load of 32 tensors took 0.23 s instead of 0.21 s)."""
+        jobs = []  # (rec, block, result or future)
+        inline = sum(stop - start for _, start, stop, _ in reads) <= _INLINE_CRC_BYTES
+        pool = None if inline else worker_pool()
+        try:
+            for rec, start, stop, dest in reads:
+                if stop <= start or (dest is None and not verify):
+                    continue
+                size = rec.block_bytes
+                for k in range(start // size, (stop - 1) // size + 1):
+                    args = (rec, k, start, stop, dest, verify)
+                    jobs.append((rec, k, self._block(*args) if inline else pool.submit(self._block, *args)))
+        finally:
+            wait([job for _, _, job in jobs if not isinstance(job, bool)])  # all done with ``dest``
+        for rec, k, job in jobs:
+            if not (job if isinstance(job, bool) else job.result()):
+                name = next((p for p, i in self.paths.items() if self.records[i] is rec), "?")
+                self._fail(f"checksum mismatch in tensor {name!r} (block {k} of {len(rec.crcs)})")
 
     def _block(
         self, rec: TensorRecord, k: int, start: int, stop: int, dest: memoryview | None, verify: bool
@@ -182,7 +197,7 @@ class PytreeReader:
         k_start, k_stop = k * rec.block_bytes, min((k + 1) * rec.block_bytes, rec.nbytes)
         a, b = max(start, k_start), min(stop, k_stop)
         if dest is not None:
-            self._pread(rec, a, b, dest[a - start : b - start])
+            self._copy(rec, a, b, dest[a - start : b - start])
         if not verify:
             return True
         if dest is None:  # checksum the mapping itself
@@ -198,7 +213,7 @@ class PytreeReader:
 
     def _scratch(self, rec: TensorRecord, start: int, stop: int) -> memoryview:
         buf = memoryview(bytearray(stop - start))
-        self._pread(rec, start, stop, buf)
+        self._copy(rec, start, stop, buf)
         return buf
 
     def verify_frame(self) -> None:
@@ -272,10 +287,16 @@ class PytreeReader:
         """The whole tree, tensors materialized (``copy=True``) or mapped."""
         if verify:
             self.verify_frame()
+        if copy:  # allocate every tensor, then read them all in one parallel pass
+            tensors = [torch.empty(rec.shape, dtype=rec.dtype) for rec in self.records]
+            self._read_many(
+                [(rec, 0, rec.nbytes, byte_view(t)) for rec, t in zip(self.records, tensors) if rec.nbytes],
+                verify,
+            )
 
         def build(node: Any) -> Any:
             if isinstance(node, TensorRef):
-                return self.tensor(node.index, verify=verify, copy=copy)
+                return tensors[node.index] if copy else self.tensor(node.index, verify=verify, copy=False)
             if isinstance(node, dict):
                 return {k: build(v) for k, v in node.items()}
             if isinstance(node, list):
@@ -292,6 +313,7 @@ class PytreeReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._map_export = None
         if not self._mapped_out:
             try:
                 self._mm.close()

@@ -2,10 +2,10 @@
 
 Structure bytes come from ``msgpack.Packer`` and collect in a small buffer; tensor payloads go from the
 tensor's own memory to ``os.write`` (no ``bytes`` copy, unlike ``msgpack.ExtType``), while worker threads
-crc32 the same memory block by block (``zlib.crc32``-compatible, via libdeflate where installed; it and
-``os.write`` release the GIL). The payload's extent is ``fallocate``d first (``zerostep.io.native``). The
-file is written under a temporary name in the destination folder and renamed into place with
-``os.replace``.
+crc32 the same memory block by block (``zlib.crc32``-compatible, via ISA-L or libdeflate where
+installed; they and ``os.write`` release the GIL). The payload's extent is ``fallocate``d first
+(``zerostep.io.native``). The file is written under a temporary name in the destination folder and
+renamed into place with ``os.replace``.
 """
 
 from __future__ import annotations

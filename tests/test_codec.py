@@ -126,17 +126,25 @@ def _crc_inputs():
     return raw, cases
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_crc32_equals_zlib_on_every_size_offset_and_chain(fast, monkeypatch):
+def _use_crc32(native, impl: str, monkeypatch) -> None:
+    """Make ``native.crc32`` use ``impl`` alone (skip where it is not installed)."""
+    present = {"isal": native._isal_crc32, "libdeflate": native._libdeflate_crc32, "zlib": True}
+    if present[impl] is None:
+        pytest.skip(f"{impl} is not installed here")
+    if impl != "isal":
+        monkeypatch.setattr(native, "_isal_crc32", None)
+    if impl == "zlib":
+        monkeypatch.setattr(native, "_libdeflate_crc32", None)
+
+
+@pytest.mark.parametrize("impl", ["isal", "libdeflate", "zlib"])
+def test_crc32_equals_zlib_on_every_size_offset_and_chain(impl, monkeypatch):
     import mmap
     import zlib
 
     from zerostep.io import native
 
-    if not fast:
-        monkeypatch.setattr(native, "_libdeflate_crc32", None)
-    elif native._libdeflate_crc32 is None:
-        pytest.skip("libdeflate is not installed here: zlib.crc32 is the only implementation")
+    _use_crc32(native, impl, monkeypatch)
     raw, cases = _crc_inputs()
     for part in cases:
         for start in (0, 0xDEADBEEF):
@@ -161,7 +169,7 @@ def test_files_are_identical_with_and_without_the_fast_crc(tmp_path, monkeypatch
 
     tree = {"a": torch.randn(300_000), "b": [torch.arange(70_000, dtype=torch.int64), 3]}
     fast = write_pytree(tmp_path / "fast.msgpack", tree, fsync=False, block_bytes=1 << 20)
-    monkeypatch.setattr(native, "_libdeflate_crc32", None)
+    _use_crc32(native, "zlib", monkeypatch)
     slow = write_pytree(tmp_path / "slow.msgpack", tree, fsync=False, block_bytes=1 << 20)
     assert (tmp_path / "fast.msgpack").read_bytes() == (tmp_path / "slow.msgpack").read_bytes()
     assert fast.records == slow.records

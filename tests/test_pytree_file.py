@@ -171,6 +171,15 @@ def test_every_truncation_is_detected(tmp_path):
             load_pytree(path)
 
 
+def test_a_file_truncated_while_open_raises_instead_of_faulting(tmp_path):
+    path = tmp_path / "p.msgpack"
+    write_pytree(path, {"w": torch.arange(100_000.0)})
+    with PytreeReader(path) as reader:
+        os.truncate(path, reader.nbytes // 2)  # reading the mapping past the new end would be a SIGBUS
+        with pytest.raises(CheckpointError, match="changed size while open"):
+            reader.tensor("w")
+
+
 def test_wrong_magic_version_and_missing_file(tmp_path):
     path, data, _ = _small_file(tmp_path)
     path.write_bytes(b"PK\x03\x04" + data[4:])

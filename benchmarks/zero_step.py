@@ -11,6 +11,7 @@ units of Ψ = parameter bytes in the compute dtype) and per-rank model-state mem
     python benchmarks/zero_step.py                      # MLP 4x1024 and the small GPT, 2 ranks
     python benchmarks/zero_step.py --model mlp --steps 20 --no-compile
     python benchmarks/zero_step.py --overlap-param-gather   # stages 1-2 gather into the next forward
+    python benchmarks/zero_step.py --transport gloo         # zerostep over gloo's TCP, not /dev/shm
     python benchmarks/zero_step.py --device cuda            # NCCL, one GPU per rank (default 1 rank)
 """
 
@@ -200,14 +201,16 @@ def bench_rank(
         }
         for s, e in engines.items()
     }
-    return {"medians": medians, "extra": extra, "psi": psi_bytes // 4}
+    transport = "shared memory" if engines[0].shared_memory else dist.get_backend()
+    return {"medians": medians, "extra": extra, "psi": psi_bytes // 4, "transport": transport}
 
 
-def report(name: str, out: dict, world: int) -> None:
+def report(name: str, out: dict, world: int, transport: str) -> None:
     med, psi = out["medians"], out["psi"]
     base = med["ddp"]
     print(
-        f"\n{name}: {psi / 1e6:.2f}M params, {world} ranks; median step time relative to DDP (< 1 is faster)"
+        f"\n{name}: {psi / 1e6:.2f}M params, {world} ranks, zerostep over {transport}; median step time "
+        f"relative to DDP (< 1 is faster)"
     )
     for k, v in med.items():
         line = f"  {k:12s} {1e3 * v:8.1f} ms   x DDP {v / base:5.2f}"
@@ -247,6 +250,13 @@ def main() -> None:
     )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument(
+        "--transport",
+        choices=["shm", "gloo"],
+        default="shm",
+        help="zerostep's collectives between CPU ranks: through /dev/shm (default) or gloo's TCP "
+        "(ZEROSTEP_SHM=0); the other contenders always use gloo",
+    )
+    parser.add_argument(
         "--overlap-comm",
         choices=list(OVERLAP),
         default="default",
@@ -274,8 +284,9 @@ def main() -> None:
             args.device,
             timeout=1800,
             backend="nccl" if args.device == "cuda" else "gloo",
+            env={"ZEROSTEP_SHM": "1" if args.transport == "shm" else "0"},
         )
-        report(name, outs[0], world_size)
+        report(name, outs[0], world_size, outs[0]['transport'])
 
 
 if __name__ == "__main__":

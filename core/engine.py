@@ -44,7 +44,7 @@ from zerostep.core.step import (
     make_zero3_backward,
 )
 from zerostep.parallel import groups as dist_groups
-from zerostep.parallel.collectives import CommCounter, all_reduce_flat
+from zerostep.parallel.collectives import CommCounter, all_reduce_flat, attach_shared_memory
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units
 
@@ -113,6 +113,8 @@ class Engine:
                 f"the process group uses NCCL but the model's parameters are on {self.device}; "
                 "move the model to its GPU (cuda:LOCAL_RANK) before initialize()"
             )
+        # Gloo ranks on one host exchange through /dev/shm instead of loopback TCP (parallel/shm.py).
+        self.shared_memory = attach_shared_memory(self.group) if self.world_size > 1 else False
         stage = int(zero.stage)
         if stage == 3 and float(config.gradient_predivide_factor) != 1.0:
             warnings.warn(
@@ -125,10 +127,13 @@ class Engine:
         # gradient at once), so stages 0-2 then run forward/backward eagerly. Results are identical
         # either way. When the config leaves the key unset: stage 0 overlaps (zerostep's choice, measured
         # faster on 2 gloo ranks: MLP 0.86x DDP against 0.97x), stages 1-2 follow DeepSpeed's default
-        # of off (compiled backward, measured faster there: 0.95-0.96x DDP against 1.03-1.04x). Stage 3
-        # always overlaps (parallel.zero3 prefetches gathers and reduce-scatters in backward).
+        # of off (compiled backward, measured faster there: 0.95-0.96x DDP against 1.03-1.04x). Over
+        # shared memory the collectives run in the calling thread, so there is nothing to overlap and
+        # every stage defaults to off. Stage 3 always overlaps (parallel.zero3 prefetches gathers and
+        # reduce-scatters in backward).
         user_set = config.source("zero_optimization.overlap_comm") != "default"
-        overlap = bool(zero.overlap_comm if user_set else stage == 0) and self.world_size > 1 and stage < 3
+        by_default = stage == 0 and not self.shared_memory
+        overlap = bool(zero.overlap_comm if user_set else by_default) and self.world_size > 1 and stage < 3
         if zero.overlap_param_gather and not (overlap and stage in (1, 2)):
             warnings.warn(
                 "zero_optimization.overlap_param_gather has no effect here: it needs stage 1 or 2, "

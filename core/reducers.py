@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import optree
 import torch
-import torch.distributed as dist
 
 from zerostep.parallel import collectives
 
@@ -69,7 +68,9 @@ class CompiledReducer(Reducer):
             def run(grads: Flats) -> Flats:
                 return {g: collective(t * pre if pre else t, group, bucket) for g, t in grads.items()}
 
-            return torch.compile(run, dynamic=False, fullgraph=True) if compile else run
+            # over shared memory the collectives are eager calls, which a graph cannot hold
+            traced = compile and collectives.shared_memory_channel(group) is None
+            return torch.compile(run, dynamic=False, fullgraph=True) if traced else run
 
         self.all_reduce = over_groups(collectives.all_reduce_flat)
         self.reduce_scatter = over_groups(collectives.reduce_scatter_flat)
@@ -112,7 +113,7 @@ class OverlappedReducer(Reducer):
         if self.pre is not None:
             grad.mul_(self.pre)
         if self.plan.stage == 0:
-            self.pending[g] = (dist.all_reduce(grad, group=self.group, async_op=True), grad)
+            self.pending[g] = (collectives.all_reduce_into(grad, self.group, async_op=True), grad)
         else:
             shard = grad.new_empty(self.plan.layouts[g].shard_numel)
             work = collectives.reduce_scatter_into(shard, grad, self.group, async_op=True)

@@ -28,6 +28,13 @@ the bytes of a ring algorithm. ``reduce_scatter_into`` / ``all_gather_into`` (in
 optionally async, for the overlapped reducer and stage 3) and the ``*_flat`` functions (eager and traced)
 pick the algorithm by backend; ``ZEROSTEP_GLOO_COLLECTIVES=native`` keeps gloo's own (for comparison).
 
+Faster still, when a gloo group's ranks share a host: ``attach_shared_memory(group)`` (the engine calls
+it) gives the group a ``SharedMemoryChannel`` (``parallel/shm.py``), and every eager collective on it,
+``all_reduce_into``, ``reduce_scatter_into``, ``all_gather_rows`` and the eager ``*_flat``, then copies
+through ``/dev/shm`` instead of loopback TCP (16 MB all-reduce on 2 ranks: 4.0 ms against 13.8 ms). Those
+run to completion in the calling thread, so their ``async_op`` handles come back already done; traced
+code keeps the functional collectives, which the engine therefore does not compile around such a group.
+
 Communication accounting (``CommPlan``, ``CommCounter``) uses the convention of the ZeRO paper: the
 bytes one rank sends in a bandwidth-optimal (ring) algorithm, with the ``(N - 1) / N`` factor dropped.
 For a flat buffer of ``B`` bytes a reduce-scatter counts ``B``, an all-gather (of a ``B``-byte result)
@@ -49,6 +56,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+
+from zerostep.parallel.shm import SharedMemoryChannel
 
 Group = dist.ProcessGroup | None
 
@@ -139,6 +148,44 @@ def uses_exchange_algorithms(group: dist.ProcessGroup) -> bool:
     return dist.get_backend(group) == dist.Backend.GLOO
 
 
+_channels: dict[dist.ProcessGroup, SharedMemoryChannel] = {}
+
+
+def attach_shared_memory(group: Group = None, slot_bytes: int | None = None) -> bool:
+    """Route ``group``'s eager collectives through shared memory when it is a gloo group whose ranks share
+    this host (``parallel/shm.py``); whether they now do. Collective: every rank of the group calls it,
+    and all get the same answer. Idempotent. ``ZEROSTEP_SHM=0`` or ``ZEROSTEP_GLOO_COLLECTIVES=native``
+    keeps gloo's transport. ``slot_bytes``: each message buffer's size (default
+    ``$ZEROSTEP_SHM_SLOT_BYTES`` or 32 MiB; larger messages go in pieces)."""
+    group = resolve_group(group)
+    if group is None or dist.get_world_size(group) < 2 or dist.get_backend(group) != dist.Backend.GLOO:
+        return False
+    if group in _channels:
+        return True
+    if os.environ.get("ZEROSTEP_GLOO_COLLECTIVES", "").lower() == "native":
+        return False
+    channel = SharedMemoryChannel.attach(group, slot_bytes)
+    if channel is not None:
+        _channels[group] = channel
+    return channel is not None
+
+
+def detach_shared_memory(group: Group = None) -> None:
+    """Back to gloo's transport for ``group`` (collective, like ``attach_shared_memory``)."""
+    channel = _channels.pop(resolve_group(group), None)
+    if channel is not None:
+        channel.barrier()  # no rank unmaps while a peer may still read its buffers
+        channel.close()
+
+
+def shared_memory_channel(group: Group = None) -> SharedMemoryChannel | None:
+    """The channel ``attach_shared_memory`` gave ``group``, if any."""
+    return _channels.get(resolve_group(group)) if _channels else None
+
+
+_DONE = Pending([])
+
+
 def _hand_over(pending: Pending, async_op: bool) -> Pending | None:
     """The handle for an async call; otherwise wait here and return None (c10d's convention)."""
     if async_op:
@@ -152,6 +199,10 @@ def reduce_scatter_into(
 ) -> Pending | None:
     """``out`` [S] = this rank's shard of the sum over ranks of ``flat`` [N * S] (contiguous)."""
     group = resolve_group(group)
+    channel = shared_memory_channel(group)
+    if channel is not None:
+        channel.reduce_scatter_into(out, flat)
+        return _hand_over(_DONE, async_op)
     if not uses_exchange_algorithms(group):
         return _hand_over(Pending([c10d_reduce_scatter(out, flat, group=group, async_op=True)]), async_op)
     world_size = dist.get_world_size(group)
@@ -187,6 +238,10 @@ def all_gather_rows(
     shard (the optimizer wrote it there), so nothing is copied in or out. Buckets cut every row's
     columns alike, as in ``all_gather_flat``."""
     group = resolve_group(group)
+    channel = shared_memory_channel(group)
+    if channel is not None:
+        channel.all_gather_rows(full)
+        return _hand_over(_DONE, async_op)
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     rows = full.view(world_size, -1)  # [N, S]
     columns = shard_bucket_columns(rows.shape[1], world_size, bucket_numel)
@@ -210,6 +265,16 @@ def all_gather_rows(
             # version counter of a buffer that autograd has views of would fail the backward
             finish.append(lambda c0=c0, c1=c1, gathered=gathered: rows.data[:, c0:c1].copy_(gathered))
     return _hand_over(Pending(works, (lambda: [f() for f in finish]) if finish else None), async_op)
+
+
+def all_reduce_into(flat: torch.Tensor, group: Group = None, async_op: bool = False) -> Pending | None:
+    """``flat`` [P] (contiguous) = its sum over the group's ranks, in place."""
+    group = resolve_group(group)
+    channel = shared_memory_channel(group)
+    if channel is not None:
+        channel.all_reduce_(flat)
+        return _hand_over(_DONE, async_op)
+    return _hand_over(Pending([dist.all_reduce(flat, group=group, async_op=True)]), async_op)
 
 
 def _traced_reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -246,7 +311,7 @@ def all_reduce_flat(flat: torch.Tensor, group: Group = None, bucket_numel: int |
     if _eager():
         out = flat.clone()
         for start, end in buckets:
-            dist.all_reduce(out[start:end], group=group)  # a 1-D slice of a contiguous buffer is contiguous
+            all_reduce_into(out[start:end], group)  # a 1-D slice of a contiguous buffer is contiguous
         return out
     pieces = [funcol.wait_tensor(funcol.all_reduce(flat[start:end], "sum", group)) for start, end in buckets]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

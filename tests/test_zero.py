@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from models import Net, mse
 from torch import nn
 
 from zerostep.core import Config, initialize
+from zerostep.parallel.collectives import detach_shared_memory
 from zerostep.parallel.launch import RankFailure, spawn_ranks
 
 MB, GAS, STEPS = 2, 2, 4
@@ -117,11 +119,14 @@ def test_lamb_trust_ratios_span_ranks():
     check_equal(results, 2, stages, LAMB)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_every_stage_equals_one_process_compiled(world_size):
-    # overlap off: stages 0-2 compile forward/backward too, with the collectives in their own graphs
+@pytest.mark.parametrize("world_size, shm", [(2, "1"), (3, "0")])
+def test_every_stage_equals_one_process_compiled(world_size, shm):
+    # overlap off: stages 0-2 compile forward/backward too. Over gloo (ZEROSTEP_SHM=0) the collectives
+    # are traced into their own graphs; over shared memory they run eagerly between the graphs.
     stages = (0, 1, 2, 3)
-    results = spawn_ranks(all_stages, world_size, True, stages, False, timeout=480)
+    results = spawn_ranks(
+        all_stages, world_size, True, stages, False, timeout=480, env={"ZEROSTEP_SHM": shm}
+    )
     check_equal(results, world_size, stages)
 
 
@@ -323,6 +328,7 @@ def random_cases(n: int) -> list[dict]:
             "overlap": st.booleans(),
             "param_gather": st.booleans(),  # overlap_param_gather (acts with overlap at stages 1-2)
             "bucket": st.sampled_from([0, 5, 64]),
+            "shm": st.booleans(),  # collectives through /dev/shm (parallel/shm.py) or gloo's TCP
         }
     )
 
@@ -336,6 +342,9 @@ def random_cases(n: int) -> list[dict]:
 
 
 def run_case(rank: int, world_size: int, c: dict):
+    if world_size > 1:  # (a rank process: the environment is its own)
+        detach_shared_memory()  # initialize() attaches again unless ZEROSTEP_SHM=0
+        os.environ["ZEROSTEP_SHM"] = "1" if c["shm"] else "0"
     cfg = {
         "train_micro_batch_size_per_gpu": c["mb"],
         "gradient_accumulation_steps": c["gas"],
@@ -352,6 +361,7 @@ def run_case(rank: int, world_size: int, c: dict):
     engine = initialize(
         Net(c["hidden"]), Config.from_dict(cfg, world_size=world_size), loss_fn=mse, compile=False
     )
+    assert engine.shared_memory == (c["shm"] and world_size > 1)
     state = engine.init()
     per = c["mb"] * c["gas"]
     gen = torch.Generator().manual_seed(c["hidden"])
@@ -380,7 +390,7 @@ def run_cases(rank: int, world_size: int, cases: list[dict]):
 
 def test_stage_equivalence_property():
     """Hypothesis-drawn stage, micro-batch, accumulation, clipping, width, overlap (of the reductions and
-    of the stage 1-2 parameter gather) and bucket size:
+    of the stage 1-2 parameter gather), bucket size and transport (shared memory or gloo):
     three ranks equal one process (which sees every rank's micro-batch i as its micro-batch i)."""
     cases = random_cases(12)
     distributed = spawn_ranks(run_cases, 3, cases, timeout=300)

@@ -47,7 +47,9 @@ SHM_ENV = "ZEROSTEP_SHM"
 SLOT_BYTES_ENV = "ZEROSTEP_SHM_SLOT_BYTES"
 DEFAULT_SLOT_BYTES = 32 << 20  # per buffer; two per rank
 _CONTROL_BYTES = 4096
-_TOKEN, _PID, _COUNTER = 0, 1, 8  # int64 words of the control page; the counter on its own cache line
+# int64 words of the control page: a token, the pid and its start time (to tell the process from a later
+# one with the same pid), and the barrier counter on its own cache line
+_TOKEN, _PID, _START, _COUNTER = 0, 1, 2, 8
 _SPIN_S = 0.002  # yield-spin this long before sleeping between polls
 _POLL_SLEEP_S = 50e-6
 _LIVENESS_EVERY_S = 0.05
@@ -103,6 +105,10 @@ class SharedMemoryChannel:
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.slot_bytes, self.timeout_s, self.pids = slot_bytes, timeout_s, pids
+        # Peers whose process this one can see (not so across pid namespaces sharing /dev/shm): a wait
+        # on them ends as soon as they exit; on the others, at the timeout.
+        self._started = [_word(m, _START) for m in maps]
+        self._watched = [_process_start(pid) == start for pid, start in zip(pids, self._started)]
         self._maps = maps
         self._control = [memoryview(m)[:_CONTROL_BYTES].cast("q") for m in maps]  # int64 words
         # [2, slot_bytes] per rank: the two message buffers
@@ -185,15 +191,11 @@ class SharedMemoryChannel:
                     self._check_peer(peer, now - start)
 
     def _check_peer(self, peer: int, waited_s: float) -> None:
-        try:
-            os.kill(self.pids[peer], 0)
-        except ProcessLookupError:
+        if self._watched[peer] and _process_start(self.pids[peer]) != self._started[peer]:
             raise RuntimeError(
                 f"rank {self.rank}: rank {peer} (pid {self.pids[peer]}) exited during a shared-memory "
                 f"collective"
-            ) from None
-        except PermissionError:
-            pass
+            )
         if waited_s > self.timeout_s:
             raise RuntimeError(
                 f"rank {self.rank}: rank {peer} did not reach a shared-memory collective within "
@@ -287,9 +289,25 @@ def _create(path: str, size: int, token: int) -> mmap.mmap:
         os.unlink(path)
         raise
     os.close(fd)
-    for word, value in ((_TOKEN, token), (_PID, os.getpid()), (_COUNTER, 0)):
+    pid = os.getpid()
+    for word, value in ((_TOKEN, token), (_PID, pid), (_START, _process_start(pid)), (_COUNTER, 0)):
         struct.pack_into("=q", m, 8 * word, value)
     return m
+
+
+def _process_start(pid: int) -> int:
+    """The start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or
+    -1 if it has exited (or there is no ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return -1
+    # the command name (field 2) may hold spaces and parentheses: fields after it follow the last ")"
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # exited, not yet reaped by its parent
+        return -1
+    return int(fields[19])
 
 
 def _word(m: mmap.mmap, word: int) -> int:

@@ -122,3 +122,20 @@ def stall_then_collective(rank: int, world_size: int) -> None:
 def test_a_peer_that_never_arrives_times_out():
     with pytest.raises(RankFailure, match="did not reach a shared-memory collective within 1 s"):
         spawn_ranks(stall_then_collective, 2, timeout=60)
+
+
+def test_process_start_tells_a_live_process_from_an_exited_one():
+    import subprocess
+
+    from zerostep.parallel.shm import _process_start
+
+    assert _process_start(os.getpid()) > 0
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _process_start(child.pid) >= _process_start(os.getpid())
+    finally:
+        child.kill()
+    time.sleep(0.2)  # killed but not reaped: a zombie counts as exited
+    assert _process_start(child.pid) == -1
+    child.wait()
+    assert _process_start(child.pid) == -1

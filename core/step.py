@@ -95,7 +95,7 @@ class StepPlan:
     @property
     def per_param_grads(self) -> bool:
         """One process and no stage-3 runner: nothing needs a flat gradient for communication, so
-        backward returns per-parameter gradients and the update reads them piece by piece."""
+        backward returns per-parameter gradients and the update concatenates them in its own pass."""
         return self.world_size == 1 and self.stage < 3
 
     def unscale(self, scale: torch.Tensor) -> torch.Tensor:
@@ -313,16 +313,18 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
         if clip > 0:
             norm = torch.sqrt(sumsq) * unscale
             grad_scale = unscale * torch.clamp(clip / (norm + 1e-6), max=1.0)
-        # Per-parameter gradients (one process) go to the optimizer as they are: an elementwise one
-        # updates each parameter's slice of the flat buffers from its own gradient
-        # (``optim.base.grad_pieces``), the others concatenate (``flat_grad``). The optimizers cast
-        # gradients to the state's dtype in their own pass.
+        # per-parameter gradients (one process) are concatenated here, inside the optimizer's fused
+        # kernel, rather than by a separate cat in backward
+        grads32 = {
+            g: (t if isinstance(t, torch.Tensor) else torch.cat([p.reshape(-1) for p in t])).float()
+            for g, t in grads.items()
+        }
         # OneCycle's momentum cycle writes (beta1, 0.99) into the betas, as DeepSpeed does.
         beta2 = None if beta1 is None else ONE_CYCLE_BETA2
         # compute-dtype params take the updated values in the optimizer's own pass
         copies = params if plan.params_match_master and not plan.params_alias_master else param_rows
         optimizer.update_(
-            grads,
+            grads32,
             opt_state,
             master,
             lr,

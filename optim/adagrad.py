@@ -19,7 +19,6 @@ from zerostep.optim.base import (
     check_range,
     compute_view,
     finish_param,
-    flat_grad,
     is_static,
     leaves_like,
     masked_weight_decay,
@@ -69,7 +68,7 @@ def adagrad(
             leaf_clr = clr if is_static(mult, 1) else clr * mult
             wd = masked_weight_decay(weight_decay, mask)
             pw = compute_view(p)
-            g = prepared_grad(flat_grad(g), opts.grad_scale, s.dtype)
+            g = prepared_grad(g, opts.grad_scale, s.dtype)
             if not is_static(wd, 0):
                 g = g + pw * wd
             s.addcmul_(g, g, value=1)

@@ -23,8 +23,6 @@ from zerostep.optim.base import (
     check_range,
     compute_view,
     finish_param,
-    flat_grad,
-    grad_pieces,
     is_static,
     leaves_like,
     loop_invariant,
@@ -95,18 +93,14 @@ def adam(
         for p, g, m, v, copy, mask, mult in leaves:
             leaf_lr = lr if is_static(mult, 1) else lr * mult
             wd = masked_weight_decay(weight_decay, mask)
-            if use_triton or (use_triton is None and p.is_cuda):
-                g = flat_grad(g)  # the fused kernel takes one flat gradient
             if triton_kernels.usable(use_triton, (p, g, m, v), (wd, mult)):
                 scalars = triton_kernels.adam_scalars(leaf_lr, opts.grad_scale, beta1, beta2, bc1, bc2_sqrt,
                                                       p.device)
                 triton_kernels.adam_step_(p, g, m, v, scalars, eps=eps, weight_decay=float(wd),
                                           adam_w_mode=adam_w_mode, out=copy)
                 continue
-            for g_piece, p_piece, m_piece, v_piece, c_piece in grad_pieces(g, p, m, v, copy):
-                adam_leaf_(p_piece, g_piece, m_piece, v_piece, lr=leaf_lr, beta1=beta1, beta2=beta2, bc1=bc1,
-                           bc2_sqrt=bc2_sqrt, eps=eps, weight_decay=wd, adam_w_mode=adam_w_mode,
-                           grad_scale=opts.grad_scale, copy=c_piece)
+            adam_leaf_(p, g, m, v, lr=leaf_lr, beta1=beta1, beta2=beta2, bc1=bc1, bc2_sqrt=bc2_sqrt, eps=eps,
+                       weight_decay=wd, adam_w_mode=adam_w_mode, grad_scale=opts.grad_scale, copy=copy)
 
     name = "adamw" if adam_w_mode else "adam"
     return Optimizer(name=name, lr=float(lr), hyperparams=hyper, init_fn=init, apply_fn=apply)

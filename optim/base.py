@@ -138,32 +138,6 @@ def per_leaf(option: PerLeaf, params: PyTree, default: Any) -> list[Any]:
     return leaves_like(params, tree)[1][0]
 
 
-def flat_grad(g: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    """A leaf's gradient as one tensor. The engine in one process hands a flat leaf's gradient over as
-    its parameters' gradients (a list, in layout order); those are concatenated here."""
-    return torch.cat([piece.reshape(-1) for piece in g]) if isinstance(g, (list, tuple)) else g
-
-
-def grad_pieces(
-    g: torch.Tensor | list[torch.Tensor], p: torch.Tensor, *aligned: torch.Tensor | None
-) -> list[tuple[torch.Tensor | None, ...]]:
-    """``[(g, p, *aligned)]``, or, for a gradient in per-parameter pieces (a list covering the flat
-    leaf ``p`` in order, without gaps), one tuple per piece with the matching slices of ``p`` and of
-    each tensor in ``aligned`` (None stays None). An elementwise optimizer then reads every piece where
-    autograd left it: concatenating first cost a copy of the whole gradient into fresh memory every
-    step (inductor on CPU always materializes a ``cat``)."""
-    if not isinstance(g, (list, tuple)):
-        return [(g, p, *aligned)]
-    out, start = [], 0
-    for piece in g:
-        stop = start + piece.numel()
-        out.append((piece.reshape(-1), p[start:stop], *(t if t is None else t[start:stop] for t in aligned)))
-        start = stop
-    if start != p.numel():
-        raise ValueError(f"gradient pieces cover {start} elements of a {p.numel()}-element leaf")
-    return out
-
-
 def compute_view(p: torch.Tensor) -> torch.Tensor:
     """The fp32 working copy of a low-precision param (the param itself when already fp32/fp64)."""
     return p if p.dtype in (torch.float32, torch.float64) else p.float()

@@ -29,7 +29,6 @@ from zerostep.optim.base import (
     check_range,
     compute_view,
     finish_param,
-    flat_grad,
     is_static,
     leaves_like,
     loop_invariant,
@@ -118,7 +117,6 @@ def lamb(
         segments = per_leaf(trust_segments, params, None)
         leaves = zip(p_leaves, g_leaves, m_leaves, v_leaves, c_leaves, masks, mults, segments)
         for p, g, m, v, copy, mask, mult, seg in leaves:
-            g = flat_grad(g)  # the trust ratios need the whole leaf's update at once
             leaf_lr = lr if is_static(mult, 1) else lr * mult
             wd = masked_weight_decay(weight_decay, mask)
             if seg is None and triton_kernels.usable(use_triton, (p, g, m, v), (wd, mult)):

@@ -20,7 +20,6 @@ from zerostep.optim.base import (
     check_range,
     compute_view,
     finish_param,
-    flat_grad,
     is_static,
     leaves_like,
     masked_weight_decay,
@@ -65,7 +64,7 @@ def lion(
             leaf_lr = lr if is_static(mult, 1) else lr * mult
             wd = masked_weight_decay(weight_decay, mask)
             pw = compute_view(p)
-            g = prepared_grad(flat_grad(g), opts.grad_scale, m.dtype)
+            g = prepared_grad(g, opts.grad_scale, m.dtype)
             direction = torch.sign(m * beta1 + g * (1 - beta1))
             if not is_static(wd, 0):
                 pw.mul_(1 - leaf_lr * wd)

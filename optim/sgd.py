@@ -21,7 +21,6 @@ from zerostep.optim.base import (
     check_range,
     compute_view,
     finish_param,
-    flat_grad,
     is_static,
     leaves_like,
     masked_weight_decay,
@@ -77,7 +76,7 @@ def sgd(
             leaf_lr = lr if is_static(mult, 1) else lr * mult
             wd = masked_weight_decay(weight_decay, mask)
             pw = compute_view(p)
-            g = prepared_grad(flat_grad(g), opts.grad_scale, state_dtype(pw))
+            g = prepared_grad(g, opts.grad_scale, state_dtype(pw))
             if not is_static(wd, 0):
                 g = g + pw * wd
             if buf is not None:

@@ -5,6 +5,8 @@
 - ``collectives``: all-reduce / reduce-scatter / all-gather over flat buffers (functional collectives
   under ``torch.compile``), the same into preallocated outputs, sync or async (``Pending``), with
   faster algorithms on gloo; buckets, and static byte accounting.
+- ``shm``: ``SharedMemoryChannel``, the same collectives through ``/dev/shm`` between gloo ranks on one
+  host (``attach_shared_memory`` gives a group one; the engine does it).
 - ``zero3``: ``plan_units`` (FSDP-style units) and ``Zero3Runner`` (gather, free, regather, reduce-scatter).
 - ``launch``: ``spawn_ranks`` for real multi-rank runs on one machine (tests, benchmarks).
 """
@@ -17,12 +19,17 @@ from zerostep.parallel.collectives import (
     all_gather_into,
     all_gather_rows,
     all_reduce_flat,
+    all_reduce_into,
+    attach_shared_memory,
+    detach_shared_memory,
     reduce_scatter_flat,
     reduce_scatter_into,
+    shared_memory_channel,
 )
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.groups import Mesh, maybe_init_distributed
 from zerostep.parallel.launch import RankFailure, spawn_ranks
+from zerostep.parallel.shm import SharedMemoryChannel
 from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units
 
 __all__ = [
@@ -33,15 +40,20 @@ __all__ = [
     "Mesh",
     "Pending",
     "RankFailure",
+    "SharedMemoryChannel",
     "Unit",
     "Zero3Runner",
     "all_gather_flat",
     "all_gather_into",
     "all_gather_rows",
     "all_reduce_flat",
+    "all_reduce_into",
+    "attach_shared_memory",
+    "detach_shared_memory",
     "maybe_init_distributed",
     "plan_units",
     "reduce_scatter_flat",
     "reduce_scatter_into",
+    "shared_memory_channel",
     "spawn_ranks",
 ]

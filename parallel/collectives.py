@@ -162,9 +162,8 @@ def attach_shared_memory(group: Group = None, slot_bytes: int | None = None) -> 
         return False
     if group in _channels:
         return True
-    if os.environ.get("ZEROSTEP_GLOO_COLLECTIVES", "").lower() == "native":
-        return False
-    channel = SharedMemoryChannel.attach(group, slot_bytes)
+    native = os.environ.get("ZEROSTEP_GLOO_COLLECTIVES", "").lower() == "native"
+    channel = SharedMemoryChannel.attach(group, slot_bytes, allowed=not native)  # one vote for all ranks
     if channel is not None:
         _channels[group] = channel
     return channel is not None

@@ -39,6 +39,7 @@ import platform
 import secrets
 import struct
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -74,8 +75,13 @@ def _slot_bytes() -> int:
         value = int(raw)
     except ValueError as e:
         raise ValueError(f"{SLOT_BYTES_ENV}={raw!r} is not a number of bytes") from e
+    return _checked_slot_bytes(value, SLOT_BYTES_ENV)
+
+
+def _checked_slot_bytes(value: int, name: str) -> int:
+    """At least 4096 bytes, rounded down to a multiple of 64 (whole elements of every dtype)."""
     if value < 4096:
-        raise ValueError(f"{SLOT_BYTES_ENV}={raw!r} must be at least 4096 bytes")
+        raise ValueError(f"{name}={value!r} must be at least 4096 bytes")
     return value - value % 64
 
 
@@ -121,16 +127,24 @@ class SharedMemoryChannel:
     # ---- set-up ----
 
     @staticmethod
-    def attach(group: dist.ProcessGroup, slot_bytes: int | None = None) -> SharedMemoryChannel | None:
+    def attach(
+        group: dist.ProcessGroup, slot_bytes: int | None = None, allowed: bool = True
+    ) -> SharedMemoryChannel | None:
         """A channel over ``group`` if every rank can map every other rank's file, else None (on every
-        rank alike). Collective: every rank of ``group`` must call it."""
+        rank alike). Collective: every rank of ``group`` must call it. Every per-rank setting (``allowed``,
+        ``ZEROSTEP_SHM``, the slot size) goes into one vote first, so ranks that disagree all keep gloo."""
         if group is None or dist.get_world_size(group) < 2:
             return None
-        enabled = torch.tensor([1 if _enabled() else 0], dtype=torch.int64)
+        try:
+            checked = _slot_bytes() if slot_bytes is None else _checked_slot_bytes(slot_bytes, "slot_bytes")
+        except ValueError as e:
+            warnings.warn(f"shared-memory collectives off: {e}", stacklevel=2)
+            checked, allowed = 0, False
+        enabled = torch.tensor([1 if allowed and _enabled() else 0], dtype=torch.int64)
         dist.all_reduce(enabled, op=dist.ReduceOp.MIN, group=group)
         if not enabled.item():
             return None
-        slot_bytes = slot_bytes if slot_bytes is not None else _slot_bytes()
+        slot_bytes = checked
         size = _CONTROL_BYTES + 2 * slot_bytes
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
         run_id = [secrets.token_hex(8) if rank == 0 else None]
@@ -138,33 +152,37 @@ class SharedMemoryChannel:
         paths = [f"/dev/shm/zerostep-{run_id[0]}-{r}" for r in range(world_size)]
         token = secrets.randbits(62)
         maps: list[mmap.mmap | None] = [None] * world_size
-        ok = True
+        agreed = torch.zeros(1, dtype=torch.int64)
         try:
-            maps[rank] = _create(paths[rank], size, token)
-        except OSError:
-            ok = False
-        tokens = [None] * world_size
-        dist.all_gather_object(tokens, token if ok else None, group=group)
-        ok = ok and all(t is not None for t in tokens)
-        if ok:
+            ok = True
             try:
-                for r in range(world_size):
-                    if r != rank:
-                        maps[r] = _open(paths[r], size)
-                        ok = ok and _word(maps[r], _TOKEN) == tokens[r]
+                maps[rank] = _create(paths[rank], size, token)
             except OSError:
                 ok = False
-        agreed = torch.tensor([1 if ok else 0], dtype=torch.int64)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)  # every rank has opened every file
-        if maps[rank] is not None:
-            try:
-                os.unlink(paths[rank])
-            except FileNotFoundError:
-                pass
+            tokens = [None] * world_size
+            dist.all_gather_object(tokens, token if ok else None, group=group)
+            ok = ok and all(t is not None for t in tokens)
+            if ok:
+                try:
+                    for r in range(world_size):
+                        if r != rank:
+                            maps[r] = _open(paths[r], size)
+                            ok = ok and _word(maps[r], _TOKEN) == tokens[r]
+                except OSError:
+                    ok = False
+            agreed[0] = 1 if ok else 0
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)  # every rank has opened every file
+        finally:  # also when a peer fails mid-set-up: nothing stays in /dev/shm
+            if maps[rank] is not None:
+                try:
+                    os.unlink(paths[rank])
+                except FileNotFoundError:
+                    pass
+            if not agreed.item():
+                for m in maps:
+                    if m is not None:
+                        m.close()
         if not agreed.item():
-            for m in maps:
-                if m is not None:
-                    m.close()
             return None
         pids = [_word(m, _PID) for m in maps]
         return SharedMemoryChannel(group, maps, slot_bytes, _group_timeout_s(group), pids)
@@ -191,7 +209,8 @@ class SharedMemoryChannel:
                     self._check_peer(peer, now - start)
 
     def _check_peer(self, peer: int, waited_s: float) -> None:
-        if self._watched[peer] and _process_start(self.pids[peer]) != self._started[peer]:
+        started = _process_start(self.pids[peer]) if self._watched[peer] else None
+        if started is not None and started != self._started[peer]:
             raise RuntimeError(
                 f"rank {self.rank}: rank {peer} (pid {self.pids[peer]}) exited during a shared-memory "
                 f"collective"
@@ -215,7 +234,8 @@ class SharedMemoryChannel:
     # ---- collectives ----
 
     def all_reduce_(self, flat: torch.Tensor) -> None:
-        """``flat`` [P] (contiguous, 1-D) = its sum over the ranks, in place."""
+        """``flat`` (contiguous) = its sum over the ranks, in place."""
+        flat = flat.view(-1)
         cap = self._piece_numel(flat.dtype)
         for start in range(0, flat.numel(), cap):
             self._all_reduce_piece(flat[start : start + cap])
@@ -228,10 +248,7 @@ class SharedMemoryChannel:
         bounds = [(min(r * chunk, n), min((r + 1) * chunk, n)) for r in range(self.world_size)]
         self.barrier()
         a, b = bounds[self.rank]
-        mine = buffers[self.rank][a:b]
-        for r in range(self.world_size):
-            if r != self.rank:
-                mine.add_(buffers[r][a:b])
+        _sum_into(buffers[self.rank][a:b], [buf[a:b] for buf in buffers])
         self.barrier()
         for r, (a, b) in enumerate(bounds):
             piece[a:b].copy_(buffers[r][a:b])
@@ -249,10 +266,7 @@ class SharedMemoryChannel:
             ]
             buffers[self.rank].copy_(rows[:, c0:c1])
             self.barrier()
-            mine = [b[self.rank] for b in buffers]  # every rank's copy of my row's columns
-            torch.add(mine[0], mine[1], out=out[c0:c1])
-            for other in mine[2:]:
-                out[c0:c1].add_(other)
+            _sum_into(out[c0:c1], [b[self.rank] for b in buffers])  # every rank's copy of my row
 
     def all_gather_rows(self, full: torch.Tensor) -> None:
         """Fill every row of ``full`` [N * S] from its rank; row ``rank`` already holds this rank's."""
@@ -279,6 +293,25 @@ class SharedMemoryChannel:
         self._maps = []
 
 
+def _sum_into(out: torch.Tensor, parts: list[torch.Tensor]) -> None:
+    """``out`` = the sum of ``parts`` (``out`` may be one of them). Half-precision sums of more than two
+    go through fp32 and round once, as gloo's reduction does."""
+    if out.numel() == 0:
+        return
+    if len(parts) > 2 and parts[0].dtype in (torch.float16, torch.bfloat16):
+        acc = parts[0].float()
+        for part in parts[1:]:
+            acc.add_(part)
+        out.copy_(acc)
+        return
+    others = [part for part in parts if part.data_ptr() != out.data_ptr()]
+    if len(others) == len(parts):  # ``out`` is none of them
+        torch.add(others[0], others[1], out=out)
+        others = others[2:]
+    for part in others:
+        out.add_(part)
+
+
 def _create(path: str, size: int, token: int) -> mmap.mmap:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -295,14 +328,16 @@ def _create(path: str, size: int, token: int) -> mmap.mmap:
     return m
 
 
-def _process_start(pid: int) -> int:
+def _process_start(pid: int) -> int | None:
     """The start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or
-    -1 if it has exited (or there is no ``/proc``)."""
+    -1 if it has exited (or there is no ``/proc``), None if it cannot be told now."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return -1
+    except OSError:  # out of file descriptors or memory: unknown, not gone
+        return None
     # the command name (field 2) may hold spaces and parentheses: fields after it follow the last ")"
     fields = stat[stat.rindex(b")") + 2 :].split()
     if fields[0] in (b"Z", b"X"):  # exited, not yet reaped by its parent

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -75,22 +76,51 @@ def check_collectives(rank: int, world_size: int) -> int:
     return checked
 
 
+def half_precision_sums(rank: int, world_size: int) -> bool:
+    assert collectives.attach_shared_memory(None)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(999, generator=gen).to(torch.bfloat16) for _ in range(world_size)]
+    want = torch.stack(inputs).float().sum(0).to(torch.bfloat16)  # one rounding, as gloo's sum
+    flat = inputs[rank].clone()
+    collectives.all_reduce_into(flat, None)
+    shard = torch.empty(333, dtype=torch.bfloat16)
+    collectives.reduce_scatter_into(shard, inputs[rank].clone(), None)
+    return torch.equal(flat, want) and torch.equal(shard, want.view(3, 333)[rank])
+
+
+def test_half_precision_sums_of_three_round_once():
+    assert spawn_ranks(half_precision_sums, 3, timeout=60) == [True] * 3
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_shared_memory_collectives_equal_the_sums(world_size):
     results = spawn_ranks(check_collectives, world_size, timeout=120)
     assert results == [len(DTYPES) * len(SIZES)] * world_size
 
 
-def opt_out(rank: int, world_size: int) -> tuple[bool, bool]:
+def opt_out(rank: int, world_size: int) -> tuple[bool, ...]:
     os.environ["ZEROSTEP_SHM"] = "0"
     off = collectives.attach_shared_memory(None)
     os.environ["ZEROSTEP_SHM"] = "1" if rank == 0 else "0"  # ranks disagree: all fall back alike
     disagree = collectives.attach_shared_memory(None)
-    return off, disagree
+    os.environ["ZEROSTEP_SHM"] = "1"
+    os.environ["ZEROSTEP_GLOO_COLLECTIVES"] = "native" if rank == 1 else ""
+    native_on_one = collectives.attach_shared_memory(None)
+    os.environ["ZEROSTEP_GLOO_COLLECTIVES"] = ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        too_small = collectives.attach_shared_memory(None, slot_bytes=100 if rank == 0 else 8192)
+    said = [str(w.message) for w in caught]
+    warning = "shared-memory collectives off: slot_bytes=100 must be at least 4096 bytes"
+    assert said == ([warning] if rank == 0 else [])
+    flat = torch.ones(4)
+    collectives.all_reduce_into(flat, None)  # and the group still works, over gloo
+    return off, disagree, native_on_one, too_small, flat.tolist()
 
 
 def test_opting_out_keeps_gloo_on_every_rank():
-    assert spawn_ranks(opt_out, 2, timeout=60) == [(False, False), (False, False)]
+    got = spawn_ranks(opt_out, 2, timeout=60)
+    assert got == [(False, False, False, False, [2.0] * 4)] * 2
 
 
 def exit_mid_collective(rank: int, world_size: int) -> None:

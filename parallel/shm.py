@@ -123,6 +123,7 @@ class SharedMemoryChannel:
         ]
         self._generation = self._control[self.rank][_COUNTER]
         self._next_buffer = 0
+        self._failure: str | None = None  # set by a failed barrier: the ranks are out of step for good
 
     # ---- set-up ----
 
@@ -191,6 +192,8 @@ class SharedMemoryChannel:
 
     def barrier(self) -> None:
         """Return once every rank has called ``barrier`` as many times as this one."""
+        if self._failure is not None:
+            raise RuntimeError(f"shared-memory channel unusable after an earlier failure: {self._failure}")
         self._generation += 1
         generation = self._generation
         self._control[self.rank][_COUNTER] = generation
@@ -211,15 +214,17 @@ class SharedMemoryChannel:
     def _check_peer(self, peer: int, waited_s: float) -> None:
         started = _process_start(self.pids[peer]) if self._watched[peer] else None
         if started is not None and started != self._started[peer]:
-            raise RuntimeError(
+            self._failure = (
                 f"rank {self.rank}: rank {peer} (pid {self.pids[peer]}) exited during a shared-memory "
                 f"collective"
             )
-        if waited_s > self.timeout_s:
-            raise RuntimeError(
+        elif waited_s > self.timeout_s:
+            self._failure = (
                 f"rank {self.rank}: rank {peer} did not reach a shared-memory collective within "
                 f"{self.timeout_s:g} s (the process group's timeout); did it fail?"
             )
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
 
     def _buffer(self, rank: int, index: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
         return self._buffers[rank][index].view(dtype)[:numel]

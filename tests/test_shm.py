@@ -146,11 +146,14 @@ def stall_then_collective(rank: int, world_size: int) -> None:
     if rank == 1:
         time.sleep(4)  # alive but late: the others give up at the timeout
         return
-    collectives.all_reduce_into(torch.ones(10), None)
+    with pytest.raises(RuntimeError, match="did not reach a shared-memory collective within 1 s"):
+        collectives.all_reduce_into(torch.ones(10), None)
+    # the ranks are out of step now: every later collective on the channel fails at once
+    collectives.all_gather_rows(torch.ones(10), None)
 
 
-def test_a_peer_that_never_arrives_times_out():
-    with pytest.raises(RankFailure, match="did not reach a shared-memory collective within 1 s"):
+def test_a_peer_that_never_arrives_times_out_and_breaks_the_channel():
+    with pytest.raises(RankFailure, match="unusable after an earlier failure: rank 0: rank 1 did not reach"):
         spawn_ranks(stall_then_collective, 2, timeout=60)
 
 

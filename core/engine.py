@@ -114,7 +114,7 @@ class Engine:
                 "move the model to its GPU (cuda:LOCAL_RANK) before initialize()"
             )
         # Gloo ranks on one host exchange through /dev/shm instead of loopback TCP (parallel/shm.py).
-        self.shared_memory = attach_shared_memory(self.group) if self.world_size > 1 else False
+        self.shared_memory = attach_shared_memory(self.group)  # False for one rank
         stage = int(zero.stage)
         if stage == 3 and float(config.gradient_predivide_factor) != 1.0:
             warnings.warn(

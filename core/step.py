@@ -9,8 +9,8 @@ Read this file first. One ``engine.step`` is one optimizer step over ``GAS`` mic
    ``loss * scale / GAS`` w.r.t. the flat buffers (in one process, where nothing communicates, w.r.t.
    each parameter's view instead, which saves that ``cat``). Compiled with ``torch.compile``
    (AOTAutograd compiles the forward and the backward) unless communication overlaps backward
-   (``overlap_comm``, the default on several ranks), whose per-group gradient hooks only fire one by
-   one in an eager backward. Stage 3
+   (``overlap_comm``; unset, it is on at stage 0 over gloo's transport, see ``Engine``), whose
+   per-group gradient hooks only fire one by one in an eager backward. Stage 3
    runs eagerly through ``parallel.zero3``, which gathers each unit's parameters just before use and
    reduce-scatters its gradient straight after.
 3. ``reduce_scatter``, a ``Reducer`` (``reducers.py``): the one stateful phase (it accumulates

@@ -3,10 +3,10 @@
 Nothing in the body is parsed: the index gives every tensor's byte extents, so a tensor (or a sub-range
 of a large flat one, for resharding) is read by copying from the mmap into a tensor, or returned as a
 zero-copy ``torch.frombuffer`` view of the mapping. A file that shrinks while open (another program
-truncating it in place; zerostep's writer never does) is caught before each read; one truncated in the
-middle of a copy would be a SIGBUS, as with safetensors or ``torch.load(mmap=True)``. Checksums are
-verified per ``block_bytes`` block, so a partial read checks only the blocks it touches. Every
-inconsistency raises ``CheckpointError``.
+truncating it in place; zerostep's writer never does) is caught before each batch of reads; one
+truncated in the middle of a copy would be a SIGBUS, as with safetensors or ``torch.load(mmap=True)``.
+Checksums are verified per ``block_bytes`` block, so a partial read checks only the blocks it touches.
+Every inconsistency raises ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -151,14 +151,18 @@ class PytreeReader:
         """Copy raw bytes [start, stop) of ``rec`` into ``dest`` from the mapping. The page cache backs
         the mapping with large folios, so the source costs few faults; at 1 GiB this took a load from
         0.27 s (``preadv`` into the same memory) to 0.23 s, what safetensors plus ``clone`` takes.
-        ``memmove`` through ctypes releases the GIL, so the worker threads copy in parallel."""
-        if os.fstat(self._fd).st_size != self.nbytes:  # reading past a shrunk file's end is a SIGBUS
-            self._fail("the file changed size while open (was it overwritten?)")
+        ``memmove`` through ctypes releases the GIL, so the worker threads copy in parallel. The caller
+        has checked the file's size (``_check_size``)."""
         with memoryview(dest).cast("B") as out:
             at, to = 0, ctypes.addressof(ctypes.c_char.from_buffer(out)) if out.nbytes else 0
             for off, n in self._pieces(rec, start, stop):
                 ctypes.memmove(to + at, self._map_address + off, n)
                 at += n
+
+    def _check_size(self) -> None:
+        """Before touching the mapping: reading past a shrunk file's end would be a SIGBUS."""
+        if os.fstat(self._fd).st_size != self.nbytes:
+            self._fail("the file changed size while open (was it overwritten?)")
 
     def _read(self, rec: TensorRecord, start: int, stop: int, dest: memoryview | None, verify: bool) -> None:
         """Read raw bytes [start, stop) of ``rec`` into ``dest`` (if given) and check the crc32 of every
@@ -171,6 +175,7 @@ class PytreeReader:
         (still in cache); page faults on fresh ``dest`` memory, the largest cost of a load into new
         memory, then also run in parallel. One wait for the whole list: waiting tensor by tensor left a
         thread idle at the end of each (a 1 GiB load of 32 tensors took 0.23 s instead of 0.21 s)."""
+        self._check_size()
         jobs = []  # (rec, block, result or future)
         inline = sum(stop - start for _, start, stop, _ in reads) <= _INLINE_CRC_BYTES
         pool = None if inline else worker_pool()
@@ -218,6 +223,7 @@ class PytreeReader:
 
     def verify_frame(self) -> None:
         """Check every byte of the body outside tensor payloads (structure, ext headers, padding)."""
+        self._check_size()
         crc, pos = 0, 0
         with memoryview(self._mm) as view:
             for off, n in sorted(e for rec in self.records for e in rec.extents):

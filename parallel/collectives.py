@@ -140,12 +140,15 @@ class Pending:
         return True
 
 
+def _gloo_native_requested() -> bool:
+    """``ZEROSTEP_GLOO_COLLECTIVES=native``: gloo's own collectives and transport, for comparison."""
+    return os.environ.get("ZEROSTEP_GLOO_COLLECTIVES", "").lower() == "native"
+
+
 @torch.compiler.assume_constant_result
 def uses_exchange_algorithms(group: dist.ProcessGroup) -> bool:
     """Whether ``group``'s reduce-scatter and all-gather run as all-to-all + sum and broadcasts (gloo)."""
-    if os.environ.get("ZEROSTEP_GLOO_COLLECTIVES", "").lower() == "native":
-        return False
-    return dist.get_backend(group) == dist.Backend.GLOO
+    return not _gloo_native_requested() and dist.get_backend(group) == dist.Backend.GLOO
 
 
 _channels: dict[dist.ProcessGroup, SharedMemoryChannel] = {}
@@ -162,8 +165,8 @@ def attach_shared_memory(group: Group = None, slot_bytes: int | None = None) -> 
         return False
     if group in _channels:
         return True
-    native = os.environ.get("ZEROSTEP_GLOO_COLLECTIVES", "").lower() == "native"
-    channel = SharedMemoryChannel.attach(group, slot_bytes, allowed=not native)  # one vote for all ranks
+    allowed = not _gloo_native_requested()
+    channel = SharedMemoryChannel.attach(group, slot_bytes, allowed=allowed)  # one vote for all ranks
     if channel is not None:
         _channels[group] = channel
     return channel is not None

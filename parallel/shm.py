@@ -100,21 +100,16 @@ def _group_timeout_s(group: dist.ProcessGroup) -> float:
 class SharedMemoryChannel:
     """Shared-memory collectives for ``group``; build with ``attach`` (collective over the group)."""
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup,
-        maps: list[mmap.mmap],
-        slot_bytes: int,
-        timeout_s: float,
-        pids: list[int],
-    ) -> None:
+    def __init__(self, group: dist.ProcessGroup, maps: list[mmap.mmap], slot_bytes: int) -> None:
+        """``maps``: every rank's file, mapped, in rank order (``attach`` opens them)."""
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self.slot_bytes, self.timeout_s, self.pids = slot_bytes, timeout_s, pids
+        self.slot_bytes, self.timeout_s = slot_bytes, _group_timeout_s(group)
+        self.pids = [_word(m, _PID) for m in maps]
         # Peers whose process this one can see (not so across pid namespaces sharing /dev/shm): a wait
         # on them ends as soon as they exit; on the others, at the timeout.
         self._started = [_word(m, _START) for m in maps]
-        self._watched = [_process_start(pid) == start for pid, start in zip(pids, self._started)]
+        self._watched = [_process_start(pid) == start for pid, start in zip(self.pids, self._started)]
         self._maps = maps
         self._control = [memoryview(m)[:_CONTROL_BYTES].cast("q") for m in maps]  # int64 words
         # [2, slot_bytes] per rank: the two message buffers
@@ -185,8 +180,7 @@ class SharedMemoryChannel:
                         m.close()
         if not agreed.item():
             return None
-        pids = [_word(m, _PID) for m in maps]
-        return SharedMemoryChannel(group, maps, slot_bytes, _group_timeout_s(group), pids)
+        return SharedMemoryChannel(group, maps, slot_bytes)
 
     # ---- synchronization ----
 

@@ -1,12 +1,13 @@
 """Checkpoint throughput: zerostep.io vs torch.save, safetensors and torch.distributed.checkpoint (DCP).
 
-    python benchmarks/checkpoint.py                 # ~1 GiB state, 5 repeats
+    python benchmarks/checkpoint.py                 # ~1 GiB state, 7 repeats
     python benchmarks/checkpoint.py --gib 0.25 --repeats 5 --skip-dcp
 
 Part 1, one process: save (without and with fsync) and load of a dict of fp32 tensors. Loads are from
 the page cache (every file was just written) and *materialized*: the tensors own their memory, and
 "touch" rows additionally read every element of a zero-copy (mmap) load. DCP loads into preallocated
-tensors (its only mode); their allocation is inside the timing.
+tensors (its only mode); their allocation is inside the timing of "load" and outside it in "load in
+place", where every method fills tensors that already exist, as ``load_state_dict`` does.
 
 Part 2, resharding: flat fp32 leaves (master, exp_avg, exp_avg_sq) sharded over 2 gloo ranks, saved
 with ``save_checkpoint`` and with DCP (DTensor, Shard(0)); then loaded at 1 rank (in this process) and at
@@ -41,14 +42,15 @@ def timed(cases: list, repeats: int) -> list[float]:
     host fault on first touch; a fixed order made the same load 0.14 s or 0.70 s by position alone)."""
     times: list[list[float]] = [[] for _ in cases]
     order = random.Random(0)
-    for _ in range(repeats):
+    for round_ in range(repeats + 1):  # round 0 is untimed: first touches of memory, lazy imports
         for i in order.sample(range(len(cases)), len(cases)):
             (fn, before), out = cases[i], times[i]
             if before is not None:
                 before()
             t0 = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - t0)
+            if round_:
+                out.append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 
 
@@ -101,11 +103,19 @@ def single_process(args, root: str, rows: list) -> None:
         for (name, _, _), seconds in zip(cases, medians):
             rows.append((f"save ({'fsync' if fsync else 'no fsync'})", name, nbytes, seconds))
 
-    def dcp_load():
-        import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp
 
+    def dcp_load():
         into = {k: torch.empty_like(v) for k, v in state.items()}
         dcp.load(into, checkpoint_id=paths["dcp"])
+
+    # In place, as ``model.load_state_dict`` loads: into tensors that already exist (touched, so no page
+    # faults), allocated once outside the timing.
+    existing = {k: torch.ones_like(v) for k, v in state.items()}
+
+    def copy_into(tree):
+        for k, t in tree.items():
+            existing[k].copy_(t)
 
     touch = lambda tree: [t.sum() for t in tree.values()]
     loads = [
@@ -123,10 +133,22 @@ def single_process(args, root: str, rows: list) -> None:
     ]
     if not args.skip_dcp:
         loads.append(("DCP load (into preallocated)", dcp_load))
-    for _, fn in loads:
-        fn()  # warm: every file fully in the page cache
     for (name, _), seconds in zip(loads, timed([(fn, None) for _, fn in loads], r)):
         rows.append(("load (page cache)", name, nbytes, seconds))
+
+    in_place = [
+        ("zerostep load_pytree(out=) (verify)", lambda: zio.load_pytree(paths["zs"], out=existing)),
+        (
+            "zerostep load_pytree(out=) (no verify)",
+            lambda: zio.load_pytree(paths["zs"], out=existing, verify=False),
+        ),
+        ("safetensors load_file + copy_", lambda: copy_into(load_file(paths["st"]))),
+        ("torch.load(mmap) + copy_", lambda: copy_into(torch.load(paths["pt"], mmap=True))),
+    ]
+    if not args.skip_dcp:
+        in_place.append(("DCP load", lambda: dcp.load(existing, checkpoint_id=paths["dcp"])))
+    for (name, _), seconds in zip(in_place, timed([(fn, None) for _, fn in in_place], r)):
+        rows.append(("load in place", name, nbytes, seconds))
 
 
 def flat_shards(rank: int, world_size: int, numel: int) -> dict[str, torch.Tensor]:
@@ -221,7 +243,7 @@ def resharding(args, root: str, rows: list) -> None:
 
 
 def report(rows: list) -> None:
-    print(f"\n{'operation':<26} {'method':<36} {'GiB':>6} {'seconds':>8} {'GiB/s':>7} {'vs zerostep':>12}")
+    print(f"\n{'operation':<26} {'method':<40} {'GiB':>6} {'seconds':>8} {'GiB/s':>7} {'vs zerostep':>12}")
     ours = {}
     for op, method, _, seconds in rows:
         if method.startswith("zerostep") and op not in ours:
@@ -229,7 +251,7 @@ def report(rows: list) -> None:
     for op, method, nbytes, seconds in rows:
         ratio = seconds / ours[op] if op in ours else float("nan")
         print(
-            f"{op:<26} {method:<36} {nbytes / 2**30:>6.2f} {seconds:>8.3f} {nbytes / 2**30 / seconds:>7.2f} "
+            f"{op:<26} {method:<40} {nbytes / 2**30:>6.2f} {seconds:>8.3f} {nbytes / 2**30 / seconds:>7.2f} "
             f"{ratio:>11.2f}x"
         )
     print("\n'vs zerostep': that method's time / zerostep's first row of the operation (>1: zerostep faster)")
@@ -241,8 +263,8 @@ def main() -> None:
     )
     parser.add_argument("--gib", type=float, default=1.0, help="state size in GiB (default 1)")
     parser.add_argument("--tensors", type=int, default=32, help="tensors in the single-process state")
-    # 5: on this shared machine about one save in five stalls for 1-2 s, whatever the method
-    parser.add_argument("--repeats", type=int, default=5)
+    # on this shared machine about one save or load in five stalls for 1-2 s, whatever the method
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dir", default="/tmp/zerostep-bench-checkpoint")
     parser.add_argument("--skip-dcp", action="store_true")
     parser.add_argument("--skip-reshard", action="store_true")

@@ -289,20 +289,37 @@ class PytreeReader:
         self._read(rec, start * size, stop * size, byte_view(out), verify)
         return out
 
-    def load(self, *, verify: bool = True, copy: bool = True) -> Any:
-        """The whole tree, tensors materialized (``copy=True``) or mapped."""
+    def load(self, *, verify: bool = True, copy: bool = True, out: Any = None) -> Any:
+        """The whole tree, tensors materialized (``copy=True``) or mapped. ``out``: a tree holding a
+        tensor of the same shape and dtype at every tensor's path (as ``load_pytree`` documents), filled in
+        place and returned inside the loaded tree."""
         if verify:
             self.verify_frame()
-        if copy:  # allocate every tensor, then read them all in one parallel pass
+        materialize = copy or out is not None
+        if out is not None:
+            targets = self._targets(out)
+            # GPU or strided targets are read into host memory first, then copied
+            tensors = [
+                t if t.device.type == "cpu" and t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype)
+                for t in targets
+            ]
+            if verify:  # check the mapping before writing a byte into the caller's memory
+                self._read_many([(rec, 0, rec.nbytes, None) for rec in self.records], True)
+        elif copy:  # allocate every tensor, then read them all in one parallel pass
             tensors = [torch.empty(rec.shape, dtype=rec.dtype) for rec in self.records]
+        if materialize:
             self._read_many(
                 [(rec, 0, rec.nbytes, byte_view(t)) for rec, t in zip(self.records, tensors) if rec.nbytes],
-                verify,
+                verify and out is None,
             )
+        if out is not None:
+            tensors = [t if t is h else t.copy_(h) for t, h in zip(targets, tensors)]
 
         def build(node: Any) -> Any:
             if isinstance(node, TensorRef):
-                return tensors[node.index] if copy else self.tensor(node.index, verify=verify, copy=False)
+                if materialize:
+                    return tensors[node.index]
+                return self.tensor(node.index, verify=verify, copy=False)
             if isinstance(node, dict):
                 return {k: build(v) for k, v in node.items()}
             if isinstance(node, list):
@@ -312,6 +329,61 @@ class PytreeReader:
             return node
 
         return build(self.skeleton)
+
+    def _targets(self, out: Any) -> list[torch.Tensor]:
+        """The tensor of ``out`` at each record's place in the tree, or ``CheckpointError`` listing every
+        mismatch. Matched by structure, so keys holding '/' cannot collide."""
+        targets: list[Any] = [None] * len(self.records)
+        problems: list[str] = []
+
+        def extra(given: Any, path: str) -> None:  # tensors in ``out`` where the file has none
+            if isinstance(given, torch.Tensor):
+                problems.append(f"{path or '<root>'}: a tensor in out, not in the file")
+            elif isinstance(given, dict):
+                for k, v in given.items():
+                    extra(v, f"{path}/{k}" if path else str(k))
+            elif isinstance(given, (list, tuple)):
+                for i, v in enumerate(given):
+                    extra(v, f"{path}/{i}" if path else str(i))
+
+        def walk(node: Any, given: Any, path: str) -> None:
+            name = path or "<root>"
+            if isinstance(node, TensorRef):
+                rec = self.records[node.index]
+                if not isinstance(given, torch.Tensor):
+                    problems.append(f"{name}: a tensor in the file, {type(given).__name__} in out")
+                elif tuple(given.shape) != rec.shape or given.dtype != rec.dtype:
+                    have, want = f"{rec.dtype} {list(rec.shape)}", f"{given.dtype} {list(given.shape)}"
+                    problems.append(f"{name}: file has {have}, out has {want}")
+                else:
+                    targets[node.index] = given
+            elif isinstance(node, dict):
+                if not isinstance(given, dict):
+                    given = {}
+                for k, v in node.items():
+                    walk(v, given.get(k), f"{path}/{k}" if path else k)
+                for k, v in given.items():
+                    if k not in node:
+                        extra(v, f"{path}/{k}" if path else str(k))
+            elif isinstance(node, (list, tuple)):
+                if not isinstance(given, (list, tuple)):
+                    given = ()
+                for i, v in enumerate(node):
+                    walk(v, given[i] if i < len(given) else None, f"{path}/{i}" if path else str(i))
+                for i in range(len(node), len(given)):
+                    extra(given[i], f"{path}/{i}" if path else str(i))
+            else:
+                extra(given, path)
+
+        walk(self.skeleton, out, "")
+        if problems:
+            shown = "; ".join(problems[:20])
+            more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+            self._fail(f"out does not match the file's tensors: {shown}{more}")
+        used = [t.data_ptr() for t in targets if t.numel()]
+        if len(set(used)) < len(used):
+            self._fail("out holds the same memory at two places; each tensor needs its own")
+        return targets
 
     def close(self) -> None:
         # torch.frombuffer keeps a reference to the mmap object but no buffer export, so closing would
@@ -333,9 +405,19 @@ class PytreeReader:
         self.close()
 
 
-def load_pytree(path: str | os.PathLike, *, verify: bool = True, mmap: bool = False) -> Any:
+def load_pytree(path: str | os.PathLike, *, verify: bool = True, mmap: bool = False, out: Any = None) -> Any:
     """Load a file written by ``save_pytree``. ``verify`` checks every checksum (default);
     ``mmap=True`` returns tensors that view the file's mapping (private, copy-on-write) instead of
-    copies."""
+    copies.
+
+    ``out`` loads in place, as ``load_state_dict`` does: a tree (dicts, lists, tuples; paths are keys
+    and indices joined by '/') with a tensor of the saved shape and dtype at every saved tensor's path,
+    on any device. Those tensors are filled and come back inside the loaded tree; no new memory is
+    allocated for CPU contiguous ones. Nothing is written into ``out`` unless the whole file checks out:
+    a tree that does not match raises ``CheckpointError`` listing every difference, and with ``verify``
+    every checksum is checked on the file's mapping before the copy (a second pass over cached pages, so
+    an in-place load costs more than ``verify=False``)."""
+    if mmap and out is not None:
+        raise ValueError("load_pytree: mmap=True and out= are exclusive (out is filled by copying)")
     with PytreeReader(path) as reader:
-        return reader.load(verify=verify, copy=not mmap)
+        return reader.load(verify=verify, copy=not mmap, out=out)

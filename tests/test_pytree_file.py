@@ -68,13 +68,85 @@ trees = st.recursive(
 )
 
 
-@given(tree=trees, mmap=st.booleans())
-def test_round_trip_is_exact(tmp_path_factory, tree, mmap):
+def _blank_like(tree, column_major: bool):
+    """``tree`` with every tensor replaced by a new one of its shape and dtype filled with a marker
+    (column-major when asked, so a strided ``out`` gets exercised)."""
+    if isinstance(tree, torch.Tensor):
+        if column_major and tree.dim() >= 2:
+            return torch.empty(tree.mT.shape, dtype=tree.dtype).fill_(1).mT
+        return torch.empty(tree.shape, dtype=tree.dtype).fill_(1)
+    if isinstance(tree, dict):
+        return {k: _blank_like(v, column_major) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_blank_like(v, column_major) for v in tree)
+    return tree
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
+@given(tree=trees, mode=st.sampled_from(["copy", "mmap", "out", "strided out"]))
+def test_round_trip_is_exact(tmp_path_factory, tree, mode):
     path = tmp_path_factory.mktemp("rt") / "tree.msgpack"
     save_pytree(path, tree, fsync=False)
-    assert_same(tree, load_pytree(path, mmap=mmap))
+    if mode.endswith("out"):
+        out = _blank_like(tree, column_major=mode == "strided out")
+        loaded = load_pytree(path, out=out)
+        assert all(a is b for a, b in zip(_tensors(loaded), _tensors(out), strict=True))
+    else:
+        loaded = load_pytree(path, mmap=mode == "mmap")
+    assert_same(tree, loaded)
     with PytreeReader(path) as reader:
         reader.verify()
+
+
+def test_load_into_existing_tensors_allocates_nothing_and_lists_every_mismatch(tmp_path):
+    path = tmp_path / "in.msgpack"
+    saved = {"w": torch.arange(6.0).reshape(2, 3), "opt": [torch.ones(4, dtype=torch.int64), 7], "s": "x"}
+    save_pytree(path, saved)
+    out = {"w": torch.zeros(2, 3), "opt": [torch.zeros(4, dtype=torch.int64), 0]}
+    address = out["w"].data_ptr()
+    loaded = load_pytree(path, out=out)
+    assert loaded["w"] is out["w"] and out["w"].data_ptr() == address
+    assert_same(saved, loaded)  # scalars come from the file
+    bad = {"w": torch.zeros(3, 2), "opt": [torch.zeros(4), 0], "extra": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as err:
+        load_pytree(path, out=bad)
+    message = str(err.value)
+    assert "in.msgpack" in message
+    assert "w: file has torch.float32 [2, 3], out has torch.float32 [3, 2]" in message
+    assert "opt/0: file has torch.int64 [4], out has torch.float32 [4]" in message
+    assert "extra: a tensor in out, not in the file" in message
+    with pytest.raises(CheckpointError, match="opt/0: a tensor in the file, NoneType in out"):
+        load_pytree(path, out={"w": torch.zeros(2, 3)})
+    assert torch.equal(bad["w"], torch.zeros(3, 2))  # nothing written on a mismatch
+    twins = tmp_path / "twins.msgpack"
+    save_pytree(twins, {"a": torch.ones(4), "b": torch.ones(4)})
+    shared = torch.zeros(4)
+    with pytest.raises(CheckpointError, match="same memory at two places"):
+        load_pytree(twins, out={"a": shared, "b": shared})
+    with pytest.raises(ValueError, match="exclusive"):
+        load_pytree(path, mmap=True, out=out)
+
+
+def test_a_damaged_file_leaves_the_out_tensors_untouched(tmp_path):
+    path = tmp_path / "d.msgpack"
+    save_pytree(path, {"a": torch.arange(1000.0), "b": torch.arange(50_000.0)})
+    raw = bytearray(path.read_bytes())
+    at = raw.find(torch.tensor([49_000.0]).numpy().tobytes())  # inside b's payload, the last tensor
+    raw[at] ^= 1
+    path.write_bytes(bytes(raw))
+    out = {"a": torch.full((1000,), -1.0), "b": torch.full((50_000,), -1.0)}
+    with pytest.raises(CheckpointError, match="checksum mismatch in tensor 'b'"):
+        load_pytree(path, out=out)
+    assert bool((out["a"] == -1).all()) and bool((out["b"] == -1).all())
 
 
 @given(

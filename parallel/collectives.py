@@ -50,6 +50,7 @@ collective runs inside a compiled graph (where Python code runs only at trace ti
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -151,7 +152,8 @@ def uses_exchange_algorithms(group: dist.ProcessGroup) -> bool:
     return not _gloo_native_requested() and dist.get_backend(group) == dist.Backend.GLOO
 
 
-_channels: dict[dist.ProcessGroup, SharedMemoryChannel] = {}
+# Weak keys: a group that is destroyed and dropped takes its channel (and the mapped memory) with it.
+_channels: weakref.WeakKeyDictionary[dist.ProcessGroup, SharedMemoryChannel] = weakref.WeakKeyDictionary()
 
 
 def attach_shared_memory(group: Group = None, slot_bytes: int | None = None) -> bool:

@@ -102,7 +102,6 @@ class SharedMemoryChannel:
 
     def __init__(self, group: dist.ProcessGroup, maps: list[mmap.mmap], slot_bytes: int) -> None:
         """``maps``: every rank's file, mapped, in rank order (``attach`` opens them)."""
-        self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.slot_bytes, self.timeout_s = slot_bytes, _group_timeout_s(group)
         self.pids = [_word(m, _PID) for m in maps]

@@ -98,6 +98,37 @@ def test_shared_memory_collectives_equal_the_sums(world_size):
     assert results == [len(DTYPES) * len(SIZES)] * world_size
 
 
+def _mapped_shm_bytes() -> int:
+    """Bytes of this process's address space mapped from (deleted) zerostep files in /dev/shm."""
+    total = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "/dev/shm/zerostep-" in line:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                total += hi - lo
+    return total
+
+
+def dropped_group_unmaps(rank: int, world_size: int) -> tuple[int, int]:
+    import gc
+
+    group = dist.new_group(backend="gloo")
+    assert collectives.attach_shared_memory(group, slot_bytes=1 << 20)
+    mapped = _mapped_shm_bytes()
+    flat = torch.ones(8)
+    collectives.all_reduce_into(flat, group)
+    dist.barrier()
+    dist.destroy_process_group(group)
+    del group
+    gc.collect()
+    return mapped, _mapped_shm_bytes()
+
+
+def test_a_destroyed_group_releases_its_channel():
+    for mapped, after in spawn_ranks(dropped_group_unmaps, 2, timeout=60):
+        assert mapped >= 2 * 2 * (1 << 20) and after == 0  # every rank's two buffers mapped, then none
+
+
 def opt_out(rank: int, world_size: int) -> tuple[bool, ...]:
     os.environ["ZEROSTEP_SHM"] = "0"
     off = collectives.attach_shared_memory(None)

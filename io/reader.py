@@ -62,6 +62,55 @@ def leaf_paths(skeleton: Any, prefix: str = "") -> dict[str, int]:
     return out
 
 
+def _kind(x: Any) -> str:
+    if x is None:
+        return "None"
+    for t, name in ((torch.Tensor, "a tensor"), (dict, "a dict"), (list, "a list"), (tuple, "a tuple")):
+        if isinstance(x, t):
+            return name
+    return f"a {type(x).__name__}"
+
+
+def _container(node: Any) -> type | tuple[type, ...] | None:
+    """What ``out`` must hold where the file's tree has ``node``: a dict, a sequence, or (a leaf) None."""
+    if isinstance(node, dict):
+        return dict
+    return (list, tuple) if isinstance(node, (list, tuple)) else None
+
+
+def _holds_ref(node: Any) -> bool:
+    if isinstance(node, TensorRef):
+        return True
+    if isinstance(node, dict):
+        return any(map(_holds_ref, node.values()))
+    return isinstance(node, (list, tuple)) and any(map(_holds_ref, node))
+
+
+def _unwritable(t: torch.Tensor) -> str | None:
+    """Why ``t`` cannot be loaded into, or None."""
+    if t.layout != torch.strided:
+        return f"a {t.layout} tensor (only strided tensors can be loaded into)"
+    if t.device.type == "meta":
+        return "a meta tensor has no memory to load into"
+    if t.numel() and torch._debug_has_internal_overlap(t) == 1:
+        return "several of its elements share memory (an expanded tensor?)"
+    return None
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    def layout(t: torch.Tensor) -> tuple:
+        return t.storage_offset(), t.shape, t.stride(), t.dtype, t.is_conj(), t.is_neg()
+
+    return layout(a) == layout(b)
+
+
+def _same_bytes(a: TensorRecord, b: TensorRecord) -> bool:
+    def saved(r: TensorRecord) -> tuple:
+        return r.dtype, r.shape, r.nbytes, r.block_bytes, r.crcs
+
+    return saved(a) == saved(b)
+
+
 class PytreeReader:
     """An open pytree file. Use as a context manager; tensors returned with ``copy=False`` keep the
     mapping alive after ``close``."""
@@ -290,34 +339,22 @@ class PytreeReader:
         return out
 
     def load(self, *, verify: bool = True, copy: bool = True, out: Any = None) -> Any:
-        """The whole tree, tensors materialized (``copy=True``) or mapped. ``out``: a tree holding a
-        tensor of the same shape and dtype at every tensor's path (as ``load_pytree`` documents), filled in
-        place and returned inside the loaded tree."""
+        """The whole tree, tensors materialized (``copy=True``) or mapped; with ``out``, loaded into the
+        tensors of ``out`` (``load_pytree`` documents it)."""
         if verify:
             self.verify_frame()
-        materialize = copy or out is not None
         if out is not None:
-            targets = self._targets(out)
-            # GPU or strided targets are read into host memory first, then copied
-            tensors = [
-                t if t.device.type == "cpu" and t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype)
-                for t in targets
-            ]
-            if verify:  # check the mapping before writing a byte into the caller's memory
-                self._read_many([(rec, 0, rec.nbytes, None) for rec in self.records], True)
+            tensors = self._load_into(out, verify)
         elif copy:  # allocate every tensor, then read them all in one parallel pass
             tensors = [torch.empty(rec.shape, dtype=rec.dtype) for rec in self.records]
-        if materialize:
             self._read_many(
                 [(rec, 0, rec.nbytes, byte_view(t)) for rec, t in zip(self.records, tensors) if rec.nbytes],
-                verify and out is None,
+                verify,
             )
-        if out is not None:
-            tensors = [t if t is h else t.copy_(h) for t, h in zip(targets, tensors)]
 
         def build(node: Any) -> Any:
             if isinstance(node, TensorRef):
-                if materialize:
+                if out is not None or copy:
                     return tensors[node.index]
                 return self.tensor(node.index, verify=verify, copy=False)
             if isinstance(node, dict):
@@ -330,60 +367,132 @@ class PytreeReader:
 
         return build(self.skeleton)
 
-    def _targets(self, out: Any) -> list[torch.Tensor]:
-        """The tensor of ``out`` at each record's place in the tree, or ``CheckpointError`` listing every
-        mismatch. Matched by structure, so keys holding '/' cannot collide."""
+    def _load_into(self, out: Any, verify: bool) -> list[torch.Tensor]:
+        """Fill the tensors of ``out`` (one per record, ``_targets``) and return them. Nothing is written
+        before every check has passed: the structure, the targets, and with ``verify`` every checksum of
+        the mapping. CPU contiguous targets are then filled straight from the mapping, checksummed again
+        as they land (so bytes that changed in the file between the passes are caught too); the others
+        (GPU, strided, conj) one at a time through a host tensor."""
+        targets, aliases = self._targets(out)
+        if verify:
+            self._read_many([(rec, 0, rec.nbytes, None) for rec in self.records], True)
+        direct, staged = [], []
+        for i, (rec, t) in enumerate(zip(self.records, targets)):
+            if i in aliases or not rec.nbytes:
+                continue
+            plain = t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg())
+            (direct if plain else staged).append((rec, t))
+        self._read_many([(rec, 0, rec.nbytes, byte_view(t)) for rec, t in direct], verify)
+        for _, t in direct:  # written behind autograd's back: let it know, as an in-place op would
+            torch.autograd.graph.increment_version(t)
+        with torch.no_grad():
+            for rec, t in staged:
+                host = torch.empty(rec.shape, dtype=rec.dtype)
+                self._read(rec, 0, rec.nbytes, byte_view(host), verify)
+                if t.dtype == torch.bool:  # copy_ would turn bytes other than 0 and 1 into 1
+                    t, host = t.view(torch.uint8), host.view(torch.uint8)
+                t.copy_(host)
+        return targets
+
+    def _targets(self, out: Any) -> tuple[list[torch.Tensor], set[int]]:
+        """The tensor of ``out`` at each record's place in the tree (matched by structure, so keys holding
+        '/' cannot collide), and the records to skip: a target that is the same memory as an earlier
+        one's, saved with the same bytes (tied weights), is loaded once. ``CheckpointError`` lists every
+        difference between ``out`` and the file; ``ValueError`` every target that cannot be loaded into
+        (meta, sparse, self-overlapping, or overlapping another)."""
         targets: list[Any] = [None] * len(self.records)
-        problems: list[str] = []
+        places = [""] * len(self.records)
+        problems: list[str] = []  # ``out`` and the file differ
+        invalid: list[str] = []  # a target that cannot be written
+
+        def child(path: str, key: Any) -> str:
+            return f"{path}/{key}" if path else str(key)
 
         def extra(given: Any, path: str) -> None:  # tensors in ``out`` where the file has none
             if isinstance(given, torch.Tensor):
                 problems.append(f"{path or '<root>'}: a tensor in out, not in the file")
             elif isinstance(given, dict):
                 for k, v in given.items():
-                    extra(v, f"{path}/{k}" if path else str(k))
+                    extra(v, child(path, k))
             elif isinstance(given, (list, tuple)):
                 for i, v in enumerate(given):
-                    extra(v, f"{path}/{i}" if path else str(i))
+                    extra(v, child(path, i))
 
-        def walk(node: Any, given: Any, path: str) -> None:
+        def walk(node: Any, given: Any, path: str, present: bool) -> None:
             name = path or "<root>"
             if isinstance(node, TensorRef):
                 rec = self.records[node.index]
-                if not isinstance(given, torch.Tensor):
-                    problems.append(f"{name}: a tensor in the file, {type(given).__name__} in out")
+                if not present:
+                    problems.append(f"{name}: a tensor in the file, missing in out")
+                elif not isinstance(given, torch.Tensor):
+                    problems.append(f"{name}: a tensor in the file, {_kind(given)} in out")
+                    extra(given, path)
                 elif tuple(given.shape) != rec.shape or given.dtype != rec.dtype:
                     have, want = f"{rec.dtype} {list(rec.shape)}", f"{given.dtype} {list(given.shape)}"
                     problems.append(f"{name}: file has {have}, out has {want}")
                 else:
-                    targets[node.index] = given
-            elif isinstance(node, dict):
-                if not isinstance(given, dict):
-                    given = {}
-                for k, v in node.items():
-                    walk(v, given.get(k), f"{path}/{k}" if path else k)
-                for k, v in given.items():
-                    if k not in node:
-                        extra(v, f"{path}/{k}" if path else str(k))
-            elif isinstance(node, (list, tuple)):
-                if not isinstance(given, (list, tuple)):
-                    given = ()
-                for i, v in enumerate(node):
-                    walk(v, given[i] if i < len(given) else None, f"{path}/{i}" if path else str(i))
-                for i in range(len(node), len(given)):
-                    extra(given[i], f"{path}/{i}" if path else str(i))
-            else:
+                    targets[node.index], places[node.index] = given, name
+                    reason = _unwritable(given)
+                    if reason:
+                        invalid.append(f"{name}: {reason}")
+                return
+            container = _container(node)
+            if container is None:  # a scalar in the file: whatever ``out`` has there is not loaded into
+                if present:
+                    extra(given, path)
+                return
+            if present and not isinstance(given, container):
+                if _holds_ref(node):
+                    problems.append(f"{name}: {_kind(node)} in the file, {_kind(given)} in out")
                 extra(given, path)
+                return
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    has = present and k in given
+                    walk(v, given[k] if has else None, child(path, k), has)
+                for k in given if present else ():
+                    if k not in node:
+                        extra(given[k], child(path, k))
+            else:
+                n = len(given) if present else 0
+                for i, v in enumerate(node):
+                    walk(v, given[i] if i < n else None, child(path, i), i < n)
+                for i in range(len(node), n):
+                    extra(given[i], child(path, i))
 
-        walk(self.skeleton, out, "")
+        walk(self.skeleton, out, "", True)
         if problems:
             shown = "; ".join(problems[:20])
             more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
             self._fail(f"out does not match the file's tensors: {shown}{more}")
-        used = [t.data_ptr() for t in targets if t.numel()]
-        if len(set(used)) < len(used):
-            self._fail("out holds the same memory at two places; each tensor needs its own")
-        return targets
+        aliases = set() if invalid else self._aliases(targets, places, invalid)
+        if invalid:
+            raise ValueError(f"{self.path}: cannot load into out: " + "; ".join(invalid[:20]))
+        return targets, aliases
+
+    def _aliases(self, targets: list[torch.Tensor], places: list[str], invalid: list[str]) -> set[int]:
+        """Records whose target is exactly an earlier record's target and whose saved bytes are the same
+        (same crc32 of every block); any other overlap between targets goes into ``invalid``."""
+        spans = []  # (storage address, first byte, end byte, record)
+        for i, t in enumerate(targets):
+            if t.numel():
+                size = t.element_size()
+                first = t.storage_offset() * size
+                reach = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+                spans.append((t.untyped_storage().data_ptr(), first, first + reach * size, i))
+        spans.sort()
+        aliases: set[int] = set()
+        furthest = None  # (storage, end byte, record) of the span reaching furthest in this storage
+        for storage, first, end, i in spans:
+            if furthest is not None and furthest[0] == storage and first < furthest[1]:
+                j = furthest[2]
+                if _same_view(targets[i], targets[j]) and _same_bytes(self.records[i], self.records[j]):
+                    aliases.add(i)
+                    continue
+                invalid.append(f"{places[j]} and {places[i]}: overlapping memory in out")
+            if furthest is None or furthest[0] != storage or end > furthest[1]:
+                furthest = (storage, end, i)
+        return aliases
 
     def close(self) -> None:
         # torch.frombuffer keeps a reference to the mmap object but no buffer export, so closing would
@@ -410,13 +519,16 @@ def load_pytree(path: str | os.PathLike, *, verify: bool = True, mmap: bool = Fa
     ``mmap=True`` returns tensors that view the file's mapping (private, copy-on-write) instead of
     copies.
 
-    ``out`` loads in place, as ``load_state_dict`` does: a tree (dicts, lists, tuples; paths are keys
-    and indices joined by '/') with a tensor of the saved shape and dtype at every saved tensor's path,
-    on any device. Those tensors are filled and come back inside the loaded tree; no new memory is
-    allocated for CPU contiguous ones. Nothing is written into ``out`` unless the whole file checks out:
-    a tree that does not match raises ``CheckpointError`` listing every difference, and with ``verify``
-    every checksum is checked on the file's mapping before the copy (a second pass over cached pages, so
-    an in-place load costs more than ``verify=False``)."""
+    ``out`` loads in place, as ``load_state_dict`` does: a tree (dicts, lists, tuples) holding a tensor
+    of the saved shape and dtype wherever the file holds a tensor, on any device and with any strides
+    (parameters that require grad too). Those tensors are filled and come back inside the loaded tree;
+    CPU contiguous ones are filled without new memory, others one at a time through a host tensor.
+    Tensors that are the same memory (tied weights) load once if saved with the same bytes. Nothing is
+    written into ``out`` unless everything checks out first: a tree that differs from the file raises
+    ``CheckpointError`` listing every difference (paths are keys and indices joined by '/'), a tensor
+    that cannot be loaded into (meta, sparse, expanded, overlapping another) ``ValueError``, and with
+    ``verify`` every checksum is checked before the copy, and again as the bytes land (a second pass
+    over cached pages: an in-place verified load costs about 1.5x an unverified one)."""
     if mmap and out is not None:
         raise ValueError("load_pytree: mmap=True and out= are exclusive (out is filled by copying)")
     with PytreeReader(path) as reader:

@@ -64,9 +64,9 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor as a writable memoryview of its memory (no copy)."""
-    flat = t.reshape(-1).view(torch.uint8)
-    if flat.numel() == 0:
+    if t.numel() == 0:  # an empty tensor may keep any strides, which view(uint8) refuses
         return memoryview(bytearray())
+    flat = t.reshape(-1).view(torch.uint8)
     return memoryview((ctypes.c_ubyte * flat.numel()).from_address(flat.data_ptr())).cast("B")
 
 

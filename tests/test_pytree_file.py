@@ -18,7 +18,10 @@ def assert_same(a, b, path="root"):
     assert type(a) is type(b), path
     if isinstance(a, torch.Tensor):
         assert (a.dtype, a.shape) == (b.dtype, b.shape), path
-        raw = lambda t: t.detach().contiguous().reshape(-1).view(torch.uint8)
+        empty = torch.empty(0, dtype=torch.uint8)
+        # bools as bytes before any copy: copying a bool tensor turns bytes other than 0 and 1 into 1
+        as_bytes = lambda t: (t.view(torch.uint8) if t.dtype == torch.bool else t).detach()
+        raw = lambda t: as_bytes(t).contiguous().reshape(-1).view(torch.uint8) if t.numel() else empty
         assert torch.equal(raw(a.resolve_conj().resolve_neg()), raw(b)), path
     elif isinstance(a, dict):
         assert list(a) == list(b), path
@@ -48,7 +51,9 @@ def tensors(draw):
     if layout == "transposed" and t.dim() >= 2:
         t = t.mT.contiguous().mT  # same values, column-major strides
     elif layout == "strided" and t.dim() >= 1:
-        t = torch.stack([t, t], dim=-1)[..., 0]  # every other element of a bigger buffer
+        # every other element of a bigger buffer, built from bytes (cat is not implemented for every dtype)
+        raw = t.reshape(-1).view(torch.uint8).reshape(n, dtype.itemsize)
+        t = torch.stack([raw, raw], dim=1).reshape(-1).view(dtype).reshape(*shape, 2)[..., 0]
     elif layout == "expanded" and t.dim() >= 1 and t.shape[0] == 1:
         t = t[:1].expand(3, *t.shape[1:])  # stride 0
     elif layout == "conj" and dtype in (torch.complex64, torch.complex128):
@@ -69,12 +74,13 @@ trees = st.recursive(
 
 
 def _blank_like(tree, column_major: bool):
-    """``tree`` with every tensor replaced by a new one of its shape and dtype filled with a marker
-    (column-major when asked, so a strided ``out`` gets exercised)."""
+    """``tree`` with every tensor replaced by a new one of its shape and dtype, every byte 1 (fill_ is
+    not implemented for every dtype), column-major when asked, so a strided ``out`` gets exercised."""
     if isinstance(tree, torch.Tensor):
-        if column_major and tree.dim() >= 2:
-            return torch.empty(tree.mT.shape, dtype=tree.dtype).fill_(1).mT
-        return torch.empty(tree.shape, dtype=tree.dtype).fill_(1)
+        strided = column_major and tree.dim() >= 2
+        base = torch.empty(tree.mT.shape if strided else tree.shape, dtype=tree.dtype)
+        base.reshape(-1).view(torch.uint8).fill_(1)
+        return base.mT if strided else base
     if isinstance(tree, dict):
         return {k: _blank_like(v, column_major) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -116,24 +122,77 @@ def test_load_into_existing_tensors_allocates_nothing_and_lists_every_mismatch(t
     loaded = load_pytree(path, out=out)
     assert loaded["w"] is out["w"] and out["w"].data_ptr() == address
     assert_same(saved, loaded)  # scalars come from the file
-    bad = {"w": torch.zeros(3, 2), "opt": [torch.zeros(4), 0], "extra": torch.zeros(1)}
+    bad = {"w": torch.zeros(2, 3), "opt": [torch.zeros(4), 0], "extra": torch.zeros(1)}
     with pytest.raises(CheckpointError) as err:
         load_pytree(path, out=bad)
     message = str(err.value)
     assert "in.msgpack" in message
-    assert "w: file has torch.float32 [2, 3], out has torch.float32 [3, 2]" in message
     assert "opt/0: file has torch.int64 [4], out has torch.float32 [4]" in message
     assert "extra: a tensor in out, not in the file" in message
-    with pytest.raises(CheckpointError, match="opt/0: a tensor in the file, NoneType in out"):
+    assert torch.equal(bad["w"], torch.zeros(2, 3))  # w matched, yet nothing is written on a mismatch
+    shape_message = r"w: file has torch.float32 \[2, 3\], out has torch.float32 \[3, 2\]"
+    with pytest.raises(CheckpointError, match=shape_message):
+        load_pytree(path, out={**out, "w": torch.zeros(3, 2)})
+    with pytest.raises(CheckpointError, match="opt/0: a tensor in the file, missing in out"):
         load_pytree(path, out={"w": torch.zeros(2, 3)})
-    assert torch.equal(bad["w"], torch.zeros(3, 2))  # nothing written on a mismatch
-    twins = tmp_path / "twins.msgpack"
-    save_pytree(twins, {"a": torch.ones(4), "b": torch.ones(4)})
-    shared = torch.zeros(4)
-    with pytest.raises(CheckpointError, match="same memory at two places"):
-        load_pytree(twins, out={"a": shared, "b": shared})
+    kind_message = "opt: a list in the file, a dict in out; opt/m: a tensor in out"
+    with pytest.raises(CheckpointError, match=kind_message):
+        load_pytree(path, out={"w": torch.zeros(2, 3), "opt": {"m": torch.zeros(4)}})
+    with pytest.raises(CheckpointError, match="opt/0: a tensor in the file, None in out"):
+        load_pytree(path, out={"w": torch.zeros(2, 3), "opt": [None]})
     with pytest.raises(ValueError, match="exclusive"):
         load_pytree(path, mmap=True, out=out)
+
+
+def test_load_into_parameters_views_and_other_devices(tmp_path):
+    path = tmp_path / "p.msgpack"
+    saved = {
+        "w": torch.arange(6.0).reshape(2, 3),
+        "b": torch.arange(4.0),
+        "mask": torch.tensor([2, 0, 1, 1], dtype=torch.uint8).view(torch.bool).reshape(2, 2),
+        "z": torch.tensor([1 + 2j, 3 - 4j]),
+    }
+    save_pytree(path, saved)
+    model = torch.nn.Linear(3, 2)
+    weight_version = model.weight._version
+    out = {
+        "w": model.weight,  # contiguous, requires grad
+        "b": torch.nn.Parameter(torch.zeros(4, 2))[:, 0],  # a strided view of a parameter
+        "mask": torch.zeros(2, 2, dtype=torch.bool).mT,  # strided: goes through a host tensor
+        "z": torch.zeros(2, dtype=torch.complex64).conj(),  # lazy conjugate bit
+    }
+    loaded = load_pytree(path, out=out)
+    assert all(loaded[k] is out[k] for k in out)
+    assert torch.equal(model.weight.detach(), saved["w"]) and model.weight._version > weight_version
+    assert torch.equal(out["b"].detach(), saved["b"])
+    assert out["mask"].view(torch.uint8).tolist() == saved["mask"].view(torch.uint8).tolist()  # bytes kept
+    assert torch.equal(out["z"].resolve_conj(), saved["z"])
+
+
+def test_tied_and_overlapping_targets(tmp_path):
+    path = tmp_path / "t.msgpack"
+    emb = torch.randn(5, 3)
+    save_pytree(path, {"embed": emb, "head": emb, "other": torch.ones(3)})
+    tied = torch.zeros(5, 3)
+    loaded = load_pytree(path, out={"embed": tied, "head": tied, "other": torch.zeros(3)})
+    assert loaded["embed"] is tied and loaded["head"] is tied and torch.equal(tied, emb)
+    untied = tmp_path / "u.msgpack"
+    save_pytree(untied, {"embed": emb, "head": emb + 1, "other": torch.ones(3)})
+    with pytest.raises(ValueError, match="embed and head: overlapping memory in out"):
+        load_pytree(untied, out={"embed": tied, "head": tied, "other": torch.zeros(3)})
+    big = torch.zeros(20)
+    overlapping = {"embed": big[:15].view(5, 3), "head": big[3:18].view(5, 3), "other": torch.zeros(3)}
+    with pytest.raises(ValueError, match="embed and head: overlapping memory in out"):
+        load_pytree(untied, out=overlapping)
+    assert not big.any()
+    rest = {"embed": torch.zeros(5, 3), "head": torch.zeros(5, 3)}
+    with pytest.raises(ValueError, match="other: several of its elements share memory"):
+        load_pytree(untied, out={**rest, "other": torch.zeros(1).expand(3)})
+    with pytest.raises(ValueError, match="other: a meta tensor"):
+        load_pytree(untied, out={**rest, "other": torch.empty(3, device="meta")})
+    with pytest.raises(ValueError, match="other: a torch.sparse_coo tensor"):
+        load_pytree(untied, out={**rest, "other": torch.zeros(3).to_sparse()})
+    assert not rest["embed"].any()
 
 
 def test_a_damaged_file_leaves_the_out_tensors_untouched(tmp_path):
@@ -143,10 +202,30 @@ def test_a_damaged_file_leaves_the_out_tensors_untouched(tmp_path):
     at = raw.find(torch.tensor([49_000.0]).numpy().tobytes())  # inside b's payload, the last tensor
     raw[at] ^= 1
     path.write_bytes(bytes(raw))
-    out = {"a": torch.full((1000,), -1.0), "b": torch.full((50_000,), -1.0)}
+    out = {"a": torch.full((1000,), -1.0), "b": torch.full((50_000, 2), -1.0)[:, 0]}  # b strided
     with pytest.raises(CheckpointError, match="checksum mismatch in tensor 'b'"):
         load_pytree(path, out=out)
     assert bool((out["a"] == -1).all()) and bool((out["b"] == -1).all())
+    load_pytree(path, out=out, verify=False)  # unchecked, the damage lands
+    assert out["a"][999] == 999 and out["b"][49_000] != 49_000
+
+
+def test_bytes_changed_between_the_check_and_the_copy_are_caught(tmp_path, monkeypatch):
+    path = tmp_path / "r.msgpack"
+    save_pytree(path, {"a": torch.arange(300_000.0)})
+    at = path.read_bytes().find(torch.tensor([1234.0]).numpy().tobytes())
+    checked = PytreeReader._read_many
+
+    def overwrite_after_the_check(self, reads, verify):
+        checked(self, reads, verify)
+        if all(dest is None for _, _, _, dest in reads):  # the checking pass: now change the file in place
+            with open(path, "r+b") as f:
+                f.seek(at)
+                f.write(b"\x00\x00\x00\x00")
+
+    monkeypatch.setattr(PytreeReader, "_read_many", overwrite_after_the_check)
+    with pytest.raises(CheckpointError, match="checksum mismatch in tensor 'a'"):
+        load_pytree(path, out={"a": torch.zeros(300_000)})
 
 
 @given(

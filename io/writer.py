@@ -38,7 +38,10 @@ from zerostep.io.codec import (
 from zerostep.io.errors import CheckpointError
 from zerostep.io.native import crc32, preallocate
 
-_WRITE_SLICE = 1 << 30  # Linux writes at most 0x7ffff000 bytes per call
+# Bytes per os.write. Writing a whole 32 MiB payload per call made a 1 GiB save (page cache, this VM)
+# take 0.3-0.8 s in most of 11 interleaved rounds; in 1-2 MiB calls it took 0.14-0.20 s in every round,
+# and in 256 KiB calls 0.20 s (the syscalls show).
+_WRITE_SLICE = 2 << 20
 _FLUSH_AT = 1 << 20
 
 _pool: ThreadPoolExecutor | None = None

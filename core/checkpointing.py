@@ -24,10 +24,12 @@ import optree
 import torch
 
 from zerostep.core.precision import ScalerState
-from zerostep.core.state import FlatParams, Metrics, TrainState
+from zerostep.core.state import FlatParams, Metrics, TrainState, check_not_consumed, mark_consumed
 from zerostep.io import CheckpointError, load_checkpoint, save_checkpoint
 from zerostep.io.checkpoint import SaveHandle
+from zerostep.io.codec import dtype_from_name
 from zerostep.io.manifest import CheckpointDir
+from zerostep.io.reshard import read_flat_range
 from zerostep.parallel.collectives import all_gather_flat
 
 FORMAT = "zerostep-train-state/1"
@@ -149,15 +151,56 @@ def _resolve(load_dir: str | os.PathLike, tag: str | None) -> tuple[str, dict]:
         return ckpt.path, ckpt.manifest["meta"]
 
 
+def _fill_in_place(
+    engine: Any, load_dir: str | os.PathLike, tag: str, into: TrainState, with_optimizer: bool
+) -> dict[str, torch.Tensor]:
+    """Read every flat leaf (master, and the optimizer state's flat buffers) into ``into``'s own buffers;
+    checkpoint leaf path -> the filled tensor. Every range is checksummed before the first byte is
+    written, so a damaged checkpoint raises with ``into`` untouched. Buffers on another device, or of
+    another dtype than saved, go through one host tensor at a time."""
+    plan = engine.plan
+    full = not plan.sharded_master
+    fills: dict[str, torch.Tensor] = {}
+    for g, lay in plan.layouts.items():
+        m = into.master.get(g)
+        length = lay.padded_numel if full else lay.shard_numel
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != (length,):
+            raise ValueError(f"engine.load(into=): the state's master buffer {g!r} is not this engine's")
+        fills[f"master/{g}"] = m
+    if with_optimizer:
+        for key, leaf in _opt_leaves(into.opt_state).items():
+            if _flat_group(key, leaf, into.master) is not None:
+                fills[f"opt_state/{key}"] = leaf
+    with CheckpointDir.open(load_dir, tag) as ckpt:
+        for path in fills:
+            if ckpt.leaves.get(path, {}).get("kind") != "flat":
+                what = "optimizer state leaf" if path.startswith("opt_state/") else "leaf"
+                raise CheckpointError(ckpt.path, f"{what} {path!r} missing (saved with another optimizer?)")
+        # rank r's part of a flat leaf is elements [r * S, (r + 1) * S); the whole padded buffer at stage 0
+        start = {path: (0 if full else plan.rank) * t.numel() for path, t in fills.items()}
+        for path, t in fills.items():  # check everything before writing anything
+            read_flat_range(ckpt, path, start[path], start[path] + t.numel(), None, verify=True)
+        for path, t in fills.items():
+            saved = dtype_from_name(ckpt.leaves[path]["dtype"])
+            direct = t.device.type == "cpu" and t.is_contiguous() and t.dtype == saved
+            host = t if direct else torch.empty(t.numel(), dtype=saved)
+            read_flat_range(ckpt, path, start[path], start[path] + t.numel(), host, verify=True)
+            if not direct:
+                t.copy_(host)
+    return fills
+
+
 def load(
     engine: Any,
     load_dir: str | os.PathLike,
     tag: str | None = None,
     *,
     load_optimizer_states: bool = True,
+    into: TrainState | None = None,
 ) -> tuple[TrainState, dict]:
     """(state, client_state). ``load_optimizer_states=False`` loads parameters only (fine-tuning): a
-    fresh optimizer state, loss scaler, step 0."""
+    fresh optimizer state, loss scaler, step 0. ``into``: a state of this engine whose buffers are
+    filled in place and reused (donated, as ``engine.step`` donates; consumed once the load succeeds)."""
     plan = engine.plan
     where, meta = _resolve(load_dir, tag)
     if meta.get("format") != FORMAT:
@@ -168,7 +211,16 @@ def load(
     full = not plan.sharded_master
     # The flat leaves at this world size: whole buffers (read as rank 0 of 1) or this rank's shard.
     rank, world = (0, 1) if full else (plan.rank, plan.world_size)
-    wanted = None if load_optimizer_states else ["master"]
+    filled: dict[str, torch.Tensor] = {}
+    if into is not None:
+        check_not_consumed(into, "engine.load")
+        into.params.wait()  # no gather may still be writing the buffers about to be rebuilt
+        filled = _fill_in_place(engine, load_dir, os.path.basename(where), into, load_optimizer_states)
+        # the rest is small: step counts, scaler, metrics, client state
+        wanted = ["step", "skipped_steps", "seed", "scaler", "metrics", "client_state"]
+        wanted += [f"opt_state/{k}" for k in _opt_leaves(into.opt_state) if f"opt_state/{k}" not in filled]
+    else:
+        wanted = None if load_optimizer_states else ["master"]
     tree, _ = load_checkpoint(load_dir, os.path.basename(where), rank=rank, world_size=world, leaves=wanted)
 
     device = engine.device
@@ -180,23 +232,25 @@ def load(
             t = torch.cat([t, t.new_zeros(length - t.numel())])
         return t.to(device).contiguous()
 
-    master = {g: place(g, tree["master"][g]) for g in plan.layouts}
-    params = {}
-    for g, m in master.items():
-        if plan.params_alias_master:
-            params[g] = m
-        elif plan.params_match_master:
-            params[g] = m.to(plan.compute_dtype)
-        else:
-            params[g] = all_gather_flat(m, engine.group).to(plan.compute_dtype)
-    template = engine.optimizer.init(master)
+    if into is not None:
+        master = {g: filled[f"master/{g}"] for g in plan.layouts}
+    else:
+        master = {g: place(g, tree["master"][g]) for g in plan.layouts}
+    params = _params_from(engine, master, None if into is None else into.params.flats)
     if not load_optimizer_states:
-        return engine.state_from(master, params, opt_state=template), {}
+        state = engine.state_from(master, params)
+        if into is not None:
+            mark_consumed(into)
+        return state, {}
+    template = engine.optimizer.init(master) if into is None else into.opt_state
     saved_opt = tree["opt_state"]
     paths, leaves, spec = optree.tree_flatten_with_path(template)
     restored = []
     for path, leaf in zip(paths, leaves):
         key = _leaf_key(path)
+        if f"opt_state/{key}" in filled:
+            restored.append(filled[f"opt_state/{key}"])
+            continue
         if key not in saved_opt:
             raise CheckpointError(
                 where, f"optimizer state leaf {key!r} missing (saved with another optimizer?)"
@@ -220,4 +274,22 @@ def load(
         scaler=scaler,
         metrics=metrics,
     )
+    if into is not None:
+        mark_consumed(into)
     return state, tree.get("client_state") or {}
+
+
+def _params_from(
+    engine: Any, master: dict[str, torch.Tensor], into: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """The compute-dtype buffers for ``master``: the master itself, cast, or gathered and cast; written
+    into ``into``'s buffers when given."""
+    plan = engine.plan
+    params = {}
+    for g, m in master.items():
+        if plan.params_alias_master:
+            params[g] = m
+            continue
+        value = m if plan.params_match_master else all_gather_flat(m, engine.group)
+        params[g] = value.to(plan.compute_dtype) if into is None else into[g].copy_(value)
+    return params

@@ -308,12 +308,21 @@ class Engine:
         *,
         load_optimizer_states: bool = True,
         return_client_state: bool = False,
+        into: TrainState | None = None,
     ):
         """The state saved in ``<load_dir>/<tag>`` (default: ``latest``), resharded to this engine's world
-        size and stage. ``load_optimizer_states=False`` loads only the parameters (fine-tuning)."""
+        size and stage. ``load_optimizer_states=False`` loads only the parameters (fine-tuning).
+
+        ``into``: a state of this engine (``engine.init()``, or one being trained) to load into, as
+        DeepSpeed's and DCP's loads do: its parameter, master and optimizer buffers are overwritten and
+        reused, so a resume holds one copy of the model state instead of two. It is donated as
+        ``engine.step``'s input is (consumed once the load succeeds); a checkpoint that fails a check
+        raises before any of its buffers is written."""
         from zerostep.core import checkpointing
 
-        state, client = checkpointing.load(self, load_dir, tag, load_optimizer_states=load_optimizer_states)
+        state, client = checkpointing.load(
+            self, load_dir, tag, load_optimizer_states=load_optimizer_states, into=into
+        )
         return (state, client) if return_client_state else state
 
     # ------------------------------------------------------------------ step

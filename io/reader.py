@@ -32,7 +32,7 @@ from zerostep.io.codec import (
 )
 from zerostep.io.errors import CheckpointError
 from zerostep.io.native import crc32
-from zerostep.io.writer import byte_view, worker_pool
+from zerostep.io.writer import WORKERS, byte_view, worker_pool
 
 _INLINE_CRC_BYTES = 1 << 20  # below this, checksum in the calling thread
 
@@ -225,23 +225,33 @@ class PytreeReader:
         memory, then also run in parallel. One wait for the whole list: waiting tensor by tensor left a
         thread idle at the end of each (a 1 GiB load of 32 tensors took 0.23 s instead of 0.21 s)."""
         self._check_size()
-        jobs = []  # (rec, block, result or future)
-        inline = sum(stop - start for _, start, stop, _ in reads) <= _INLINE_CRC_BYTES
-        pool = None if inline else worker_pool()
-        try:
-            for rec, start, stop, dest in reads:
-                if stop <= start or (dest is None and not verify):
-                    continue
+        blocks = []  # (rec, block index, start, stop, dest)
+        for rec, start, stop, dest in reads:
+            if stop > start and (dest is not None or verify):
                 size = rec.block_bytes
-                for k in range(start // size, (stop - 1) // size + 1):
-                    args = (rec, k, start, stop, dest, verify)
-                    jobs.append((rec, k, self._block(*args) if inline else pool.submit(self._block, *args)))
-        finally:
-            wait([job for _, _, job in jobs if not isinstance(job, bool)])  # all done with ``dest``
-        for rec, k, job in jobs:
-            if not (job if isinstance(job, bool) else job.result()):
-                name = next((p for p, i in self.paths.items() if self.records[i] is rec), "?")
-                self._fail(f"checksum mismatch in tensor {name!r} (block {k} of {len(rec.crcs)})")
+                blocks += [(rec, k, start, stop, dest) for k in range(start // size, (stop - 1) // size + 1)]
+        if sum(stop - start for _, start, stop, _ in reads) <= _INLINE_CRC_BYTES:
+            failed = self._blocks(blocks, verify)
+        else:
+            # Several blocks per job: a job per 4 MiB block cost a load in place (0.05 s per GiB) about 10%
+            # in submissions. Four jobs per thread keep the threads busy to the end.
+            pool = worker_pool()
+            per_job = max(1, len(blocks) // (4 * WORKERS))
+            futures = []
+            try:
+                for i in range(0, len(blocks), per_job):
+                    futures.append(pool.submit(self._blocks, blocks[i : i + per_job], verify))
+            finally:
+                wait(futures)  # all done with ``dest``
+            failed = [bad for f in futures for bad in f.result()]
+        if failed:
+            rec, k = failed[0]
+            name = next((p for p, i in self.paths.items() if self.records[i] is rec), "?")
+            self._fail(f"checksum mismatch in tensor {name!r} (block {k} of {len(rec.crcs)})")
+
+    def _blocks(self, blocks: list, verify: bool) -> list[tuple[TensorRecord, int]]:
+        """``_block`` of each; the (record, block) pairs whose checksum did not match."""
+        return [(b[0], b[1]) for b in blocks if not self._block(*b, verify)]
 
     def _block(
         self, rec: TensorRecord, k: int, start: int, stop: int, dest: memoryview | None, verify: bool
@@ -337,6 +347,15 @@ class PytreeReader:
             raise ValueError(f"out must be a contiguous {rec.dtype} tensor of {stop - start} elements")
         self._read(rec, start * size, stop * size, byte_view(out), verify)
         return out
+
+    def check_elements(self, key: int | str, start: int, stop: int) -> None:
+        """Check the checksums of the blocks holding elements [start, stop) of tensor ``key``, reading
+        nothing out (``CheckpointError`` on a mismatch)."""
+        rec = self._record(key)
+        if not 0 <= start <= stop <= rec.numel:
+            raise ValueError(f"element range [{start}, {stop}) outside tensor of {rec.numel} elements")
+        size = rec.dtype.itemsize
+        self._read(rec, start * size, stop * size, None, True)
 
     def load(self, *, verify: bool = True, copy: bool = True, out: Any = None) -> Any:
         """The whole tree, tensors materialized (``copy=True``) or mapped; with ``out``, loaded into the

@@ -21,20 +21,28 @@ from zerostep.io.manifest import CheckpointDir, shard_numel
 
 
 def read_flat_range(
-    ckpt: CheckpointDir, path: str, start: int, stop: int, out: torch.Tensor, verify: bool
+    ckpt: CheckpointDir, path: str, start: int, stop: int, out: torch.Tensor | None, verify: bool
 ) -> None:
-    """Fill ``out`` [stop - start] with elements [start, stop) of flat leaf ``path``; 0 past numel."""
+    """Fill ``out`` [stop - start] with elements [start, stop) of flat leaf ``path``; 0 past numel.
+    ``out=None`` only checks the checksums of those elements (``verify`` must be True)."""
     entry = ckpt.leaves.get(path)
     if entry is None or entry["kind"] != "flat":
         raise CheckpointError(ckpt.path, f"no flat-sharded leaf {path!r} in this checkpoint")
+    if out is None and not verify:
+        raise ValueError("read_flat_range: out=None only checks checksums, so verify must be True")
     numel, saved = entry["numel"], entry["shard_numel"]
     end = min(stop, numel)
-    if end < stop:
+    if end < stop and out is not None:
         out[max(0, end - start) :].zero_()
     for s in range(start // saved, -(-end // saved) if end > start else 0):
         lo, hi = max(start, s * saved), min(end, (s + 1) * saved)
-        if lo < hi:
-            ckpt.reader(s).read_elements(
+        if lo >= hi:
+            continue
+        reader = ckpt.reader(s)
+        if out is None:
+            reader.check_elements(path, lo - s * saved, hi - s * saved)
+        else:
+            reader.read_elements(
                 path, lo - s * saved, hi - s * saved, out=out[lo - start : hi - start], verify=verify
             )
 

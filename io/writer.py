@@ -45,15 +45,14 @@ _WRITE_SLICE = 2 << 20
 _FLUSH_AT = 1 << 20
 
 _pool: ThreadPoolExecutor | None = None
+WORKERS = max(2, min(8, os.cpu_count() or 2))  # threads of ``worker_pool``
 
 
 def worker_pool() -> ThreadPoolExecutor:
     """Threads for checksums and copies, shared by the writer and the reader."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(
-            max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="zs-io"
-        )
+        _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="zs-io")
     return _pool
 
 

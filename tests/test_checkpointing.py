@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 
+import optree
 import pytest
 import torch
 from models import Net, mse
 from torch import nn
 
-from zerostep.core import Config, initialize
+from zerostep.core import Config, ConsumedStateError, initialize
 from zerostep.core.cli import main as cli_main
+from zerostep.core.state import is_consumed
 from zerostep.io import CheckpointError
 from zerostep.parallel.launch import spawn_ranks
 
@@ -59,9 +61,12 @@ def save_after_split(rank, world_size, stage, path):
     return True
 
 
-def resume(rank, world_size, stage, path):
+def resume(rank, world_size, stage, path, into=False):
     engine = engine_for(stage, world_size)
-    state, client = engine.load(path, return_client_state=True)
+    fresh = engine.init() if into else None
+    state, client = engine.load(path, return_client_state=True, into=fresh)
+    if into:  # filled in place: the same buffers, and the donated state is spent
+        assert all(state.master[g] is fresh.master[g] for g in fresh.master) and is_consumed(fresh)
     assert client == {"epoch": 3}
     assert int(state.step) == SPLIT
     state = run_steps(engine, state, batches()[SPLIT:], rank, world_size)
@@ -74,8 +79,8 @@ def save_all(rank, world_size, root, stages):
     return True
 
 
-def resume_all(rank, world_size, pairs):
-    return [resume(rank, world_size, stage, path) for stage, path in pairs]
+def resume_all(rank, world_size, loads):
+    return [resume(rank, world_size, *load) for load in loads]
 
 
 def assert_close_params(got, want):
@@ -100,14 +105,44 @@ def test_reshard_matrix_across_world_sizes_and_stages(tmp_path):
     save_all(0, 1, root, (0, 2))
     spawn_ranks(save_all, 2, root, (1, 3), timeout=180)
     spawn_ranks(save_all, 3, root, (2,), timeout=180)
-    # ... and each is loaded at another world size and stage
-    at2 = spawn_ranks(resume_all, 2, [(3, f"{root}/w1s0"), (0, f"{root}/w3s2")], timeout=180)
-    at3 = spawn_ranks(resume_all, 3, [(1, f"{root}/w1s2"), (3, f"{root}/w2s1")], timeout=180)
-    at1 = resume_all(0, 1, [(2, f"{root}/w2s3"), (0, f"{root}/w3s2")])
+    # ... and each is loaded at another world size and stage, into new memory or in place (True)
+    at2 = spawn_ranks(resume_all, 2, [(3, f"{root}/w1s0", True), (0, f"{root}/w3s2")], timeout=180)
+    at3 = spawn_ranks(resume_all, 3, [(1, f"{root}/w1s2", True), (3, f"{root}/w2s1", True)], timeout=180)
+    at1 = resume_all(0, 1, [(2, f"{root}/w2s3", True), (0, f"{root}/w3s2")])
     for per_rank in (at2, at3, [at1]):
         for results in per_rank:
             for params in results:
                 assert_close_params(params, want)
+
+
+def test_load_into_a_state_reuses_its_buffers_and_leaves_it_whole_on_a_damaged_checkpoint(tmp_path):
+    save_after_split(0, 1, 2, tmp_path)
+    engine = engine_for(2, 1)
+    want = engine.load(tmp_path)
+    fresh = engine.init()
+    exp_avg = [t for t in optree.tree_leaves(fresh.opt_state) if t.dim() == 1 and t.numel() > 1]
+    loaded = engine.load(tmp_path, into=fresh)
+    assert all(loaded.master[g] is fresh.master[g] for g in fresh.master)
+    assert exp_avg and all(any(t is u for u in optree.tree_leaves(loaded.opt_state)) for t in exp_avg)
+    for a, b in zip(optree.tree_leaves(want), optree.tree_leaves(loaded), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ConsumedStateError):
+        engine.step(fresh, batches()[0])
+    loaded = engine.step(loaded, batches()[SPLIT])  # and training goes on from the loaded state
+
+    # a flipped byte in a shard: the load raises before writing, and the state stays usable
+    shard = next(p for p in (tmp_path / f"global_step{SPLIT}").iterdir() if p.name.startswith("rank"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    before = [t.clone() for t in optree.tree_leaves(loaded)]
+    with pytest.raises(CheckpointError):
+        engine.load(tmp_path, into=loaded)
+    assert all(torch.equal(a, b) for a, b in zip(before, optree.tree_leaves(loaded), strict=True))
+    engine.step(loaded, batches()[SPLIT])
+
+    with pytest.raises(ValueError, match="master buffer .* is not this engine's"):
+        engine.load(tmp_path, into=engine_for(2, 1, model=Net(hidden=9)).init())
 
 
 def test_params_only_load_for_fine_tuning(tmp_path):

@@ -247,6 +247,9 @@ def test_chunked_tensors_and_element_ranges(tmp_path_factory, numel, block, chun
     with PytreeReader(path) as reader:
         assert torch.equal(reader.tensor("t"), t)
         assert torch.equal(reader.read_elements("t", start, stop), t[start:stop])
+        reader.check_elements("t", start, stop)
+        with pytest.raises(ValueError, match="outside tensor"):
+            reader.check_elements("t", start, numel + 1)
         out = torch.full((stop - start,), -1.0, dtype=torch.float64)
         reader.read_elements("t", start, stop, out=out, verify=False)
         assert torch.equal(out, t[start:stop])

@@ -13,6 +13,9 @@ Part 2, resharding: flat fp32 leaves (master, exp_avg, exp_avg_sq) sharded over 
 with ``save_checkpoint`` and with DCP (DTensor, Shard(0)); then loaded at 1 rank (in this process) and at
 3 ranks (every rank loads its new shard; the time is the slowest rank's). Medians over repeats, which
 go round-robin over the methods of each row group (the machine may be shared).
+
+Part 3, resume memory: how much memory ``engine.load`` adds while it loads, into new buffers or into an
+existing state's (``into=``).
 """
 
 from __future__ import annotations
@@ -242,6 +245,51 @@ def resharding(args, root: str, rows: list) -> None:
             rows.append((f"load 2 -> {world_size} ranks", label, nbytes, seconds))
 
 
+def _anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+
+def _sample_peak(peak: list[float], done) -> None:
+    while not done.is_set():
+        peak[0] = max(peak[0], _anon_mib())
+        time.sleep(0.0005)
+
+
+def resume_memory(args, root: str) -> list[str]:
+    """Part 3: the extra memory a resume takes, ``engine.load(dir)`` against ``engine.load(dir,
+    into=state)``: the peak growth of this process's anonymous memory (sampled every 0.5 ms) while it
+    loads an AdamW state (master + two moments, ``--gib`` in all) over a state of the same engine."""
+    import threading
+
+    from torch import nn
+
+    from zerostep.core import Config, initialize
+
+    width = 2048
+    layers = max(1, round(args.gib * 2**30 / 12 / (width * width + width)))
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    config = {"train_batch_size": 1, "zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}
+    loss = lambda out, y: ((out - y) ** 2).mean()
+    engine = initialize(model, Config.from_dict(config, world_size=1), loss_fn=loss, compile=False)
+    path = os.path.join(root, "resume")
+    engine.save(engine.init(), path, fsync=False)
+    lines = []
+    for label, in_place in (("engine.load(dir)", False), ("engine.load(dir, into=state)", True)):
+        state = engine.init()
+        peak, done = [0.0], threading.Event()
+        base = _anon_mib()
+        sampler = threading.Thread(target=_sample_peak, args=(peak, done))
+        sampler.start()
+        state = engine.load(path, into=state if in_place else None)
+        done.set()
+        sampler.join()
+        lines.append(f"{label:<30} anonymous memory grew by {peak[0] - base:7.0f} MiB at the peak")
+        del state
+    state_mib = layers * (width * width + width) * 12 / 2**20
+    return [f"resume of a {state_mib:.0f} MiB AdamW state (ZeRO-2, one rank):"] + lines
+
+
 def report(rows: list) -> None:
     print(f"\n{'operation':<26} {'method':<40} {'GiB':>6} {'seconds':>8} {'GiB/s':>7} {'vs zerostep':>12}")
     ours = {}
@@ -277,6 +325,7 @@ def main() -> None:
         single_process(args, args.dir, rows)
         if not args.skip_reshard:
             resharding(args, os.path.join(args.dir, "reshard"), rows)
+        memory = resume_memory(args, args.dir)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     from zerostep.io.native import CRC32_IMPL
@@ -284,6 +333,7 @@ def main() -> None:
     cpus = os.cpu_count()
     print(f"torch {torch.__version__}, {cpus} CPUs, median of {args.repeats}, crc32 by {CRC32_IMPL}")
     report(rows)
+    print("\n" + "\n".join(memory))
 
 
 if __name__ == "__main__":

@@ -151,19 +151,14 @@ def _resolve(load_dir: str | os.PathLike, tag: str | None) -> tuple[str, dict]:
         return ckpt.path, ckpt.manifest["meta"]
 
 
-def _fill_in_place(
-    engine: Any, load_dir: str | os.PathLike, tag: str, into: TrainState, with_optimizer: bool
-) -> dict[str, torch.Tensor]:
-    """Read every flat leaf (master, and the optimizer state's flat buffers) into ``into``'s own buffers;
-    checkpoint leaf path -> the filled tensor. Every range is checksummed before the first byte is
-    written, so a damaged checkpoint raises with ``into`` untouched. Buffers on another device, or of
-    another dtype than saved, go through one host tensor at a time."""
+def _in_place_targets(engine: Any, into: TrainState, with_optimizer: bool) -> dict[str, torch.Tensor]:
+    """Checkpoint leaf path -> the buffer of ``into`` it is read into: the master's flat buffers, and
+    the optimizer state's (leaves shaped like a master buffer)."""
     plan = engine.plan
-    full = not plan.sharded_master
     fills: dict[str, torch.Tensor] = {}
     for g, lay in plan.layouts.items():
         m = into.master.get(g)
-        length = lay.padded_numel if full else lay.shard_numel
+        length = lay.shard_numel if plan.sharded_master else lay.padded_numel
         if not isinstance(m, torch.Tensor) or tuple(m.shape) != (length,):
             raise ValueError(f"engine.load(into=): the state's master buffer {g!r} is not this engine's")
         fills[f"master/{g}"] = m
@@ -171,13 +166,24 @@ def _fill_in_place(
         for key, leaf in _opt_leaves(into.opt_state).items():
             if _flat_group(key, leaf, into.master) is not None:
                 fills[f"opt_state/{key}"] = leaf
+    return fills
+
+
+def _fill_in_place(
+    engine: Any, load_dir: str | os.PathLike, tag: str, fills: dict[str, torch.Tensor]
+) -> None:
+    """Read each flat leaf into its buffer (this rank's part at this world size, or the whole padded
+    buffer when the master is not sharded). Every range is checksummed before the first byte is
+    written, so a damaged checkpoint raises with the buffers untouched. Buffers on another device, or of
+    another dtype than saved, go through one host tensor at a time."""
+    plan = engine.plan
     with CheckpointDir.open(load_dir, tag) as ckpt:
         for path in fills:
             if ckpt.leaves.get(path, {}).get("kind") != "flat":
                 what = "optimizer state leaf" if path.startswith("opt_state/") else "leaf"
                 raise CheckpointError(ckpt.path, f"{what} {path!r} missing (saved with another optimizer?)")
-        # rank r's part of a flat leaf is elements [r * S, (r + 1) * S); the whole padded buffer at stage 0
-        start = {path: (0 if full else plan.rank) * t.numel() for path, t in fills.items()}
+        # rank r's part of a flat leaf is elements [r * S, (r + 1) * S)
+        start = {path: (plan.rank if plan.sharded_master else 0) * t.numel() for path, t in fills.items()}
         for path, t in fills.items():  # check everything before writing anything
             read_flat_range(ckpt, path, start[path], start[path] + t.numel(), None, verify=True)
         for path, t in fills.items():
@@ -187,7 +193,6 @@ def _fill_in_place(
             read_flat_range(ckpt, path, start[path], start[path] + t.numel(), host, verify=True)
             if not direct:
                 t.copy_(host)
-    return fills
 
 
 def load(
@@ -214,14 +219,24 @@ def load(
     filled: dict[str, torch.Tensor] = {}
     if into is not None:
         check_not_consumed(into, "engine.load")
-        into.params.wait()  # no gather may still be writing the buffers about to be rebuilt
-        filled = _fill_in_place(engine, load_dir, os.path.basename(where), into, load_optimizer_states)
-        # the rest is small: step counts, scaler, metrics, client state
+        filled = _in_place_targets(engine, into, load_optimizer_states)
+        # read here: the small leaves (step counts, scaler, metrics, client state), checked before any
+        # buffer of ``into`` is written
         wanted = ["step", "skipped_steps", "seed", "scaler", "metrics", "client_state"]
         wanted += [f"opt_state/{k}" for k in _opt_leaves(into.opt_state) if f"opt_state/{k}" not in filled]
     else:
         wanted = None if load_optimizer_states else ["master"]
     tree, _ = load_checkpoint(load_dir, os.path.basename(where), rank=rank, world_size=world, leaves=wanted)
+    if into is not None and load_optimizer_states:
+        missing = [k for k in _opt_leaves(into.opt_state) if f"opt_state/{k}" not in filled]
+        missing = [k for k in missing if k not in tree["opt_state"]]
+        if missing:
+            raise CheckpointError(
+                where, f"optimizer state leaf {missing[0]!r} missing (saved with another optimizer?)"
+            )
+    if into is not None:
+        into.params.wait()  # no gather may still be writing the buffers about to be rebuilt
+        _fill_in_place(engine, load_dir, os.path.basename(where), filled)
 
     device = engine.device
 

@@ -153,6 +153,9 @@ def test_params_only_load_for_fine_tuning(tmp_path):
     ref = engine_for(0, 1)
     ref_state = run_steps(ref, ref.init(), batches()[:SPLIT], 0, 1)
     assert_close_params(engine.full_params(state), ref.full_params(ref_state))
+    in_place = engine.load(tmp_path, load_optimizer_states=False, into=engine.init())
+    assert int(in_place.step) == 0
+    assert_close_params(engine.full_params(in_place), ref.full_params(ref_state))
 
 
 def test_bf16_state_loads_as_fp32_and_back(tmp_path):

@@ -18,10 +18,12 @@ the *current* world size and stage, so a checkpoint loads anywhere with no conve
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import optree
 import torch
+import torch.distributed as dist
 
 from zerostep.core.precision import ScalerState
 from zerostep.core.state import FlatParams, Metrics, TrainState, check_not_consumed, mark_consumed
@@ -151,17 +153,75 @@ def _resolve(load_dir: str | os.PathLike, tag: str | None) -> tuple[str, dict]:
         return ckpt.path, ckpt.manifest["meta"]
 
 
+def _agreed(engine: Any, where: str, read: Callable[[], Any]) -> Any:
+    """``read()`` on every rank, then a vote: when it raised on any rank, it raises on every rank (the
+    others say another rank failed), so no rank goes on to write buffers or wait in a collective that a
+    failed rank will never join."""
+    error: BaseException | None = None
+    result = None
+    try:
+        result = read()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the vote
+        error = e
+    if engine.plan.world_size > 1:
+        ok = torch.tensor([0 if error else 1], dtype=torch.int32, device=engine.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=engine.group)
+        if error is None and int(ok.item()) == 0:
+            raise CheckpointError(
+                where, "another rank could not read its part (its error says why); nothing was loaded"
+            )
+    if error is not None:
+        raise error
+    return result
+
+
+def _check_into(engine: Any, into: TrainState) -> None:
+    """``ValueError`` listing how ``into`` differs from a state of this engine, before anything is read."""
+    plan = engine.plan
+    device = torch.device(engine.device).type
+    problems = []
+    if set(into.master) != set(plan.layouts) or set(into.params.layouts) != set(plan.layouts):
+        problems.append(f"groups {sorted(into.master)}, this engine has {sorted(plan.layouts)}")
+    elif into.params.sharded != (plan.stage == 3):
+        kind = lambda sharded: "sharded" if sharded else "whole"  # noqa: E731
+        problems.append(
+            f"the state's parameters are {kind(into.params.sharded)}, this engine's (stage {plan.stage}) "
+            f"are {kind(plan.stage == 3)}"
+        )
+    else:
+        flats = into.params.flats
+        for g, lay in plan.layouts.items():
+            m, p = into.master[g], flats[g]
+            length = lay.shard_numel if plan.sharded_master else lay.padded_numel
+            if tuple(m.shape) != (length,) or m.dtype != torch.float32 or m.device.type != device:
+                have = f"{m.dtype} {list(m.shape)} on {m.device}"
+                problems.append(f"master {g!r} is {have}, want float32 [{length}] on {device}")
+            plen = length if plan.params_match_master else lay.padded_numel
+            alias_ok = (p is m) == plan.params_alias_master
+            if not alias_ok or tuple(p.shape) != (plen,) or p.dtype != plan.compute_dtype:
+                how = "" if alias_ok else " (the master itself)" if p is m else " (not the master)"
+                have, want = f"{p.dtype} {list(p.shape)}{how}", f"{plan.compute_dtype} [{plen}]"
+                problems.append(f"parameters {g!r} are {have}, want {want}")
+    if not problems:
+        meta = {g: torch.empty_like(m, device="meta") for g, m in into.master.items()}
+        want = engine.optimizer.init(meta)
+        if optree.tree_structure(want) != optree.tree_structure(into.opt_state):
+            problems.append(f"optimizer state is not {engine.optimizer.name}'s")
+        else:
+            pairs = zip(optree.tree_leaves(want), optree.tree_leaves(into.opt_state))
+            for key, (a, b) in zip(_opt_leaves(want), pairs):
+                if isinstance(a, torch.Tensor) and (
+                    not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype
+                ):
+                    problems.append(f"optimizer state leaf {key!r} is not shaped like this engine's")
+    if problems:
+        raise ValueError("engine.load(into=): the state is not one of this engine's: " + "; ".join(problems))
+
+
 def _in_place_targets(engine: Any, into: TrainState, with_optimizer: bool) -> dict[str, torch.Tensor]:
     """Checkpoint leaf path -> the buffer of ``into`` it is read into: the master's flat buffers, and
     the optimizer state's (leaves shaped like a master buffer)."""
-    plan = engine.plan
-    fills: dict[str, torch.Tensor] = {}
-    for g, lay in plan.layouts.items():
-        m = into.master.get(g)
-        length = lay.shard_numel if plan.sharded_master else lay.padded_numel
-        if not isinstance(m, torch.Tensor) or tuple(m.shape) != (length,):
-            raise ValueError(f"engine.load(into=): the state's master buffer {g!r} is not this engine's")
-        fills[f"master/{g}"] = m
+    fills = {f"master/{g}": m for g, m in into.master.items()}
     if with_optimizer:
         for key, leaf in _opt_leaves(into.opt_state).items():
             if _flat_group(key, leaf, into.master) is not None:
@@ -169,30 +229,35 @@ def _in_place_targets(engine: Any, into: TrainState, with_optimizer: bool) -> di
     return fills
 
 
-def _fill_in_place(
-    engine: Any, load_dir: str | os.PathLike, tag: str, fills: dict[str, torch.Tensor]
-) -> None:
-    """Read each flat leaf into its buffer (this rank's part at this world size, or the whole padded
-    buffer when the master is not sharded). Every range is checksummed before the first byte is
-    written, so a damaged checkpoint raises with the buffers untouched. Buffers on another device, or of
-    another dtype than saved, go through one host tensor at a time."""
-    plan = engine.plan
-    with CheckpointDir.open(load_dir, tag) as ckpt:
-        for path in fills:
-            if ckpt.leaves.get(path, {}).get("kind") != "flat":
-                what = "optimizer state leaf" if path.startswith("opt_state/") else "leaf"
-                raise CheckpointError(ckpt.path, f"{what} {path!r} missing (saved with another optimizer?)")
-        # rank r's part of a flat leaf is elements [r * S, (r + 1) * S)
-        start = {path: (plan.rank if plan.sharded_master else 0) * t.numel() for path, t in fills.items()}
-        for path, t in fills.items():  # check everything before writing anything
-            read_flat_range(ckpt, path, start[path], start[path] + t.numel(), None, verify=True)
-        for path, t in fills.items():
-            saved = dtype_from_name(ckpt.leaves[path]["dtype"])
-            direct = t.device.type == "cpu" and t.is_contiguous() and t.dtype == saved
-            host = t if direct else torch.empty(t.numel(), dtype=saved)
-            read_flat_range(ckpt, path, start[path], start[path] + t.numel(), host, verify=True)
-            if not direct:
-                t.copy_(host)
+def _flat_start(engine: Any, t: torch.Tensor) -> int:
+    """Where this rank's part of a flat leaf starts: rank r holds [r * S, (r + 1) * S), S its numel; an
+    unsharded master holds the whole padded buffer."""
+    return (engine.plan.rank if engine.plan.sharded_master else 0) * t.numel()
+
+
+def _check_flat_leaves(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tensor]) -> None:
+    """Every flat leaf ``fills`` reads is in the checkpoint, and its ranges pass their checksums."""
+    for path, t in fills.items():
+        if ckpt.leaves.get(path, {}).get("kind") != "flat":
+            what = "optimizer state leaf" if path.startswith("opt_state/") else "leaf"
+            raise CheckpointError(ckpt.path, f"{what} {path!r} missing (saved with another optimizer?)")
+        start = _flat_start(engine, t)
+        read_flat_range(ckpt, path, start, start + t.numel(), None, verify=True)
+
+
+def _fill_in_place(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tensor]) -> None:
+    """Read each flat leaf into its buffer, checksummed again as it lands. Buffers on another device, or
+    of another dtype than saved, go through one host tensor at a time."""
+    for path, t in fills.items():
+        saved = dtype_from_name(ckpt.leaves[path]["dtype"])
+        direct = t.device.type == "cpu" and t.is_contiguous() and t.dtype == saved
+        host = t if direct else torch.empty(t.numel(), dtype=saved)
+        start = _flat_start(engine, t)
+        read_flat_range(ckpt, path, start, start + t.numel(), host, verify=True)
+        if direct:  # written behind autograd's back: let it know, as an in-place op would
+            torch.autograd.graph.increment_version(t)
+        else:
+            t.copy_(host)
 
 
 def load(
@@ -204,8 +269,10 @@ def load(
     into: TrainState | None = None,
 ) -> tuple[TrainState, dict]:
     """(state, client_state). ``load_optimizer_states=False`` loads parameters only (fine-tuning): a
-    fresh optimizer state, loss scaler, step 0. ``into``: a state of this engine whose buffers are
-    filled in place and reused (donated, as ``engine.step`` donates; consumed once the load succeeds)."""
+    fresh optimizer state, loss scaler, step 0. ``into``: see ``_load_into``."""
+    if into is not None:
+        check_not_consumed(into, "engine.load")
+        _check_into(engine, into)
     plan = engine.plan
     where, meta = _resolve(load_dir, tag)
     if meta.get("format") != FORMAT:
@@ -213,52 +280,96 @@ def load(
             where, f"not a zerostep train state (format {meta.get('format')!r}, want {FORMAT})"
         )
     _check_model_matches(engine, meta, where)
+    if into is not None:
+        return _load_into(engine, load_dir, where, into, load_optimizer_states)
     full = not plan.sharded_master
     # The flat leaves at this world size: whole buffers (read as rank 0 of 1) or this rank's shard.
     rank, world = (0, 1) if full else (plan.rank, plan.world_size)
-    filled: dict[str, torch.Tensor] = {}
-    if into is not None:
-        check_not_consumed(into, "engine.load")
-        filled = _in_place_targets(engine, into, load_optimizer_states)
-        # read here: the small leaves (step counts, scaler, metrics, client state), checked before any
-        # buffer of ``into`` is written
-        wanted = ["step", "skipped_steps", "seed", "scaler", "metrics", "client_state"]
-        wanted += [f"opt_state/{k}" for k in _opt_leaves(into.opt_state) if f"opt_state/{k}" not in filled]
-    else:
-        wanted = None if load_optimizer_states else ["master"]
-    tree, _ = load_checkpoint(load_dir, os.path.basename(where), rank=rank, world_size=world, leaves=wanted)
-    if into is not None and load_optimizer_states:
-        missing = [k for k in _opt_leaves(into.opt_state) if f"opt_state/{k}" not in filled]
-        missing = [k for k in missing if k not in tree["opt_state"]]
-        if missing:
-            raise CheckpointError(
-                where, f"optimizer state leaf {missing[0]!r} missing (saved with another optimizer?)"
-            )
-    if into is not None:
-        into.params.wait()  # no gather may still be writing the buffers about to be rebuilt
-        _fill_in_place(engine, load_dir, os.path.basename(where), filled)
-
-    device = engine.device
+    wanted = None if load_optimizer_states else ["master"]
+    tree, _ = _agreed(
+        engine,
+        where,
+        lambda: load_checkpoint(
+            load_dir, os.path.basename(where), rank=rank, world_size=world, leaves=wanted
+        ),
+    )
 
     def place(g: str, t: torch.Tensor) -> torch.Tensor:
         lay = plan.layouts[g]
         length = lay.padded_numel if full else lay.shard_numel
         if t.numel() < length:  # whole buffer read at size numel: pad to this world size's padding
             t = torch.cat([t, t.new_zeros(length - t.numel())])
-        return t.to(device).contiguous()
+        return t.to(engine.device).contiguous()
 
-    if into is not None:
-        master = {g: filled[f"master/{g}"] for g in plan.layouts}
-    else:
-        master = {g: place(g, tree["master"][g]) for g in plan.layouts}
-    params = _params_from(engine, master, None if into is None else into.params.flats)
+    master = {g: place(g, tree["master"][g]) for g in plan.layouts}
+    params = _params_from(engine, master, None)
     if not load_optimizer_states:
-        state = engine.state_from(master, params)
-        if into is not None:
-            mark_consumed(into)
-        return state, {}
-    template = engine.optimizer.init(master) if into is None else into.opt_state
-    saved_opt = tree["opt_state"]
+        return engine.state_from(master, params), {}
+    template = engine.optimizer.init(master)
+    opt_state = _restored_opt_state(template, tree["opt_state"], master, place, where, {})
+    return _assemble(engine, tree, master, params, opt_state), tree.get("client_state") or {}
+
+
+def _load_into(
+    engine: Any, load_dir: str | os.PathLike, where: str, into: TrainState, load_optimizer_states: bool
+) -> tuple[TrainState, dict]:
+    """Load into ``into``'s buffers (checked by ``_check_into``), as DeepSpeed's and DCP's loads do: the
+    master and optimizer flat buffers are filled, the parameter buffers rebuilt, and the state is
+    donated (consumed), so a resume holds one copy of the model state. Every check runs on every rank
+    and the ranks agree before the first byte is written: a checkpoint that fails one leaves ``into``
+    as it was, on every rank. A failure after writing began (an I/O error, a collective) leaves it
+    consumed, never half-loaded and usable. Without optimizer states, ``into``'s optimizer buffers are
+    dropped for a fresh optimizer state, as in a params-only load into new memory."""
+    plan = engine.plan
+    tag = os.path.basename(where)
+    fills = _in_place_targets(engine, into, load_optimizer_states)
+    rank, world = (plan.rank, plan.world_size) if plan.sharded_master else (0, 1)
+
+    def check() -> Any:
+        small = None
+        if load_optimizer_states:  # step counts, scaler, metrics, client state: small, read here
+            wanted = ["step", "skipped_steps", "seed", "scaler", "metrics", "client_state"]
+            rest = [k for k in _opt_leaves(into.opt_state) if f"opt_state/{k}" not in fills]
+            wanted += [f"opt_state/{k}" for k in rest]
+            small, _ = load_checkpoint(load_dir, tag, rank=rank, world_size=world, leaves=wanted)
+            missing = [k for k in rest if k not in small["opt_state"]]
+            if missing:
+                raise CheckpointError(
+                    where, f"optimizer state leaf {missing[0]!r} missing (saved with another optimizer?)"
+                )
+        with CheckpointDir.open(load_dir, tag) as ckpt:
+            _check_flat_leaves(engine, ckpt, fills)
+        return small
+
+    small = _agreed(engine, where, check)
+    try:
+        with CheckpointDir.open(load_dir, tag) as ckpt:
+            _fill_in_place(engine, ckpt, fills)
+        master = {g: fills[f"master/{g}"] for g in plan.layouts}
+        params = _params_from(engine, master, into.params.flats)
+        if not load_optimizer_states:
+            state, client = engine.state_from(master, params), {}
+        else:
+            filled = {k: t for k, t in fills.items() if k.startswith("opt_state/")}
+            opt_state = _restored_opt_state(into.opt_state, small["opt_state"], master, None, where, filled)
+            state = _assemble(engine, small, master, params, opt_state)
+            client = small.get("client_state") or {}
+    finally:
+        mark_consumed(into)  # loaded or half-loaded: either way, not to be used again
+    return state, client
+
+
+def _restored_opt_state(
+    template: Any,
+    saved: dict[str, Any],
+    master: dict[str, torch.Tensor],
+    place: Callable[[str, torch.Tensor], torch.Tensor] | None,
+    where: str,
+    filled: dict[str, torch.Tensor],
+) -> Any:
+    """``template``'s structure with every leaf from the checkpoint: ``filled`` ones (already read in
+    place, keyed ``opt_state/<path>``) as they are, flat ones through ``place``, the rest cast to the
+    template leaf's device and dtype."""
     paths, leaves, spec = optree.tree_flatten_with_path(template)
     restored = []
     for path, leaf in zip(paths, leaves):
@@ -266,32 +377,34 @@ def load(
         if f"opt_state/{key}" in filled:
             restored.append(filled[f"opt_state/{key}"])
             continue
-        if key not in saved_opt:
+        if key not in saved:
             raise CheckpointError(
                 where, f"optimizer state leaf {key!r} missing (saved with another optimizer?)"
             )
-        value = saved_opt[key]
+        value = saved[key]
         g = _flat_group(key, leaf, master)
-        if g is not None:
+        if g is not None and place is not None:
             value = place(g, value)
         restored.append(
             value.to(device=leaf.device, dtype=leaf.dtype) if isinstance(value, torch.Tensor) else value
         )
-    scaler = ScalerState(**{k: v.clone() for k, v in tree["scaler"].items()})
-    metrics = Metrics(**{k: v.clone() for k, v in tree["metrics"].items()})
-    state = TrainState(
+    return optree.tree_unflatten(spec, restored)
+
+
+def _assemble(
+    engine: Any, tree: dict, master: dict[str, torch.Tensor], params: dict[str, torch.Tensor], opt_state: Any
+) -> TrainState:
+    plan = engine.plan
+    return TrainState(
         step=tree["step"].clone(),
         skipped_steps=tree["skipped_steps"].clone(),
         seed=tree["seed"].clone(),
         params=FlatParams(params, dict(plan.layouts), sharded=plan.stage == 3),
         master=master,
-        opt_state=optree.tree_unflatten(spec, restored),
-        scaler=scaler,
-        metrics=metrics,
+        opt_state=opt_state,
+        scaler=ScalerState(**{k: v.clone() for k, v in tree["scaler"].items()}),
+        metrics=Metrics(**{k: v.clone() for k, v in tree["metrics"].items()}),
     )
-    if into is not None:
-        mark_consumed(into)
-    return state, tree.get("client_state") or {}
 
 
 def _params_from(

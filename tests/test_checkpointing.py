@@ -13,7 +13,7 @@ from torch import nn
 from zerostep.core import Config, ConsumedStateError, initialize
 from zerostep.core.cli import main as cli_main
 from zerostep.core.state import is_consumed
-from zerostep.io import CheckpointError
+from zerostep.io import CheckpointError, PytreeReader
 from zerostep.parallel.launch import spawn_ranks
 
 TB, STEPS, SPLIT = 6, 4, 2  # global batch (divisible by 1, 2, 3); save after SPLIT steps
@@ -115,6 +115,24 @@ def test_reshard_matrix_across_world_sizes_and_stages(tmp_path):
                 assert_close_params(params, want)
 
 
+def flip_byte_in(path, leaf: str) -> None:
+    """Damage one byte in the middle of tensor ``leaf``'s payload in the checkpoint file ``path``."""
+    with PytreeReader(path) as reader:
+        offset, n = reader.records[reader.paths[leaf]].extents[0]
+    raw = bytearray(path.read_bytes())
+    raw[offset + n // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def leaves_of(state):
+    return [t.clone() for t in optree.tree_leaves(state)]
+
+
+def same_leaves(before, state):
+    pairs = zip(before, optree.tree_leaves(state), strict=True)
+    return all(torch.equal(a, b) or bool(a.isnan().all() and b.isnan().all()) for a, b in pairs)
+
+
 def test_load_into_a_state_reuses_its_buffers_and_leaves_it_whole_on_a_damaged_checkpoint(tmp_path):
     save_after_split(0, 1, 2, tmp_path)
     engine = engine_for(2, 1)
@@ -124,25 +142,84 @@ def test_load_into_a_state_reuses_its_buffers_and_leaves_it_whole_on_a_damaged_c
     loaded = engine.load(tmp_path, into=fresh)
     assert all(loaded.master[g] is fresh.master[g] for g in fresh.master)
     assert exp_avg and all(any(t is u for u in optree.tree_leaves(loaded.opt_state)) for t in exp_avg)
-    for a, b in zip(optree.tree_leaves(want), optree.tree_leaves(loaded), strict=True):
-        assert torch.equal(a, b)
+    assert same_leaves(leaves_of(want), loaded)
     with pytest.raises(ConsumedStateError):
         engine.step(fresh, batches()[0])
     loaded = engine.step(loaded, batches()[SPLIT])  # and training goes on from the loaded state
 
-    # a flipped byte in a shard: the load raises before writing, and the state stays usable
-    shard = next(p for p in (tmp_path / f"global_step{SPLIT}").iterdir() if p.name.startswith("rank"))
-    raw = bytearray(shard.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    shard.write_bytes(bytes(raw))
-    before = [t.clone() for t in optree.tree_leaves(loaded)]
-    with pytest.raises(CheckpointError):
-        engine.load(tmp_path, into=loaded)
-    assert all(torch.equal(a, b) for a, b in zip(before, optree.tree_leaves(loaded), strict=True))
+    # a flipped byte in a flat leaf, then in a small one: the load raises before writing, and the
+    # state stays whole and usable
+    shard = tmp_path / f"global_step{SPLIT}" / "rank_00000.msgpack"
+    original = shard.read_bytes()
+    for leaf in ("opt_state/2/blocks.0", "scaler/scale"):
+        flip_byte_in(shard, leaf)
+        before = leaves_of(loaded)
+        with pytest.raises(CheckpointError, match="checksum mismatch"):
+            engine.load(tmp_path, into=loaded)
+        assert same_leaves(before, loaded) and not is_consumed(loaded)
+        shard.write_bytes(original)
     engine.step(loaded, batches()[SPLIT])
 
-    with pytest.raises(ValueError, match="master buffer .* is not this engine's"):
-        engine.load(tmp_path, into=engine_for(2, 1, model=Net(hidden=9)).init())
+
+def test_load_into_refuses_a_state_of_another_engine_before_reading(tmp_path):
+    save_after_split(0, 1, 2, tmp_path)
+    engine = engine_for(2, 1)
+    others = {
+        "master 'blocks.0' is torch.float32 \\[90\\]": engine_for(2, 1, model=Net(hidden=9)),
+        "the state's parameters are sharded, this engine's \\(stage 2\\) are whole": engine_for(3, 1),
+        "optimizer state is not": engine_for(2, 1, optimizer={"type": "SGD", "params": {"momentum": 0.9}}),
+        "parameters '<root>' are torch.float32 \\[50\\] \\(the master itself\\), want torch.bfloat16": None,
+    }
+    for message, other in others.items():
+        if other is None:  # an fp32 state into a bf16 engine of the same model
+            engine, other = engine_for(2, 1, bf16={"enabled": True}), engine
+        state = other.init()
+        before = leaves_of(state)
+        with pytest.raises(ValueError, match=message):
+            engine.load(tmp_path, into=state)
+        assert same_leaves(before, state) and not is_consumed(state)
+
+
+def damaged_rank_load(rank, world_size, stage, path):
+    engine = engine_for(stage, world_size, bf16={"enabled": True})
+    into = engine.init(seed=5)
+    before = leaves_of(into)
+    try:
+        engine.load(path, into=into)
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    return error, same_leaves(before, into), is_consumed(into)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_shard_damaged_on_one_rank_leaves_every_rank_untouched(tmp_path, stage):
+    path = str(tmp_path)
+    spawn_ranks(bf16_save, 2, stage, path, timeout=120)
+    flip_byte_in(tmp_path / f"global_step{SPLIT}" / "rank_00001.msgpack", "master/blocks.0")
+    (e0, whole0, consumed0), (e1, whole1, consumed1) = spawn_ranks(
+        damaged_rank_load, 2, stage, path, timeout=120
+    )
+    assert "another rank could not read its part" in e0 and "checksum mismatch" in e1
+    assert whole0 and whole1 and not consumed0 and not consumed1
+
+
+def bf16_save(rank, world_size, stage, path):
+    engine = engine_for(stage, world_size, bf16={"enabled": True})
+    state = run_steps(engine, engine.init(), batches()[:SPLIT], rank, world_size)
+    engine.save(state, path)
+    return True
+
+
+def test_bf16_load_into_rebuilds_the_compute_copy(tmp_path):
+    bf16_save(0, 1, 3, str(tmp_path))
+    engine = engine_for(3, 1, bf16={"enabled": True})
+    want = engine.load(tmp_path)
+    state = engine.init(seed=5)
+    params = dict(state.params.flats)
+    loaded = engine.load(tmp_path, into=state)
+    assert all(loaded.params.flats[g] is params[g] for g in params)
+    assert same_leaves(leaves_of(want), loaded)
 
 
 def test_params_only_load_for_fine_tuning(tmp_path):
@@ -153,8 +230,10 @@ def test_params_only_load_for_fine_tuning(tmp_path):
     ref = engine_for(0, 1)
     ref_state = run_steps(ref, ref.init(), batches()[:SPLIT], 0, 1)
     assert_close_params(engine.full_params(state), ref.full_params(ref_state))
-    in_place = engine.load(tmp_path, load_optimizer_states=False, into=engine.init())
-    assert int(in_place.step) == 0
+    into = engine.init()
+    in_place = engine.load(tmp_path, load_optimizer_states=False, into=into)
+    assert all(in_place.master[g] is into.master[g] for g in into.master) and is_consumed(into)
+    assert all(not t.any() for t in optree.tree_leaves(in_place.opt_state))  # a fresh AdamW state
     assert_close_params(engine.full_params(in_place), ref.full_params(ref_state))
 
 

@@ -38,9 +38,11 @@ from zerostep.io.codec import (
 from zerostep.io.errors import CheckpointError
 from zerostep.io.native import crc32, preallocate
 
-# Bytes per os.write. Writing a whole 32 MiB payload per call made a 1 GiB save (page cache, this VM)
-# take 0.3-0.8 s in most of 11 interleaved rounds; in 1-2 MiB calls it took 0.14-0.20 s in every round,
-# and in 256 KiB calls 0.20 s (the syscalls show).
+# Bytes per os.write. A 1 GiB save into the page cache (this VM, 9-11 interleaved rounds) took
+# 0.14-0.20 s in every round with 2 MiB calls, but 0.3-0.8 s in most rounds with a whole 32 MiB payload
+# per call, and with 2 MiB calls ending on 2 MiB file offsets: both let the page cache take 2 MiB
+# folios, which come from free blocks this VM has handed back to its host (each costs host faults, as
+# huge pages do; see docs/ARCHITECTURE.md). 256 KiB calls took 0.20 s.
 _WRITE_SLICE = 2 << 20
 _FLUSH_AT = 1 << 20
 
@@ -118,12 +120,7 @@ class _Sink:
 
     def payload(self, view: memoryview) -> None:
         self.flush()
-        # Write calls end on 2 MiB file offsets, so the page cache can hold the file in 2 MiB folios,
-        # which readers map with few faults.
-        first = -self.pos % _WRITE_SLICE or _WRITE_SLICE  # bytes up to the next 2 MiB offset
-        cuts = [0, *range(first, len(view), _WRITE_SLICE), len(view)]
-        for a, b in zip(cuts, cuts[1:]):
-            write_all(self.fd, view[a:b])
+        write_all(self.fd, view)
         self.pos += len(view)
 
     def flush(self) -> None:

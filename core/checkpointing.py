@@ -253,7 +253,7 @@ def _fill_in_place(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tens
         direct = t.device.type == "cpu" and t.is_contiguous() and t.dtype == saved
         host = t if direct else torch.empty(t.numel(), dtype=saved)
         start = _flat_start(engine, t)
-        read_flat_range(ckpt, path, start, start + t.numel(), host, verify=True)
+        read_flat_range(ckpt, path, start, start + t.numel(), host, verify=True, in_place=direct)
         if direct:  # written behind autograd's back: let it know, as an in-place op would
             torch.autograd.graph.increment_version(t)
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 import zlib
 from concurrent.futures import wait
 from typing import Any
@@ -42,6 +43,17 @@ def _crc(parts: list[memoryview]) -> int:
     for part in parts:
         crc = crc32(part, crc)
     return crc
+
+
+_scratch_of_thread = threading.local()
+
+
+def _thread_scratch(nbytes: int) -> memoryview:
+    """A buffer of ``nbytes`` owned by the calling thread, reused across calls."""
+    buf = getattr(_scratch_of_thread, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _scratch_of_thread.buf = bytearray(nbytes)
+    return memoryview(buf)[:nbytes]
 
 
 def leaf_paths(skeleton: Any, prefix: str = "") -> dict[str, int]:
@@ -196,6 +208,21 @@ class PytreeReader:
             logical += n
         return out
 
+    def _pread(self, rec: TensorRecord, start: int, stop: int, dest: memoryview) -> None:
+        """``_copy`` by ``preadv``: into memory that is already faulted in, the kernel's copy from the
+        page cache beats mapping the file (1 GiB in place: 0.055 s against 0.064 s, safetensors +
+        ``copy_`` 0.058 s). Into new memory it is slower (0.27 s against 0.23 s)."""
+        with memoryview(dest).cast("B") as out:
+            at = 0
+            for off, n in self._pieces(rec, start, stop):
+                view = out[at : at + n]
+                while len(view):
+                    got = os.preadv(self._fd, [view], off)
+                    if got <= 0:
+                        self._fail("the file changed size while open (was it overwritten?)")
+                    view, off = view[got:], off + got
+                at += n
+
     def _copy(self, rec: TensorRecord, start: int, stop: int, dest: memoryview) -> None:
         """Copy raw bytes [start, stop) of ``rec`` into ``dest`` from the mapping. The page cache backs
         the mapping with large folios, so the source costs few faults; at 1 GiB this took a load from
@@ -218,7 +245,12 @@ class PytreeReader:
         block they touch."""
         self._read_many([(rec, start, stop, dest)], verify)
 
-    def _read_many(self, reads: list[tuple[TensorRecord, int, int, memoryview | None]], verify: bool) -> None:
+    def _read_many(
+        self,
+        reads: list[tuple[TensorRecord, int, int, memoryview | None]],
+        verify: bool,
+        existing: bool = False,
+    ) -> None:
         """``_read`` of each ``(rec, start, stop, dest)``. The blocks of all of them are read and
         checksummed by the worker threads in parallel, each block checksummed right after it is copied
         (still in cache); page faults on fresh ``dest`` memory, the largest cost of a load into new
@@ -231,7 +263,7 @@ class PytreeReader:
                 size = rec.block_bytes
                 blocks += [(rec, k, start, stop, dest) for k in range(start // size, (stop - 1) // size + 1)]
         if sum(stop - start for _, start, stop, _ in reads) <= _INLINE_CRC_BYTES:
-            failed = self._blocks(blocks, verify)
+            failed = self._blocks(blocks, verify, existing)
         else:
             # Several blocks per job: a job per 4 MiB block cost a load in place (0.05 s per GiB) about 10%
             # in submissions. Four jobs per thread keep the threads busy to the end.
@@ -240,7 +272,7 @@ class PytreeReader:
             futures = []
             try:
                 for i in range(0, len(blocks), per_job):
-                    futures.append(pool.submit(self._blocks, blocks[i : i + per_job], verify))
+                    futures.append(pool.submit(self._blocks, blocks[i : i + per_job], verify, existing))
             finally:
                 wait(futures)  # all done with ``dest``
             failed = [bad for f in futures for bad in f.result()]
@@ -249,21 +281,34 @@ class PytreeReader:
             name = next((p for p, i in self.paths.items() if self.records[i] is rec), "?")
             self._fail(f"checksum mismatch in tensor {name!r} (block {k} of {len(rec.crcs)})")
 
-    def _blocks(self, blocks: list, verify: bool) -> list[tuple[TensorRecord, int]]:
+    def _blocks(self, blocks: list, verify: bool, existing: bool) -> list[tuple[TensorRecord, int]]:
         """``_block`` of each; the (record, block) pairs whose checksum did not match."""
-        return [(b[0], b[1]) for b in blocks if not self._block(*b, verify)]
+        return [(b[0], b[1]) for b in blocks if not self._block(*b, verify, existing)]
 
     def _block(
-        self, rec: TensorRecord, k: int, start: int, stop: int, dest: memoryview | None, verify: bool
+        self,
+        rec: TensorRecord,
+        k: int,
+        start: int,
+        stop: int,
+        dest: memoryview | None,
+        verify: bool,
+        existing: bool = False,
     ) -> bool:
         """Read the part of checksum block ``k`` inside [start, stop) into ``dest`` (if given); False if
-        ``verify`` and the block's crc32 differs from the index."""
+        ``verify`` and the block's crc32 differs from the index. ``existing``: ``dest`` is memory already
+        in use (an in-place load), read with ``preadv``; so is a checksum-only read, into a per-thread
+        scratch buffer, so that an in-place load never maps the file."""
         k_start, k_stop = k * rec.block_bytes, min((k + 1) * rec.block_bytes, rec.nbytes)
         a, b = max(start, k_start), min(stop, k_stop)
         if dest is not None:
-            self._copy(rec, a, b, dest[a - start : b - start])
+            (self._pread if existing else self._copy)(rec, a, b, dest[a - start : b - start])
         if not verify:
             return True
+        if dest is None and existing:
+            scratch = _thread_scratch(k_stop - k_start)
+            self._pread(rec, k_start, k_stop, scratch)
+            return crc32(scratch) == rec.crcs[k]
         if dest is None:  # checksum the mapping itself
             with memoryview(self._mm) as mm:
                 return _crc([mm[o : o + n] for o, n in self._pieces(rec, k_start, k_stop)]) == rec.crcs[k]
@@ -333,10 +378,19 @@ class PytreeReader:
         return result
 
     def read_elements(
-        self, key: int | str, start: int, stop: int, *, out: torch.Tensor | None = None, verify: bool = True
+        self,
+        key: int | str,
+        start: int,
+        stop: int,
+        *,
+        out: torch.Tensor | None = None,
+        verify: bool = True,
+        in_place: bool = False,
     ) -> torch.Tensor:
         """Elements [start, stop) of the row-major flattening of tensor ``key``, reading only those bytes
-        (and the checksum blocks around them). Fills ``out`` ([stop - start], contiguous) if given."""
+        (and the checksum blocks around them). Fills ``out`` ([stop - start], contiguous) if given;
+        ``in_place``: ``out`` is memory already in use, which ``preadv`` fills faster than a copy from the
+        mapping (new memory is the other way round)."""
         rec = self._record(key)
         if not 0 <= start <= stop <= rec.numel:
             raise ValueError(f"element range [{start}, {stop}) outside tensor of {rec.numel} elements")
@@ -345,7 +399,7 @@ class PytreeReader:
             out = torch.empty(stop - start, dtype=rec.dtype)
         elif out.dtype != rec.dtype or out.numel() != stop - start or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {rec.dtype} tensor of {stop - start} elements")
-        self._read(rec, start * size, stop * size, byte_view(out), verify)
+        self._read_many([(rec, start * size, stop * size, byte_view(out))], verify, existing=in_place)
         return out
 
     def check_elements(self, key: int | str, start: int, stop: int) -> None:
@@ -394,14 +448,14 @@ class PytreeReader:
         (GPU, strided, conj) one at a time through a host tensor."""
         targets, aliases = self._targets(out)
         if verify:
-            self._read_many([(rec, 0, rec.nbytes, None) for rec in self.records], True)
+            self._read_many([(rec, 0, rec.nbytes, None) for rec in self.records], True, existing=True)
         direct, staged = [], []
         for i, (rec, t) in enumerate(zip(self.records, targets)):
             if i in aliases or not rec.nbytes:
                 continue
             plain = t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg())
             (direct if plain else staged).append((rec, t))
-        self._read_many([(rec, 0, rec.nbytes, byte_view(t)) for rec, t in direct], verify)
+        self._read_many([(rec, 0, rec.nbytes, byte_view(t)) for rec, t in direct], verify, existing=True)
         for _, t in direct:  # written behind autograd's back: let it know, as an in-place op would
             torch.autograd.graph.increment_version(t)
         with torch.no_grad():

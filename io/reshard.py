@@ -21,10 +21,17 @@ from zerostep.io.manifest import CheckpointDir, shard_numel
 
 
 def read_flat_range(
-    ckpt: CheckpointDir, path: str, start: int, stop: int, out: torch.Tensor | None, verify: bool
+    ckpt: CheckpointDir,
+    path: str,
+    start: int,
+    stop: int,
+    out: torch.Tensor | None,
+    verify: bool,
+    in_place: bool = False,
 ) -> None:
     """Fill ``out`` [stop - start] with elements [start, stop) of flat leaf ``path``; 0 past numel.
-    ``out=None`` only checks the checksums of those elements (``verify`` must be True)."""
+    ``out=None`` only checks the checksums of those elements (``verify`` must be True); ``in_place``:
+    ``out`` is memory already in use (``PytreeReader.read_elements``)."""
     entry = ckpt.leaves.get(path)
     if entry is None or entry["kind"] != "flat":
         raise CheckpointError(ckpt.path, f"no flat-sharded leaf {path!r} in this checkpoint")
@@ -43,7 +50,12 @@ def read_flat_range(
             reader.check_elements(path, lo - s * saved, hi - s * saved)
         else:
             reader.read_elements(
-                path, lo - s * saved, hi - s * saved, out=out[lo - start : hi - start], verify=verify
+                path,
+                lo - s * saved,
+                hi - s * saved,
+                out=out[lo - start : hi - start],
+                verify=verify,
+                in_place=in_place,
             )
 
 

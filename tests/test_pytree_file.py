@@ -216,8 +216,8 @@ def test_bytes_changed_between_the_check_and_the_copy_are_caught(tmp_path, monke
     at = path.read_bytes().find(torch.tensor([1234.0]).numpy().tobytes())
     checked = PytreeReader._read_many
 
-    def overwrite_after_the_check(self, reads, verify):
-        checked(self, reads, verify)
+    def overwrite_after_the_check(self, reads, verify, **how):
+        checked(self, reads, verify, **how)
         if all(dest is None for _, _, _, dest in reads):  # the checking pass: now change the file in place
             with open(path, "r+b") as f:
                 f.seek(at)

@@ -148,6 +148,22 @@ def _check_model_matches(engine: Any, meta: dict, where: str) -> None:
         raise CheckpointError(where, f"checkpoint does not match the model: {shown}{more}")
 
 
+def _master_numel(plan: Any, g: str) -> int:
+    """Elements of group ``g``'s master buffer on this rank: the whole padded buffer, or this rank's
+    shard when the master is sharded."""
+    lay = plan.layouts[g]
+    return lay.shard_numel if plan.sharded_master else lay.padded_numel
+
+
+def _read_as(plan: Any) -> tuple[int, int]:
+    """(rank, world size) to read flat leaves as: this rank's shard, or the whole buffer (rank 0 of 1)."""
+    return (plan.rank, plan.world_size) if plan.sharded_master else (0, 1)
+
+
+def _missing_opt_leaf(where: str, key: str) -> CheckpointError:
+    return CheckpointError(where, f"optimizer state leaf {key!r} missing (saved with another optimizer?)")
+
+
 def _resolve(load_dir: str | os.PathLike, tag: str | None) -> tuple[str, dict]:
     with CheckpointDir.open(load_dir, tag) as ckpt:
         return ckpt.path, ckpt.manifest["meta"]
@@ -192,7 +208,7 @@ def _check_into(engine: Any, into: TrainState) -> None:
         flats = into.params.flats
         for g, lay in plan.layouts.items():
             m, p = into.master[g], flats[g]
-            length = lay.shard_numel if plan.sharded_master else lay.padded_numel
+            length = _master_numel(plan, g)
             if tuple(m.shape) != (length,) or m.dtype != torch.float32 or m.device.type != device:
                 have = f"{m.dtype} {list(m.shape)} on {m.device}"
                 problems.append(f"master {g!r} is {have}, want float32 [{length}] on {device}")
@@ -239,8 +255,9 @@ def _check_flat_leaves(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.
     """Every flat leaf ``fills`` reads is in the checkpoint, and its ranges pass their checksums."""
     for path, t in fills.items():
         if ckpt.leaves.get(path, {}).get("kind") != "flat":
-            what = "optimizer state leaf" if path.startswith("opt_state/") else "leaf"
-            raise CheckpointError(ckpt.path, f"{what} {path!r} missing (saved with another optimizer?)")
+            if path.startswith("opt_state/"):
+                raise _missing_opt_leaf(ckpt.path, path.removeprefix("opt_state/"))
+            raise CheckpointError(ckpt.path, f"leaf {path!r} missing")
         start = _flat_start(engine, t)
         read_flat_range(ckpt, path, start, start + t.numel(), None, verify=True)
 
@@ -282,9 +299,7 @@ def load(
     _check_model_matches(engine, meta, where)
     if into is not None:
         return _load_into(engine, load_dir, where, into, load_optimizer_states)
-    full = not plan.sharded_master
-    # The flat leaves at this world size: whole buffers (read as rank 0 of 1) or this rank's shard.
-    rank, world = (0, 1) if full else (plan.rank, plan.world_size)
+    rank, world = _read_as(plan)
     wanted = None if load_optimizer_states else ["master"]
     tree, _ = _agreed(
         engine,
@@ -295,8 +310,7 @@ def load(
     )
 
     def place(g: str, t: torch.Tensor) -> torch.Tensor:
-        lay = plan.layouts[g]
-        length = lay.padded_numel if full else lay.shard_numel
+        length = _master_numel(plan, g)
         if t.numel() < length:  # whole buffer read at size numel: pad to this world size's padding
             t = torch.cat([t, t.new_zeros(length - t.numel())])
         return t.to(engine.device).contiguous()
@@ -323,7 +337,8 @@ def _load_into(
     plan = engine.plan
     tag = os.path.basename(where)
     fills = _in_place_targets(engine, into, load_optimizer_states)
-    rank, world = (plan.rank, plan.world_size) if plan.sharded_master else (0, 1)
+    rank, world = _read_as(plan)
+    opened: list[CheckpointDir] = []  # the check's open checkpoint, which the fill reads from
 
     def check() -> Any:
         small = None
@@ -334,16 +349,19 @@ def _load_into(
             small, _ = load_checkpoint(load_dir, tag, rank=rank, world_size=world, leaves=wanted)
             missing = [k for k in rest if k not in small["opt_state"]]
             if missing:
-                raise CheckpointError(
-                    where, f"optimizer state leaf {missing[0]!r} missing (saved with another optimizer?)"
-                )
-        with CheckpointDir.open(load_dir, tag) as ckpt:
-            _check_flat_leaves(engine, ckpt, fills)
+                raise _missing_opt_leaf(where, missing[0])
+        opened.append(CheckpointDir.open(load_dir, tag))
+        _check_flat_leaves(engine, opened[0], fills)
         return small
 
-    small = _agreed(engine, where, check)
     try:
-        with CheckpointDir.open(load_dir, tag) as ckpt:
+        small = _agreed(engine, where, check)
+    except BaseException:
+        if opened:
+            opened[0].close()
+        raise
+    try:
+        with opened[0] as ckpt:
             _fill_in_place(engine, ckpt, fills)
         master = {g: fills[f"master/{g}"] for g in plan.layouts}
         params = _params_from(engine, master, into.params.flats)
@@ -378,9 +396,7 @@ def _restored_opt_state(
             restored.append(filled[f"opt_state/{key}"])
             continue
         if key not in saved:
-            raise CheckpointError(
-                where, f"optimizer state leaf {key!r} missing (saved with another optimizer?)"
-            )
+            raise _missing_opt_leaf(where, key)
         value = saved[key]
         g = _flat_group(key, leaf, master)
         if g is not None and place is not None:

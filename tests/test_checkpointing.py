@@ -54,8 +54,11 @@ def reference_params():
     return engine.full_params(state)
 
 
-def save_after_split(rank, world_size, stage, path):
-    engine = engine_for(stage, world_size)
+BF16 = {"bf16": {"enabled": True}}
+
+
+def save_after_split(rank, world_size, stage, path, bf16=False):
+    engine = engine_for(stage, world_size, **(BF16 if bf16 else {}))
     state = run_steps(engine, engine.init(), batches()[:SPLIT], rank, world_size)
     engine.save(state, path, client_state={"epoch": 3})
     return True
@@ -172,7 +175,7 @@ def test_load_into_refuses_a_state_of_another_engine_before_reading(tmp_path):
     }
     for message, other in others.items():
         if other is None:  # an fp32 state into a bf16 engine of the same model
-            engine, other = engine_for(2, 1, bf16={"enabled": True}), engine
+            engine, other = engine_for(2, 1, **BF16), engine
         state = other.init()
         before = leaves_of(state)
         with pytest.raises(ValueError, match=message):
@@ -181,7 +184,7 @@ def test_load_into_refuses_a_state_of_another_engine_before_reading(tmp_path):
 
 
 def damaged_rank_load(rank, world_size, stage, path):
-    engine = engine_for(stage, world_size, bf16={"enabled": True})
+    engine = engine_for(stage, world_size, **BF16)
     into = engine.init(seed=5)
     before = leaves_of(into)
     try:
@@ -195,7 +198,7 @@ def damaged_rank_load(rank, world_size, stage, path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_shard_damaged_on_one_rank_leaves_every_rank_untouched(tmp_path, stage):
     path = str(tmp_path)
-    spawn_ranks(bf16_save, 2, stage, path, timeout=120)
+    spawn_ranks(save_after_split, 2, stage, path, True, timeout=120)
     flip_byte_in(tmp_path / f"global_step{SPLIT}" / "rank_00001.msgpack", "master/blocks.0")
     (e0, whole0, consumed0), (e1, whole1, consumed1) = spawn_ranks(
         damaged_rank_load, 2, stage, path, timeout=120
@@ -204,16 +207,9 @@ def test_a_shard_damaged_on_one_rank_leaves_every_rank_untouched(tmp_path, stage
     assert whole0 and whole1 and not consumed0 and not consumed1
 
 
-def bf16_save(rank, world_size, stage, path):
-    engine = engine_for(stage, world_size, bf16={"enabled": True})
-    state = run_steps(engine, engine.init(), batches()[:SPLIT], rank, world_size)
-    engine.save(state, path)
-    return True
-
-
 def test_bf16_load_into_rebuilds_the_compute_copy(tmp_path):
-    bf16_save(0, 1, 3, str(tmp_path))
-    engine = engine_for(3, 1, bf16={"enabled": True})
+    save_after_split(0, 1, 3, str(tmp_path), bf16=True)
+    engine = engine_for(3, 1, **BF16)
     want = engine.load(tmp_path)
     state = engine.init(seed=5)
     params = dict(state.params.flats)

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registrars():
-    from zerostep.core import config_cli
+    from zerostep.core.config import cli as config_cli
 
     found = [config_cli.register]
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from zerostep.core.config_cli import EXIT_CONFIG_ERROR, EXIT_OK, main, register
+from zerostep.core.config.cli import EXIT_CONFIG_ERROR, EXIT_OK, main, register
 
 CONFIG = {
     "train_batch_size": 32,

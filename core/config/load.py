@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from zerostep.core.config_values import ConfigError, same_value, show
+from zerostep.core.config.values import ConfigError, same_value, show
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from zerostep.core.config_values import (
+from zerostep.core.config.values import (
     Block,
     boolean,
     choice,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from zerostep.core.config_values import ConfigError, did_you_mean, fail, show, warn
+from zerostep.core.config.values import ConfigError, did_you_mean, fail, show, warn
 
 
 def _any_enabled(value: Any) -> bool:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from zerostep.core.config_values import Block, boolean, fail, integer, optional
+from zerostep.core.config.values import Block, boolean, fail, integer, optional
 
 
 @dataclass(frozen=True)

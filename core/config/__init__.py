@@ -5,7 +5,7 @@
 
 Every bad input raises :class:`ConfigError` naming the key path, the value and the rule. Keys for
 DeepSpeed features zerostep lacks are errors when they turn the feature on and ``ConfigWarning``s
-otherwise (``config_features``). ``"auto"`` is filled where zerostep can derive it; the rest are
+otherwise (``config.features``). ``"auto"`` is filled where zerostep can derive it; the rest are
 reported together, each with what would fill it.
 """
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from zerostep.core.config_batch import BATCH_KEYS, read_batch, resolve_world_size
-from zerostep.core.config_blocks import (
+from zerostep.core.config.batch import BATCH_KEYS, read_batch, resolve_world_size
+from zerostep.core.config.blocks import (
     CheckpointConfig,
     CSVMonitorConfig,
     OptimizerConfig,
@@ -33,9 +33,9 @@ from zerostep.core.config_blocks import (
     parse_wandb,
     thaw,
 )
-from zerostep.core.config_features import check_other_keys
-from zerostep.core.config_load import merge_sources, origin_lookup, read_config_file
-from zerostep.core.config_precision import (
+from zerostep.core.config.features import check_other_keys
+from zerostep.core.config.load import merge_sources, origin_lookup, read_config_file
+from zerostep.core.config.precision import (
     BF16Config,
     DataTypesConfig,
     FP16Config,
@@ -43,7 +43,7 @@ from zerostep.core.config_precision import (
     parse_data_types,
     parse_fp16,
 )
-from zerostep.core.config_values import (
+from zerostep.core.config.values import (
     Block,
     ConfigWarning,
     Context,
@@ -54,7 +54,7 @@ from zerostep.core.config_values import (
     number,
     optional,
 )
-from zerostep.core.config_zero import (
+from zerostep.core.config.zero import (
     OffloadOptimizerConfig,
     OffloadParamConfig,
     ZeroConfig,

@@ -1,8 +1,8 @@
 """Reading one block of a DeepSpeed config: typed values, key paths in errors, did-you-mean, provenance.
 
-Every parser in ``config_*`` reads its dict through a :class:`Block`, so every error names the full key
-path, the offending value and the rule, and every value read is recorded as coming from the user or
-from a default (what ``zerostep config check`` prints).
+Every parser in ``zerostep.core.config`` reads its dict through a :class:`Block`, so every error names
+the full key path, the offending value and the rule, and every value read is recorded as coming from the
+user or from a default (what ``zerostep config check`` prints).
 """
 
 from __future__ import annotations

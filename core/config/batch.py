@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from zerostep.core.config_values import AUTO, DERIVED, Block, ConfigError, integer
+from zerostep.core.config.values import AUTO, DERIVED, Block, ConfigError, integer
 
 TB = "train_batch_size"
 MB = "train_micro_batch_size_per_gpu"

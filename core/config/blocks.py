@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from zerostep.core.config_values import (
+from zerostep.core.config.values import (
     AUTO,
     Block,
     ConfigError,

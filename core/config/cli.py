@@ -66,7 +66,7 @@ def _leaves(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m zerostep.core.config_cli config check FILE`` and for tests."""
+    """Entry point for ``python -m zerostep.core.config.cli config check FILE`` and for tests."""
     parser = argparse.ArgumentParser(prog="zerostep")
     register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)

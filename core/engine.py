@@ -23,6 +23,8 @@ from zerostep import optim
 from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.batching import check_batch, micro_batches, to_device
 from zerostep.core.config import Config
+from zerostep.core.module_binding import bind_module, current_values
+from zerostep.core.param_groups import GroupOptions, ParamGroup, check_groups
 from zerostep.core.precision import LossScaleError, compute_dtype_of, loss_scale_init, loss_scale_update
 from zerostep.core.reducers import make_reduce_scatter
 from zerostep.core.state import (
@@ -57,11 +59,13 @@ def initialize(
     *,
     loss_fn: LossFn | None = None,
     compile: bool = True,
+    param_groups: list[ParamGroup] | None = None,
 ) -> Engine:
     """Build an ``Engine`` for ``model`` from a ``Config``, a DeepSpeed config dict or a JSON path.
 
     Initializes ``torch.distributed`` from torchrun's environment when it is set and no process group
-    exists yet; otherwise runs as one process.
+    exists yet; otherwise runs as one process. ``param_groups``: torch-style parameter groups with their
+    own ``lr`` / ``weight_decay`` (core/param_groups.py); every trainable parameter in one group.
     """
     dist_groups.maybe_init_distributed()
     if isinstance(config, Config):
@@ -72,12 +76,18 @@ def initialize(
         cfg = Config.from_file(config)
     else:
         raise TypeError(f"config must be a Config, a dict or a path, got {type(config).__name__}")
-    return Engine(model, cfg, loss_fn=loss_fn, compile=compile)
+    return Engine(model, cfg, loss_fn=loss_fn, compile=compile, param_groups=param_groups)
 
 
 class Engine:
     def __init__(
-        self, model: nn.Module, config: Config, *, loss_fn: LossFn | None = None, compile: bool = True
+        self,
+        model: nn.Module,
+        config: Config,
+        *,
+        loss_fn: LossFn | None = None,
+        compile: bool = True,
+        param_groups: list[ParamGroup] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -161,7 +171,8 @@ class Engine:
                 "config has no 'optimizer' block; add one, e.g. "
                 '{"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}'
             )
-        self.optimizer = optim.from_config(config.optimizer, **self._lamb_options())
+        self.group_options = self._group_options(param_groups, set(trainable))
+        self.optimizer = self._build_optimizer()
         self.lr_at = optim.lr_schedule(config.scheduler, self.optimizer.lr)
         self.beta1_at = optim.momentum_schedule(config.scheduler, self.optimizer)
         # Buffers and frozen parameters enter the forward as constants, cast like the parameters.
@@ -181,9 +192,9 @@ class Engine:
             step_forward = self._forward
             if self.plan.defer_param_gather:
                 step_forward = self._wait_gathers_around(model, step_forward)
-        self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, compile)
+        self._step_forward = step_forward
         self._reducer = make_reduce_scatter(self.plan, self.group, compile)
-        self._step = compose(step_forward, self._scaled_backward, self._reducer, self._sharded_update)
+        self._compose_update()
         self.comm = CommCounter()  # host-side byte totals, for benchmarks and monitors
         self._comm_applied = step_comm_plan(self.plan, applied=True)
         self._comm_skipped = step_comm_plan(self.plan, applied=False)
@@ -220,6 +231,40 @@ class Engine:
 
         return forward_then_wait
 
+    def _compose_update(self) -> None:
+        self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, self.compile)
+        self._step = compose(self._step_forward, self._scaled_backward, self._reducer, self._sharded_update)
+
+    def _group_options(
+        self, param_groups: list[ParamGroup] | None, trainable: set[str]
+    ) -> GroupOptions | None:
+        """Per-group lr / weight_decay factors over this rank's master ranges (core/param_groups.py)."""
+        if not param_groups:
+            return None
+        check_groups(param_groups, [n for n, _ in self.model.named_parameters() if n in trainable])
+        plan = self.plan
+        ranges = {
+            g: lay.shard_range(plan.rank) if plan.sharded_master else (0, lay.padded_numel)
+            for g, lay in plan.layouts.items()
+        }
+        return GroupOptions(param_groups, plan.layouts, ranges, self.device)
+
+    def _build_optimizer(self, lrs: list[float] | None = None) -> optim.Optimizer:
+        options = self._lamb_options()
+        block = self.config.optimizer
+        if self.group_options is not None:
+            options.update(self.group_options.optimizer_options(lrs))
+            params = dict(block.params or {})
+            params["weight_decay"] = self.group_options.weight_decay
+            block = {"type": block.type, "params": params}
+        return optim.from_config(block, **options)
+
+    def rebuild_optimizer(self, lrs: list[float] | None = None) -> None:
+        """Rebuild the update after param-group options changed shape (groups whose lr or weight decay
+        were equal now differ): the optimizer's state layout is unchanged, the update recompiles once."""
+        self.optimizer = self._build_optimizer(lrs)
+        self._compose_update()
+
     def _lamb_options(self) -> dict[str, Any]:
         """LAMB's trust ratio is per parameter: tell it where each parameter lies in the flat shards
         and, when shards are split over ranks, sum the partial norms with an all-reduce."""
@@ -244,7 +289,7 @@ class Engine:
 
     def init(self, seed: int = 0) -> TrainState:
         """A fresh state from the model's current parameter values (rank 0's values on every rank)."""
-        named = dict(self.model.named_parameters())
+        named = current_values(self.model)  # stage-3 placeholders: gathered from their engine
         plan = self.plan
         master, flats = {}, {}
         for g, layout in plan.layouts.items():
@@ -257,7 +302,25 @@ class Engine:
                 flats[g] = shard
             else:
                 flats[g] = (shard if plan.params_match_master else full).to(self.compute_dtype)
-        return self.state_from(master, flats, seed=seed)
+        return self.bind_module(self.state_from(master, flats, seed=seed))
+
+    def bind_module(self, state: TrainState) -> TrainState:
+        """Point the module's parameters at ``state``'s buffers (stages 0-2) or release them to
+        placeholders (stage 3), so the module never holds a stale or duplicate copy of the weights
+        (core/module_binding.py). ``init`` and ``load`` call it; returns ``state``."""
+        bind_module(
+            self, self.model, self.plan.layouts, state.params.flats, self._constants, self.plan.stage == 3
+        )
+        # weakly: the module's binding must not keep a dropped state's master alive
+        self._bound_master = {g: weakref.ref(t) for g, t in state.master.items()}
+        return state
+
+    @property
+    def bound_master(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 master of the state the module is bound to (steps update it in place), or None."""
+        refs = getattr(self, "_bound_master", None)
+        master = {g: r() for g, r in (refs or {}).items()}
+        return master if refs and all(t is not None for t in master.values()) else None
 
     def state_from(
         self,
@@ -323,6 +386,7 @@ class Engine:
         state, client = checkpointing.load(
             self, load_dir, tag, load_optimizer_states=load_optimizer_states, into=into
         )
+        self.bind_module(state)
         return (state, client) if return_client_state else state
 
     # ------------------------------------------------------------------ step

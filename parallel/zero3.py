@@ -322,99 +322,150 @@ class Zero3Runner:
         scale: float | torch.Tensor = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``call(model)`` and d(loss * scale)/d(shard) per unit, summed over ranks; loss is detached."""
-        tracker = _GatherTracker()
-        leaves = {u.name: shards[u.name].detach().requires_grad_(True) for u in self.units}
-        gathers: list[_Gathered] = []  # every gather of this call, for the final clean-up
-        unit_calls: list[_Gathered] = []  # block-unit gathers in forward call order
-        prefetched: dict[str, _Gathered] = {}  # unit name -> gather started ahead of its forward
-        swapped: list[list] = []
-        active: dict[str, list[tuple[_Gathered, list]]] = {}  # unit name -> stack of open forward calls
-        order = self._forward_order if self.prefetch else []
-        reductions: list = []  # asynchronous reduce-scatters in flight
-        handles = []
-
-        def new_gather(unit: Unit) -> _Gathered:
-            gathered = _Gathered(unit, leaves[unit.name], self.group, tracker)
-            gathers.append(gathered)
-            return gathered
-
-        def enter(unit: Unit, gathered: _Gathered) -> None:
-            full = _GatherParams.apply(leaves[unit.name], gathered)  # [padded_numel], grad-connected
-            saved = self._swap_in(unit, full)
-            swapped.append(saved)
-            active.setdefault(unit.name, []).append((gathered, saved))
-
-        def prefetch_backward(index: int):
-            def hook(grad):
-                unit_calls[index].regather()
-                if self.prefetch and index > 0:
-                    unit_calls[index - 1].regather(async_op=True)
-
-            return hook
-
-        def make_hooks(unit: Unit):
-            def pre_forward(module, args):
-                index = len(unit_calls)
-                gathered = prefetched.pop(unit.name, None) or new_gather(unit)
-                unit_calls.append(gathered)
-                if index + 1 < len(order) and order[index] == unit.name:
-                    upcoming = order[index + 1]
-                    if upcoming not in prefetched:
-                        prefetched[upcoming] = new_gather(self._by_name[upcoming])
-                        prefetched[upcoming].start(async_op=True)
-                enter(unit, gathered)
-
-            def post_forward(module, args, output):
-                gathered, saved = active[unit.name].pop()
-                self._swap_out(saved)
-                swapped.remove(saved)
-                gathered.free()
-                hook = prefetch_backward(unit_calls.index(gathered))
-                for tensor in tree_leaves(output):
-                    if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                        tensor.register_hook(hook)
-
-            return pre_forward, post_forward
-
-        try:
-            for unit in self.units:
-                if unit.name == ROOT_UNIT:
-                    enter(unit, new_gather(unit))  # gathered for the whole call; freed with its gradient
-                    continue
-                pre, post = make_hooks(unit)
-                module = self.model.get_submodule(unit.name)
-                handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-            loss = call(self.model)
+        with self.session(shards) as session:
+            loss = session.run(call)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError(f"call(model) must return a scalar tensor, got {type(loss).__name__}")
-            for saved in reversed(swapped):  # backward no longer needs the module's attributes
-                self._swap_out(saved)
-            swapped.clear()
-            for gathered in prefetched.values():  # predicted, never used: release before backward
-                gathered.free()
-            self._forward_order = [g.unit.name for g in unit_calls]
-            if self.overlap_reduce:
-                calls = Counter(g.unit.name for g in unit_calls)  # the root unit is gathered once
-                for gathered in gathers:
-                    if calls[gathered.unit.name] <= 1:
-                        gathered.async_reductions = reductions
-            names = list(leaves)
-            grads = torch.autograd.grad(loss * scale, [leaves[n] for n in names], allow_unused=True)
-            for work, _ in reductions:
-                work.wait()
-            reductions.clear()
-        finally:
-            for handle in handles:
-                handle.remove()
-            for saved in reversed(swapped):
-                self._swap_out(saved)
-            for work, _ in reductions:  # only after an error: leave no collective running
-                work.wait()
-            for gathered in gathers:
-                gathered.free()
-            self.peak_gathered_bytes = tracker.peak
-        shard_grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}
-        return loss.detach(), shard_grads
+            grads = session.grads(loss * scale)
+        return loss.detach(), grads
+
+    def session(self, shards: Mapping[str, torch.Tensor], track_grads: bool = True) -> Zero3Session:
+        """A forward/backward split in two calls (DeepSpeed's ``engine(x)`` then ``engine.backward``):
+        ``run(call)`` any number of times, then ``grads(loss)`` once; use as a context manager (its exit
+        frees every gathered buffer and removes the hooks, also after an error)."""
+        return Zero3Session(self, shards, track_grads)
+
+
+class Zero3Session:
+    """One micro-batch of a ``Zero3Runner``: hooks installed on entry, gradients out of ``grads``."""
+
+    def __init__(self, runner: Zero3Runner, shards: Mapping[str, torch.Tensor], track_grads: bool) -> None:
+        self.runner = runner
+        self.tracker = _GatherTracker()
+        self.leaves = {u.name: shards[u.name].detach().requires_grad_(track_grads) for u in runner.units}
+        self.gathers: list[_Gathered] = []  # every gather of this session, for the final clean-up
+        self.unit_calls: list[_Gathered] = []  # block-unit gathers in forward call order
+        self.prefetched: dict[str, _Gathered] = {}  # unit name -> gather started ahead of its forward
+        self.swapped: list[list] = []
+        self.active: dict[str, list[tuple[_Gathered, list]]] = {}  # unit -> stack of open forward calls
+        self.order = runner._forward_order if runner.prefetch else []
+        self.reductions: list = []  # asynchronous reduce-scatters in flight
+        self.handles: list = []
+        self.open = False
+
+    def __enter__(self) -> Zero3Session:
+        self.open = True
+        try:
+            for unit in self.runner.units:
+                if unit.name == ROOT_UNIT:
+                    self._enter(unit, self._new_gather(unit))  # gathered for the whole call
+                    continue
+                pre, post = self._make_hooks(unit)
+                module = self.runner.model.get_submodule(unit.name)
+                self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _new_gather(self, unit: Unit) -> _Gathered:
+        gathered = _Gathered(unit, self.leaves[unit.name], self.runner.group, self.tracker)
+        self.gathers.append(gathered)
+        return gathered
+
+    def _enter(self, unit: Unit, gathered: _Gathered) -> None:
+        full = _GatherParams.apply(self.leaves[unit.name], gathered)  # [padded_numel], grad-connected
+        saved = self.runner._swap_in(unit, full)
+        self.swapped.append(saved)
+        self.active.setdefault(unit.name, []).append((gathered, saved))
+
+    def _prefetch_backward(self, index: int):
+        def hook(grad):
+            self.unit_calls[index].regather()
+            if self.runner.prefetch and index > 0:
+                self.unit_calls[index - 1].regather(async_op=True)
+
+        return hook
+
+    def _make_hooks(self, unit: Unit):
+        runner = self.runner
+
+        def pre_forward(module, args):
+            index = len(self.unit_calls)
+            gathered = self.prefetched.pop(unit.name, None) or self._new_gather(unit)
+            self.unit_calls.append(gathered)
+            order = self.order
+            if index + 1 < len(order) and order[index] == unit.name:
+                upcoming = order[index + 1]
+                if upcoming not in self.prefetched:
+                    self.prefetched[upcoming] = self._new_gather(runner._by_name[upcoming])
+                    self.prefetched[upcoming].start(async_op=True)
+            self._enter(unit, gathered)
+
+        def post_forward(module, args, output):
+            gathered, saved = self.active[unit.name].pop()
+            runner._swap_out(saved)
+            self.swapped.remove(saved)
+            gathered.free()
+            hook = self._prefetch_backward(self.unit_calls.index(gathered))
+            for tensor in tree_leaves(output):
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    tensor.register_hook(hook)
+
+        return pre_forward, post_forward
+
+    def run(self, call: Callable[[nn.Module], object]) -> object:
+        """``call(model)`` with the units gathered as it reaches them; returns what ``call`` returns."""
+        if not self.open:
+            raise RuntimeError("Zero3Session.run outside its context (use it as `with runner.session(...)`)")
+        return call(self.runner.model)
+
+    def _end_forward(self) -> None:
+        runner = self.runner
+        for saved in reversed(self.swapped):  # backward no longer needs the module's attributes
+            runner._swap_out(saved)
+        self.swapped.clear()
+        for gathered in self.prefetched.values():  # predicted, never used: release before backward
+            gathered.free()
+        self.prefetched.clear()
+        runner._forward_order = [g.unit.name for g in self.unit_calls]
+        if runner.overlap_reduce:
+            calls = Counter(g.unit.name for g in self.unit_calls)  # the root unit is gathered once
+            for gathered in self.gathers:
+                if calls[gathered.unit.name] <= 1:
+                    gathered.async_reductions = self.reductions
+
+    def grads(self, loss: torch.Tensor, retain_graph: bool = False) -> dict[str, torch.Tensor]:
+        """d(loss)/d(shard) per unit (summed over ranks); a unit the loss never used gets zeros."""
+        self._end_forward()
+        names = list(self.leaves)
+        grads = torch.autograd.grad(
+            loss, [self.leaves[n] for n in names], allow_unused=True, retain_graph=retain_graph
+        )
+        for work, _ in self.reductions:
+            work.wait()
+        self.reductions.clear()
+        return {n: torch.zeros_like(self.leaves[n]) if g is None else g for n, g in zip(names, grads)}
+
+    def close(self) -> None:
+        """Remove hooks, restore the module's parameters, wait for collectives, free every buffer."""
+        if not self.open:
+            return
+        self.open = False
+        for handle in self.handles:
+            handle.remove()
+        for saved in reversed(self.swapped):
+            self.runner._swap_out(saved)
+        self.swapped.clear()
+        for work, _ in self.reductions:  # only after an error: leave no collective running
+            work.wait()
+        self.reductions.clear()
+        for gathered in self.gathers:
+            gathered.free()
+        self.runner.peak_gathered_bytes = self.tracker.peak
 
 
 def loss_and_grads(

@@ -149,10 +149,11 @@ def memory(rank: int, world_size: int):
     out = {}
     for stage in (0, 1, 2, 3):
         model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+        psi = sum(p.numel() for p in model.parameters())  # before stage 3 releases them to placeholders
         cfg = make_config(stage, world_size, bf16={"enabled": True})
         engine = initialize(model, cfg, loss_fn=lambda m, b: m(b).float().pow(2).mean(), compile=False)
         state = engine.step(engine.init(), torch.randn(MB * GAS, 64))
-        out[stage] = engine.memory_report(state), sum(p.numel() for p in model.parameters())
+        out[stage] = engine.memory_report(state), psi
     return out
 
 

@@ -1,0 +1,139 @@
+"""The user's module holds the state's weights: no hidden copy, no stale weights.
+
+``engine.init`` packs the module's parameters into flat buffers. Leaving the module's own tensors alive
+would cost 4 bytes per parameter on every rank (the saving of ZeRO stage 3, nearly cancelled), and a
+module that keeps its initial values after training is a trap: ``model.state_dict()`` or
+``save_pretrained`` would silently write untrained weights. So once a state exists, the module is bound
+to it, as DeepSpeed's engine binds its module:
+
+- stages 0-2: every trainable parameter's ``.data`` becomes its view of the state's compute-dtype flat
+  buffer (``state.params``), so ``model(x)``, ``model.state_dict()`` and ``save_pretrained`` read the
+  live weights after every step (``engine.step`` updates those buffers in place). As with DeepSpeed's
+  ``module.half()`` / ``.bfloat16()``, the module's parameters then have the compute dtype;
+- stage 3: each parameter is released to an empty placeholder (``.data`` of 0 elements, the logical shape
+  kept in ``ds_shape``, as DeepSpeed's ``zero.Init`` does); ``zerostep.zero.GatheredParameters`` gathers
+  the full values where code needs them;
+- frozen parameters and floating-point buffers take the compute-dtype tensors the forward already uses
+  (``engine._constants``), so the module does not keep a second, differently typed copy.
+
+The module follows the state last produced by ``engine.init`` or ``engine.load`` (``engine.step`` and
+``engine.load(into=)`` reuse the same buffers, so nothing needs rebinding then). A process that keeps two
+states of one engine sees the later one through the module. ``bound_state_of(param)`` tells which engine
+owns a parameter (for ``GatheredParameters``).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from zerostep.parallel.collectives import all_gather_flat
+from zerostep.parallel.flat import FlatLayout
+
+
+@dataclass(frozen=True)
+class ParamHome:
+    """Where a bound parameter's values live: its engine (weakly), its flat group and its name there."""
+
+    engine: Any  # weakref.ref to the core Engine
+    group: str
+    name: str
+    shape: tuple[int, ...]
+
+
+_HOME = "_zerostep_home"  # attribute of a bound parameter (tensors cannot key a WeakKeyDictionary)
+
+
+def home_of(param: torch.Tensor) -> ParamHome | None:
+    """The engine and flat group ``param`` is bound to, or None when no live engine owns it."""
+    home = getattr(param, _HOME, None)
+    return home if home is not None and home.engine() is not None else None
+
+
+def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape, also while stage 3 holds it as an empty placeholder."""
+    shape = getattr(param, "ds_shape", None)
+    return tuple(shape) if shape is not None else tuple(param.shape)
+
+
+def is_released(param: torch.Tensor) -> bool:
+    return getattr(param, "ds_shape", None) is not None and param.numel() != math.prod(param.ds_shape)
+
+
+def current_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's current value by name: the tensor itself, or for a stage-3 placeholder the fp32
+    values gathered from the master of the engine that released it (a collective on its group)."""
+    out: dict[str, torch.Tensor] = {}
+    gathered: dict[int, dict[str, torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if not is_released(p):
+            out[name] = p
+            continue
+        home = home_of(p)
+        engine = home.engine() if home is not None else None
+        master = engine.bound_master if engine is not None else None
+        if master is None:
+            raise ValueError(
+                f"parameter {name!r} is a stage-3 placeholder whose engine or state is gone; build the "
+                "model afresh or load its weights from a checkpoint"
+            )
+        if id(engine) not in gathered:
+            gathered[id(engine)] = gathered_master(engine, master)
+        out[name] = gathered[id(engine)][home.name]
+    return out
+
+
+def gathered_master(engine: Any, master: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name -> fp32 view of the gathered master buffers of ``engine`` (a collective when sharded)."""
+    out: dict[str, torch.Tensor] = {}
+    for g, shard in master.items():
+        full = all_gather_flat(shard.contiguous(), engine.group) if engine.plan.sharded_master else shard
+        out.update(engine.plan.layouts[g].unflatten(full))
+    return out
+
+
+def bind_module(
+    engine: Any,
+    model: nn.Module,
+    layouts: dict[str, FlatLayout],
+    flats: dict[str, torch.Tensor],
+    constants: dict[str, torch.Tensor],
+    sharded: bool,
+) -> None:
+    """Point ``model``'s parameters at ``flats`` (stages 0-2) or release them (``sharded``: stage 3)."""
+    ref = weakref.ref(engine)
+    with torch.no_grad():
+        for group, layout in layouts.items():
+            views = None if sharded else layout.unflatten(flats[group])
+            for entry in layout.entries:
+                param = model.get_parameter(entry.name)
+                if sharded:
+                    placeholder = torch.empty(0, dtype=flats[group].dtype, device=flats[group].device)
+                    param.data = placeholder
+                    param.ds_shape = entry.shape  # DeepSpeed's name for a released parameter's shape
+                    param.ds_numel = entry.numel
+                else:
+                    param.data = views[entry.name]
+                    for attr in ("ds_shape", "ds_numel"):
+                        if hasattr(param, attr):
+                            delattr(param, attr)
+                setattr(param, _HOME, ParamHome(ref, group, entry.name, entry.shape))
+        _bind_constants(model, constants)
+
+
+def _bind_constants(model: nn.Module, constants: dict[str, torch.Tensor]) -> None:
+    """Frozen parameters and buffers: the module keeps the very tensors the forward reads."""
+    for name, tensor in constants.items():
+        module_path, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        if attr in module._parameters and module._parameters[attr] is not None:
+            param = module._parameters[attr]
+            if param.data.data_ptr() != tensor.data_ptr() or param.dtype != tensor.dtype:
+                param.data = tensor
+        elif attr in module._buffers and module._buffers[attr] is not None:
+            module._buffers[attr] = tensor

@@ -154,10 +154,9 @@ def save_checkpoint(
     Raises ``CheckpointError`` on every rank if any rank's write fails.
     """
     wait_for_pending_save()
-    if not tag or "/" in tag or tag.startswith(".") or tag == mf.LATEST:
-        raise ValueError(f"invalid checkpoint tag {tag!r}")
-    rank, world_size = _rank_and_size(rank, world_size)
     save_dir = os.fspath(save_dir)
+    mf.check_tag(save_dir, tag)
+    rank, world_size = _rank_and_size(rank, world_size)
     table = mf.describe_leaves(tree, flat_numel or {}, world_size)
     own = mf.rank_tree(tree, table, rank)
     coord = _Coordinator(world_size, timeout)
@@ -249,8 +248,13 @@ def _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_
 
 def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[str, dict]]:
     """(tag, manifest) of every committed checkpoint under ``save_dir``, oldest first (step, then time)."""
+    save_dir = mf.check_save_dir(save_dir)
     found = []
-    for name in os.listdir(save_dir):
+    try:
+        names = os.listdir(save_dir)
+    except OSError as e:
+        raise CheckpointError(save_dir, f"cannot list the save folder: {e.strerror or e}") from None
+    for name in names:
         path = os.path.join(save_dir, name, mf.MANIFEST)
         if name.startswith(".") or not os.path.isfile(path):
             continue
@@ -294,10 +298,8 @@ def load_checkpoint(
     wait_for_pending_save()
     rank, world_size = _rank_and_size(rank, world_size)
     wanted = None if leaves is None else list(leaves)
-    with mf.CheckpointDir.open(load_dir, tag) as ckpt:
+    with mf.CheckpointDir.open(load_dir, tag, verify=verify) as ckpt:
         rank0 = ckpt.reader(0)
-        if verify:
-            rank0.verify_frame()
         by_index = {i: p for p, i in rank0.paths.items()}
         skip = object()
 
@@ -322,7 +324,7 @@ def load_checkpoint(
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """A summary for tooling: ``path`` is a save folder (all tags) or one checkpoint folder."""
-    path = os.fspath(path)
+    path = mf.check_save_dir(path)
     if os.path.isfile(os.path.join(path, mf.MANIFEST)):
         save_dir, tags = os.path.dirname(os.path.abspath(path)), [os.path.basename(os.path.abspath(path))]
     else:

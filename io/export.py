@@ -34,7 +34,7 @@ def consolidated_state_dict(
     verify: bool = True,
 ) -> dict[str, torch.Tensor]:
     """name -> full tensor (``dtype``) for every entry of every layout in the checkpoint's meta."""
-    with CheckpointDir.open(ckpt_dir, tag) as ckpt:
+    with CheckpointDir.open(ckpt_dir, tag, verify=verify) as ckpt:
         layouts = ckpt.manifest["meta"].get("layouts")
         if not isinstance(layouts, dict) or not layouts:
             raise CheckpointError(ckpt.path, "the manifest's meta has no 'layouts': nothing to consolidate")
@@ -71,9 +71,9 @@ def export_consolidated(
     if ext not in (".safetensors", ".pt", ".pth", ".bin"):
         raise ValueError(f"{out_path}: output must end in .safetensors, .pt, .pth or .bin")
     state = consolidated_state_dict(ckpt_dir, tag, dtype=dtype, leaf_prefix=leaf_prefix)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp-{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         if ext == ".safetensors":
             from safetensors.torch import save_file
 
@@ -81,8 +81,10 @@ def export_consolidated(
         else:
             torch.save(state, tmp)
         os.replace(tmp, out_path)
-    except OSError as e:
-        if os.path.exists(tmp):
+    except Exception as e:  # OSError, or safetensors' SafetensorError (which wraps the OS's error)
+        try:
             os.unlink(tmp)
-        raise CheckpointError(out_path, f"export failed: {e}") from e
+        except OSError:
+            pass
+        raise CheckpointError(out_path, f"export failed: {type(e).__name__}: {e}") from e
     return {k: tuple(v.shape) for k, v in state.items()}

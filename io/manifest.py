@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import stat
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
@@ -25,6 +26,7 @@ import torch
 
 from zerostep.io.codec import TensorRecord, dtype_name
 from zerostep.io.errors import CheckpointError
+from zerostep.io.files import check_save_dir, open_regular
 from zerostep.io.reader import PytreeReader, load_pytree
 
 MANIFEST = "manifest.msgpack"
@@ -112,16 +114,64 @@ def selected(path: str, leaves: Iterable[str] | None) -> bool:
     return leaves is None or any(path == p or path.startswith(p.rstrip("/") + "/") for p in leaves)
 
 
+class InvalidTagError(CheckpointError, ValueError):
+    """A tag that is not one plain folder name of the save folder (also a ``ValueError``: a bad argument)."""
+
+
+def check_tag(path: str | os.PathLike, tag: Any, where: str = "tag") -> str:
+    """``tag`` if it names a folder directly inside a save folder: one path component, not '.', '..',
+    'latest' or hidden, no surrounding whitespace or NUL, at most 255 bytes. Otherwise an
+    ``InvalidTagError`` for ``path`` (the save folder, or the file the tag was read from) naming it;
+    ``where`` says what the tag is."""
+    reason = None
+    if not isinstance(tag, str):
+        reason = f"must be a str, got {type(tag).__name__}"
+    elif not tag:
+        reason = "is empty"
+    elif tag != tag.strip():
+        reason = "has leading or trailing whitespace"
+    elif "/" in tag or (os.sep != "/" and os.sep in tag) or (os.altsep and os.altsep in tag):
+        reason = "is a path, not a single folder name inside the save folder"
+    elif "\0" in tag:
+        reason = "holds a NUL character"
+    elif tag.startswith("."):
+        reason = "starts with '.' (hidden names and '..' are reserved for temporary files)"
+    elif tag == LATEST:
+        reason = f"{LATEST!r} names the file that points at the current tag"
+    elif len(tag.encode("utf-8", "surrogatepass")) > 255:
+        reason = "is longer than 255 bytes"
+    if reason is not None:
+        raise InvalidTagError(path, f"invalid checkpoint {where} {tag!r}: {reason}")
+    return tag
+
+
+_LATEST_MAX_BYTES = 4096
+
+
 def read_latest(save_dir: str | os.PathLike) -> str:
+    """The tag ``<save_dir>/latest`` names (checked by ``check_tag``); one trailing newline is allowed."""
+    save_dir = check_save_dir(save_dir)
     path = os.path.join(save_dir, LATEST)
     try:
-        with open(path) as f:
-            tag = f.read().strip()
+        fd = open_regular(path)
     except FileNotFoundError:
         raise CheckpointError(path, "no 'latest' file: pass a tag or save a checkpoint first") from None
-    if not tag:
+    try:
+        raw = os.read(fd, _LATEST_MAX_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > _LATEST_MAX_BYTES:
+        raise CheckpointError(path, f"more than {_LATEST_MAX_BYTES} bytes: not a 'latest' file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(path, "not UTF-8 text: not a 'latest' file (damaged?)") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
         raise CheckpointError(path, "the 'latest' file is empty")
-    return tag
+    return check_tag(path, text, where="tag in 'latest'")
 
 
 @dataclass
@@ -131,23 +181,32 @@ class CheckpointDir:
     path: str
     manifest: dict
     _readers: dict[int, PytreeReader]
+    verify: bool = True  # check each rank file's frame (structure bytes) when it is opened
 
     @staticmethod
-    def open(save_dir: str | os.PathLike, tag: str | None = None) -> CheckpointDir:
-        tag = read_latest(save_dir) if tag is None else tag
-        path = os.path.join(os.fspath(save_dir), tag)
-        if not os.path.isdir(path):
-            raise CheckpointError(path, "checkpoint directory not found")
-        if not os.path.exists(os.path.join(path, MANIFEST)):
-            raise CheckpointError(os.path.join(path, MANIFEST), "missing manifest: not a zerostep checkpoint")
-        manifest = load_pytree(os.path.join(path, MANIFEST))
+    def open(save_dir: str | os.PathLike, tag: str | None = None, *, verify: bool = True) -> CheckpointDir:
+        """Checkpoint ``tag`` of ``save_dir`` (default: the one ``latest`` names): a folder directly
+        inside ``save_dir`` (``check_tag``), its manifest read and checked."""
+        save_dir = check_save_dir(save_dir)
+        tag = read_latest(save_dir) if tag is None else check_tag(save_dir, tag)
+        path = os.path.join(save_dir, tag)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise CheckpointError(path, "checkpoint directory not found") from None
+        except OSError as e:
+            raise CheckpointError(path, f"cannot open the checkpoint directory: {e.strerror or e}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise CheckpointError(path, "not a directory, so not a checkpoint")
+        manifest_path = os.path.join(path, MANIFEST)
+        if not os.path.lexists(manifest_path):
+            raise CheckpointError(manifest_path, "missing manifest: not a zerostep checkpoint")
+        manifest = load_pytree(manifest_path)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CheckpointError(os.path.join(path, MANIFEST), "not a zerostep checkpoint manifest")
+            raise CheckpointError(manifest_path, "not a zerostep checkpoint manifest")
         if manifest.get("version") != VERSION:
-            raise CheckpointError(
-                os.path.join(path, MANIFEST), f"unsupported checkpoint version {manifest.get('version')}"
-            )
-        ckpt = CheckpointDir(path, manifest, {})
+            raise CheckpointError(manifest_path, f"unsupported checkpoint version {manifest.get('version')}")
+        ckpt = CheckpointDir(path, manifest, {}, verify)
         ckpt._check_files()
         return ckpt
 
@@ -161,7 +220,13 @@ class CheckpointDir:
 
     def _check_files(self) -> None:
         expected = {rank_file(r) for r in range(self.world_size)}
-        present = {n for n in os.listdir(self.path) if n.startswith("rank_") and n.endswith(".msgpack")}
+        try:
+            names = os.listdir(self.path)
+        except OSError as e:
+            raise CheckpointError(
+                self.path, f"cannot list the checkpoint directory: {e.strerror or e}"
+            ) from None
+        present = {n for n in names if n.startswith("rank_") and n.endswith(".msgpack")}
         for name in sorted(expected - present):
             raise CheckpointError(
                 os.path.join(self.path, name),
@@ -196,6 +261,12 @@ class CheckpointDir:
                 raise CheckpointError(
                     path, "file checksum or size differs from the manifest (replaced file?)"
                 )
+            if self.verify:  # the structure bytes: a few hundred bytes per tensor, whatever is read
+                try:
+                    reader.verify_frame()
+                except BaseException:
+                    reader.close()
+                    raise
             self._readers[rank] = reader
         return self._readers[rank]
 

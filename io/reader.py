@@ -32,6 +32,7 @@ from zerostep.io.codec import (
     unpack_trailer,
 )
 from zerostep.io.errors import CheckpointError
+from zerostep.io.files import open_regular
 from zerostep.io.native import crc32
 from zerostep.io.writer import WORKERS, byte_view, worker_pool
 
@@ -131,23 +132,31 @@ class PytreeReader:
         self.path = os.fspath(path)
         self._mapped_out, self._fd = False, -1
         try:
-            with open(self.path, "rb") as f:
-                self.nbytes = os.fstat(f.fileno()).st_size
-                head = f.read(len(PREAMBLE))
-                if head != PREAMBLE[: len(head)] or (len(head) == len(PREAMBLE) and head != PREAMBLE):
-                    self._fail("not a zerostep pytree file (wrong magic bytes at the start)")
-                if self.nbytes < len(PREAMBLE) + TRAILER_LEN:
-                    self._fail(f"truncated: only {self.nbytes} bytes")
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                self._fd = os.dup(f.fileno())
-                # a buffer export: the mapping cannot be closed under a copy in flight
-                self._map_export = ctypes.c_char.from_buffer(self._mm)
-                self._map_address = ctypes.addressof(self._map_export)
+            fd = open_regular(self.path)  # a FIFO or a directory is refused, never blocked on
         except FileNotFoundError:
             raise CheckpointError(self.path, "file not found") from None
-        except OSError as e:
-            raise CheckpointError(self.path, f"cannot read: {e}") from e
-        self._read_index()
+        try:
+            self.nbytes = os.fstat(fd).st_size
+            head = os.pread(fd, len(PREAMBLE), 0)
+            if head != PREAMBLE[: len(head)] or (len(head) == len(PREAMBLE) and head != PREAMBLE):
+                self._fail("not a zerostep pytree file (wrong magic bytes at the start)")
+            if self.nbytes < len(PREAMBLE) + TRAILER_LEN:
+                self._fail(f"truncated: only {self.nbytes} bytes")
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            # a buffer export: the mapping cannot be closed under a copy in flight
+            self._map_export = ctypes.c_char.from_buffer(self._mm)
+            self._map_address = ctypes.addressof(self._map_export)
+        except BaseException as e:
+            os.close(fd)
+            if isinstance(e, OSError):
+                raise CheckpointError(self.path, f"cannot read: {e}") from e
+            raise
+        self._fd = fd
+        try:
+            self._read_index()
+        except BaseException:
+            self.close()
+            raise
 
     def _fail(self, reason: str) -> None:
         raise CheckpointError(self.path, reason)

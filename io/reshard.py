@@ -76,7 +76,7 @@ def read_flat(
     load_dir: str | os.PathLike, tag: str | None, path: str, *, verify: bool = True
 ) -> torch.Tensor:
     """The whole logical 1-D tensor [numel] of flat leaf ``path``, assembled from every rank's file."""
-    with CheckpointDir.open(load_dir, tag) as ckpt:
+    with CheckpointDir.open(load_dir, tag, verify=verify) as ckpt:
         entry = ckpt.leaves.get(path)
         if entry is None or entry["kind"] != "flat":
             raise CheckpointError(ckpt.path, f"no flat-sharded leaf {path!r} in this checkpoint")

@@ -305,3 +305,93 @@ def test_export_consolidated_and_cli(saved, tmp_path, capsys):
     assert args.func(args) == 0 and load_file(tmp_path / "x.safetensors")["emb"].dtype == torch.float16
     args = parser.parse_args(["checkpoint", "inspect", str(tmp_path / "nothing")])
     assert args.func(args) == 1 and "error:" in capsys.readouterr().err
+
+
+def _one_save(root, tag="good", step=1):
+    save_checkpoint(root, tag, {"w": torch.arange(10.0) + step}, meta={"step": step}, fsync=False)
+
+
+BAD_TAGS = ["ckpt ", " ckpt", "ckpt\n", "../other/good", "/abs/good", "a/b", ".", "..", "", "latest", "x\0y"]
+
+
+def test_tags_are_one_plain_folder_name_inside_the_save_folder(tmp_path):
+    from zerostep.io.manifest import InvalidTagError
+
+    root, other = tmp_path / "ckpt", tmp_path / "other"
+    _one_save(root)
+    _one_save(other, step=5)
+    for tag in BAD_TAGS + [" good"]:
+        with pytest.raises(InvalidTagError, match="invalid checkpoint tag") as e:
+            save_checkpoint(root, tag, {"w": torch.zeros(2)})
+        assert isinstance(e.value, CheckpointError) and isinstance(e.value, ValueError)
+        assert repr(tag) in str(e.value)
+        with pytest.raises(CheckpointError, match="invalid checkpoint tag"):
+            load_checkpoint(root, tag)
+    assert sorted(os.listdir(root)) == ["good", "latest"]
+    # `latest` holding a path, or a tag with whitespace: refused, never resolved elsewhere
+    for held in ("../other/good", str(other / "good"), "good ", " good", "good\n\n"):
+        (root / "latest").write_text(held)
+        with pytest.raises(CheckpointError, match=r"latest: invalid checkpoint tag in 'latest'"):
+            load_checkpoint(root)
+    (root / "latest").write_text("good\n")  # one line ending, as an editor writes it, is fine
+    assert load_checkpoint(root)[1]["step"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_unreadable_paths_raise_checkpoint_errors_naming_them(tmp_path):
+    root = tmp_path / "ckpt"
+    _one_save(root)
+    latest = root / "latest"
+    cases = {
+        "not UTF-8": lambda: latest.write_bytes(b"\xff\xfe\x00\x81"),
+        "a directory": lambda: latest.mkdir(),
+        "Too many levels of symbolic links": lambda: os.symlink(latest, latest),
+        "a FIFO": lambda: os.mkfifo(latest),  # a plain open would block here forever
+    }
+    for message, make in cases.items():
+        latest.unlink() if latest.is_file() or latest.is_symlink() or latest.is_fifo() else latest.rmdir()
+        make()
+        with pytest.raises(CheckpointError, match=rf"{latest}: .*{message}"):
+            load_checkpoint(root)
+    latest.unlink()
+    latest.write_text("good")
+    shard = root / "good" / "rank_00000.msgpack"
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(CheckpointError, match=rf"{shard}: a FIFO, not a regular file"):
+        load_checkpoint(root)
+    shard.unlink()
+    os.symlink(shard, shard)
+    with pytest.raises(CheckpointError, match=rf"{shard}: cannot open: Too many levels"):
+        load_checkpoint(root)
+    a_file = root / "latest"
+    with pytest.raises(CheckpointError, match=rf"{a_file}: not a directory"):
+        load_checkpoint(a_file)
+    with pytest.raises(CheckpointError, match=rf"{a_file}: not a directory"):
+        inspect_checkpoint(a_file)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'nothing'}: checkpoint folder not found"):
+        inspect_checkpoint(tmp_path / "nothing")
+
+
+def test_export_to_an_unwritable_path_is_a_checkpoint_error(saved, tmp_path):
+    for out in ("/proc/zerostep-w.safetensors", "/proc/zerostep-w.pt", str(tmp_path / "f" / "w.pt")):
+        (tmp_path / "f").write_text("a file where a folder should be")
+        with pytest.raises(CheckpointError, match=rf"{out}: export failed"):
+            export_consolidated(saved[2], out)
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_damaged_structure_bytes_of_any_opened_rank_file_are_detected(saved, tmp_path):
+    from zerostep.io import PytreeReader
+
+    root = _copy(saved, tmp_path)
+    shard = root / "b" / "rank_00001.msgpack"
+    with PytreeReader(shard) as reader:
+        first_payload = min(off for rec in reader.records for off, _ in rec.extents)
+    data = bytearray(shard.read_bytes())
+    data[first_payload - 1] ^= 0x40  # the last byte of the first tensor's ext header, not its payload
+    shard.write_bytes(bytes(data))
+    # this load reads leaves from rank 1's file, whose payload checksums still pass
+    with pytest.raises(CheckpointError, match=rf"{shard}: checksum mismatch in the tree structure"):
+        load_checkpoint(root, rank=0, world_size=1)
+    assert load_checkpoint(root, rank=0, world_size=1, verify=False)[1]["step"] == 2

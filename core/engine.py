@@ -313,7 +313,15 @@ class Engine:
         )
         # weakly: the module's binding must not keep a dropped state's master alive
         self._bound_master = {g: weakref.ref(t) for g, t in state.master.items()}
+        self._bound_params = {g: weakref.ref(t) for g, t in state.params.flats.items()}
         return state
+
+    @property
+    def bound_params(self) -> dict[str, torch.Tensor] | None:
+        """The compute-dtype buffers of the state the module is bound to, or None."""
+        refs = getattr(self, "_bound_params", None)
+        flats = {g: r() for g, r in (refs or {}).items()}
+        return flats if refs and all(t is not None for t in flats.values()) else None
 
     @property
     def bound_master(self) -> dict[str, torch.Tensor] | None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from zerostep.parallel.collectives import all_gather_flat
@@ -137,3 +138,59 @@ def _bind_constants(model: nn.Module, constants: dict[str, torch.Tensor]) -> Non
                 param.data = tensor
         elif attr in module._buffers and module._buffers[attr] is not None:
             module._buffers[attr] = tensor
+
+
+def gather_released(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Give stage-3 placeholders among ``params`` their full values (compute dtype, a new tensor each,
+    gathered from their engine's master: a collective, so every rank calls it); returns the ones filled.
+    Parameters that are not released (stages 0-2, or not an engine's) are left alone."""
+    filled = []
+    by_engine: dict[int, tuple[Any, list[torch.Tensor]]] = {}
+    for p in params:
+        home = home_of(p)
+        if home is None or not is_released(p):
+            continue
+        engine = home.engine()
+        by_engine.setdefault(id(engine), (engine, []))[1].append(p)
+    for engine, owned in by_engine.values():
+        master = engine.bound_master
+        if master is None:
+            raise ValueError("the state these stage-3 parameters belong to is gone; nothing to gather")
+        values = gathered_master(engine, master)
+        for p in owned:
+            home = home_of(p)
+            p.data = values[home.name].to(engine.compute_dtype, copy=True)
+            filled.append(p)
+    return filled
+
+
+def release_gathered(params: list[torch.Tensor], modifier_rank: int | None) -> None:
+    """Undo ``gather_released``. With ``modifier_rank``, that rank's (possibly modified) values are
+    broadcast and written into every rank's master shard and compute-dtype shard first."""
+    for p in params:
+        home = home_of(p)
+        engine = home.engine()
+        if modifier_rank is not None:
+            _write_back(engine, home, p.data, modifier_rank)
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def _write_back(engine: Any, home: ParamHome, value: torch.Tensor, src: int) -> None:
+    value = value.detach().to(torch.float32).contiguous()
+    if engine.world_size > 1:
+        dist.broadcast(
+            value, src=dist.get_global_rank(engine.group, src) if engine.group else src, group=engine.group
+        )
+    layout = engine.plan.layouts[home.group]
+    entry = next(e for e in layout.entries if e.name == home.name)
+    master = engine.bound_master[home.group]
+    lo, hi = layout.shard_range(engine.rank) if engine.plan.sharded_master else (0, layout.padded_numel)
+    start, stop = max(lo, entry.offset), min(hi, entry.offset + entry.numel)
+    if start >= stop:
+        return
+    flat = value.reshape(-1)[start - entry.offset : stop - entry.offset]
+    with torch.no_grad():
+        master[start - lo : stop - lo].copy_(flat)
+        shard = engine.bound_params[home.group]
+        if shard.data_ptr() != master.data_ptr():
+            shard[start - lo : stop - lo].copy_(flat)

@@ -1,13 +1,99 @@
 """zerostep: DeepSpeed's training engine as pure functions over an explicit state pytree.
 
-The code lives in four subpackages mapped from the repository's top-level folders:
+The machinery lives in four subpackages mapped from the repository's top-level folders:
 ``zerostep.core`` (config, state, step, engine, CLI), ``zerostep.parallel`` (process groups,
 flat-buffer sharding, collectives, ZeRO), ``zerostep.optim`` (optimizers, schedules, kernels) and
-``zerostep.io`` (msgpack pytree codec, checkpoints). This package itself holds only what all four
-share: the error types.
+``zerostep.io`` (msgpack pytree codec, checkpoints).
+
+This package root holds DeepSpeed's names, so that a DeepSpeed script runs after
+``import deepspeed`` becomes ``import zerostep as deepspeed``: ``initialize`` (the imperative engine of
+``zerostep.runtime``), ``init_distributed``, ``add_config_arguments``, and the subpackages ``comm``,
+``accelerator``, ``zero``, ``ops``, ``runtime``. They translate DeepSpeed's calling conventions onto the
+four subpackages and hold no machinery of their own.
 """
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from zerostep.errors import ConfigError
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "__version__"]
+
+
+def initialize(
+    args: Any = None,
+    model: Any = None,
+    optimizer: Any = None,
+    model_parameters: Iterable | None = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    distributed_port: int = 29500,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Callable | None = None,
+    config: dict | str | os.PathLike | None = None,
+    mesh_param: Any = None,
+    config_params: dict | str | None = None,
+    *,
+    compile: bool = True,
+) -> tuple[Any, Any, Any, Any]:
+    """DeepSpeed's ``deepspeed.initialize``: ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    ``engine`` is a ``zerostep.runtime.DeepSpeedEngine`` (``engine(x)``, ``backward``, ``step``,
+    ``save_checkpoint``, ...) over ``zerostep.core``'s functional engine. ``compile`` (zerostep's own
+    keyword) compiles the module's forward and the update with ``torch.compile``.
+    """
+    import torch.distributed as dist
+
+    from zerostep.parallel import groups
+    from zerostep.runtime.config_sources import resolve_config_sources
+    from zerostep.runtime.initialize import build
+
+    if model is None:
+        raise ValueError("zerostep.initialize requires a model")
+    if mpu is not None or mesh_param is not None:
+        raise NotImplementedError(
+            "initialize(mpu=..., mesh_param=...): model/sequence parallel groups are not supported yet; "
+            "zerostep trains data-parallel over every rank"
+        )
+    if dist_init_required:
+        from zerostep.comm import init_distributed
+
+        init_distributed(distributed_port=distributed_port, dist_init_required=True)
+    else:
+        groups.maybe_init_distributed()
+    config_dict = resolve_config_sources(args=args, config=config, config_params=config_params)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    engine, zero_optimizer, scheduler = build(
+        model=model,
+        config_dict=config_dict,
+        optimizer=optimizer,
+        model_parameters=model_parameters,
+        lr_scheduler=lr_scheduler,
+        world_size=world_size,
+        compile=compile,
+    )
+    loader = None
+    if training_data is not None:
+        loader = engine.deepspeed_io(training_data, collate_fn=collate_fn)
+    return engine, zero_optimizer, loader, scheduler
+
+
+def init_distributed(*args: Any, **kwargs: Any) -> None:
+    """DeepSpeed's ``deepspeed.init_distributed`` (``zerostep.comm.init_distributed``)."""
+    from zerostep.comm import init_distributed as init
+
+    init(*args, **kwargs)
+
+
+def add_config_arguments(parser: Any) -> Any:
+    """DeepSpeed's ``--deepspeed`` / ``--deepspeed_config`` arguments (``zerostep.arguments``)."""
+    from zerostep.arguments import add_config_arguments as add
+
+    return add(parser)
+
+
+__all__ = ["ConfigError", "__version__", "add_config_arguments", "init_distributed", "initialize"]

@@ -1,0 +1,136 @@
+"""``save_checkpoint`` / ``load_checkpoint`` with DeepSpeed's signatures, in zerostep's format.
+
+The checkpoint is the functional engine's (msgpack shards, reshardable at load to any world size and
+stage); the facade adds its counters (``global_samples``, ``micro_steps``, the param groups'
+hyperparameters, the LR scheduler's ``state_dict``) and the script's ``client_state`` under two keys of
+the checkpoint's client state. ``load_checkpoint`` returns ``(path, client_state)``, or ``(None, None)``
+when ``load_dir`` holds no ``latest`` and no tag was given, as DeepSpeed does.
+
+Differences from DeepSpeed, each warned about when it matters: frozen parameters are never written
+(they are the model's own tensors, which the script rebuilds), so ``exclude_frozen_parameters=False``
+says so once; ``load_module_strict=False`` cannot load a checkpoint of another model (the
+parameter layouts must match; zerostep refuses with the differences listed); ``load_module_only`` (and
+``load_optimizer_states=False``) load the weights and start the optimizer and the step counters afresh,
+DeepSpeed's warm start.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch.distributed as dist
+
+ENGINE_STATE_KEY = "deepspeed_engine"
+CLIENT_STATE_KEY = "deepspeed_client_state"
+
+
+def _agree_on_tag(engine: Any, tag: str) -> None:
+    """``checkpoint.tag_validation``: every rank must save under the same tag (Warn / Ignore / Fail)."""
+    mode = engine._core.config.checkpoint.tag_validation
+    if mode == "Ignore" or engine.world_size == 1:
+        return
+    tags: list[Any] = [None] * engine.world_size
+    dist.all_gather_object(tags, tag, group=engine._core.group)
+    if len(set(tags)) > 1:
+        message = f"checkpoint tags differ across ranks: {tags}"
+        if mode == "Fail":
+            raise ValueError(message + " (checkpoint.tag_validation is Fail)")
+        warnings.warn(message, stacklevel=4)
+
+
+def save_checkpoint(
+    engine: Any,
+    save_dir: str | os.PathLike,
+    tag: str | None,
+    client_state: dict,
+    save_latest: bool,
+    exclude_frozen_parameters: bool,
+) -> bool:
+    if tag is None:
+        tag = f"global_step{engine.global_steps}"
+    tag = str(tag)
+    _agree_on_tag(engine, tag)
+    if not exclude_frozen_parameters and any(not p.requires_grad for p in engine.module.parameters()):
+        _warn_once(
+            engine,
+            "frozen",
+            "save_checkpoint: frozen parameters are not written (zerostep checkpoints hold the trained "
+            "state; the script's model provides its frozen parameters when it is rebuilt)",
+        )
+    if not save_latest:
+        _warn_once(engine, "latest", "save_checkpoint(save_latest=False): zerostep always updates 'latest'")
+    if engine._stepper.pending_backwards:
+        raise RuntimeError(
+            "save_checkpoint inside a gradient accumulation window (backward ran since the last update); "
+            "save after engine.step() at the boundary"
+        )
+    packed = {CLIENT_STATE_KEY: client_state, ENGINE_STATE_KEY: engine._counters()}
+    engine._core.save(engine._stepper.state, save_dir, tag, client_state=packed)
+    return True
+
+
+def load_checkpoint(
+    engine: Any,
+    load_dir: str | os.PathLike,
+    tag: str | None,
+    load_module_strict: bool,
+    load_optimizer_states: bool,
+    load_lr_scheduler_states: bool,
+    load_module_only: bool,
+    custom_load_fn: Any,
+) -> tuple[str | None, dict | None]:
+    if custom_load_fn is not None:
+        raise NotImplementedError("load_checkpoint(custom_load_fn=...) is not supported by zerostep")
+    if tag is None and not os.path.isfile(os.path.join(os.fspath(load_dir), "latest")):
+        warnings.warn(
+            f"Unable to find latest file at {os.path.join(os.fspath(load_dir), 'latest')}; pass an explicit "
+            "tag to load a checkpoint (nothing loaded)",
+            stacklevel=3,
+        )
+        return None, None
+    if not load_module_strict:
+        _warn_once(
+            engine,
+            "strict",
+            "load_checkpoint(load_module_strict=False): zerostep loads only checkpoints whose parameters "
+            "match the model's; a mismatch is an error listing the differences",
+        )
+    with_optimizer = load_optimizer_states and not load_module_only
+    stepper = engine._stepper
+    stepper.discard()
+    state, packed = engine._core.load(
+        load_dir,
+        tag,
+        load_optimizer_states=with_optimizer,
+        return_client_state=True,
+        into=stepper.state,
+    )
+    stepper.replace_state(state)
+    packed = packed or {}
+    counters = packed.get(ENGINE_STATE_KEY) or {}
+    if with_optimizer and counters:
+        engine.global_samples = int(counters.get("global_samples", 0))
+        engine.micro_steps = int(counters.get("micro_steps", 0))
+        saved_groups = counters.get("optimizer")
+        if saved_groups and len(saved_groups) == len(engine.optimizer.param_groups):
+            engine.optimizer.load_state_dict({"param_groups": saved_groups})
+    if load_lr_scheduler_states and not load_module_only and engine.lr_scheduler is not None:
+        saved = counters.get("lr_scheduler")
+        if saved is not None:
+            engine.lr_scheduler.load_state_dict(saved)
+    resolved = tag if tag is not None else _read_latest(load_dir)
+    return os.path.join(os.fspath(load_dir), resolved), packed.get(CLIENT_STATE_KEY, {})
+
+
+def _read_latest(load_dir: str | os.PathLike) -> str:
+    with open(os.path.join(os.fspath(load_dir), "latest"), encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def _warn_once(engine: Any, key: str, message: str) -> None:
+    seen = engine.__dict__.setdefault("_warned", set())
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(message, stacklevel=4)

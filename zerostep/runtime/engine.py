@@ -1,0 +1,340 @@
+"""``DeepSpeedEngine``: DeepSpeed's imperative engine as a thin facade over ``zerostep.core``.
+
+A DeepSpeed script drives ``engine(x)``, ``engine.backward(loss)``, ``engine.step()``; here those run the
+functional engine's own phases a call at a time (``core/micro_steps.py``) over one held ``TrainState``, so
+both APIs give the same results for the same inputs. The weights users see are live: the module's
+parameters are views of the state's buffers (``core/module_binding.py``; at stage 3, DeepSpeed's
+placeholders plus ``zerostep.zero.GatheredParameters``).
+
+Counters follow DeepSpeed: ``micro_steps`` counts ``step()`` calls, ``global_steps`` optimizer steps
+(skipped ones included), ``skipped_steps`` fp16 overflows, ``global_samples`` += ``train_batch_size`` at
+each boundary. The LR of each parameter group is read from ``optimizer.param_groups`` at the boundary, so
+a config scheduler, a client scheduler or a script writing ``group["lr"]`` all take effect at the next
+update; schedulers step after applied updates only, as DeepSpeed's do.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zerostep.core.batching import to_device
+from zerostep.core.micro_steps import MicroSteps
+from zerostep.core.param_groups import ParamGroup
+from zerostep.core.state import TrainState
+
+ENGINE_STATE_KEY = "deepspeed_engine"  # the facade's counters inside a checkpoint's client_state
+CLIENT_STATE_KEY = "deepspeed_client_state"
+
+
+class ThroughputTimer:
+    """DeepSpeed's ``engine.tput_timer`` surface (``update_epoch_count``); its reporting is the monitors'."""
+
+    def __init__(self) -> None:
+        self.epoch_count = 0
+
+    def update_epoch_count(self) -> None:
+        self.epoch_count += 1
+
+
+class DeepSpeedEngine(nn.Module):
+    """``engine(*args, **kwargs)``, ``backward(loss)``, ``step()`` and DeepSpeed's engine surface."""
+
+    def __init__(
+        self,
+        core: Any,
+        state: TrainState,
+        optimizer: Any,
+        lr_scheduler: Any,
+        training_dataloader: Any,
+        frozen_group: int | None,
+    ) -> None:
+        super().__init__()
+        self.module = core.model
+        self._core = core
+        self._stepper = MicroSteps(core, state)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.training_dataloader = training_dataloader
+        self._frozen_group = frozen_group  # index of the lr-0 group of parameters no group named
+        self._betas0 = _betas(optimizer.param_groups[0])
+        self._warned_betas = False
+        self.micro_steps = 0
+        self.global_samples = 0
+        self._boundary_override: bool | None = None
+        self._step_applied = False
+        self._gas = int(core.plan.accumulation_steps)
+        self.tput_timer = ThroughputTimer()
+
+    # ------------------------------------------------------------------ module pass-through
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        module = self.__dict__.get("_modules", {}).get("module")
+        if module is not None and name != "module":
+            try:
+                return getattr(module, name)
+            except AttributeError:
+                pass
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def config(self) -> Any:
+        """The model's own ``config`` where it has one (Hugging Face), else zerostep's Config."""
+        module_config = getattr(self.module, "config", None)
+        return module_config if module_config is not None else self._core.config
+
+    @property
+    def device(self) -> torch.device:
+        return self._core.device
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", 0))
+
+    @property
+    def global_rank(self) -> int:
+        return self._core.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._core.world_size
+
+    @property
+    def dp_world_size(self) -> int:
+        return self._core.world_size
+
+    @property
+    def state(self) -> TrainState:
+        """The live functional state (``zerostep.core``'s ``TrainState``)."""
+        return self._stepper.state
+
+    @property
+    def global_steps(self) -> int:
+        return int(self._stepper.state.step)
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._stepper.state.skipped_steps)
+
+    def train_batch_size(self) -> int:
+        return self.train_micro_batch_size_per_gpu() * self._gas * self.world_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return int(self._core.plan.micro_batch_size)
+
+    def gradient_accumulation_steps(self) -> int:
+        return self._gas
+
+    def set_train_batch_size(self, train_batch_size: int) -> None:
+        """Change the global batch by changing gradient accumulation (micro-batch stays), as DeepSpeed."""
+        per_step = self.train_micro_batch_size_per_gpu() * self.world_size
+        if train_batch_size % per_step != 0 or train_batch_size <= 0:
+            raise ValueError(
+                f"train_batch_size {train_batch_size} is not a positive multiple of "
+                f"micro_batch x world_size = {per_step}"
+            )
+        if self._stepper.pending_backwards:
+            raise RuntimeError("set_train_batch_size() inside an accumulation window; call it after step()")
+        self._gas = self._stepper.gas = train_batch_size // per_step
+
+    def zero_optimization_stage(self) -> int:
+        return int(self._core.plan.stage)
+
+    def zero_optimization(self) -> bool:
+        return self.zero_optimization_stage() > 0
+
+    def fp16_enabled(self) -> bool:
+        return bool(self._core.config.fp16.enabled)
+
+    def bfloat16_enabled(self) -> bool:
+        return bool(self._core.config.bf16.enabled)
+
+    def steps_per_print(self) -> int:
+        return int(self._core.config.steps_per_print)
+
+    def gradient_clipping(self) -> float:
+        return float(self._core.config.gradient_clipping)
+
+    def get_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def get_mom(self) -> list[Any]:
+        return [g.get("betas", g.get("momentum")) for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        norm = self._stepper.state.metrics.grad_norm
+        return None if torch.isnan(norm) else float(norm)
+
+    def was_step_applied(self) -> bool:
+        return self._step_applied
+
+    # ------------------------------------------------------------------ the loop
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        core = self._core
+        inputs = to_device(inputs, core.device, core.compute_dtype)
+        kwargs = to_device(kwargs, core.device, core.compute_dtype)
+        return self._stepper.forward(inputs, kwargs)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        if self._boundary_override is not None:
+            return self._boundary_override
+        return (self.micro_steps + 1) % self._gas == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        self._boundary_override = bool(is_boundary)
+
+    def backward(
+        self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True
+    ) -> torch.Tensor:
+        """Scaled backward of ``loss`` (fp16 scale, 1/GAS), gradients accumulated and reduced by the
+        engine; returns ``loss / GAS`` as DeepSpeed does."""
+        self._stepper.backward(
+            loss,
+            self.is_gradient_accumulation_boundary(),
+            scale_wrt_gas=scale_wrt_gas,
+            retain_graph=retain_graph,
+        )
+        return loss.detach() / self._gas if scale_wrt_gas else loss.detach()
+
+    def step(self, lr_kwargs: dict | None = None) -> None:
+        """The update at the accumulation boundary; elsewhere only counts the micro-step."""
+        if self.is_gradient_accumulation_boundary():
+            self._take_model_step(lr_kwargs)
+        elif not self._stepper.pending_backwards:
+            raise RuntimeError("engine.step() without engine.backward(loss) since the last step()")
+        self.micro_steps += 1
+
+    def _take_model_step(self, lr_kwargs: dict | None) -> None:
+        groups = self.optimizer.param_groups
+        lrs = [float(g["lr"]) for g in groups]
+        if self._frozen_group is not None:
+            lrs.append(0.0)
+        core = self._core
+        options = core.group_options
+        if options is not None:
+            wds = [float(g.get("weight_decay", 0.0)) for g in groups]
+            if self._frozen_group is not None:
+                wds.append(0.0)
+            if options.weight_decays_changed(wds) or not options.update_lrs(lrs):
+                core.rebuild_optimizer(lrs)
+        result = self._stepper.apply(max(lrs) if options is not None else lrs[0], self._beta1(groups[0]))
+        self._step_applied = bool(result.applied)
+        if self._step_applied and self.lr_scheduler is not None:
+            torch_opt = getattr(self.lr_scheduler, "optimizer", None)
+            if torch_opt is not None:
+                torch_opt._opt_called = True  # torch's schedulers check that optimizer.step() ran
+            try:
+                self.lr_scheduler.step(**(lr_kwargs or {}))
+            except TypeError:
+                self.lr_scheduler.step(self.train_batch_size())  # DeepSpeed's fallback for Megatron's
+        self.global_samples += self.train_batch_size()
+
+    def _beta1(self, group: dict[str, Any]) -> float | None:
+        """A scheduler that cycles momentum (OneCycle) writes (beta1, 0.99) into betas: pass beta1."""
+        betas = _betas(group)
+        if betas is None or betas == self._betas0:
+            return None
+        if abs(betas[1] - 0.99) < 1e-12:
+            return betas[0]
+        if not self._warned_betas:
+            warnings.warn(
+                f"param_groups[0]['betas'] changed to {betas} at runtime; zerostep applies a runtime "
+                "beta1 only with beta2 = 0.99 (DeepSpeed's OneCycle); this change has no effect",
+                stacklevel=3,
+            )
+            self._warned_betas = True
+        return None
+
+    def zero_grad(self) -> None:
+        """DeepSpeed's ``zero_grad`` clears the module's ``.grad`` (the engine's own gradients are cleared
+        after every update)."""
+        for p in self.module.parameters():
+            p.grad = None
+
+    def destroy(self) -> None:
+        """Release the engine's state and compiled functions (the module keeps its parameters)."""
+        self._stepper.discard()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(
+        self,
+        save_dir: str | os.PathLike,
+        tag: str | None = None,
+        client_state: dict | None = None,
+        save_latest: bool = True,
+        exclude_frozen_parameters: bool = False,
+    ) -> bool:
+        from zerostep.runtime.checkpoint import save_checkpoint
+
+        return save_checkpoint(
+            self, save_dir, tag, client_state or {}, save_latest, exclude_frozen_parameters
+        )
+
+    def load_checkpoint(
+        self,
+        load_dir: str | os.PathLike,
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+        custom_load_fn: Any = None,
+    ) -> tuple[str | None, dict | None]:
+        from zerostep.runtime.checkpoint import load_checkpoint
+
+        return load_checkpoint(
+            self,
+            load_dir,
+            tag,
+            load_module_strict,
+            load_optimizer_states,
+            load_lr_scheduler_states,
+            load_module_only,
+            custom_load_fn,
+        )
+
+    def module_state_dict(self, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """The module's live weights (stage 3: gathered, in compute dtype, on every rank)."""
+        if self.zero_optimization_stage() == 3:
+            from zerostep.zero import GatheredParameters
+
+            with GatheredParameters(list(self.module.parameters())):
+                return {k: v.clone() for k, v in self.module.state_dict(prefix=prefix).items()}
+        return self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "global_samples": self.global_samples,
+            "micro_steps": self.micro_steps,
+            "gradient_accumulation_steps": self._gas,
+            "optimizer": self.optimizer.state_dict()["param_groups"],
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+        }
+
+
+def _betas(group: dict[str, Any]) -> tuple[float, float] | None:
+    betas = group.get("betas")
+    return None if betas is None else (float(betas[0]), float(betas[1]))
+
+
+def is_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def frozen_group_spec(names: list[str]) -> ParamGroup:
+    """Trainable parameters no optimizer group names: kept at lr 0, weight decay 0 (never updated), as
+    DeepSpeed leaves parameters outside its optimizer untouched."""
+    return ParamGroup(tuple(names), {"lr": 0.0, "weight_decay": 0.0})

@@ -24,6 +24,7 @@ from typing import Any
 import optree
 import torch
 
+from zerostep.core.compiling import compile_private
 from zerostep.core.precision import LossScaleError, loss_scale_update
 from zerostep.core.state import Metrics, TrainState, check_not_consumed, mark_consumed
 from zerostep.core.step import UpdateResult
@@ -42,7 +43,8 @@ class MicroSteps:
         engine._reducer.reset()
         plan = engine.plan
         if plan.stage < 3:
-            self._call = torch.compile(_call_module, dynamic=None) if engine.compile else _call_module
+            # a private code object per engine: many engines in one process never share dynamo's cache
+            self._call = compile_private(_call_module, dynamic=None) if engine.compile else _call_module
 
     # ------------------------------------------------------------------ state
 

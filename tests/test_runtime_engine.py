@@ -218,7 +218,7 @@ def test_bad_calls_name_the_problem_and_change_nothing():
         engine.step()
     with pytest.raises(RuntimeError, match="without a forward"):
         engine.backward(F.mse_loss(Net()(x), y))
-    out = engine(x)
+    engine(x)
     with pytest.raises(ValueError, match="does not depend on the model's parameters"):
         engine.backward((Net()(x) - y).pow(2).mean())
     loss = F.mse_loss(engine(x), y)  # a failed backward drops its forward: run it again

@@ -25,7 +25,7 @@ import optree
 import torch
 import torch.distributed as dist
 
-from zerostep.core.precision import ScalerState
+from zerostep.core.precision import ScalerState, loss_scale_init
 from zerostep.core.state import FlatParams, Metrics, TrainState, check_not_consumed, mark_consumed
 from zerostep.io import CheckpointError, load_checkpoint, save_checkpoint
 from zerostep.io.checkpoint import SaveHandle
@@ -112,6 +112,7 @@ def save(
         "world_size": plan.world_size,
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         "optimizer": engine.optimizer.name,
+        "optimizer_hyperparams": dict(engine.optimizer.hyperparams),
         "config": engine.config.to_dict(),
         "layouts": _layouts_meta(plan.layouts),
     }
@@ -146,6 +147,43 @@ def _check_model_matches(engine: Any, meta: dict, where: str) -> None:
         shown = "; ".join(sorted(problems)[:20])
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
         raise CheckpointError(where, f"checkpoint does not match the model: {shown}{more}")
+
+
+def _check_optimizer_matches(engine: Any, meta: dict, where: str) -> None:
+    """The checkpoint's optimizer state is this engine's optimizer's: the same type after DeepSpeed's
+    aliasing (``Adam`` is ``adamw`` unless ``adam_w_mode`` is false), which fixes the state's leaves
+    and what they mean. Other hyperparameters (lr, betas, weight decay...) may change on resume. The one
+    cross-type pair that is the same optimizer is Adam without weight decay and AdamW: the L2 term is
+    what makes Adam's moments differ from AdamW's."""
+    saved, have = meta.get("optimizer"), engine.optimizer.name
+    if saved == have:
+        return
+    detail = ""
+    if {saved, have} == {"adam", "adamw"}:
+        l2 = meta.get("optimizer_hyperparams") if saved == "adam" else engine.optimizer.hyperparams
+        decay = l2.get("weight_decay") if isinstance(l2, dict) else None
+        if decay == 0:
+            return
+        detail = (
+            f" (Adam's L2 weight decay of {decay} enters its moments, AdamW's does not)"
+            if decay is not None
+            else " (the checkpoint does not record Adam's weight decay)"
+        )
+    raise CheckpointError(
+        where,
+        f"saved with optimizer {saved!r}, this engine's optimizer is {have!r}{detail}: that state is not "
+        f"{have}'s; pass load_optimizer_states=False to load the parameters with a fresh {have} state",
+    )
+
+
+def _scaler(engine: Any, meta: dict, saved: dict) -> ScalerState:
+    """The saved loss-scaler state when the checkpoint and the engine agree on fp16; otherwise the
+    engine's first state (an fp32 or bf16 run's scale of 1 is no fp16 scale, and an fp16 scale has no
+    use without fp16), as a fresh fp16 run starts at its configured initial scale."""
+    fp16 = engine.plan.compute_dtype == torch.float16
+    if (meta.get("compute_dtype") == "float16") != fp16:
+        return loss_scale_init(engine.config.fp16)
+    return ScalerState(**{k: v.clone() for k, v in saved.items()})
 
 
 def _master_numel(plan: Any, g: str) -> int:
@@ -297,8 +335,10 @@ def load(
             where, f"not a zerostep train state (format {meta.get('format')!r}, want {FORMAT})"
         )
     _check_model_matches(engine, meta, where)
+    if load_optimizer_states:
+        _check_optimizer_matches(engine, meta, where)
     if into is not None:
-        return _load_into(engine, load_dir, where, into, load_optimizer_states)
+        return _load_into(engine, load_dir, where, meta, into, load_optimizer_states)
     rank, world = _read_as(plan)
     wanted = None if load_optimizer_states else ["master"]
     tree, _ = _agreed(
@@ -321,11 +361,16 @@ def load(
         return engine.state_from(master, params), {}
     template = engine.optimizer.init(master)
     opt_state = _restored_opt_state(template, tree["opt_state"], master, place, where, {})
-    return _assemble(engine, tree, master, params, opt_state), tree.get("client_state") or {}
+    return _assemble(engine, meta, tree, master, params, opt_state), tree.get("client_state") or {}
 
 
 def _load_into(
-    engine: Any, load_dir: str | os.PathLike, where: str, into: TrainState, load_optimizer_states: bool
+    engine: Any,
+    load_dir: str | os.PathLike,
+    where: str,
+    meta: dict,
+    into: TrainState,
+    load_optimizer_states: bool,
 ) -> tuple[TrainState, dict]:
     """Load into ``into``'s buffers (checked by ``_check_into``), as DeepSpeed's and DCP's loads do: the
     master and optimizer flat buffers are filled, the parameter buffers rebuilt, and the state is
@@ -370,7 +415,7 @@ def _load_into(
         else:
             filled = {k: t for k, t in fills.items() if k.startswith("opt_state/")}
             opt_state = _restored_opt_state(into.opt_state, small["opt_state"], master, None, where, filled)
-            state = _assemble(engine, small, master, params, opt_state)
+            state = _assemble(engine, meta, small, master, params, opt_state)
             client = small.get("client_state") or {}
     finally:
         mark_consumed(into)  # loaded or half-loaded: either way, not to be used again
@@ -408,7 +453,12 @@ def _restored_opt_state(
 
 
 def _assemble(
-    engine: Any, tree: dict, master: dict[str, torch.Tensor], params: dict[str, torch.Tensor], opt_state: Any
+    engine: Any,
+    meta: dict,
+    tree: dict,
+    master: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
+    opt_state: Any,
 ) -> TrainState:
     plan = engine.plan
     return TrainState(
@@ -418,7 +468,7 @@ def _assemble(
         params=FlatParams(params, dict(plan.layouts), sharded=plan.stage == 3),
         master=master,
         opt_state=opt_state,
-        scaler=ScalerState(**{k: v.clone() for k, v in tree["scaler"].items()}),
+        scaler=_scaler(engine, meta, tree["scaler"]),
         metrics=Metrics(**{k: v.clone() for k, v in tree["metrics"].items()}),
     )
 

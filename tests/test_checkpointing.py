@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import optree
@@ -313,3 +314,60 @@ def test_a_non_train_state_checkpoint_is_rejected(tmp_path):
     save_checkpoint(tmp_path, "other", {"w": torch.zeros(3)}, meta={"format": "something-else"})
     with pytest.raises(CheckpointError, match="not a zerostep train state"):
         engine_for(0, 1).load(tmp_path)
+
+
+OTHER_OPTIMIZERS = {
+    "sgd": {"type": "SGD", "params": {"momentum": 0.9}},
+    "lion": {"type": "Lion"},
+    "adagrad": {"type": "Adagrad"},
+    "lamb": {"type": "Lamb"},
+    "adam": {"type": "Adam", "params": {"adam_w_mode": False, "weight_decay": 0.01}},
+}
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_unless_params_only(tmp_path):
+    save_after_split(0, 1, 1, tmp_path)  # AdamW
+    for name, block in OTHER_OPTIMIZERS.items():
+        engine = engine_for(1, 1, optimizer=block)
+        message = f"saved with optimizer 'adamw', this engine's optimizer is '{name}'"
+        with pytest.raises(CheckpointError, match=message):
+            engine.load(tmp_path)
+        into = engine.init()
+        with pytest.raises(CheckpointError, match=message):
+            engine.load(tmp_path, into=into)
+        assert not is_consumed(into)
+        state = engine.load(tmp_path, load_optimizer_states=False)  # fine-tuning with another optimizer
+        assert int(state.step) == 0
+        engine.step(state, batches()[0])
+    # the same optimizer spelled differently loads: "Adam" is AdamW unless adam_w_mode is false, and
+    # Adam without weight decay is AdamW's update over the same moments
+    want = engine_for(1, 1).load(tmp_path)
+    for block in ({"type": "Adam"}, {"type": "adam", "params": {"adam_w_mode": False}}):
+        got = engine_for(1, 1, optimizer=block).load(tmp_path)
+        assert same_leaves(leaves_of(want.opt_state), got.opt_state)
+    adam = tmp_path / "adam"
+    engine = engine_for(1, 1, optimizer=OTHER_OPTIMIZERS["adam"])
+    engine.save(run_steps(engine, engine.init(), batches()[:1], 0, 1), adam)
+    with pytest.raises(CheckpointError, match="Adam's L2 weight decay of 0.01 enters its moments"):
+        engine_for(1, 1).load(adam)
+
+
+def test_loss_scale_starts_at_the_configured_scale_unless_both_runs_are_fp16(tmp_path):
+    fp16 = {"fp16": {"enabled": True, "initial_scale_power": 12, "hysteresis": 3}}
+    save_after_split(0, 1, 2, tmp_path / "fp32")
+    state = engine_for(2, 1, **fp16).load(tmp_path / "fp32")
+    assert float(state.scaler.scale) == 4096.0 and int(state.scaler.hysteresis_left) == 3
+    assert int(state.step) == SPLIT  # the rest of the state is the checkpoint's
+    engine = engine_for(2, 1, **fp16)
+    into = engine.load(tmp_path / "fp32", into=engine.init())
+    assert float(into.scaler.scale) == 4096.0
+    # an fp16 run's scaler is restored by an fp16 run, and dropped by a bf16 or fp32 one
+    trained = run_steps(engine, engine.init(), batches()[:SPLIT], 0, 1)
+    scaler = trained.scaler._replace(scale=torch.tensor(512.0), iteration=torch.tensor(7))
+    trained = dataclasses.replace(trained, scaler=scaler)
+    engine.save(trained, tmp_path / "fp16")
+    again = engine_for(2, 1, **fp16).load(tmp_path / "fp16")
+    assert float(again.scaler.scale) == 512.0 and int(again.scaler.iteration) == 7
+    for extra in ({}, BF16):
+        plain = engine_for(2, 1, **extra).load(tmp_path / "fp16")
+        assert float(plain.scaler.scale) == 1.0 and int(plain.scaler.iteration) == 0

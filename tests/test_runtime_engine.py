@@ -263,3 +263,23 @@ def test_checkpoints_round_trip_counters_scheduler_and_client_state(tmp_path):
         resumed.backward(F.mse_loss(resumed(x), y))
         resumed.step()
     assert_close(resumed._core.full_params(resumed.state), want, rel=0)
+
+
+def test_training_data_becomes_deepspeeds_loader():
+    xs, ys = torch.randn(10, 5), torch.randn(10, 1)
+    dataset = torch.utils.data.TensorDataset(xs, ys)
+    engine, _, loader, _ = zerostep.initialize(
+        model=Net(),
+        config=config(0, mb=2, gas=1, dataloader_drop_last=True),
+        training_data=dataset,
+        compile=False,
+    )
+    assert len(loader) == 5 and engine.training_dataloader is loader
+    seen = 0
+    for x, y in loader:
+        assert x.shape == (2, 5)
+        engine.backward(F.mse_loss(engine(x), y))
+        engine.step()
+        seen += len(x)
+    assert seen == 10 and engine.global_steps == 5
+    assert engine.tput_timer.global_step_count == 5

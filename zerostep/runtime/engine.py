@@ -16,6 +16,7 @@ update; schedulers step after applied updates only, as DeepSpeed's do.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from typing import Any
 
@@ -33,13 +34,34 @@ CLIENT_STATE_KEY = "deepspeed_client_state"
 
 
 class ThroughputTimer:
-    """DeepSpeed's ``engine.tput_timer`` surface (``update_epoch_count``); its reporting is the monitors'."""
+    """DeepSpeed's ``engine.tput_timer``: wall time from the loader's ``start()`` (each batch) to the
+    engine's ``stop()`` (each ``step()``), samples per second over boundaries; printing it belongs to
+    the monitors."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
         self.epoch_count = 0
+        self.global_step_count = 0
+        self.total_elapsed = 0.0
+        self._started: float | None = None
 
     def update_epoch_count(self) -> None:
         self.epoch_count += 1
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def stop(self, global_step: bool = False, report_speed: bool = False) -> None:
+        if self._started is not None:
+            self.total_elapsed += time.perf_counter() - self._started
+            self._started = None
+        if global_step:
+            self.global_step_count += 1
+
+    def avg_samples_per_sec(self) -> float:
+        if self.total_elapsed <= 0 or not self.global_step_count:
+            return 0.0
+        return self.global_step_count * self.batch_size / self.total_elapsed
 
 
 class DeepSpeedEngine(nn.Module):
@@ -69,7 +91,7 @@ class DeepSpeedEngine(nn.Module):
         self._boundary_override: bool | None = None
         self._step_applied = False
         self._gas = int(core.plan.accumulation_steps)
-        self.tput_timer = ThroughputTimer()
+        self.tput_timer = ThroughputTimer(self.train_batch_size())
 
     # ------------------------------------------------------------------ module pass-through
 
@@ -210,10 +232,12 @@ class DeepSpeedEngine(nn.Module):
 
     def step(self, lr_kwargs: dict | None = None) -> None:
         """The update at the accumulation boundary; elsewhere only counts the micro-step."""
-        if self.is_gradient_accumulation_boundary():
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary:
             self._take_model_step(lr_kwargs)
         elif not self._stepper.pending_backwards:
             raise RuntimeError("engine.step() without engine.backward(loss) since the last step()")
+        self.tput_timer.stop(global_step=boundary)
         self.micro_steps += 1
 
     def _take_model_step(self, lr_kwargs: dict | None) -> None:
@@ -256,6 +280,41 @@ class DeepSpeedEngine(nn.Module):
             )
             self._warned_betas = True
         return None
+
+    def deepspeed_io(
+        self,
+        dataset: Any,
+        batch_size: int | None = None,
+        route: str = "train",
+        pin_memory: bool | None = None,
+        data_sampler: Any = None,
+        collate_fn: Any = None,
+        num_local_io_workers: int | None = None,
+    ) -> Any:
+        """DeepSpeed's loader over ``dataset``: a sampler over the data-parallel ranks, micro-batches."""
+        from zerostep.runtime.dataloader import make_dataloader
+
+        config = self._core.config
+        if batch_size is not None and batch_size != config.train_micro_batch_size_per_gpu:
+            raise ValueError(
+                f"deepspeed_io(batch_size={batch_size}): zerostep's loader yields micro-batches of "
+                f"train_micro_batch_size_per_gpu = {config.train_micro_batch_size_per_gpu}"
+            )
+        loader = make_dataloader(
+            dataset,
+            config,
+            collate_fn,
+            rank=self.global_rank,
+            world_size=self.world_size,
+            local_rank=self.local_rank,
+            pin_memory=pin_memory,
+            num_local_io_workers=num_local_io_workers,
+            data_sampler=data_sampler,
+            tput_timer=self.tput_timer,
+        )
+        if route == "train":
+            self.training_dataloader = loader
+        return loader
 
     def zero_grad(self) -> None:
         """DeepSpeed's ``zero_grad`` clears the module's ``.grad`` (the engine's own gradients are cleared

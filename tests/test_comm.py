@@ -38,8 +38,16 @@ def clean_env(monkeypatch):
 
 def test_reduce_op_translates_deepspeed_and_passes_torch_ops():
     assert [op.name for op in comm.ReduceOp] == [
-        "SUM", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR", "AVG", "UNUSED"
-    ]  # fmt: skip
+        "SUM",
+        "PRODUCT",
+        "MIN",
+        "MAX",
+        "BAND",
+        "BOR",
+        "BXOR",
+        "AVG",
+        "UNUSED",
+    ]
     assert comm.ReduceOp.AVG.value == 7  # DeepSpeed's values
     for op in comm.ReduceOp:
         if op is not comm.ReduceOp.UNUSED:
@@ -92,8 +100,13 @@ def test_discover_reads_torchrun_and_mpi_launchers(clean_env):
         discover()
     clean_env.setenv("MASTER_ADDR", "node0")
     assert discover().master_addr == "node0"
-    for name in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                 "OMPI_COMM_WORLD_LOCAL_SIZE", "MASTER_ADDR"):  # fmt: skip
+    for name in (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MASTER_ADDR",
+    ):
         clean_env.delenv(name)
 
     clean_env.setenv("PMI_RANK", "0")
@@ -177,12 +190,24 @@ def test_init_distributed_alone_and_from_open_mpi_variables(tmp_path):
     runs = {"alone": dict(base)}
     port = str(free_port())
     for r in range(2):  # what mpirun -np 2 exports on one host
-        runs[f"mpi{r}"] = dict(base, OMPI_COMM_WORLD_RANK=str(r), OMPI_COMM_WORLD_SIZE="2",
-                               OMPI_COMM_WORLD_LOCAL_RANK=str(r), OMPI_COMM_WORLD_LOCAL_SIZE="2",
-                               MASTER_PORT=port)  # fmt: skip
-    procs = {name: subprocess.Popen([sys.executable, str(script), str(tmp_path / f"{name}.json")], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name, env in runs.items()}  # fmt: skip
+        runs[f"mpi{r}"] = dict(
+            base,
+            OMPI_COMM_WORLD_RANK=str(r),
+            OMPI_COMM_WORLD_SIZE="2",
+            OMPI_COMM_WORLD_LOCAL_RANK=str(r),
+            OMPI_COMM_WORLD_LOCAL_SIZE="2",
+            MASTER_PORT=port,
+        )
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / f"{name}.json")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, env in runs.items()
+    }
     try:
         outputs = {name: p.communicate(timeout=120)[0] for name, p in procs.items()}
     finally:
@@ -193,8 +218,15 @@ def test_init_distributed_alone_and_from_open_mpi_variables(tmp_path):
     for name, p in procs.items():
         assert p.returncode == 0, f"{name}:\n{outputs[name]}"
     alone = json.loads((tmp_path / "alone.json").read_text())
-    assert alone == dict(rank=0, world=1, backend="gloo", total=1.0, env=["0", "1", "0"], local_rank=0,
-                         timeout=alone["timeout"])  # fmt: skip
+    assert alone == dict(
+        rank=0,
+        world=1,
+        backend="gloo",
+        total=1.0,
+        env=["0", "1", "0"],
+        local_rank=0,
+        timeout=alone["timeout"],
+    )
     for r in range(2):
         got = json.loads((tmp_path / f"mpi{r}.json").read_text())
         assert (got["rank"], got["world"], got["total"], got["local_rank"]) == (r, 2, 3.0, r)
@@ -243,8 +275,13 @@ def _exercise(rank: int, world_size: int) -> dict:
     comm.all_gather_object(names, f"r{rank}")
     outs = [torch.empty(2), torch.empty(4)]
     comm.all_gather_coalesced(outs, [torch.full((1,), float(rank)), torch.full((2,), float(rank))])
-    out["all_gather"] = ([p.tolist() for p in parts], gathered.tolist(), via_fn.tolist(), names,
-                         [o.tolist() for o in outs])  # fmt: skip
+    out["all_gather"] = (
+        [p.tolist() for p in parts],
+        gathered.tolist(),
+        via_fn.tolist(),
+        names,
+        [o.tolist() for o in outs],
+    )
 
     full = torch.arange(4.0) + 10 * rank  # [N * 2]
     shard = torch.empty(2)
@@ -302,11 +339,19 @@ def test_wrappers_on_two_gloo_ranks():
         assert got["all_reduce"] == ([3.0, 6.0], 2.0, 2.0)
         assert got["coalesced"] == ([3.0, 3.0], [21.0, 21.0, 21.0], 3.0, True)
         assert got["broadcast"] == (6.0, {"from": 0})
-        assert got["all_gather"] == ([[0.0, 0.0], [1.0, 1.0]], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0],
-                                     ["r0", "r1"], [[0.0, 1.0], [0.0, 0.0, 1.0, 1.0]])  # fmt: skip
+        assert got["all_gather"] == (
+            [[0.0, 0.0], [1.0, 1.0]],
+            [0.0, 0.0, 1.0, 1.0],
+            [0.0, 0.0, 1.0, 1.0],
+            ["r0", "r1"],
+            [[0.0, 1.0], [0.0, 0.0, 1.0, 1.0]],
+        )
         # sum of arange(4) + 0 and arange(4) + 10 is [10, 12, 14, 16]; rank r keeps elements 2r, 2r + 1
-        assert got["reduce"][:3] == ([[10.0, 12.0], [14.0, 16.0]][rank], [[5.0, 6.0], [7.0, 8.0]][rank],
-                                     [[10.0, 12.0], [14.0, 16.0]][rank])  # fmt: skip
+        assert got["reduce"][:3] == (
+            [[10.0, 12.0], [14.0, 16.0]][rank],
+            [[5.0, 6.0], [7.0, 8.0]][rank],
+            [[10.0, 12.0], [14.0, 16.0]][rank],
+        )
         assert got["all_to_all"][0] == [[0.0, 1.0, 100.0, 101.0], [2.0, 3.0, 102.0, 103.0]][rank]
         assert got["all_to_all"][1] == [[0.0, 10.0], [1.0, 11.0]][rank]
         assert got["gather_scatter"] == ([0.0, 3.0] if rank == 0 else None, [7.0, 8.0][rank])

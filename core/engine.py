@@ -46,7 +46,7 @@ from zerostep.core.step import (
     make_zero3_backward,
 )
 from zerostep.parallel import groups as dist_groups
-from zerostep.parallel.collectives import CommCounter, all_reduce_flat, attach_shared_memory
+from zerostep.parallel.collectives import CommCounter, all_gather_flat, all_reduce_flat, attach_shared_memory
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units
 
@@ -250,7 +250,7 @@ class Engine:
         return GroupOptions(param_groups, plan.layouts, ranges, self.device)
 
     def _build_optimizer(self, lrs: list[float] | None = None) -> optim.Optimizer:
-        options = self._lamb_options()
+        options = {**self._lamb_options(), **self._per_parameter_options()}
         block = self.config.optimizer
         if self.group_options is not None:
             options.update(self.group_options.optimizer_options(lrs))
@@ -283,6 +283,29 @@ class Engine:
         if plan.sharded_master:
             group = self.group
             options["norm_reduce"] = lambda sums: all_reduce_flat(sums.reshape(-1), group).reshape(sums.shape)
+        return options
+
+    def _per_parameter_options(self) -> dict[str, Any]:
+        """Muon, mup's and torch.optim's optimizers work per parameter (zerostep.optim.per_parameter):
+        tell them which parameter pieces each flat shard holds, how to all-gather a shard (Muon's whole
+        matrices), whether a config schedule sets the lr (DeepSpeed's set every param group's), and
+        mup's width multipliers from the model's ``infshape``."""
+        block = self.config.optimizer
+        if block is None or block.type not in optim.PER_PARAMETER_TYPES:
+            return {}
+        plan, pieces = self.plan, {}
+        for g, lay in plan.layouts.items():
+            lo, hi = lay.shard_range(plan.rank) if plan.sharded_master else (0, lay.padded_numel)
+            pieces[g] = optim.layout_pieces(
+                lay.entries, lo, hi, sharded=plan.sharded_master, full_numel=lay.padded_numel
+            )
+        scheduled = self.config.scheduler is not None
+        options: dict[str, Any] = {"param_pieces": pieces, "schedule_sets_lr": scheduled}
+        if plan.sharded_master:
+            group = self.group
+            options["all_gather"] = lambda shard: all_gather_flat(shard, group)
+        if block.type in optim.MUP_OPTIMIZER_TYPES:
+            options["param_widths"] = optim.param_widths(self.model.named_parameters())
         return options
 
     # ------------------------------------------------------------------ state

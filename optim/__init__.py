@@ -6,6 +6,10 @@
     opt.update_(grads, state, params, lr, grad_scale=scale)        # in place (the engine's path)
     lr_at = zerostep.optim.lr_schedule({"type": "WarmupLR", "params": {}}, opt.lr)
 
+Besides adam, adamw, lamb, adagrad, sgd and lion: ``muon`` (DeepSpeed's MuonWithAuxAdam), mup's
+MuAdam/MuAdamW/MuSGD (``mu_optimizer``), and any torch.optim class or instance
+(``from_torch_optimizer(torch.optim.RMSprop, {"lr": 1e-3})``), as DeepSpeed's engine builds them.
+
 triton is optional: importing this package never requires it.
 """
 
@@ -15,29 +19,60 @@ from zerostep.optim.base import Optimizer
 from zerostep.optim.config import from_config
 from zerostep.optim.lamb import LambState, TrustSegments, lamb
 from zerostep.optim.lion import LionState, lion
-from zerostep.optim.registry import OPTIMIZER_TYPES, SCHEDULER_TYPES, UNSUPPORTED_OPTIMIZER_TYPES
+from zerostep.optim.muon import MuonState, muon
+from zerostep.optim.mup import WidthInfo, mu_optimizer, param_widths
+from zerostep.optim.newton_schulz import newton_schulz
+from zerostep.optim.pieces import FlatPieces, ParamPiece, layout_pieces
+from zerostep.optim.registry import (
+    MUP_OPTIMIZER_TYPES,
+    OPTIMIZER_TYPES,
+    PER_PARAMETER_TYPES,
+    SCHEDULER_TYPES,
+    UNSUPPORTED_OPTIMIZER_TYPES,
+)
 from zerostep.optim.schedules import ONE_CYCLE_BETA2, lr_schedule, momentum_schedule
 from zerostep.optim.sgd import SgdState, sgd
+from zerostep.optim.torch_adapter import (
+    TorchOptimizerState,
+    from_torch_optimizer,
+    torch_optimizer_class,
+    torch_param_hyperparams,
+)
 
 __all__ = [
     "ONE_CYCLE_BETA2",
+    "MUP_OPTIMIZER_TYPES",
     "OPTIMIZER_TYPES",
+    "PER_PARAMETER_TYPES",
     "SCHEDULER_TYPES",
     "UNSUPPORTED_OPTIMIZER_TYPES",
     "AdagradState",
     "AdamState",
+    "FlatPieces",
     "LambState",
     "LionState",
+    "MuonState",
     "Optimizer",
+    "ParamPiece",
     "SgdState",
+    "TorchOptimizerState",
     "TrustSegments",
+    "WidthInfo",
     "adagrad",
     "adam",
     "adamw",
     "from_config",
+    "from_torch_optimizer",
     "lamb",
+    "layout_pieces",
     "lion",
     "lr_schedule",
     "momentum_schedule",
+    "mu_optimizer",
+    "muon",
+    "newton_schulz",
+    "param_widths",
     "sgd",
+    "torch_optimizer_class",
+    "torch_param_hyperparams",
 ]

@@ -19,7 +19,13 @@ from zerostep.optim.adam import adam
 from zerostep.optim.base import Optimizer, PerLeaf
 from zerostep.optim.lamb import lamb
 from zerostep.optim.lion import lion
-from zerostep.optim.registry import OPTIMIZER_TYPES, UNSUPPORTED_OPTIMIZER_TYPES
+from zerostep.optim.per_parameter import per_parameter_from_config
+from zerostep.optim.registry import (
+    OPTIMIZER_TYPES,
+    PER_PARAMETER_TYPES,
+    TORCH_REFUSED_TYPES,
+    UNSUPPORTED_OPTIMIZER_TYPES,
+)
 from zerostep.optim.sgd import sgd
 
 # Each type's accepted params and their defaults (DeepSpeed's FusedAdam/FusedLamb/FusedLion,
@@ -59,16 +65,22 @@ def from_config(
     use_triton: bool | None = None,
     trust_segments: PerLeaf = None,
     norm_reduce: Any = None,
+    param_pieces: PerLeaf = None,
+    all_gather: Any = None,
+    schedule_sets_lr: bool = False,
+    param_widths: Any = None,
 ) -> Optimizer:
     """Build the optimizer a DeepSpeed ``"optimizer": {"type": ..., "params": {...}}`` block names.
 
     ``trust_segments`` and ``norm_reduce`` reach LAMB only (see ``zerostep.optim.lamb``): how a flat
-    shard splits into parameters, and how partial norms are summed over ranks."""
+    shard splits into parameters, and how partial norms are summed over ranks. ``param_pieces``,
+    ``all_gather``, ``schedule_sets_lr`` and ``param_widths`` reach the per-parameter types (Muon, mup's,
+    torch.optim's; see ``zerostep.optim.per_parameter``)."""
     kind, params = block_parts(block, "optimizer")
     if kind is None:
         raise ConfigError(f"optimizer.type: missing; supported types are {list(OPTIMIZER_TYPES)}")
     name = kind.lower()
-    if name in UNSUPPORTED_OPTIMIZER_TYPES:
+    if name in UNSUPPORTED_OPTIMIZER_TYPES and name not in TORCH_REFUSED_TYPES:
         raise ConfigError(f"optimizer.type: {kind!r} is a DeepSpeed optimizer zerostep does not implement; "
                           f"supported types are {list(OPTIMIZER_TYPES)}")
     if name not in OPTIMIZER_TYPES:
@@ -77,6 +89,10 @@ def from_config(
     if "max_grad_norm" in params:
         raise ConfigError("optimizer.params.max_grad_norm: not supported as an optimizer parameter (as in "
                           "DeepSpeed); use the top-level 'gradient_clipping' instead")
+    if name in PER_PARAMETER_TYPES or name in TORCH_REFUSED_TYPES:  # the latter: torch_adapter says why not
+        return per_parameter_from_config(kind, params, param_pieces=param_pieces, all_gather=all_gather,
+                                         schedule_sets_lr=schedule_sets_lr, param_widths=param_widths,
+                                         use_triton=use_triton)
 
     extra: dict[str, Any] = dict(weight_decay_mask=weight_decay_mask, lr_multipliers=lr_multipliers)
     base = name

@@ -20,13 +20,14 @@ import os
 import shutil
 import threading
 import time
-import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from zerostep.io import leftovers, native, writer
 from zerostep.io import manifest as mf
 from zerostep.io.codec import TensorRef
 from zerostep.io.errors import CheckpointError
@@ -156,11 +157,13 @@ def save_checkpoint(
     wait_for_pending_save()
     save_dir = os.fspath(save_dir)
     mf.check_tag(save_dir, tag)
+    if keep_last is not None:
+        check_keep_last(keep_last)
     rank, world_size = _rank_and_size(rank, world_size)
     table = mf.describe_leaves(tree, flat_numel or {}, world_size)
     own = mf.rank_tree(tree, table, rank)
     coord = _Coordinator(world_size, timeout)
-    ckpt_id = coord.broadcast(uuid.uuid4().hex if rank == 0 else None)
+    ckpt_id = coord.broadcast(leftovers.new_save_id() if rank == 0 else None)
     handle = SaveHandle(os.path.join(save_dir, tag))
     args = (save_dir, tag, ckpt_id, own, table, meta or {}, rank, world_size, keep_last, fsync, coord)
     if not async_save:
@@ -197,20 +200,92 @@ def _write_and_commit(save_dir, tag, ckpt_id, own, table, meta, rank, world_size
             errors.append(
                 f"ranks {differ} describe a different tree (leaf paths, shapes or flat sizes) than rank 0"
             )
-        if not errors:
-            try:
-                _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync)
-            except Exception as e:
-                errors.append(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}")
         if errors:
             shutil.rmtree(tmp, ignore_errors=True)
-            outcome = "save failed, previous checkpoints untouched: " + "; ".join(errors)
+            outcome = UNTOUCHED + "; ".join(errors)
+        else:
+            # every rank is done writing: what dead writers left can go (a live writer's is kept)
+            leftovers.remove_stale(save_dir, mf.MANIFEST, mf.LATEST, current=ckpt_id)
+            try:
+                _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync)
+            except _CommitFailed as e:
+                outcome = str(e)
     outcome = coord.broadcast(outcome)
     if outcome is not None:
         raise CheckpointError(os.path.join(save_dir, tag), outcome)
 
 
+UNTOUCHED = "save failed, previous checkpoints untouched: "
+
+
+class _CommitFailed(Exception):
+    """The commit stopped; the message says what the save folder holds now."""
+
+
+def _reason(e: BaseException) -> str:
+    return e.reason if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+
+
+def _write_small(path: str, text: str, fsync: bool) -> None:
+    """A new file ``path`` holding ``text`` (``write_all``, so tests can fill the disk here too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        writer.write_all(fd, text.encode("utf-8", "surrogatepass"))
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+class _Swap:
+    """Put the folder ``new`` at ``final``; ``undo()`` puts back what ``final`` held. Where the system
+    can, the two names are exchanged atomically (``final`` always holds a whole checkpoint, and
+    ``new``'s name then holds the previous one); elsewhere ``final`` moves aside to ``old`` first."""
+
+    def __init__(self, new: str, final: str, old: str):
+        self.new, self.final, self.old = new, final, old
+        self.exchanged = self.moved_aside = self.moved_in = False
+
+    def do(self) -> None:
+        if os.path.lexists(self.final) and native.exchange(self.new, self.final):
+            self.exchanged = True
+            return
+        if os.path.lexists(self.final):
+            os.replace(self.final, self.old)
+            self.moved_aside = True
+        os.replace(self.new, self.final)
+        self.moved_in = True
+
+    def undo(self) -> None:
+        """Undo what ``do`` did, also when it stopped halfway."""
+        if self.exchanged:
+            if not native.exchange(self.new, self.final):
+                raise OSError(f"cannot exchange {self.new} and {self.final} back")
+            self.exchanged = False
+            return
+        if self.moved_in:
+            os.replace(self.final, self.new)
+            self.moved_in = False
+        if self.moved_aside:
+            os.replace(self.old, self.final)
+            self.moved_aside = False
+
+    def previous(self) -> str | None:
+        """Where the content ``final`` held before now is, or None if there was none."""
+        return self.new if self.exchanged else self.old if self.moved_aside else None
+
+
 def _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync) -> None:
+    """Make the written folder ``tmp`` checkpoint ``tag`` and point ``latest`` at it. Raises
+    ``_CommitFailed`` saying truthfully what the save folder holds: until ``latest`` is replaced every
+    failure is undone (an overwritten tag gets its previous content back)."""
     files = [dict(r, name=mf.rank_file(i), rank=i) for i, r in enumerate(reports)]
     manifest = {
         "format": mf.FORMAT,
@@ -224,26 +299,69 @@ def _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_
         "files": files,
         "meta": meta,
     }
-    write_pytree(os.path.join(tmp, mf.MANIFEST), manifest, fsync=fsync)
-    if fsync:
-        _fsync_dir(tmp)
     final = os.path.join(save_dir, tag)
-    old = os.path.join(save_dir, f".old-{tag}-{ckpt_id}")
-    if os.path.exists(final):  # overwriting a tag: move the old one aside, swap, then delete it
-        os.replace(final, old)
-    os.replace(tmp, final)
+    latest = os.path.join(save_dir, mf.LATEST)
     latest_tmp = os.path.join(save_dir, f".{mf.LATEST}-{ckpt_id}")
-    with open(latest_tmp, "w") as f:
-        f.write(tag)
+    swap = _Swap(tmp, final, os.path.join(save_dir, f".old-{tag}-{ckpt_id}"))
+    try:  # the new files, fsynced, before any name the readers see changes (a full disk fails here)
+        write_pytree(os.path.join(tmp, mf.MANIFEST), manifest, fsync=fsync)
         if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(latest_tmp, os.path.join(save_dir, mf.LATEST))
+            _fsync_dir(tmp)
+        _write_small(latest_tmp, tag, fsync)
+        swap.do()
+        os.replace(latest_tmp, latest)
+    except BaseException as e:
+        reason = _reason(e)
+        try:
+            swap.undo()
+            _remove(tmp)
+            _remove(latest_tmp)
+        except BaseException as undo:
+            raise _CommitFailed(_half_committed(save_dir, tag, ckpt_id, swap, reason, undo)) from e
+        if not isinstance(e, Exception):
+            raise
+        raise _CommitFailed(UNTOUCHED + reason) from e
+    # committed: 'latest' names the new checkpoint
+    problems = []
     if fsync:
-        _fsync_dir(save_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        try:
+            _fsync_dir(save_dir)
+        except OSError as e:
+            problems.append(f"syncing the save folder failed, so the commit may not survive a crash: {e}")
+    previous = swap.previous()
+    if previous is not None:
+        _remove(previous)  # if this fails, the next save removes it (a leftover of an ended save)
     if keep_last is not None:
-        prune(save_dir, keep_last, keep=tag)
+        try:
+            prune(save_dir, keep_last, keep=tag)
+        except Exception as e:
+            warnings.warn(
+                f"{save_dir}: checkpoint {tag!r} saved, deleting older ones failed: {e}", stacklevel=1
+            )
+    if problems:
+        raise _CommitFailed(f"checkpoint {tag!r} committed and named by 'latest', but " + "; ".join(problems))
+
+
+def _half_committed(
+    save_dir: str, tag: str, ckpt_id: str, swap: _Swap, reason: str, undo: BaseException
+) -> str:
+    """What the save folder holds when undoing a failed commit failed too."""
+    final = os.path.join(save_dir, tag)
+    try:
+        held = mf.load_pytree(os.path.join(final, mf.MANIFEST), verify=False).get("checkpoint_id")
+        holds = "the new checkpoint" if held == ckpt_id else "its previous checkpoint"
+    except Exception:
+        holds = "no checkpoint" if not os.path.lexists(final) else "an unreadable checkpoint"
+    try:
+        names = repr(mf.read_latest(save_dir))
+    except CheckpointError:
+        names = "nothing readable"
+    where = swap.previous()
+    kept = f"; the previous content of {tag!r} is in {where}" if where and os.path.lexists(where) else ""
+    return (
+        f"save failed ({reason}) and undoing it failed too ({type(undo).__name__}: {undo}): "
+        f"{final} holds {holds}, 'latest' names {names}{kept}"
+    )
 
 
 def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[str, dict]]:
@@ -269,14 +387,29 @@ def list_checkpoints(save_dir: str | os.PathLike) -> list[tuple[str, dict]]:
 
 
 def prune(save_dir: str | os.PathLike, keep_last: int, *, keep: str | None = None) -> list[str]:
-    """Delete all but the newest ``keep_last`` checkpoints (never ``keep``); returns the deleted tags."""
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    """Delete all but the newest ``keep_last`` checkpoints (never ``keep``); returns the deleted tags.
+    Each is renamed to a ``.del-`` name first, so a prune killed midway never leaves a tag folder
+    without its manifest (the next save removes the rest)."""
+    check_keep_last(keep_last)
+    save_dir = os.fspath(save_dir)
     tags = [t for t, _ in list_checkpoints(save_dir) if t != keep]
     doomed = tags[: max(0, len(tags) - (keep_last - (keep is not None)))]
+    save_id = leftovers.new_save_id()
     for tag in doomed:
-        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+        aside = os.path.join(save_dir, f".del-{tag}-{save_id}")
+        try:
+            os.rename(os.path.join(save_dir, tag), aside)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise CheckpointError(os.path.join(save_dir, tag), f"cannot delete: {e.strerror or e}") from None
+        shutil.rmtree(aside, ignore_errors=True)
     return doomed
+
+
+def check_keep_last(keep_last: Any) -> None:
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be an int >= 1 (None keeps every checkpoint), got {keep_last!r}")
 
 
 def load_checkpoint(
@@ -323,7 +456,9 @@ def load_checkpoint(
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
-    """A summary for tooling: ``path`` is a save folder (all tags) or one checkpoint folder."""
+    """A summary for tooling: ``path`` is a save folder (all tags) or one checkpoint folder. Also lists
+    what killed saves left in the save folder (``zerostep.io.leftovers``), each with its size and
+    whether the next save removes it (``stale``)."""
     path = mf.check_save_dir(path)
     if os.path.isfile(os.path.join(path, mf.MANIFEST)):
         save_dir, tags = os.path.dirname(os.path.abspath(path)), [os.path.basename(os.path.abspath(path))]
@@ -355,7 +490,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
                     "meta": m["meta"],
                 }
             )
-    return {"dir": save_dir, "latest": latest, "checkpoints": out}
+    found = leftovers.scan(save_dir, mf.MANIFEST, mf.LATEST)
+    return {"dir": save_dir, "latest": latest, "checkpoints": out, "leftovers": [vars(x) for x in found]}
 
 
 def _describe(node: Any, shapes: dict[int, str]) -> Any:

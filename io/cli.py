@@ -67,7 +67,33 @@ def _inspect(args: argparse.Namespace) -> int:
         )
         _print_tree(c["tree"], "  ", out)
         _print_layouts(c.get("meta", {}).get("layouts"), out)
+    _print_leftovers(info["leftovers"], out)
     return 0
+
+
+_OWNERS = {
+    "dead": "its writer is dead",
+    "this process": "left by this process",
+    "alive": "a save in progress",
+    "unknown": "writer unknown",
+}
+
+
+def _print_leftovers(found: list[dict], out) -> None:
+    """What killed saves left behind, and which of it the next save removes."""
+    if not found:
+        return
+    total = sum(x["nbytes"] for x in found)
+    stale = [x for x in found if x["stale"]]
+    print(
+        f"\nleftovers of interrupted saves: {len(found)} ({_size(total)}); the next save removes "
+        f"{len(stale)} ({_size(sum(x['nbytes'] for x in stale))})",
+        file=out,
+    )
+    for x in found:
+        what = _OWNERS[x["owner"]] + ("" if x["stale"] or x["owner"] == "alive" else ", kept for now")
+        fate = "stale" if x["stale"] else "kept"
+        print(f"  {x['name']}: {_size(x['nbytes'])}, {what} [{fate}]", file=out)
 
 
 def _print_layouts(layouts: Any, out) -> None:

@@ -102,3 +102,35 @@ def preallocate(fd: int, nbytes: int) -> bool:
     if err in _NO_SPACE:
         raise OSError(err, os.strerror(err))
     return False
+
+
+def _load_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+_renameat2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap the names ``a`` and ``b`` (both must exist) in one atomic step, ``renameat2(2)`` with
+    ``RENAME_EXCHANGE``: at every instant each name holds one of the two, whole. False where the system
+    or the filesystem cannot (nothing changed); ``OSError`` for any other failure."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)

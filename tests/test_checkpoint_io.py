@@ -66,6 +66,8 @@ def rank_state(rank: int, world_size: int, step: int) -> dict:
 
 def _save_ranks(rank, world_size, root):
     meta = lambda step: {"step": step, "zero_stage": 2, "config": {"train_batch_size": 8}, "layouts": LAYOUTS}
+    if rank == 0:  # a dead writer's leftover: the first save's rank 0 removes it, once every rank wrote
+        os.makedirs(os.path.join(root, f".tmp-a-{_save_id(os.getpid(), 0)}", "rank_00001.msgpack"))
     save_checkpoint(root, "a", rank_state(rank, world_size, 1), flat_numel=flat_leaves(), meta=meta(1))
     handle = save_checkpoint(
         root, "b", rank_state(rank, world_size, 2), flat_numel=flat_leaves(), meta=meta(2), async_save=True
@@ -276,6 +278,10 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     tree, meta = load_checkpoint(root)
     assert meta["step"] == 1 and torch.equal(tree["w"], torch.arange(100000.0))
     assert [c["tag"] for c in inspect_checkpoint(root)["checkpoints"]] == ["good"]
+    (left,) = inspect_checkpoint(root)["leftovers"]  # the killed save's folder, a dead writer's
+    assert left["name"].startswith(".tmp-doomed-") and left["owner"] == "dead" and left["stale"]
+    save_checkpoint(root, "next", {"w": torch.zeros(3)}, meta={"step": 3}, fsync=False)
+    assert sorted(os.listdir(root)) == ["good", "latest", "next"]
 
 
 def test_export_consolidated_and_cli(saved, tmp_path, capsys):
@@ -395,3 +401,133 @@ def test_damaged_structure_bytes_of_any_opened_rank_file_are_detected(saved, tmp
     with pytest.raises(CheckpointError, match=rf"{shard}: checksum mismatch in the tree structure"):
         load_checkpoint(root, rank=0, world_size=1)
     assert load_checkpoint(root, rank=0, world_size=1, verify=False)[1]["step"] == 2
+
+
+def _fills_up_on_latest(real):
+    def write_all(fd, data):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".latest-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    return write_all
+
+
+def _w(root, tag):
+    return load_checkpoint(root, tag)[0]["w"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_failed_commit_is_undone_and_says_so(tmp_path, monkeypatch, exchange):
+    from zerostep.io import native
+
+    if not exchange:  # a filesystem without renameat2(RENAME_EXCHANGE): the tag is moved aside first
+        monkeypatch.setattr(native, "exchange", lambda a, b: False)
+    root = tmp_path
+    _one_save(root, "a", 1)
+    _one_save(root, "b", 2)
+    a, b = _w(root, "a"), _w(root, "b")
+
+    def unchanged():
+        assert sorted(os.listdir(root)) == ["a", "b", "latest"]
+        assert (root / "latest").read_text() == "b"
+        assert torch.equal(_w(root, "a"), a) and torch.equal(_w(root, "b"), b)
+
+    # the disk fills up while 'latest' is written: nothing was committed, a new tag or an overwrite
+    real_write = writer_mod.write_all
+    monkeypatch.setattr(writer_mod, "write_all", _fills_up_on_latest(real_write))
+    for tag in ("c", "a"):
+        with pytest.raises(
+            CheckpointError, match=rf"{tag}: save failed, previous checkpoints untouched: .*space"
+        ):
+            save_checkpoint(root, tag, {"w": torch.zeros(10)}, meta={"step": 9})
+        unchanged()
+    monkeypatch.setattr(writer_mod, "write_all", real_write)
+    # 'latest' cannot be replaced after the new folder took the tag's name: the previous content returns
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "latest":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    for tag in ("a", "c"):
+        with pytest.raises(
+            CheckpointError, match=rf"{tag}: save failed, previous checkpoints untouched: .*Input/output"
+        ):
+            save_checkpoint(root, tag, {"w": torch.zeros(10)}, meta={"step": 9})
+        unchanged()
+    monkeypatch.setattr(os, "replace", real_replace)
+    save_checkpoint(root, "a", {"w": torch.zeros(10)}, meta={"step": 9})  # and an overwrite that works
+    assert sorted(os.listdir(root)) == ["a", "b", "latest"] and not _w(root, "a").any()
+
+
+def test_bad_keep_last_raises_before_anything_is_written(tmp_path):
+    _one_save(tmp_path, "a")
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="keep_last must be an int >= 1"):
+            save_checkpoint(tmp_path, "b", {"w": torch.zeros(2)}, keep_last=bad)
+    assert sorted(os.listdir(tmp_path)) == ["a", "latest"]
+
+
+def _save_id(pid, start, host=None):
+    from zerostep.io import leftovers
+
+    return f"{'0' * 16}-{host or leftovers._host()}-{pid}-{start}"
+
+
+def test_leftovers_of_dead_writers_are_reported_and_removed_by_the_next_save(tmp_path, capsys):
+    from zerostep.io import leftovers
+
+    root = tmp_path
+    _one_save(root, "good")
+    me, parent = os.getpid(), os.getppid()
+    dead = _save_id(me, leftovers.process_start(me) + 1)  # our pid, another start: a process before us
+    mine = _save_id(me, leftovers.process_start(me))  # an earlier save of this very process
+    live = _save_id(parent, leftovers.process_start(parent))  # a save in progress elsewhere
+    remote = _save_id(1, 1, host="deadbeef")
+    day_ago = time.time() - 2 * 24 * 3600
+
+    def folder(name, files=("rank_00000.msgpack",), old=False):
+        (root / name).mkdir()
+        for f in files:
+            (root / name / f).write_bytes(b"x" * 1000)
+        if old:
+            for p in [root / name / f for f in files] + [root / name]:
+                os.utime(p, (day_ago, day_ago))
+
+    stale = {
+        f".tmp-doomed-{dead}": folder,
+        f".tmp-x-{mine}": folder,
+        f".del-old-{dead}": folder,
+        f".old-good-{dead}": folder,  # the tag exists: an overwrite's previous content, no longer needed
+        f".tmp-y-{'a' * 32}": lambda n: folder(n, old=True),  # an older zerostep's, untouched for days
+        "killed-prune": lambda n: folder(n, ("rank_00001.msgpack", ".rank_00002.msgpack.tmp-0123456789ab")),
+        f".latest-{dead}": lambda n: (root / n).write_text("x"),
+    }
+    kept = {
+        f".tmp-live-{live}": folder,
+        f".tmp-z-{remote}": folder,
+        f".tmp-w-{'b' * 32}": folder,
+        "notes": lambda n: folder(n, ("readme.txt",)),  # not a checkpoint's folder: never touched
+        ".hidden": lambda n: (root / n).write_text("mine"),
+    }
+    for name, make in {**stale, **kept}.items():
+        make(name)
+    shutil.copytree(root / "good", root / f".old-gone-{dead}")  # a tag a crash left moved aside
+    found = {x["name"]: x for x in inspect_checkpoint(root)["leftovers"]}
+    assert {n for n, x in found.items() if x["stale"]} == set(stale) | {f".old-gone-{dead}"}
+    assert {n for n, x in found.items() if not x["stale"]} == set(kept) - {"notes", ".hidden"}
+    assert found[f".tmp-live-{live}"]["owner"] == "alive" and found[f".tmp-doomed-{dead}"]["nbytes"] == 1000
+    args = argparse.ArgumentParser(prog="zerostep")
+    io_cli.register(args.add_subparsers(dest="command"))
+    parsed = args.parse_args(["checkpoint", "inspect", str(root)])
+    assert parsed.func(parsed) == 0
+    out = capsys.readouterr().out
+    assert "leftovers of interrupted saves: 11" in out and "the next save removes 8" in out
+    assert f".tmp-doomed-{dead}: 1000 B, its writer is dead [stale]" in out
+
+    _one_save(root, "next", step=2)
+    assert sorted(os.listdir(root)) == sorted(["good", "gone", "latest", "next", *kept])
+    assert load_checkpoint(root, "gone")[1]["step"] == 1  # the moved-aside tag was put back
+    assert {x["name"] for x in inspect_checkpoint(root)["leftovers"]} == set(kept) - {"notes", ".hidden"}

@@ -96,4 +96,16 @@ def add_config_arguments(parser: Any) -> Any:
     return add(parser)
 
 
+_SUBPACKAGES = ("accelerator", "checkpointing", "comm", "moe", "ops", "pipe", "runtime", "zero")
+
+
+def __getattr__(name: str) -> Any:
+    # ``import zerostep as deepspeed; deepspeed.comm.get_rank()``: DeepSpeed's subpackages on first use
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"zerostep.{name}")
+    raise AttributeError(f"module 'zerostep' has no attribute {name!r}")
+
+
 __all__ = ["ConfigError", "__version__", "add_config_arguments", "init_distributed", "initialize"]

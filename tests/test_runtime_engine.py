@@ -231,9 +231,13 @@ def test_bad_calls_name_the_problem_and_change_nothing():
     other = Net()
     with pytest.raises(ValueError, match="not a parameter of the model"):
         zerostep.initialize(model=Net(), optimizer=torch.optim.AdamW(other.parameters()), config=config(0))
+    class HomeMade(torch.optim.Optimizer):  # not torch.optim's: its math is unknown to zerostep
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+
     with pytest.raises(TypeError, match="supported classes"):
         model = Net()
-        zerostep.initialize(model=model, optimizer=torch.optim.Rprop(model.parameters()), config=config(0))
+        zerostep.initialize(model=model, optimizer=HomeMade(model.parameters()), config=config(0))
 
 
 def test_checkpoints_round_trip_counters_scheduler_and_client_state(tmp_path):
@@ -283,3 +287,27 @@ def test_training_data_becomes_deepspeeds_loader():
         seen += len(x)
     assert seen == 10 and engine.global_steps == 5
     assert engine.tput_timer.global_step_count == 5
+
+
+def test_any_torch_optim_client_runs_torchs_own_step():
+    def groups(m):
+        return [
+            {"params": [p for n, p in m.named_parameters() if n.endswith("weight")], "weight_decay": 0.1},
+            {"params": [p for n, p in m.named_parameters() if n.endswith("bias")], "lr": 3e-3},
+        ]
+
+    batches = data(4, 2)
+    ref = Net()
+    ref_opt = torch.optim.RMSprop(groups(ref), lr=1e-2, momentum=0.5)
+    for x, y in batches:
+        F.mse_loss(ref(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    model = Net()
+    opt = torch.optim.RMSprop(groups(model), lr=1e-2, momentum=0.5)
+    cfg = {k: v for k, v in config(2, gas=1).items() if k != "optimizer"}
+    engine, *_ = zerostep.initialize(model=model, optimizer=opt, config=cfg, compile=False)
+    for x, y in batches:
+        engine.backward(F.mse_loss(engine(x), y))
+        engine.step()
+    assert_close(engine._core.full_params(engine.state), dict(ref.named_parameters()))

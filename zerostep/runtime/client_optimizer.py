@@ -8,8 +8,11 @@ the engine's, and the update stays one compiled pass per shard.
 
 Supported classes: ``torch.optim.Adam`` (L2 weight decay; ``decoupled_weight_decay=True`` is AdamW),
 ``AdamW``, ``SGD``, ``Adagrad``, and ``zerostep.ops``' DeepSpeed classes (``FusedAdam``,
-``DeepSpeedCPUAdam``, ``FusedLamb``, ``FusedLion`` / ``DeepSpeedCPULion``) where present. Any other class
-is refused with the list, rather than run with different math.
+``DeepSpeedCPUAdam``, ``FusedLamb``, ``FusedLion`` / ``DeepSpeedCPULion``) where present, run by zerostep's
+own fused updates; every other ``torch.optim`` class (RMSprop, NAdam, RAdam, Adamax, ...) runs torch's own
+``step`` over views of the shards (``zerostep.optim.torch_adapter``, with its caveat for optimizers that
+look across a parameter). A class from outside torch.optim is refused with the list, rather than run
+with unknown math.
 
 Per-group ``lr`` and ``weight_decay`` are honoured (core/param_groups.py); any other hyperparameter must
 be equal in every group.
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from zerostep.core.param_groups import ParamGroup
+from zerostep.optim.registry import OPTIMIZER_TYPES
 
 # class name -> (zerostep type, {torch hyperparameter key: zerostep key}, fixed extras)
 _ADAM_KEYS = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay"}
@@ -40,6 +44,10 @@ _BY_CLASS: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
     "FusedLion": ("lion", {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"}, {}),
     "DeepSpeedCPULion": ("lion", {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"}, {}),
 }
+
+
+# torch param-group keys that say how to run, not what to compute
+_RUN_FLAGS = {"foreach", "fused", "capturable", "differentiable", "maximize"}
 
 
 def supported_classes() -> list[str]:
@@ -59,10 +67,14 @@ def optimizer_block(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], d
         extras = dict(extras)
         if cls == "Adam" and first.get("decoupled_weight_decay"):
             kind, extras = "adamw", {}
+    elif cls.lower() in OPTIMIZER_TYPES and type(optimizer).__module__.startswith("torch.optim"):
+        # any other torch.optim class: torch's own step over the shards (zerostep.optim.torch_adapter)
+        kind, extras = cls, {}
+        keys = {k: k for k in optimizer.defaults if k not in _RUN_FLAGS}
     else:
         raise TypeError(
             f"client optimizer {cls} cannot run on zerostep's sharded master weights; supported classes: "
-            f"{supported_classes()} (or name one in the config's optimizer block)"
+            f"{supported_classes()} and torch.optim's (or name one in the config's optimizer block)"
         )
     for group in optimizer.param_groups:
         for flag in ("amsgrad", "maximize"):

@@ -15,13 +15,16 @@ background thread never interleaves with the training loop's collectives.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import shutil
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping
+from concurrent.futures import thread as _futures_thread  # noqa: F401 - registers its exit hook before ours
 from typing import Any
 
 import torch
@@ -66,6 +69,35 @@ class SaveHandle:
             self._reported = True
             raise self._error
         return self.path
+
+
+def _finish_pending_save_at_exit() -> None:
+    """At interpreter exit (return from main, ``sys.exit``, an uncaught exception), before the worker
+    threads stop taking work: let a pending async save finish, as a synchronous one would have. If it
+    failed and nobody saw its error, print it and exit with status 1: a lost checkpoint is never silent."""
+    with _pending_lock:
+        handle = _pending
+    if handle is None:
+        return
+    handle._done.wait()
+    if handle._error is not None and not handle._reported:
+        error = handle._error
+        try:
+            sys.stdout.flush()
+            print(f"zerostep: the async checkpoint save to {handle.path} failed: {error}", file=sys.stderr)
+            sys.stderr.flush()
+        finally:
+            os._exit(1)
+
+
+# Threads' exit hooks run in reverse order of registration, before non-daemon threads are joined;
+# concurrent.futures registered its own (which refuses new work from then on) when the writer's pool
+# module was imported, so this one runs first, while the save can still use the pool.
+_register_exit_hook = getattr(threading, "_register_atexit", None)
+if _register_exit_hook is not None:
+    _register_exit_hook(_finish_pending_save_at_exit)
+else:  # pragma: no cover - every supported Python has it
+    atexit.register(_finish_pending_save_at_exit)
 
 
 def wait_for_pending_save() -> None:
@@ -151,7 +183,8 @@ def save_checkpoint(
     element count; all other tensors are replicated (rank 0's copy is written). ``meta`` goes into the
     manifest as is. ``keep_last=N`` then deletes all but the newest N checkpoints (by ``meta['step']``,
     then time), never the one just written. With ``async_save`` tensors are copied to host memory now and
-    written by a thread; the returned handle's ``wait()`` joins it, and the next save or load waits too.
+    written by a thread; the returned handle's ``wait()`` joins it, and the next save or load waits too,
+    as does the interpreter's exit (a failure nobody waited for is printed and the exit status is 1).
     Raises ``CheckpointError`` on every rank if any rank's write fails.
     """
     wait_for_pending_save()

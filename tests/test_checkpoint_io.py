@@ -531,3 +531,64 @@ def test_leftovers_of_dead_writers_are_reported_and_removed_by_the_next_save(tmp
     assert sorted(os.listdir(root)) == sorted(["good", "gone", "latest", "next", *kept])
     assert load_checkpoint(root, "gone")[1]["step"] == 1  # the moved-aside tag was put back
     assert {x["name"] for x in inspect_checkpoint(root)["leftovers"]} == set(kept) - {"notes", ".hidden"}
+
+
+EXIT_DURING_ASYNC_SAVE = """
+import os, sys, time, torch
+import torch.distributed as dist
+from zerostep.io import save_checkpoint, writer
+root, how = sys.argv[1], sys.argv[2]
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
+real = writer.write_all
+def slow(fd, data):  # the save is still writing when the main thread ends
+    time.sleep(0.2)
+    if how == "full" and int(os.environ.get("RANK", "0")) == world - 1:
+        raise OSError(28, "No space left on device")
+    real(fd, data)
+writer.write_all = slow
+save_checkpoint(root, "t", {"w": torch.arange(64.0)}, flat_numel={"w": 64 * world}, async_save=True)
+if how == "exit":
+    sys.exit(0)
+if how == "raise":
+    raise KeyError("the training loop failed")
+"""
+
+
+def test_an_async_save_finishes_or_fails_loudly_at_interpreter_exit(tmp_path):
+    from zerostep.parallel.launch import free_port
+
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_DURING_ASYNC_SAVE)
+    # -> exit status; "full" returns from the script normally after its save failed
+    cases = {(2, "exit"): 0, (1, "raise"): 1, (1, "full"): 1}
+    procs = {}
+    for world, how in cases:  # all at once: most of the time is each process importing torch
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
+        procs[world, how] = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path / f"{how}{world}"), how],
+                env=dict(env, RANK=str(r)),
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in range(world)
+        ]
+    try:
+        errs = {case: [p.communicate(timeout=120)[1] for p in ps] for case, ps in procs.items()}
+    finally:
+        for p in (p for ps in procs.values() for p in ps):
+            p.kill()
+            p.wait()
+    for (world, how), code in cases.items():
+        root = tmp_path / f"{how}{world}"
+        assert [p.returncode for p in procs[world, how]] == [code] * world, errs[world, how]
+        if how == "full":  # every rank says the save failed, and nothing was committed
+            assert all("the async checkpoint save to" in e and "No space left" in e for e in errs[world, how])
+            assert os.listdir(root) == []
+            continue
+        assert all("zerostep:" not in e for e in errs[world, how])
+        for rank in range(world):
+            tree, _ = load_checkpoint(root, rank=rank, world_size=world)
+            assert torch.equal(tree["w"], torch.arange(64.0))

@@ -44,6 +44,7 @@ from zerostep.core.config.precision import (
     parse_fp16,
 )
 from zerostep.core.config.values import (
+    FLOAT32_TINY,
     Block,
     ConfigWarning,
     Context,
@@ -244,6 +245,8 @@ def _positive(path: str, value: Any) -> float:
     result = number(path, value)
     if result <= 0:
         raise fail(path, value, "must be > 0 (gradients are divided by it)")
+    if result < FLOAT32_TINY:  # 1 / factor would be infinite in float32
+        raise fail(path, value, "must be >= 1.2e-38 (float32's smallest normal; gradients are divided by it)")
     return result
 
 

@@ -22,7 +22,13 @@ from zerostep.core.config.values import (
     text,
     warn,
 )
-from zerostep.optim.registry import OPTIMIZER_TYPES, SCHEDULER_TYPES, UNSUPPORTED_OPTIMIZER_TYPES
+from zerostep.optim.config import from_config
+from zerostep.optim.registry import (
+    NATIVE_OPTIMIZER_TYPES,
+    OPTIMIZER_TYPES,
+    SCHEDULER_TYPES,
+    UNSUPPORTED_OPTIMIZER_TYPES,
+)
 
 
 def freeze(value: Any) -> Any:
@@ -57,6 +63,18 @@ def _json_like(path: str, value: Any) -> None:
         raise fail(path, value, "must be a finite number (not NaN or infinity)")
     elif value is not None and not isinstance(value, (bool, int, float, str)):
         raise fail(path, value, "must be a JSON value (number, string, boolean, list, object or null)")
+
+
+def _numbers_in_float32_range(path: str, value: Any) -> None:
+    """Optimizer hyperparameters meet float32 state and arithmetic: 1e308 there is infinity."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _numbers_in_float32_range(f"{path}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _numbers_in_float32_range(f"{path}[{index}]", item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number(path, value)
 
 
 def _params(block: Block) -> dict[str, Any]:
@@ -129,6 +147,12 @@ def parse_optimizer(block: Block | None) -> OptimizerConfig | None:
             block.ctx.unresolved(f"{path}.{key}")
     if "lr" in params and params["lr"] != "auto":
         number(f"{path}.lr", params["lr"], minimum=0.0)
+    _numbers_in_float32_range(path, params)
+    if kind in NATIVE_OPTIMIZER_TYPES and "auto" not in params.values():
+        # Build it once, as initialize() will: every param's kind and range is checked here, so a
+        # config that parses also builds (unresolved "auto"s are reported together at the end).
+        # The per-parameter types (Muon, mup's, torch.optim's) need the model to be built.
+        from_config({"type": kind, "params": params})
     _record_params(block, path, params)
     return OptimizerConfig(type=kind, params=freeze(params))
 
@@ -142,28 +166,31 @@ class SchedulerConfig:
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
-_LR = "lr"  # a learning rate: a number, or one per parameter group
-_NUM = "num"
+_LR = "lr"  # a learning rate: a number >= 0 (or a list holding one)
+_RATE = "rate"  # a number >= 0: a negative decay or growth rate drives the lr (or beta1) through 0
+_RATIO = "ratio"  # a fraction of the optimizer's lr, >= 0
+_MOM = "mom"  # a beta1 the schedule writes into the optimizer: in [0, 1) as the optimizer's betas
 _STEPS = "steps"  # a positive step count
-_INT = "int"
+_COUNT = "count"  # an integer >= 0
+_LAST = "last"  # last_batch_iteration: -1 only, zerostep resumes a schedule from the checkpoint's step
 _BOOL = "bool"
 _WARMUP_TYPE = "warmup_type"
 _WARMUP = {"warmup_min_lr": _LR, "warmup_max_lr": _LR, "warmup_num_steps": _STEPS,
-           "warmup_type": _WARMUP_TYPE, "last_batch_iteration": _INT}
+           "warmup_type": _WARMUP_TYPE, "last_batch_iteration": _LAST}
 # Each schedule's keyword arguments in DeepSpeed 0.19's lr_schedules.py, and the required ones.
 SCHEDULER_PARAMS: dict[str, dict[str, str]] = {
     "WarmupLR": _WARMUP,
     "WarmupDecayLR": {**_WARMUP, "total_num_steps": _STEPS},
-    "WarmupCosineLR": {"total_num_steps": _STEPS, "warmup_min_ratio": _NUM, "warmup_num_steps": _STEPS,
-                       "cos_min_ratio": _NUM, "warmup_type": _WARMUP_TYPE, "last_batch_iteration": _INT},
-    "OneCycle": {"cycle_min_lr": _LR, "cycle_max_lr": _LR, "decay_lr_rate": _NUM,
+    "WarmupCosineLR": {"total_num_steps": _STEPS, "warmup_min_ratio": _RATIO, "warmup_num_steps": _STEPS,
+                       "cos_min_ratio": _RATIO, "warmup_type": _WARMUP_TYPE, "last_batch_iteration": _LAST},
+    "OneCycle": {"cycle_min_lr": _LR, "cycle_max_lr": _LR, "decay_lr_rate": _RATE,
                  "cycle_first_step_size": _STEPS, "cycle_second_step_size": _STEPS,
-                 "cycle_first_stair_count": _INT, "cycle_second_stair_count": _INT,
-                 "decay_step_size": _INT, "cycle_momentum": _BOOL, "cycle_min_mom": _NUM,
-                 "cycle_max_mom": _NUM, "decay_mom_rate": _NUM, "last_batch_iteration": _INT},
+                 "cycle_first_stair_count": _COUNT, "cycle_second_stair_count": _COUNT,
+                 "decay_step_size": _COUNT, "cycle_momentum": _BOOL, "cycle_min_mom": _MOM,
+                 "cycle_max_mom": _MOM, "decay_mom_rate": _RATE, "last_batch_iteration": _LAST},
     "LRRangeTest": {"lr_range_test_min_lr": _LR, "lr_range_test_step_size": _STEPS,
-                    "lr_range_test_step_rate": _NUM, "lr_range_test_staircase": _BOOL,
-                    "last_batch_iteration": _INT},
+                    "lr_range_test_step_rate": _RATE, "lr_range_test_staircase": _BOOL,
+                    "last_batch_iteration": _LAST},
 }
 REQUIRED_SCHEDULER_PARAMS = {
     "WarmupDecayLR": ("total_num_steps",),
@@ -182,21 +209,37 @@ def _scheduler_type(path: str, value: Any) -> str:
                + f" (supported, case-insensitive: {', '.join(SCHEDULER_TYPES)})")
 
 
-def _check_param(path: str, value: Any, kind: str) -> None:
+def _check_param(path: str, value: Any, kind: str) -> Any:
+    """The value as the schedule reads it (an integral float as an int, a one-lr list as its lr)."""
     if kind == _LR:
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            number(path, item, minimum=0.0)
-    elif kind == _NUM:
-        number(path, value)
-    elif kind == _STEPS:
-        integer(path, value, minimum=1)
-    elif kind == _INT:
-        integer(path, value)
-    elif kind == _BOOL:
-        boolean(path, value)
-    elif kind == _WARMUP_TYPE:
-        choice(("log", "linear"), case_insensitive=False)(path, value)
+        if isinstance(value, (list, tuple)):
+            # DeepSpeed takes one lr per parameter group; zerostep's schedule is one for all groups.
+            if len(value) != 1:
+                raise fail(path, value, "must be one learning rate (a number, or a list holding one): "
+                           "zerostep drives every parameter group with one schedule")
+            value = value[0]
+        return number(path, value, minimum=0.0)
+    if kind in (_RATE, _RATIO):
+        return number(path, value, minimum=0.0)
+    if kind == _MOM:
+        result = number(path, value, minimum=0.0)
+        if result >= 1.0:
+            raise fail(path, value, "must be in [0, 1): it becomes the optimizer's beta1")
+        return result
+    if kind == _STEPS:
+        return integer(path, value, minimum=1)
+    if kind == _COUNT:
+        return integer(path, value, minimum=0)
+    if kind == _LAST:
+        if integer(path, value) != -1:
+            raise fail(path, value, "only -1 is accepted: zerostep resumes a schedule from the "
+                       "checkpoint's step")
+        return -1
+    if kind == _BOOL:
+        return boolean(path, value)
+    if kind == _WARMUP_TYPE:
+        return choice(("log", "linear"), case_insensitive=False)(path, value)
+    raise AssertionError(f"unknown scheduler parameter kind {kind!r}")
 
 
 def parse_scheduler(block: Block | None, optimizer: OptimizerConfig | None) -> SchedulerConfig | None:
@@ -208,6 +251,8 @@ def parse_scheduler(block: Block | None, optimizer: OptimizerConfig | None) -> S
     params = _params(block)
     block.finish()
     path = block.key_path("params")
+    if not kind:  # "type": "auto", noted as unresolved: reported with the other "auto"s at the end
+        return SchedulerConfig(type=kind, params=freeze(params))
     known = SCHEDULER_PARAMS[kind]
     for key in list(params):
         if key not in known:
@@ -217,7 +262,7 @@ def parse_scheduler(block: Block | None, optimizer: OptimizerConfig | None) -> S
         if params[key] == "auto":
             _resolve_auto(params, key, optimizer, path, block)
         else:
-            _check_param(f"{path}.{key}", params[key], known[key])
+            params[key] = _check_param(f"{path}.{key}", params[key], known[key])
     for key in REQUIRED_SCHEDULER_PARAMS.get(kind, ()):
         if key not in params:
             raise ConfigError(f"{path}.{key}: required by {kind} (DeepSpeed has no default for it)")

@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from zerostep.core.config.values import Block, boolean, fail, integer, optional
+from zerostep.core.config.values import FLOAT32_MAX, Block, boolean, fail, integer, optional
+
+MAX_FLOAT32_INT = int(FLOAT32_MAX)  # the largest integer a float32 holds
 
 
 @dataclass(frozen=True)
@@ -48,18 +50,25 @@ def _loss_scale(path: str, value: Any) -> float:
         raise fail(path, value, "must be a number, not a boolean (0 selects dynamic loss scaling)")
     if not isinstance(value, (int, float)):
         raise fail(path, value, "must be a number (0 selects dynamic loss scaling)")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise fail(path, value, "must be a finite number (not NaN or infinity)")
     if value < 0:
         raise fail(path, value, "must be >= 0 (0 selects dynamic loss scaling, > 0 a static scale)")
+    if value > FLOAT32_MAX:
+        raise fail(path, value, "must be <= 3.4e38: the scale is kept in float32")
     return float(value)
 
 
+def _min_loss_scale(path: str, value: Any) -> int:
+    # The scale's floor, compared with (and clamped to) the float32 scale.
+    return integer(path, value, maximum=MAX_FLOAT32_INT)
+
+
 def _scale_power(path: str, value: Any) -> int:
-    power = integer(path, value)
-    if not -126 <= power <= 127:  # 2**power must be a normal, finite float32
+    # 2**power must be a normal, finite float32; checked first, so 1e30 gets this message too.
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not -126 <= value <= 127:
         raise fail(path, value, "must be an integer in [-126, 127] (the scale is 2**initial_scale_power)")
-    return power
+    return integer(path, value)
 
 
 def parse_fp16(block: Block | None) -> FP16Config:
@@ -73,10 +82,11 @@ def parse_fp16(block: Block | None) -> FP16Config:
         auto_cast=block.take("auto_cast", d.auto_cast, boolean),
         loss_scale=loss_scale,
         initial_scale_power=block.take("initial_scale_power", d.initial_scale_power, _scale_power),
+        # Both live in int64 tensors of the scaler state; integer() bounds them to int64.
         loss_scale_window=block.take("loss_scale_window", d.loss_scale_window, integer),
         hysteresis=block.take("hysteresis", d.hysteresis, integer),
         consecutive_hysteresis=block.take("consecutive_hysteresis", d.consecutive_hysteresis, boolean),
-        min_loss_scale=block.take("min_loss_scale", d.min_loss_scale, integer),
+        min_loss_scale=block.take("min_loss_scale", d.min_loss_scale, _min_loss_scale),
         fp16_master_weights_and_grads=block.take(
             "fp16_master_weights_and_grads", d.fp16_master_weights_and_grads, boolean
         ),

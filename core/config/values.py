@@ -34,9 +34,19 @@ def show(value: Any) -> str:
     """A value as the user wrote it in JSON, shortened for messages."""
     try:
         text = json.dumps(value, sort_keys=True, default=repr)
-    except (TypeError, ValueError):  # e.g. non-string keys mixed with string keys
-        text = repr(value)
+    except (TypeError, ValueError, RecursionError):  # non-string keys mixed with string keys, ...
+        text = _safe_repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _safe_repr(value: Any) -> str:
+    # An int of more than 4300 digits cannot become a string (ValueError since Python 3.11).
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4000:
+        return f"<an integer of about {int(value.bit_length() * math.log10(2))} digits>"
+    try:
+        return repr(value)
+    except (ValueError, RecursionError):
+        return f"<a {type(value).__name__} too large to print>"
 
 
 def fail(path: str, value: Any, rule: str) -> ConfigError:
@@ -73,17 +83,30 @@ def boolean(path: str, value: Any) -> bool:
     raise fail(path, value, "must be true or false")
 
 
-def integer(path: str, value: Any, minimum: int | None = None) -> int:
+# Every integer of a config ends up in Python arithmetic with int64 tensors (counters, sizes, seeds),
+# and every float in float32 ones (loss scales, learning rates, clipping): values beyond those
+# ranges are errors here, not OverflowErrors (or silent infinities) inside a step.
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the smallest normal float32
+
+
+def integer(path: str, value: Any, minimum: int | None = None, maximum: int = INT64_MAX) -> int:
     # DeepSpeed files write sizes as 5e8, which JSON reads as a float; an integral float is an int.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise fail(path, value, "must be an integer")
-    if isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            raise fail(path, value, "must be an integer")
-        value = int(value)
-    if minimum is not None and value < minimum:
-        raise fail(path, value, f"must be an integer >= {minimum}")
-    return value
+    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+        raise fail(path, value, "must be an integer")
+    low = -INT64_MAX - 1 if minimum is None else minimum
+    if not low <= value <= maximum:  # compared as written: the message shows the user's value
+        if minimum is not None and value < minimum:
+            raise fail(path, value, f"must be an integer >= {minimum}")
+        raise fail(path, value, f"must be an integer in [{low}, {maximum}]" + _int64_note(maximum))
+    return int(value)
+
+
+def _int64_note(maximum: int) -> str:
+    return " (it is kept as a 64-bit integer)" if maximum == INT64_MAX else ""
 
 
 def size(path: str, value: Any) -> int:
@@ -95,15 +118,18 @@ def positive_int(path: str, value: Any) -> int:
     return integer(path, value, minimum=1)
 
 
-def number(path: str, value: Any, minimum: float | None = None) -> float:
+def number(path: str, value: Any, minimum: float | None = None, maximum: float = FLOAT32_MAX) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise fail(path, value, "must be a number")
-    value = float(value)
-    if not math.isfinite(value):
+    # Compared before float(): an int beyond float range would raise OverflowError there.
+    if isinstance(value, float) and not math.isfinite(value):
         raise fail(path, value, "must be a finite number (not NaN or infinity)")
     if minimum is not None and value < minimum:
         raise fail(path, value, f"must be a number >= {minimum:g}")
-    return value
+    if not -FLOAT32_MAX <= value <= maximum:
+        limit = "float32's finite range, |x| <= 3.4e38" if maximum == FLOAT32_MAX else f"<= {maximum:g}"
+        raise fail(path, value, f"must be a number within {limit} (it is used in float32 arithmetic)")
+    return float(value)
 
 
 def non_negative(path: str, value: Any) -> float:
@@ -111,9 +137,11 @@ def non_negative(path: str, value: Any) -> float:
 
 
 def text(path: str, value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    raise fail(path, value, "must be a string")
+    if not isinstance(value, str):
+        raise fail(path, value, "must be a string")
+    if "\x00" in value:  # names and paths: the OS rejects NUL ("embedded null byte") much later
+        raise fail(path, value, "must not contain NUL characters")
+    return value
 
 
 def mapping(path: str, value: Any) -> dict[str, Any]:

@@ -147,14 +147,27 @@ def test_deepspeed_defaults():
     assert c.steps_per_print == 10 and c.seed is None
     f = c.fp16
     assert (f.enabled, f.loss_scale, f.initial_scale_power, f.loss_scale_window, f.hysteresis) == (
-        False, 0.0, 16, 1000, 2)
+        False,
+        0.0,
+        16,
+        1000,
+        2,
+    )
     assert (f.consecutive_hysteresis, f.min_loss_scale, f.auto_cast, f.fp16_master_weights_and_grads) == (
-        False, 1, False, False)
+        False,
+        1,
+        False,
+        False,
+    )
     assert f.dynamic and not c.bf16.enabled
     z = c.zero_optimization
     assert (z.stage, z.reduce_bucket_size, z.allgather_bucket_size) == (0, 500_000_000, 500_000_000)
     assert (z.overlap_comm, z.contiguous_gradients, z.reduce_scatter, z.allgather_partitions) == (
-        False, True, True, True)
+        False,
+        True,
+        True,
+        True,
+    )
     assert z.stage3_prefetch_bucket_size == 50_000_000 and z.stage3_param_persistence_threshold == 100_000
     assert z.stage3_max_live_parameters == z.stage3_max_reuse_distance == 1_000_000_000
     assert z.offload_optimizer is None and z.offload_param is None
@@ -181,12 +194,23 @@ ZERO1_FP16 = {
     "gradient_accumulation_steps": 2,
     "steps_per_print": 100,
     "gradient_clipping": 1.0,
-    "optimizer": {"type": "Adam", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
-                                             "weight_decay": 0.1}},
-    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-4,
-                                                 "warmup_num_steps": 100}},
-    "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
-             "hysteresis": 2, "consecutive_hysteresis": True, "min_loss_scale": 1},
+    "optimizer": {
+        "type": "Adam",
+        "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+    },
+    "scheduler": {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-4, "warmup_num_steps": 100},
+    },
+    "fp16": {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 12,
+        "loss_scale_window": 500,
+        "hysteresis": 2,
+        "consecutive_hysteresis": True,
+        "min_loss_scale": 1,
+    },
     "zero_optimization": {"stage": 1, "reduce_bucket_size": 5e8},
 }
 
@@ -195,12 +219,26 @@ ZERO2_BF16_OFFLOAD = {
     "gradient_accumulation_steps": 8,
     "bf16": {"enabled": True},
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
-    "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 10000, "warmup_num_steps": 500,
-                                                      "warmup_max_lr": 1e-4, "warmup_type": "linear"}},
-    "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
-                          "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 2e8,
-                          "contiguous_gradients": True, "round_robin_gradients": True,
-                          "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+    "scheduler": {
+        "type": "WarmupDecayLR",
+        "params": {
+            "total_num_steps": 10000,
+            "warmup_num_steps": 500,
+            "warmup_max_lr": 1e-4,
+            "warmup_type": "linear",
+        },
+    },
+    "zero_optimization": {
+        "stage": 2,
+        "allgather_partitions": True,
+        "allgather_bucket_size": 2e8,
+        "overlap_comm": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": 2e8,
+        "contiguous_gradients": True,
+        "round_robin_gradients": True,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+    },
     "wall_clock_breakdown": True,
     "tensorboard": {"enabled": True, "output_path": "runs/", "job_name": "z2"},
 }
@@ -210,14 +248,21 @@ ZERO3_BF16 = {
     "train_micro_batch_size_per_gpu": 8,
     "bfloat16": {"enabled": True},  # the legacy spelling
     "optimizer": {"type": "lamb", "params": {"lr": 2e-3, "max_coeff": 0.3, "min_coeff": 0.01}},
-    "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 5000, "warmup_num_steps": 100,
-                                                       "cos_min_ratio": 0.01}},
-    "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5e7,
-                          "stage3_param_persistence_threshold": 1e5, "stage3_max_live_parameters": 1e9,
-                          "stage3_max_reuse_distance": 1e9,
-                          "stage3_gather_fp16_weights_on_model_save": True, "sub_group_size": 1e12,
-                          "offload_param": {"device": "cpu", "pin_memory": True},
-                          "offload_optimizer": {"device": "cpu"}},
+    "scheduler": {
+        "type": "WarmupCosineLR",
+        "params": {"total_num_steps": 5000, "warmup_num_steps": 100, "cos_min_ratio": 0.01},
+    },
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_prefetch_bucket_size": 5e7,
+        "stage3_param_persistence_threshold": 1e5,
+        "stage3_max_live_parameters": 1e9,
+        "stage3_max_reuse_distance": 1e9,
+        "stage3_gather_fp16_weights_on_model_save": True,
+        "sub_group_size": 1e12,
+        "offload_param": {"device": "cpu", "pin_memory": True},
+        "offload_optimizer": {"device": "cpu"},
+    },
     "checkpoint": {"tag_validation": "fail", "load_universal": True},
     "wandb": {"enabled": True, "team": "t", "group": "g", "project": "p"},
     "seed": 1234,
@@ -227,9 +272,17 @@ FP32_ONECYCLE = {
     "train_micro_batch_size_per_gpu": 16,
     "gradient_clipping": 0.0,
     "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
-    "scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0.01, "cycle_max_lr": 0.1,
-                                                 "cycle_first_step_size": 1000, "cycle_momentum": True,
-                                                 "cycle_min_mom": 0.85, "cycle_max_mom": 0.99}},
+    "scheduler": {
+        "type": "OneCycle",
+        "params": {
+            "cycle_min_lr": 0.01,
+            "cycle_max_lr": 0.1,
+            "cycle_first_step_size": 1000,
+            "cycle_momentum": True,
+            "cycle_min_mom": 0.85,
+            "cycle_max_mom": 0.99,
+        },
+    },
     "csv_monitor": {"enabled": True, "output_path": "csv/", "job_name": "sgd"},
     "dataloader_drop_last": True,
 }
@@ -238,9 +291,14 @@ FP16_STATIC_RANGE_TEST = {
     "train_batch_size": 32,
     "fp16": {"enabled": True, "loss_scale": 128, "auto_cast": True},
     "optimizer": {"type": "Lion", "params": {"lr": 1e-4, "betas": [0.9, 0.99]}},
-    "scheduler": {"type": "lrrangetest", "params": {"lr_range_test_min_lr": 1e-5,
-                                                    "lr_range_test_step_size": 200,
-                                                    "lr_range_test_staircase": True}},
+    "scheduler": {
+        "type": "lrrangetest",
+        "params": {
+            "lr_range_test_min_lr": 1e-5,
+            "lr_range_test_step_size": 200,
+            "lr_range_test_staircase": True,
+        },
+    },
     "zero_optimization": {"stage": 2, "cpu_offload": False},
 }
 
@@ -299,8 +357,10 @@ def test_fp16_static_scale_range_test():
 
 @pytest.mark.filterwarnings("ignore::zerostep.core.config.ConfigWarning")
 def test_every_supported_scheduler_is_covered():
-    used = {Config.from_dict(d, world_size=2).scheduler.type for d in
-            (ZERO1_FP16, ZERO2_BF16_OFFLOAD, ZERO3_BF16, FP32_ONECYCLE, FP16_STATIC_RANGE_TEST)}
+    used = {
+        Config.from_dict(d, world_size=2).scheduler.type
+        for d in (ZERO1_FP16, ZERO2_BF16_OFFLOAD, ZERO3_BF16, FP32_ONECYCLE, FP16_STATIC_RANGE_TEST)
+    }
     assert used == set(SCHEDULER_TYPES)
 
 
@@ -313,14 +373,23 @@ def test_deprecated_and_aliased_zero_keys():
     assert c.zero_optimization.stage == 1 and c.zero_optimization.allgather_bucket_size == 100_000_000
     with pytest.warns(ConfigWarning):
         assert Config.from_dict({MB: 1, "zero_optimization": False}).zero_optimization.stage == 0
-    c = parse({MB: 1, "zero_optimization": {"stage": 3, "prefetch_bucket_size": 1000,
-                                            "max_live_parameters": 7,
-                                            "gather_16bit_weights_on_model_save": True}})
+    c = parse(
+        {
+            MB: 1,
+            "zero_optimization": {
+                "stage": 3,
+                "prefetch_bucket_size": 1000,
+                "max_live_parameters": 7,
+                "gather_16bit_weights_on_model_save": True,
+            },
+        }
+    )
     z = c.zero_optimization
     assert (z.stage3_prefetch_bucket_size, z.stage3_max_live_parameters) == (1000, 7)
     assert z.stage3_gather_16bit_weights_on_model_save
-    assert "disagree" in error_of({MB: 1, "zero_optimization": {
-        "stage3_max_live_parameters": 1, "max_live_parameters": 2}})
+    assert "disagree" in error_of(
+        {MB: 1, "zero_optimization": {"stage3_max_live_parameters": 1, "max_live_parameters": 2}}
+    )
     c = parse({MB: 1, "zero_optimization": {"offload_optimizer": {"device": "none"}}})
     assert c.zero_optimization.offload_optimizer is None
 
@@ -331,8 +400,10 @@ def test_deprecated_and_aliased_zero_keys():
 @pytest.mark.parametrize(
     "d, needles",
     [
-        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}},
-         ["fp16.enabled", "bf16.enabled", "choose one"]),
+        (
+            {"fp16": {"enabled": True}, "bf16": {"enabled": True}},
+            ["fp16.enabled", "bf16.enabled", "choose one"],
+        ),
         ({"zero_optimization": {"stage": 4}}, ["zero_optimization.stage = 4", "0, 1, 2 or 3"]),
         ({"zero_optimization": {"stage": -1}}, ["zero_optimization.stage = -1"]),
         ({"zero_optimization": {"stage": "2"}}, ["zero_optimization.stage", "integer"]),
@@ -344,7 +415,7 @@ def test_deprecated_and_aliased_zero_keys():
         ({"fp16": {"enabled": True, "loss_scale_window": 0}}, ["fp16.loss_scale_window = 0", "dynamic"]),
         ({"fp16": {"enabled": True, "min_loss_scale": 0}}, ["fp16.min_loss_scale = 0", "dynamic"]),
         ({"fp16": {"enabled": True, "min_loss_scale": True}}, ["fp16.min_loss_scale = true", "integer"]),
-        ({"fp16": {"enabled": "yes"}}, ["fp16.enabled = \"yes\"", "true or false"]),
+        ({"fp16": {"enabled": "yes"}}, ['fp16.enabled = "yes"', "true or false"]),
         ({"fp16": {"enabled": True, "loss_scael": 0}}, ["fp16.loss_scael", "did you mean 'loss_scale'"]),
         ({"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5}}, ["did you mean 'reduce_bucket_size'"]),
         ({"zero_optimization": {"reduce_bucket_size": -1}}, ["reduce_bucket_size = -1", ">= 0"]),
@@ -352,28 +423,40 @@ def test_deprecated_and_aliased_zero_keys():
         ({"train_batch_sze": 8}, ["train_batch_sze", "did you mean 'train_batch_size'"]),
         ({"gradient_cliping": 1.0}, ["did you mean 'gradient_clipping'"]),
         ({"gradient_clipping": -1}, ["gradient_clipping = -1", ">= 0"]),
-        ({"gradient_clipping": "1.0"}, ["gradient_clipping = \"1.0\"", "number"]),
+        ({"gradient_clipping": "1.0"}, ['gradient_clipping = "1.0"', "number"]),
         ({"gradient_predivide_factor": 0}, ["gradient_predivide_factor = 0", "> 0"]),
-        ({"optimizer": {"type": "Adam", "params": {"lr": 1e-3, "max_grad_norm": 1.0}}},
-         ["optimizer.params.max_grad_norm", "gradient_clipping"]),
-        ({"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}},
-         ["OneBitAdam", "not implemented", "adam, adamw, lamb"]),
-        ({"optimizer": {"type": "Adamm"}}, ["optimizer.type = \"Adamm\"", "did you mean", "supported"]),
-        ({"optimizer": {"params": {"lr": 1}}}, ["optimizer", "\"type\""]),
+        (
+            {"optimizer": {"type": "Adam", "params": {"lr": 1e-3, "max_grad_norm": 1.0}}},
+            ["optimizer.params.max_grad_norm", "gradient_clipping"],
+        ),
+        (
+            {"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}},
+            ["OneBitAdam", "not implemented", "adam, adamw, lamb"],
+        ),
+        ({"optimizer": {"type": "Adamm"}}, ['optimizer.type = "Adamm"', "did you mean", "supported"]),
+        ({"optimizer": {"params": {"lr": 1}}}, ["optimizer", '"type"']),
         ({"optimizer": {"type": "adam", "params": {"lr": "fast"}}}, ["optimizer.params.lr", "number"]),
         ({"optimizer": {"type": "adam", "params": [1]}}, ["optimizer.params", "JSON object"]),
         ({"scheduler": {"type": "CosineLR"}}, ["scheduler.type", "WarmupLR", "WarmupCosineLR"]),
-        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 5}}},
-         ["scheduler.params.warmup_num_step", "did you mean 'warmup_num_steps'"]),
+        (
+            {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 5}}},
+            ["scheduler.params.warmup_num_step", "did you mean 'warmup_num_steps'"],
+        ),
         ({"scheduler": {"type": "WarmupDecayLR", "params": {}}}, ["total_num_steps", "required"]),
         ({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cosine"}}}, ["log, linear"]),
         ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}}, ["warmup_num_steps = 0"]),
-        ({"checkpoint": {"tag_validation": "sometimes"}},
-         ["checkpoint.tag_validation", "Warn, Ignore, Fail"]),
-        ({"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}},
-         ["offload_optimizer.device = \"nvme\"", "NVMe", "not implemented"]),
-        ({"zero_optimization": {"offload_param": {"device": "gpu"}}},
-         ["offload_param.device", "none, cpu, nvme"]),
+        (
+            {"checkpoint": {"tag_validation": "sometimes"}},
+            ["checkpoint.tag_validation", "Warn, Ignore, Fail"],
+        ),
+        (
+            {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}},
+            ['offload_optimizer.device = "nvme"', "NVMe", "not implemented"],
+        ),
+        (
+            {"zero_optimization": {"offload_param": {"device": "gpu"}}},
+            ["offload_param.device", "none, cpu, nvme"],
+        ),
         ({"zero_optimization": {"zero_quantized_weights": True}}, ["ZeRO++", "not implemented"]),
         ({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}, ["fp32 master weights"]),
         ({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, ["bfloat16", "give only one"]),
@@ -450,14 +533,26 @@ def test_unknown_top_level_key_far_from_any_is_a_warning():
 
 
 def test_auto_resolved_where_derivable():
-    d = {TB: "auto", MB: 4, GAS: 2, "gradient_clipping": "auto",
-         "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
-                               "stage3_prefetch_bucket_size": "auto",
-                               "stage3_param_persistence_threshold": "auto"},
-         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": "auto", "eps": "auto",
-                                                   "weight_decay": "auto"}},
-         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
-                                                      "warmup_num_steps": 10}}}
+    d = {
+        TB: "auto",
+        MB: 4,
+        GAS: 2,
+        "gradient_clipping": "auto",
+        "zero_optimization": {
+            "stage": 3,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": 1e-3, "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        },
+        "scheduler": {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": 10},
+        },
+    }
     c = parse(d, world_size=2)
     assert c.train_batch_size == 16 and c.gradient_clipping == 1.0
     assert c.zero_optimization.reduce_bucket_size == 500_000_000
@@ -478,8 +573,13 @@ def test_auto_not_derivable_says_what_fills_it():
 
 def test_overrides_fill_auto():
     d = {TB: "auto", MB: "auto", GAS: "auto", "optimizer": {"type": "adam", "params": {"lr": "auto"}}}
-    c = parse(d, world_size=2, overrides={"optimizer": {"params": {"lr": 1e-4}}},
-              train_micro_batch_size_per_gpu=3, gradient_accumulation_steps=2)
+    c = parse(
+        d,
+        world_size=2,
+        overrides={"optimizer": {"params": {"lr": 1e-4}}},
+        train_micro_batch_size_per_gpu=3,
+        gradient_accumulation_steps=2,
+    )
     assert c.optimizer.params["lr"] == 1e-4 and c.train_batch_size == 12
     assert c.source("optimizer.params.lr") == "override" and c.source(TB) == "auto"
 
@@ -489,8 +589,9 @@ def test_overrides_fill_auto():
 
 def test_overrides_merge_and_conflicts():
     base = {TB: 32, "fp16": {"enabled": True}}
-    c = parse(base, overrides={"fp16": {"initial_scale_power": 8}}, gradient_accumulation_steps=2,
-              world_size=2)
+    c = parse(
+        base, overrides={"fp16": {"initial_scale_power": 8}}, gradient_accumulation_steps=2, world_size=2
+    )
     assert c.fp16.initial_scale_power == 8 and c.train_micro_batch_size_per_gpu == 8
     assert c.source("fp16.initial_scale_power") == "override" and c.source("fp16.enabled") == "user"
     parse(base, train_batch_size=32.0)  # same value twice is fine
@@ -576,8 +677,10 @@ FP16_ON = {"enabled": True}
         ({"steps_per_print": 10**400}, ["steps_per_print", "64-bit"]),
         ({"zero_optimization": {"reduce_bucket_size": 1e30}}, ["zero_optimization.reduce_bucket_size"]),
         ({"zero_optimization": {"stage": 10**400}}, ["zero_optimization.stage"]),
-        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 10**400}}},
-         ["offload_optimizer.ratio"]),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 10**400}}},
+            ["offload_optimizer.ratio"],
+        ),
         ({TB: 10**400}, [TB]),
         ({"tensorboard": {"enabled": False, "output_path": "runs\x00"}}, ["tensorboard.output_path", "NUL"]),
     ],
@@ -650,14 +753,22 @@ def test_other_optimizers_params_are_checked(kind, params, needle):
         ({"type": "WarmupLR", "params": {"warmup_max_lr": [1e-3, 2e-3]}}, ["warmup_max_lr", "one learning"]),
         ({"type": "WarmupLR", "params": {"warmup_num_steps": 10**400}}, ["warmup_num_steps", "64-bit"]),
         ({"type": "WarmupLR", "params": {"warmup_max_lr": 10**400}}, ["warmup_max_lr", "float32"]),
-        ({"type": "OneCycle", "params": {"cycle_min_lr": 0, "cycle_max_lr": 1, "cycle_max_mom": 1.5}},
-         ["cycle_max_mom = 1.5", "[0, 1)"]),
-        ({"type": "OneCycle", "params": {"cycle_min_lr": 0, "cycle_max_lr": 1, "decay_step_size": -2}},
-         ["decay_step_size = -2", ">= 0"]),
-        ({"type": "OneCycle", "params": {"cycle_min_lr": 0, "cycle_max_lr": 1, "decay_lr_rate": -1}},
-         ["decay_lr_rate = -1", ">= 0"]),
-        ({"type": "LRRangeTest", "params": {"lr_range_test_step_rate": 1e300}},
-         ["lr_range_test_step_rate", "float32"]),
+        (
+            {"type": "OneCycle", "params": {"cycle_min_lr": 0, "cycle_max_lr": 1, "cycle_max_mom": 1.5}},
+            ["cycle_max_mom = 1.5", "[0, 1)"],
+        ),
+        (
+            {"type": "OneCycle", "params": {"cycle_min_lr": 0, "cycle_max_lr": 1, "decay_step_size": -2}},
+            ["decay_step_size = -2", ">= 0"],
+        ),
+        (
+            {"type": "OneCycle", "params": {"cycle_min_lr": 0, "cycle_max_lr": 1, "decay_lr_rate": -1}},
+            ["decay_lr_rate = -1", ">= 0"],
+        ),
+        (
+            {"type": "LRRangeTest", "params": {"lr_range_test_step_rate": 1e300}},
+            ["lr_range_test_step_rate", "float32"],
+        ),
     ],
 )
 def test_scheduler_values_are_config_errors(sched, needles):
@@ -670,8 +781,10 @@ def test_scheduler_values_are_config_errors(sched, needles):
     "sched",
     [
         {"type": "WarmupLR", "params": {"warmup_num_steps": 10.0, "warmup_max_lr": [1e-3]}},
-        {"type": "OneCycle",
-         "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": [1e-3], "decay_step_size": 2.0}},
+        {
+            "type": "OneCycle",
+            "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": [1e-3], "decay_step_size": 2.0},
+        },
         {"type": "WarmupDecayLR", "params": {"total_num_steps": 1e2, "last_batch_iteration": -1}},
     ],
 )
@@ -768,22 +881,80 @@ def test_a_fifo_or_a_directory_is_refused_not_waited_on(tmp_path):
 # --- hypothesis ---------------------------------------------------------------------------------------
 
 KEY_NAMES = [
-    TB, MB, GAS, "fp16", "bf16", "bfloat16", "zero_optimization", "optimizer", "scheduler", "type", "params",
-    "enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale",
-    "stage", "reduce_bucket_size", "offload_optimizer", "offload_param", "device", "cpu_offload", "lr",
-    "gradient_clipping", "checkpoint", "tag_validation", "pipeline", "sparse_attention", "wandb",
-    "activation_checkpointing", "partition_activations", "stage3_max_live_parameters", "max_grad_norm",
-    "warmup_num_steps", "total_num_steps", "seed", "steps_per_print", "data_types", "grad_accum_dtype",
+    TB,
+    MB,
+    GAS,
+    "fp16",
+    "bf16",
+    "bfloat16",
+    "zero_optimization",
+    "optimizer",
+    "scheduler",
+    "type",
+    "params",
+    "enabled",
+    "loss_scale",
+    "initial_scale_power",
+    "loss_scale_window",
+    "hysteresis",
+    "min_loss_scale",
+    "stage",
+    "reduce_bucket_size",
+    "offload_optimizer",
+    "offload_param",
+    "device",
+    "cpu_offload",
+    "lr",
+    "gradient_clipping",
+    "checkpoint",
+    "tag_validation",
+    "pipeline",
+    "sparse_attention",
+    "wandb",
+    "activation_checkpointing",
+    "partition_activations",
+    "stage3_max_live_parameters",
+    "max_grad_norm",
+    "warmup_num_steps",
+    "total_num_steps",
+    "seed",
+    "steps_per_print",
+    "data_types",
+    "grad_accum_dtype",
 ]
 # Values at and beyond what int64 / float32 arithmetic holds, and beyond Python's int/str limit.
-EDGE_NUMBERS = st.sampled_from([
-    2**31, 2**63 - 1, 2**63, -(2**63) - 1, 2**64, 10**30, 10**400, -(10**400),
-    1e30, 3.5e38, -3.5e38, 1e300, 1e308, 1e-300, 5e-324, 0.5, 1.0, 0.999,
-]) | st.builds(pow, st.just(10), st.just(5000))  # built, not listed: such an int has no repr
+EDGE_NUMBERS = st.sampled_from(
+    [
+        2**31,
+        2**63 - 1,
+        2**63,
+        -(2**63) - 1,
+        2**64,
+        10**30,
+        10**400,
+        -(10**400),
+        1e30,
+        3.5e38,
+        -3.5e38,
+        1e300,
+        1e308,
+        1e-300,
+        5e-324,
+        0.5,
+        1.0,
+        0.999,
+    ]
+) | st.builds(pow, st.just(10), st.just(5000))  # built, not listed: such an int has no repr
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 70), st.integers(), EDGE_NUMBERS, st.floats(allow_nan=True),
-    st.sampled_from(["auto", "cpu", "nvme", "Adam", "WarmupLR", "OneBitAdam", "fail", "fp32", "", "\x00",
-                     "runs\x00/x"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 70),
+    st.integers(),
+    EDGE_NUMBERS,
+    st.floats(allow_nan=True),
+    st.sampled_from(
+        ["auto", "cpu", "nvme", "Adam", "WarmupLR", "OneBitAdam", "fail", "fp32", "", "\x00", "runs\x00/x"]
+    ),
     st.text(max_size=6),  # includes NUL and other control characters
 )
 keys = st.one_of(st.sampled_from(KEY_NAMES), st.text(max_size=8))
@@ -867,10 +1038,15 @@ def valid_configs(draw, world_sizes=(1, 2, 4)):
     d = {key: triple[key] for key in given_keys}
     precision = draw(st.sampled_from(["fp32", "fp16", "bf16"]))
     if precision == "fp16":
-        d["fp16"] = {"enabled": True, "loss_scale": draw(st.sampled_from([0, 0.0, 1024])),
-                     "initial_scale_power": draw(st.integers(0, 32)),
-                     "loss_scale_window": draw(st.integers(1, 2000)), "hysteresis": draw(st.integers(1, 4)),
-                     "consecutive_hysteresis": draw(st.booleans()), "min_loss_scale": draw(st.integers(1, 8))}
+        d["fp16"] = {
+            "enabled": True,
+            "loss_scale": draw(st.sampled_from([0, 0.0, 1024])),
+            "initial_scale_power": draw(st.integers(0, 32)),
+            "loss_scale_window": draw(st.integers(1, 2000)),
+            "hysteresis": draw(st.integers(1, 4)),
+            "consecutive_hysteresis": draw(st.booleans()),
+            "min_loss_scale": draw(st.integers(1, 8)),
+        }
     elif precision == "bf16":
         d[draw(st.sampled_from(["bf16", "bfloat16"]))] = {"enabled": True}
     stage = draw(st.integers(0, 3))
@@ -885,18 +1061,24 @@ def valid_configs(draw, world_sizes=(1, 2, 4)):
     d["zero_optimization"] = zero
     if draw(st.booleans()):
         kind = draw(st.sampled_from(STEPPABLE_OPTIMIZER_TYPES))
-        d["optimizer"] = {"type": draw(st.sampled_from([kind, kind.upper(), kind.capitalize()])),
-                          "params": {"lr": draw(st.floats(1e-6, 1.0))}}
+        d["optimizer"] = {
+            "type": draw(st.sampled_from([kind, kind.upper(), kind.capitalize()])),
+            "params": {"lr": draw(st.floats(1e-6, 1.0))},
+        }
         if kind in BETAS_TYPES:
             d["optimizer"]["params"]["betas"] = [0.9, 0.999]
     if draw(st.booleans()):
-        d["scheduler"] = draw(st.sampled_from([
-            {"type": "WarmupLR", "params": {"warmup_num_steps": 10, "warmup_type": "linear"}},
-            {"type": "warmupdecaylr", "params": {"total_num_steps": 100}},
-            {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "cos_min_ratio": 0.1}},
-            {"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": [1e-3]}},
-            {"type": "LRRangeTest", "params": {}},
-        ]))
+        d["scheduler"] = draw(
+            st.sampled_from(
+                [
+                    {"type": "WarmupLR", "params": {"warmup_num_steps": 10, "warmup_type": "linear"}},
+                    {"type": "warmupdecaylr", "params": {"total_num_steps": 100}},
+                    {"type": "WarmupCosineLR", "params": {"total_num_steps": 100, "cos_min_ratio": 0.1}},
+                    {"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": [1e-3]}},
+                    {"type": "LRRangeTest", "params": {}},
+                ]
+            )
+        )
     d["gradient_clipping"] = draw(st.sampled_from([0, 0.5, 1.0, "auto"]))
     if draw(st.booleans()):
         d["seed"] = draw(st.integers(0, 2**31))
@@ -1051,10 +1233,16 @@ def test_real_config_rejected_clearly(name):
 @needs_ds_configs
 def test_hf_auto_config_with_overrides():
     c = Config.from_file(
-        DS_CONFIGS / "hf_transformers_tests_zero2_auto.json", world_size=2,
-        overrides={"optimizer": {"params": {"lr": 5e-5}}, "scheduler": {"params": {"warmup_num_steps": 50}},
-                   "fp16": {"enabled": False}, "bf16": {"enabled": True}},
-        train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2,
+        DS_CONFIGS / "hf_transformers_tests_zero2_auto.json",
+        world_size=2,
+        overrides={
+            "optimizer": {"params": {"lr": 5e-5}},
+            "scheduler": {"params": {"warmup_num_steps": 50}},
+            "fp16": {"enabled": False},
+            "bf16": {"enabled": True},
+        },
+        train_micro_batch_size_per_gpu=4,
+        gradient_accumulation_steps=2,
     )
     assert (c.train_batch_size, c.compute_dtype, c.gradient_clipping) == (16, torch.bfloat16, 1.0)
     assert c.scheduler.params["warmup_max_lr"] == 5e-5 and math.isclose(c.optimizer.params["lr"], 5e-5)

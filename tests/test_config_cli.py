@@ -35,8 +35,10 @@ def test_check_prints_values_and_sources(tmp_path, capsys):
     rows = lines_by_key(captured.out)
     assert rows["world_size"].endswith("(argument)") and " 2 " in rows["world_size"]
     assert rows["train_batch_size"].endswith("(file)")
-    assert rows["gradient_accumulation_steps"].endswith("(derived)") and "= 4 " in rows[
-        "gradient_accumulation_steps"]
+    assert (
+        rows["gradient_accumulation_steps"].endswith("(derived)")
+        and "= 4 " in rows["gradient_accumulation_steps"]
+    )
     assert rows["fp16.loss_scale_window"].endswith("(file)") and "500" in rows["fp16.loss_scale_window"]
     assert rows["fp16.hysteresis"].endswith("(default)")
     assert rows["zero_optimization.overlap_comm"].endswith("(default)")
@@ -59,7 +61,7 @@ def test_check_reports_config_errors_with_exit_2(tmp_path, capsys):
 
 def test_register_into_another_parser(tmp_path, capsys):
     path = tmp_path / "ds.json"
-    path.write_text('{train_micro_batch_size_per_gpu: 2, // hjson\n}')
+    path.write_text("{train_micro_batch_size_per_gpu: 2, // hjson\n}")
     parser = argparse.ArgumentParser(prog="zerostep")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train")
@@ -73,20 +75,29 @@ BASE = '"train_batch_size": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1
 # Inputs that raised KeyError, OverflowError, RecursionError, TypeError, ValueError or blocked (issue 22):
 # each must be one "error:" line naming the key path or the file, exit code 2, no traceback.
 BAD_FILES = {
-    "scheduler_auto.json": ('{' + BASE + ', "scheduler": {"type": "auto"}}', "scheduler.type"),
-    "huge_int.json": ('{' + BASE + ', "gradient_clipping": 1' + "0" * 400 + "}", "gradient_clipping"),
-    "huger_int.json": ('{' + BASE + ', "gradient_clipping": 1' + "0" * 5000 + "}", "huger_int.json"),
-    "deep.json": ('{' + BASE + ', "wandb": ' + "[" * 500 + "]" * 500 + "}", "wandb"),
-    "deeper.json": ('{' + BASE + ', "wandb": ' + "[" * 100_000 + "]" * 100_000 + "}", "deeper.json"),
-    "betas_null.json": ('{"train_batch_size": 2, "optimizer": {"type": "Adam", '
-                        '"params": {"betas": [0.5, null]}}}', "optimizer.params.betas[1]"),
-    "betas_auto.json": ('{"train_batch_size": 2, "optimizer": {"type": "Adam", '
-                        '"params": {"betas": ["auto", 0.9]}}}', "optimizer.params.betas[0]"),
-    "window.json": ('{' + BASE + ', "fp16": {"enabled": true, "loss_scale_window": 1e30}}',
-                    "fp16.loss_scale_window"),
-    "hysteresis.json": ('{' + BASE + ', "fp16": {"enabled": true, "hysteresis": 1e30}}', "fp16.hysteresis"),
-    "adagrad.json": ('{"train_batch_size": 2, "optimizer": {"type": "Adagrad", '
-                     '"params": {"initial_accumulator_value": 1e308}}}', "initial_accumulator_value"),
+    "scheduler_auto.json": ("{" + BASE + ', "scheduler": {"type": "auto"}}', "scheduler.type"),
+    "huge_int.json": ("{" + BASE + ', "gradient_clipping": 1' + "0" * 400 + "}", "gradient_clipping"),
+    "huger_int.json": ("{" + BASE + ', "gradient_clipping": 1' + "0" * 5000 + "}", "huger_int.json"),
+    "deep.json": ("{" + BASE + ', "wandb": ' + "[" * 500 + "]" * 500 + "}", "wandb"),
+    "deeper.json": ("{" + BASE + ', "wandb": ' + "[" * 100_000 + "]" * 100_000 + "}", "deeper.json"),
+    "betas_null.json": (
+        '{"train_batch_size": 2, "optimizer": {"type": "Adam", "params": {"betas": [0.5, null]}}}',
+        "optimizer.params.betas[1]",
+    ),
+    "betas_auto.json": (
+        '{"train_batch_size": 2, "optimizer": {"type": "Adam", "params": {"betas": ["auto", 0.9]}}}',
+        "optimizer.params.betas[0]",
+    ),
+    "window.json": (
+        "{" + BASE + ', "fp16": {"enabled": true, "loss_scale_window": 1e30}}',
+        "fp16.loss_scale_window",
+    ),
+    "hysteresis.json": ("{" + BASE + ', "fp16": {"enabled": true, "hysteresis": 1e30}}', "fp16.hysteresis"),
+    "adagrad.json": (
+        '{"train_batch_size": 2, "optimizer": {"type": "Adagrad", '
+        '"params": {"initial_accumulator_value": 1e308}}}',
+        "initial_accumulator_value",
+    ),
     "empty.json": ("", "empty.json' is empty"),
 }
 

@@ -177,8 +177,11 @@ class Config:
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if getattr(value, f.name) is not None or f.name not in ("offload_optimizer", "offload_param")}
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) is not None or f.name not in ("offload_optimizer", "offload_param")
+        }
     return thaw(value)
 
 
@@ -204,8 +207,10 @@ def _parse(
     fp16 = parse_fp16(top.child("fp16"))
     bf16 = parse_bf16(top.child("bf16", aliases=("bfloat16",)))
     if fp16.enabled and bf16.enabled:
-        raise ConfigError("fp16.enabled = true and bf16.enabled = true: choose one mixed-precision mode "
-                          "(DeepSpeed rejects both at once too)")
+        raise ConfigError(
+            "fp16.enabled = true and bf16.enabled = true: choose one mixed-precision mode "
+            "(DeepSpeed rejects both at once too)"
+        )
     zero_raw = merged.get("zero_optimization")
     if isinstance(zero_raw, bool):
         top.allow("zero_optimization", "allgather_size")

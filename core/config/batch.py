@@ -57,8 +57,10 @@ def resolve_batch(
             f"batch size: one of {TB} or {MB} is required "
             f"(given: {GAS} = {gas if gas is not None else 'absent'}); DeepSpeed derives the rest"
         )
-    given = f"(train_batch_size={tb}, train_micro_batch_size_per_gpu={mb}, " \
-            f"gradient_accumulation_steps={gas}, world_size={ws})"
+    given = (
+        f"(train_batch_size={tb}, train_micro_batch_size_per_gpu={mb}, "
+        f"gradient_accumulation_steps={gas}, world_size={ws})"
+    )
     # DeepSpeed's _batch_assertion, in its order.
     if tb <= 0:
         raise ConfigError(f"{TB} = {tb}: must be > 0 {given}")
@@ -106,4 +108,3 @@ def read_batch(top: Block, world_size: int) -> Batch:
         else:
             top.record(key, top.origin(key))
     return batch
-

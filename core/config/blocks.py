@@ -109,11 +109,19 @@ def _optimizer_type(path: str, value: Any) -> str:
         return name
     supported = ", ".join(OPTIMIZER_TYPES)
     if name in UNSUPPORTED_OPTIMIZER_TYPES:
-        raise fail(path, value, f"DeepSpeed's {value} optimizer is not implemented by zerostep; "
-                   f"supported types: {supported}")
+        raise fail(
+            path,
+            value,
+            f"DeepSpeed's {value} optimizer is not implemented by zerostep; supported types: {supported}",
+        )
     hint = did_you_mean(name, OPTIMIZER_TYPES)
-    raise fail(path, value, "unknown optimizer type" + (f"; did you mean {hint!r}?" if hint else "")
-               + f" (supported, case-insensitive: {supported})")
+    raise fail(
+        path,
+        value,
+        "unknown optimizer type"
+        + (f"; did you mean {hint!r}?" if hint else "")
+        + f" (supported, case-insensitive: {supported})",
+    )
 
 
 # The Hugging Face integration writes "auto" for these; the optimizer's own default is DeepSpeed's too.
@@ -129,14 +137,19 @@ def parse_optimizer(block: Block | None) -> OptimizerConfig | None:
     params = _params(block)
     legacy = block.take("legacy_fusion", False, boolean)
     if legacy:
-        warn(f"{block.key_path('legacy_fusion')} = true has no effect in zerostep (a DeepSpeed fp16 "
-             "optimizer-wrapper switch)")
+        warn(
+            f"{block.key_path('legacy_fusion')} = true has no effect in zerostep (a DeepSpeed fp16 "
+            "optimizer-wrapper switch)"
+        )
     block.finish()
     path = block.key_path("params")
     if "max_grad_norm" in params:
-        raise fail(f"{path}.max_grad_norm", params["max_grad_norm"],
-                   "not an optimizer parameter in DeepSpeed or zerostep: use the top-level "
-                   '"gradient_clipping" instead')
+        raise fail(
+            f"{path}.max_grad_norm",
+            params["max_grad_norm"],
+            "not an optimizer parameter in DeepSpeed or zerostep: use the top-level "
+            '"gradient_clipping" instead',
+        )
     for key in list(params):
         if params[key] != "auto":
             continue
@@ -175,22 +188,47 @@ _COUNT = "count"  # an integer >= 0
 _LAST = "last"  # last_batch_iteration: -1 only, zerostep resumes a schedule from the checkpoint's step
 _BOOL = "bool"
 _WARMUP_TYPE = "warmup_type"
-_WARMUP = {"warmup_min_lr": _LR, "warmup_max_lr": _LR, "warmup_num_steps": _STEPS,
-           "warmup_type": _WARMUP_TYPE, "last_batch_iteration": _LAST}
+_WARMUP = {
+    "warmup_min_lr": _LR,
+    "warmup_max_lr": _LR,
+    "warmup_num_steps": _STEPS,
+    "warmup_type": _WARMUP_TYPE,
+    "last_batch_iteration": _LAST,
+}
 # Each schedule's keyword arguments in DeepSpeed 0.19's lr_schedules.py, and the required ones.
 SCHEDULER_PARAMS: dict[str, dict[str, str]] = {
     "WarmupLR": _WARMUP,
     "WarmupDecayLR": {**_WARMUP, "total_num_steps": _STEPS},
-    "WarmupCosineLR": {"total_num_steps": _STEPS, "warmup_min_ratio": _RATIO, "warmup_num_steps": _STEPS,
-                       "cos_min_ratio": _RATIO, "warmup_type": _WARMUP_TYPE, "last_batch_iteration": _LAST},
-    "OneCycle": {"cycle_min_lr": _LR, "cycle_max_lr": _LR, "decay_lr_rate": _RATE,
-                 "cycle_first_step_size": _STEPS, "cycle_second_step_size": _STEPS,
-                 "cycle_first_stair_count": _COUNT, "cycle_second_stair_count": _COUNT,
-                 "decay_step_size": _COUNT, "cycle_momentum": _BOOL, "cycle_min_mom": _MOM,
-                 "cycle_max_mom": _MOM, "decay_mom_rate": _RATE, "last_batch_iteration": _LAST},
-    "LRRangeTest": {"lr_range_test_min_lr": _LR, "lr_range_test_step_size": _STEPS,
-                    "lr_range_test_step_rate": _RATE, "lr_range_test_staircase": _BOOL,
-                    "last_batch_iteration": _LAST},
+    "WarmupCosineLR": {
+        "total_num_steps": _STEPS,
+        "warmup_min_ratio": _RATIO,
+        "warmup_num_steps": _STEPS,
+        "cos_min_ratio": _RATIO,
+        "warmup_type": _WARMUP_TYPE,
+        "last_batch_iteration": _LAST,
+    },
+    "OneCycle": {
+        "cycle_min_lr": _LR,
+        "cycle_max_lr": _LR,
+        "decay_lr_rate": _RATE,
+        "cycle_first_step_size": _STEPS,
+        "cycle_second_step_size": _STEPS,
+        "cycle_first_stair_count": _COUNT,
+        "cycle_second_stair_count": _COUNT,
+        "decay_step_size": _COUNT,
+        "cycle_momentum": _BOOL,
+        "cycle_min_mom": _MOM,
+        "cycle_max_mom": _MOM,
+        "decay_mom_rate": _RATE,
+        "last_batch_iteration": _LAST,
+    },
+    "LRRangeTest": {
+        "lr_range_test_min_lr": _LR,
+        "lr_range_test_step_size": _STEPS,
+        "lr_range_test_step_rate": _RATE,
+        "lr_range_test_staircase": _BOOL,
+        "last_batch_iteration": _LAST,
+    },
 }
 REQUIRED_SCHEDULER_PARAMS = {
     "WarmupDecayLR": ("total_num_steps",),
@@ -205,8 +243,13 @@ def _scheduler_type(path: str, value: Any) -> str:
         if name.lower() == canonical.lower():
             return canonical
     hint = did_you_mean(name, SCHEDULER_TYPES)
-    raise fail(path, value, "unknown scheduler type" + (f"; did you mean {hint!r}?" if hint else "")
-               + f" (supported, case-insensitive: {', '.join(SCHEDULER_TYPES)})")
+    raise fail(
+        path,
+        value,
+        "unknown scheduler type"
+        + (f"; did you mean {hint!r}?" if hint else "")
+        + f" (supported, case-insensitive: {', '.join(SCHEDULER_TYPES)})",
+    )
 
 
 def _check_param(path: str, value: Any, kind: str) -> Any:
@@ -215,8 +258,12 @@ def _check_param(path: str, value: Any, kind: str) -> Any:
         if isinstance(value, (list, tuple)):
             # DeepSpeed takes one lr per parameter group; zerostep's schedule is one for all groups.
             if len(value) != 1:
-                raise fail(path, value, "must be one learning rate (a number, or a list holding one): "
-                           "zerostep drives every parameter group with one schedule")
+                raise fail(
+                    path,
+                    value,
+                    "must be one learning rate (a number, or a list holding one): "
+                    "zerostep drives every parameter group with one schedule",
+                )
             value = value[0]
         return number(path, value, minimum=0.0)
     if kind in (_RATE, _RATIO):
@@ -232,8 +279,9 @@ def _check_param(path: str, value: Any, kind: str) -> Any:
         return integer(path, value, minimum=0)
     if kind == _LAST:
         if integer(path, value) != -1:
-            raise fail(path, value, "only -1 is accepted: zerostep resumes a schedule from the "
-                       "checkpoint's step")
+            raise fail(
+                path, value, "only -1 is accepted: zerostep resumes a schedule from the checkpoint's step"
+            )
         return -1
     if kind == _BOOL:
         return boolean(path, value)
@@ -257,8 +305,12 @@ def parse_scheduler(block: Block | None, optimizer: OptimizerConfig | None) -> S
     for key in list(params):
         if key not in known:
             hint = did_you_mean(key, list(known))
-            raise fail(f"{path}.{key}", params[key], f"not a {kind} parameter"
-                       + (f"; did you mean {hint!r}?" if hint else f" (accepted: {', '.join(known)})"))
+            raise fail(
+                f"{path}.{key}",
+                params[key],
+                f"not a {kind} parameter"
+                + (f"; did you mean {hint!r}?" if hint else f" (accepted: {', '.join(known)})"),
+            )
         if params[key] == "auto":
             _resolve_auto(params, key, optimizer, path, block)
         else:
@@ -270,8 +322,9 @@ def parse_scheduler(block: Block | None, optimizer: OptimizerConfig | None) -> S
     return SchedulerConfig(type=kind, params=freeze(params))
 
 
-def _resolve_auto(params: dict[str, Any], key: str, optimizer: OptimizerConfig | None, path: str,
-                  block: Block) -> None:
+def _resolve_auto(
+    params: dict[str, Any], key: str, optimizer: OptimizerConfig | None, path: str, block: Block
+) -> None:
     """Fill an "auto" scheduler parameter as the Hugging Face integration would, where zerostep can."""
     lr = None if optimizer is None else optimizer.params.get("lr")
     if key == "warmup_min_lr":
@@ -307,13 +360,18 @@ def parse_checkpoint(block: Block | None) -> CheckpointConfig:
         warn(f"{block.key_path('checkpoint_serialization')} = false has no effect: zerostep writes msgpack")
     writer = block.take("writer", None, optional(lambda path, value: value))
     if writer is not None:
-        raise fail(block.key_path("writer"), writer, "DeepSpeed's FastPersist checkpoint writer is not "
-                   "implemented by zerostep (it writes msgpack shards itself); remove the key")
+        raise fail(
+            block.key_path("writer"),
+            writer,
+            "DeepSpeed's FastPersist checkpoint writer is not "
+            "implemented by zerostep (it writes msgpack shards itself); remove the key",
+        )
     parallel = block.child("parallel_write")
     if parallel is not None:
         if parallel.take("pipeline_stage", False, boolean):
-            warn(f"{parallel.key_path('pipeline_stage')} = true has no effect: zerostep has no "
-                 "pipeline stages")
+            warn(
+                f"{parallel.key_path('pipeline_stage')} = true has no effect: zerostep has no pipeline stages"
+            )
         parallel.finish()
     block.finish()
     return config

@@ -24,8 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="parse a DeepSpeed config and print every resolved value, marked as given or default",
     )
     check.add_argument("file", metavar="FILE", help="DeepSpeed config (JSON or hjson)")
-    check.add_argument("--world-size", type=int, default=None, metavar="N",
-                       help="data-parallel world size for the batch resolution (default 1)")
+    check.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel world size for the batch resolution (default 1)",
+    )
     check.set_defaults(func=check_command)
 
 
@@ -52,8 +57,10 @@ def render(config: Config, world_size_given: bool = False) -> str:
         rows.append((path, json.dumps(value), config.source(path)))
     width = max(len(path) + len(value) + 3 for path, value, _ in rows)
     lines = [f"{f'{path} = {value}':<{width}}  ({source})" for path, value, source in rows]
-    legend = ("sources: file = from the config file, default = DeepSpeed's default, derived = computed "
-              'from other values, auto = "auto" filled in by zerostep')
+    legend = (
+        "sources: file = from the config file, default = DeepSpeed's default, derived = computed "
+        'from other values, auto = "auto" filled in by zerostep'
+    )
     return "\n".join([*lines, "", legend])
 
 

@@ -36,8 +36,10 @@ def _activation_checkpointing(value: Any) -> bool:
     # These options change what deepspeed.checkpointing does to activations; the rest only tune it.
     if not isinstance(value, Mapping):
         return _non_empty(value)
-    return any(value.get(key) is True for key in
-               ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization"))
+    return any(
+        value.get(key) is True
+        for key in ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization")
+    )
 
 
 def _deepcompile(value: Any) -> bool:
@@ -54,9 +56,11 @@ UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sparse_attention": (_non_empty, "sparse attention (removed from DeepSpeed too)"),
     "compression_training": (_any_enabled, "compression training"),
     "elasticity": (_any_enabled, "elastic training"),
-    "activation_checkpointing": (_activation_checkpointing,
-                                 "deepspeed.checkpointing (partitioned, CPU or contiguous activation "
-                                 "checkpoints; use torch.utils.checkpoint in the model instead)"),
+    "activation_checkpointing": (
+        _activation_checkpointing,
+        "deepspeed.checkpointing (partitioned, CPU or contiguous activation "
+        "checkpoints; use torch.utils.checkpoint in the model instead)",
+    ),
     "flops_profiler": (_any_enabled, "the FLOPs profiler"),
     "curriculum_learning": (_any_enabled, "curriculum learning"),
     "data_efficiency": (_any_enabled, "data efficiency (curriculum sampling and random-LTD)"),
@@ -99,8 +103,11 @@ NO_EFFECT_KEYS: dict[str, tuple[Any, str]] = {
 
 def check_gradient_allreduce_op(value: Any) -> None:
     if value == "sum":
-        raise fail("gradient_allreduce_op", value, 'only "mean" is implemented: zerostep averages gradients '
-                   "over micro-batches and ranks")
+        raise fail(
+            "gradient_allreduce_op",
+            value,
+            'only "mean" is implemented: zerostep averages gradients over micro-batches and ranks',
+        )
     if value != "mean":
         raise fail("gradient_allreduce_op", value, 'must be "mean" (or DeepSpeed\'s "sum", not implemented)')
 
@@ -115,10 +122,16 @@ def check_other_keys(raw: Mapping[str, Any], known: list[str]) -> None:
         elif key in UNSUPPORTED_FEATURES:
             is_on, feature = UNSUPPORTED_FEATURES[key]
             if is_on(value):
-                raise fail(key, value, f"{feature} is not implemented by zerostep; remove the block "
-                           "(or switch it off) to train with zerostep")
-            warn(f"{key} = {show(value)}: {feature} is not implemented by zerostep; the block is off "
-                 "and ignored")
+                raise fail(
+                    key,
+                    value,
+                    f"{feature} is not implemented by zerostep; remove the block "
+                    "(or switch it off) to train with zerostep",
+                )
+            warn(
+                f"{key} = {show(value)}: {feature} is not implemented by zerostep; the block is off "
+                "and ignored"
+            )
         elif key in NO_EFFECT_KEYS:
             default, reason = NO_EFFECT_KEYS[key]
             if value != default:

@@ -124,8 +124,15 @@ def merge_sources(sources: list[tuple[str, str, Mapping[str, Any]]]) -> tuple[di
     return merged, labels
 
 
-def _merge_into(target: dict[str, Any], data: Mapping[str, Any], prefix: str, name: str, label: str,
-                owner: dict[str, str], labels: dict[str, str]) -> None:
+def _merge_into(
+    target: dict[str, Any],
+    data: Mapping[str, Any],
+    prefix: str,
+    name: str,
+    label: str,
+    owner: dict[str, str],
+    labels: dict[str, str],
+) -> None:
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in target:
@@ -143,8 +150,10 @@ def _merge_into(target: dict[str, Any], data: Mapping[str, Any], prefix: str, na
             _merge_into(existing, value, path, name, label, owner, labels)
         elif not same_value(existing, value):
             first = owner.get(path) or _owner_below(path, owner)
-            raise ConfigError(f"{path} is given twice with different values: {show(existing)} in {first} "
-                              f"and {show(value)} in {name}")
+            raise ConfigError(
+                f"{path} is given twice with different values: {show(existing)} in {first} "
+                f"and {show(value)} in {name}"
+            )
 
 
 def _copy(value: Any) -> Any:

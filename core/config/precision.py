@@ -98,8 +98,11 @@ def parse_fp16(block: Block | None) -> FP16Config:
         for key, minimum in (("loss_scale_window", 1), ("min_loss_scale", 1), ("hysteresis", 1)):
             value = getattr(config, key)
             if value < minimum:
-                raise fail(block.key_path(key), value, f"must be >= {minimum} when dynamic loss "
-                           "scaling is on (fp16.enabled with loss_scale 0)")
+                raise fail(
+                    block.key_path(key),
+                    value,
+                    f"must be >= {minimum} when dynamic loss scaling is on (fp16.enabled with loss_scale 0)",
+                )
     return config
 
 
@@ -117,8 +120,12 @@ def parse_bf16(block: Block | None) -> BF16Config:
     for key in ("bf16_master_weights_and_grads", "bf16_optimizer_states"):
         wanted = block.take(key, False, boolean)
         if wanted:
-            raise fail(block.key_path(key), True, "not implemented by zerostep, which keeps fp32 master "
-                       "weights and fp32 optimizer state under bf16; remove the key or set it false")
+            raise fail(
+                block.key_path(key),
+                True,
+                "not implemented by zerostep, which keeps fp32 master "
+                "weights and fp32 optimizer state under bf16; remove the key or set it false",
+            )
     block.finish()
     return config
 

@@ -290,8 +290,11 @@ class Block:
         self.known.extend((key, *aliases))
         present = [name for name in (key, *aliases) if self.raw.get(name) is not None]
         if len(present) > 1:
-            raise fail(self.key_path(present[1]), self.raw[present[1]],
-                       f"{self.key_path(present[0])} is also given; they are one block: give only one")
+            raise fail(
+                self.key_path(present[1]),
+                self.raw[present[1]],
+                f"{self.key_path(present[0])} is also given; they are one block: give only one",
+            )
         if not present:
             return None
         return Block(self.raw[present[0]], self.key_path(present[0]), self.ctx)
@@ -304,8 +307,11 @@ class Block:
         for key in self.raw:
             if key not in self.known:
                 hint = did_you_mean(key, self.known)
-                rule = f"unknown key; did you mean {hint!r}?" if hint else (
-                    f"unknown key; {self.path or 'the config'} accepts {', '.join(sorted(set(self.known)))}"
+                accepted = ", ".join(sorted(set(self.known)))
+                rule = (
+                    f"unknown key; did you mean {hint!r}?"
+                    if hint
+                    else f"unknown key; {self.path or 'the config'} accepts {accepted}"
                 )
                 raise fail(self.key_path(key), self.raw[key], rule)
 
@@ -322,4 +328,3 @@ def same_value(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # exotic objects in a hand-built dict: treat as different
         return False
-

@@ -104,8 +104,12 @@ def _ratio(path: str, value: Any) -> float:
 def _device(path: str, value: Any) -> str:
     device = choice(("none", "cpu", "nvme"), case_insensitive=False)(path, value)
     if device == "nvme":
-        raise fail(path, value, "offload to NVMe is not implemented by zerostep (it needs DeepSpeed's async "
-                   'I/O); use "cpu" or remove the offload block')
+        raise fail(
+            path,
+            value,
+            "offload to NVMe is not implemented by zerostep (it needs DeepSpeed's async "
+            'I/O); use "cpu" or remove the offload block',
+        )
     return device
 
 
@@ -155,8 +159,11 @@ _NO_EFFECT = {
     "log_trace_cache_warnings": (False, boolean, "zerostep has no stage-3 trace cache"),
     "enable_sanity_checks": (False, boolean, "it enables DeepSpeed-internal checks"),
     "save_muon_momentum_buffer_in_memory": (False, boolean, "zerostep has no Muon or NVMe offload"),
-    "cpu_offload_use_pin_memory": (None, optional(boolean), "DeepSpeed ignores it too (deprecated); "
-                                   "use offload_optimizer.pin_memory"),
+    "cpu_offload_use_pin_memory": (
+        None,
+        optional(boolean),
+        "DeepSpeed ignores it too (deprecated); use offload_optimizer.pin_memory",
+    ),
     "leaf_module": ({}, mapping, "zerostep has no stage-3 module hooks"),
 }
 
@@ -187,8 +194,11 @@ def _deprecated_offload(block: Block, key: str, target: str, present: Any) -> bo
     flag = block.take(key, None, optional(boolean))
     if flag is None:
         return False
-    warn(f"{block.key_path(key)} is deprecated in DeepSpeed; read as {target}: {{device: cpu}}" if flag
-         else f"{block.key_path(key)} = false is deprecated in DeepSpeed and has no effect")
+    warn(
+        f"{block.key_path(key)} is deprecated in DeepSpeed; read as {target}: {{device: cpu}}"
+        if flag
+        else f"{block.key_path(key)} = false is deprecated in DeepSpeed and has no effect"
+    )
     if flag and present is not None:
         raise fail(block.key_path(key), flag, f"conflicts with {block.key_path(target)}: give only {target}")
     if flag:
@@ -224,39 +234,60 @@ def parse_zero(block: Block | None) -> ZeroConfig:
         overlap_param_gather=block.take("overlap_param_gather", d.overlap_param_gather, boolean),
         round_robin_gradients=block.take("round_robin_gradients", d.round_robin_gradients, boolean),
         use_multi_rank_bucket_allreduce=block.take(
-            "use_multi_rank_bucket_allreduce", d.use_multi_rank_bucket_allreduce, boolean),
+            "use_multi_rank_bucket_allreduce", d.use_multi_rank_bucket_allreduce, boolean
+        ),
         load_from_fp32_weights=block.take("load_from_fp32_weights", d.load_from_fp32_weights, boolean),
         ignore_unused_parameters=block.take("ignore_unused_parameters", d.ignore_unused_parameters, boolean),
         sub_group_size=bucket("sub_group_size", d.sub_group_size),
         offload_optimizer=offload_optimizer,
         offload_param=offload_param,
         stage3_prefetch_bucket_size=bucket(
-            "stage3_prefetch_bucket_size", d.stage3_prefetch_bucket_size, ("prefetch_bucket_size",)),
+            "stage3_prefetch_bucket_size", d.stage3_prefetch_bucket_size, ("prefetch_bucket_size",)
+        ),
         stage3_param_persistence_threshold=bucket(
-            "stage3_param_persistence_threshold", d.stage3_param_persistence_threshold,
-            ("param_persistence_threshold",)),
+            "stage3_param_persistence_threshold",
+            d.stage3_param_persistence_threshold,
+            ("param_persistence_threshold",),
+        ),
         stage3_model_persistence_threshold=bucket(
-            "stage3_model_persistence_threshold", d.stage3_model_persistence_threshold,
-            ("model_persistence_threshold",)),
+            "stage3_model_persistence_threshold",
+            d.stage3_model_persistence_threshold,
+            ("model_persistence_threshold",),
+        ),
         stage3_max_live_parameters=bucket(
-            "stage3_max_live_parameters", d.stage3_max_live_parameters, ("max_live_parameters",)),
+            "stage3_max_live_parameters", d.stage3_max_live_parameters, ("max_live_parameters",)
+        ),
         stage3_max_reuse_distance=bucket(
-            "stage3_max_reuse_distance", d.stage3_max_reuse_distance, ("max_reuse_distance",)),
+            "stage3_max_reuse_distance", d.stage3_max_reuse_distance, ("max_reuse_distance",)
+        ),
         stage3_gather_16bit_weights_on_model_save=block.take(
-            "stage3_gather_16bit_weights_on_model_save", d.stage3_gather_16bit_weights_on_model_save, boolean,
-            aliases=("gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save")),
+            "stage3_gather_16bit_weights_on_model_save",
+            d.stage3_gather_16bit_weights_on_model_save,
+            boolean,
+            aliases=("gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save"),
+        ),
         stage3_module_granularity_threshold=bucket(
-            "stage3_module_granularity_threshold", d.stage3_module_granularity_threshold,
-            ("module_granularity_threshold",)),
+            "stage3_module_granularity_threshold",
+            d.stage3_module_granularity_threshold,
+            ("module_granularity_threshold",),
+        ),
         stage3_use_all_reduce_for_fetch_params=block.take(
-            "stage3_use_all_reduce_for_fetch_params", d.stage3_use_all_reduce_for_fetch_params, boolean,
-            aliases=("use_all_reduce_for_fetch_params",)),
+            "stage3_use_all_reduce_for_fetch_params",
+            d.stage3_use_all_reduce_for_fetch_params,
+            boolean,
+            aliases=("use_all_reduce_for_fetch_params",),
+        ),
         stage3_allgather_sequential=block.take(
-            "stage3_allgather_sequential", d.stage3_allgather_sequential, boolean,
-            aliases=("allgather_sequential",)),
+            "stage3_allgather_sequential",
+            d.stage3_allgather_sequential,
+            boolean,
+            aliases=("allgather_sequential",),
+        ),
         stage3_partition_stream_chunk_size=bucket(
-            "stage3_partition_stream_chunk_size", d.stage3_partition_stream_chunk_size,
-            ("partition_stream_chunk_size",)),
+            "stage3_partition_stream_chunk_size",
+            d.stage3_partition_stream_chunk_size,
+            ("partition_stream_chunk_size",),
+        ),
     )
     if config.overlap_comm is None:  # explicit null: DeepSpeed's validator fills stage == 3
         config = dataclasses.replace(config, overlap_comm=stage == 3)
@@ -267,14 +298,20 @@ def parse_zero(block: Block | None) -> ZeroConfig:
     for key, (default, convert, feature) in _UNSUPPORTED.items():
         value = block.take(key, default, convert)
         if not _off(key, value):
-            raise fail(block.key_path(key), value,
-                       f"{feature} is not implemented by zerostep; remove the key")
+            raise fail(
+                block.key_path(key), value, f"{feature} is not implemented by zerostep; remove the key"
+            )
     if offload_param is not None and stage != 3:
-        warn(f"{block.key_path('offload_param')} has no effect at stage {stage}: parameter offload is "
-             "stage 3 only (DeepSpeed ignores it too)")
+        warn(
+            f"{block.key_path('offload_param')} has no effect at stage {stage}: parameter offload is "
+            "stage 3 only (DeepSpeed ignores it too)"
+        )
     if offload_optimizer is not None and offload_optimizer.ratio < 1.0 and stage != 3:
-        raise fail(block.key_path("offload_optimizer.ratio"), offload_optimizer.ratio,
-                   "partial optimizer offload (ratio < 1) needs stage 3")
+        raise fail(
+            block.key_path("offload_optimizer.ratio"),
+            offload_optimizer.ratio,
+            "partial optimizer offload (ratio < 1) needs stage 3",
+        )
     block.finish()
     return config
 
@@ -282,8 +319,10 @@ def parse_zero(block: Block | None) -> ZeroConfig:
 def parse_legacy_zero(flag: bool, top: Block) -> ZeroConfig:
     """``"zero_optimization": true/false`` (DeepSpeed's old form): true is stage 1, with the bucket
     size read from the top-level ``allgather_size``."""
-    warn(f'"zero_optimization": {str(flag).lower()} is a deprecated DeepSpeed form; read as '
-         f'{{"stage": {1 if flag else 0}}}')
+    warn(
+        f'"zero_optimization": {str(flag).lower()} is a deprecated DeepSpeed form; read as '
+        f'{{"stage": {1 if flag else 0}}}'
+    )
     if not flag:
         top.take("allgather_size", None, optional(size))
         return ZeroConfig()

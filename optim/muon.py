@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -157,6 +157,8 @@ def muon(
     adjust_lr_fn: str = "original",
     schedule_sets_lr: bool = False,
     param_pieces: PerLeaf = None,
+    lr_multipliers: PerLeaf = None,
+    weight_decay_mask: PerLeaf = None,
     all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Optimizer:
     """DeepSpeed's MuonWithAuxAdam over a pytree (or the engine's flat shards, with ``param_pieces``).
@@ -166,7 +168,9 @@ def muon(
     DeepSpeed's choice (bf16/fp16 on GPUs), or ``"float32"``, ``"bfloat16"``, ``"float16"``.
     ``param_pieces``: per leaf, a ``FlatPieces`` saying which parameters the leaf holds (leaves without
     one are whole parameters named by their pytree path). ``all_gather``: shard -> full buffer over the
-    ranks, needed when a leaf is sharded."""
+    ranks, needed when a leaf is sharded. ``lr_multipliers`` / ``weight_decay_mask``: per-leaf factors
+    (numbers, or tensors shaped like the leaf) on both groups' lr and weight decay (the engine's param
+    groups)."""
     b1, b2 = check_betas(betas)
     for key, value in (
         ("lr", lr),
@@ -244,20 +248,26 @@ def muon(
         adam_lr_now = lr if schedule_sets_lr else (lr * adam_ratio if adam_ratio is not None else adam_lr)
         p_leaves, (g_leaves, m_leaves, v_leaves) = leaves_like(params, grads, state.exp_avg, state.exp_avg_sq)
         c_leaves = per_leaf(opts.param_copies, params, None)
-        for i, (p, g, m, v, copy, plan) in enumerate(
-            zip(p_leaves, g_leaves, m_leaves, v_leaves, c_leaves, leaf_plans(params))
-        ):
+        lr_factors = per_leaf(lr_multipliers, params, 1.0)
+        wd_factors = per_leaf(weight_decay_mask, params, 1.0)
+        leaves = zip(
+            p_leaves, g_leaves, m_leaves, v_leaves, c_leaves, leaf_plans(params), lr_factors, wd_factors
+        )
+        for i, (p, g, m, v, copy, plan, lr_f, wd_f) in enumerate(leaves):
+            lr_f, wd = _flat_factor(lr_f), weight_decay * _flat_factor(wd_f)
             pw = compute_view(p)
             flat_p, flat_m, flat_v = _flat(pw), _flat(m), _flat(v)
             flat_g = _flat(prepared_grad(g, opts.grad_scale, m.dtype))
             if plan.kind == "adam":
                 step = _adam_direction(flat_g, flat_m, flat_v, b1, b2, bc1, bc2, eps)
-                flat_p.mul_(1 - adam_lr_now * weight_decay).sub_(step * adam_lr_now)
+                step_lr = adam_lr_now * lr_f
+                flat_p.mul_(1 - step_lr * wd).sub_(step * step_lr)
             elif plan.kind == "muon":
                 flat_m.lerp_(flat_g, 1 - momentum)
                 direction = flat_g.lerp(flat_m, momentum) if nesterov else flat_m
                 ortho = _orthogonalized(direction, plan, ns_steps, ns_method, ns_dtype)
-                flat_p.mul_(1 - muon_lr * weight_decay).sub_(ortho * muon_lr)
+                step_lr = muon_lr * lr_f
+                flat_p.mul_(1 - step_lr * wd).sub_(ortho * step_lr)
             else:
                 mask = muon_mask(i, plan, flat_p.numel(), flat_p.device)
                 flat_m.lerp_(flat_g, torch.where(mask, 1 - momentum, 1 - b1))
@@ -265,8 +275,8 @@ def muon(
                 direction = flat_g.lerp(flat_m, momentum) if nesterov else flat_m
                 ortho = _orthogonalized(direction, plan, ns_steps, ns_method, ns_dtype)
                 adam_step = (flat_m / bc1) / ((flat_v / bc2).sqrt() + eps)
-                step_lr = torch.where(mask, muon_lr, adam_lr_now)
-                flat_p.mul_(1 - step_lr * weight_decay).sub_(torch.where(mask, ortho, adam_step) * step_lr)
+                step_lr = torch.where(mask, muon_lr, adam_lr_now) * lr_f
+                flat_p.mul_(1 - step_lr * wd).sub_(torch.where(mask, ortho, adam_step) * step_lr)
             finish_param(p, pw, copy)
 
     def _orthogonalized(direction, plan: _LeafPlan, steps: int, method: str, dtype_name: str) -> torch.Tensor:
@@ -315,6 +325,13 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
         raise ValueError(f"Muon updates contiguous tensors in place; got strides {t.stride()}")
     return t.view(-1)
+
+
+def _flat_factor(x: Any) -> Any:
+    """A per-leaf factor as the flat update sees it: numbers as they are, tensors flattened."""
+    if isinstance(x, bool):
+        return float(x)
+    return x.reshape(-1) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
 
 
 def _adam_direction(g, m, v, b1, b2, bc1, bc2, eps) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from zerostep.errors import ConfigError
 from zerostep.optim.adam import adam
-from zerostep.optim.base import Optimizer, PerLeaf, PyTree
+from zerostep.optim.base import Optimizer, PerLeaf, PyTree, per_leaf
 from zerostep.optim.pieces import FlatPieces, resolve_pieces, runs_tensor
 from zerostep.optim.sgd import sgd
 
@@ -97,12 +97,16 @@ def mu_optimizer(
     widths: Mapping[str, WidthInfo],
     *,
     param_pieces: PerLeaf = None,
+    lr_multipliers: PerLeaf = None,
+    weight_decay_mask: PerLeaf = None,
     use_triton: bool | None = None,
     **hyper: Any,
 ) -> Optimizer:
     """``kind`` in ``MUP_TYPES``: zerostep's Adam (L2), AdamW or SGD with mup's per-parameter scaling.
     ``widths``: parameter name -> ``WidthInfo`` (leaves without ``param_pieces`` are named by their
-    pytree path); ``hyper``: the torch optimizer's keywords (``lr`` required, as in mup)."""
+    pytree path); ``hyper``: the torch optimizer's keywords (``lr`` required, as in mup).
+    ``lr_multipliers`` / ``weight_decay_mask``: further per-leaf factors (the engine's param groups),
+    multiplied with mup's at each step (so factors written in place take effect)."""
     if kind not in MUP_TYPES:
         raise ValueError(f"kind must be one of {MUP_TYPES}, got {kind!r}")
     if "lr" not in hyper:
@@ -123,15 +127,22 @@ def mu_optimizer(
             cache[key] = (lr_mult, wd_mult)
         return cache[key]
 
-    def tree_of(index: int) -> Any:
+    def tree_of(index: int, user: PerLeaf) -> Any:
         def per_leaf_tree(params: PyTree) -> PyTree:
             spec = optree.tree_structure(params)
-            return optree.tree_unflatten(spec, multipliers(params)[index])
+            ours = multipliers(params)[index]
+            if user is not None:
+                ours = [_times(a, b) for a, b in zip(ours, per_leaf(user, params, 1.0))]
+            return optree.tree_unflatten(spec, ours)
 
         return per_leaf_tree
 
     if kind == "musgd":
-        inner = sgd(**hyper, weight_decay_mask=tree_of(1), lr_multipliers=tree_of(0))
+        inner = sgd(
+            **hyper,
+            weight_decay_mask=tree_of(1, weight_decay_mask),
+            lr_multipliers=tree_of(0, lr_multipliers),
+        )
     else:
         inner = adam(
             **hyper,
@@ -153,6 +164,15 @@ def mu_optimizer(
         apply_fn=inner.apply_fn,
         cycles_momentum=inner.cycles_momentum,
     )
+
+
+def _times(a: Any, b: Any) -> Any:
+    b = float(b) if isinstance(b, bool) else b
+    if not isinstance(b, torch.Tensor) and b == 1.0:
+        return a
+    if not isinstance(a, torch.Tensor) and a == 1.0:
+        return b
+    return a * b
 
 
 def _runs(kind: str, fp: FlatPieces, widths: Mapping[str, WidthInfo]):

@@ -39,8 +39,12 @@ def per_parameter_from_config(
     schedule_sets_lr: bool = False,
     param_widths: Mapping[str, WidthInfo] | None = None,
     use_triton: bool | None = None,
+    lr_multipliers: PerLeaf = None,
+    weight_decay_mask: PerLeaf = None,
 ) -> Optimizer:
-    """The optimizer for type ``kind`` (any case) with the block's ``params``."""
+    """The optimizer for type ``kind`` (any case) with the block's ``params``. ``lr_multipliers`` and
+    ``weight_decay_mask`` (the engine's param groups) reach every type."""
+    factors = dict(lr_multipliers=lr_multipliers, weight_decay_mask=weight_decay_mask)
     name = kind.lower()
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}  # JSON lists -> tuples
     if name == MUON_TYPE:
@@ -67,8 +71,8 @@ def per_parameter_from_config(
                 "which the engine reads from the model's `infshape` attributes"
             )
         extra = {"use_triton": use_triton} if name != "musgd" else {}
-        return mu_optimizer(name, param_widths, param_pieces=param_pieces, **params, **extra)
-    return from_torch_optimizer(torch_optimizer_class(kind), params, param_pieces=param_pieces)
+        return mu_optimizer(name, param_widths, param_pieces=param_pieces, **params, **extra, **factors)
+    return from_torch_optimizer(torch_optimizer_class(kind), params, param_pieces=param_pieces, **factors)
 
 
 def _check_keys(kind: str, params: Mapping[str, Any], accepted: tuple[str, ...]) -> None:

@@ -124,6 +124,8 @@ def from_torch_optimizer(
     *,
     param_hyperparams: Mapping[str, Mapping[str, Any]] | None = None,
     param_pieces: PerLeaf = None,
+    lr_multipliers: PerLeaf = None,
+    weight_decay_mask: PerLeaf = None,
     name: str | None = None,
 ) -> Optimizer:
     """A functional ``Optimizer`` that runs ``optimizer`` (a ``torch.optim.Optimizer`` subclass, or an
@@ -132,7 +134,9 @@ def from_torch_optimizer(
     ``hyperparams``: constructor keywords (override an instance's defaults). ``param_hyperparams``:
     parameter name -> keywords of its own param group (e.g. ``{"fc.bias": {"weight_decay": 0.0}}``; see
     ``torch_param_hyperparams``). ``param_pieces``: per leaf, a ``FlatPieces`` (the engine passes them);
-    leaves without one are one parameter each, named by their pytree path. A given instance is not
+    leaves without one are one parameter each, named by their pytree path. ``lr_multipliers`` and
+    ``weight_decay_mask`` (per leaf: numbers, or tensors constant over each parameter, as the engine's
+    param groups give) scale each parameter's group lr and weight decay. A given instance is not
     stepped and its state is not read: the functional state starts fresh."""
     if isinstance(optimizer, torch.optim.Optimizer):
         cls = type(optimizer)
@@ -154,7 +158,9 @@ def from_torch_optimizer(
                 f"accepted keys are {sorted(defaults)}"
             )
     base_lr = _as_float(defaults.get("lr", 0.0))
-    adapter = _Adapter(cls, dict(hyper), defaults, per_name, param_pieces, label, base_lr)
+    adapter = _Adapter(
+        cls, dict(hyper), defaults, per_name, param_pieces, label, base_lr, lr_multipliers, weight_decay_mask
+    )
     return Optimizer(
         name=label.lower(),
         lr=base_lr,
@@ -237,9 +243,12 @@ _HANDLES = itertools.count()
 
 
 class _Adapter:
-    def __init__(self, cls, hyper, defaults, per_name, param_pieces, label, base_lr) -> None:
+    def __init__(
+        self, cls, hyper, defaults, per_name, param_pieces, label, base_lr, lr_mult, wd_mask
+    ) -> None:
         self.cls, self.hyper, self.defaults, self.per_name = cls, hyper, defaults, per_name
         self.param_pieces, self.label, self.base_lr = param_pieces, label, base_lr
+        self.lr_multipliers, self.weight_decay_mask = lr_mult, wd_mask
         self.kinds: dict[str, _Kind] = {}
         self.piece_keys: list[list[frozenset[str]]] = []  # per leaf and piece: its state's keys
         self.state_spec: Any = None
@@ -274,15 +283,46 @@ class _Adapter:
         v = flat[p.start : p.stop]
         return v.view(p.shape) if setup.shaped and p.whole else v
 
-    def build(self, setup: _LeafSetup, views: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    def build(
+        self,
+        setup: _LeafSetup,
+        views: list[torch.Tensor],
+        lr: float,
+        factors: list[tuple[float, float]] | None,
+    ) -> torch.optim.Optimizer:
+        """The torch optimizer over ``views``: one param group per distinct hyperparameters, and with
+        ``factors`` (per piece: lr and weight-decay factors) one per distinct factors as well."""
         groups = []
         for positions, h in setup.groups:
-            group = {"params": [views[j] for j in positions], **h}
-            if "lr" in self.defaults:
-                ratio = _as_float(h["lr"]) / self.base_lr if "lr" in h and self.base_lr > 0 else 1.0
-                group["lr"] = lr * ratio
-            groups.append(group)
+            by_factor: dict[tuple[float, float], list[int]] = {}
+            for j in positions:
+                by_factor.setdefault(factors[j] if factors else (1.0, 1.0), []).append(j)
+            for (lr_f, wd_f), members in by_factor.items():
+                group = {"params": [views[j] for j in members], **h}
+                if "lr" in self.defaults:
+                    ratio = _as_float(h["lr"]) / self.base_lr if "lr" in h and self.base_lr > 0 else 1.0
+                    group["lr"] = lr * ratio * lr_f
+                if wd_f != 1.0:
+                    if "weight_decay" not in self.defaults:
+                        raise ValueError(f"{self.label} has no weight_decay to scale per parameter group")
+                    group["weight_decay"] = (
+                        _as_float(h.get("weight_decay", self.defaults["weight_decay"])) * wd_f
+                    )
+                groups.append(group)
         return self.cls(groups, **self.hyper)
+
+    def piece_factors(self, works: list[torch.Tensor], setups: list[_LeafSetup]) -> list[Any]:
+        """Per leaf, None or per piece the (lr, weight decay) factors of ``lr_multipliers`` and
+        ``weight_decay_mask`` (read at the piece's first element: they are constant per parameter)."""
+        if self.lr_multipliers is None and self.weight_decay_mask is None:
+            return [None] * len(works)
+        tree = optree.tree_unflatten(self.params_spec, works)
+        mults = per_leaf(self.lr_multipliers, tree, 1.0)
+        masks = per_leaf(self.weight_decay_mask, tree, 1.0)
+        out = []
+        for setup, mult, mask in zip(setups, mults, masks):
+            out.append([(_factor_at(mult, p.start), _factor_at(mask, p.start)) for p in setup.pieces])
+        return out
 
     # ------------------------------------------------------------------ init
 
@@ -298,7 +338,7 @@ class _Adapter:
             views = [self.view(setup, work, j) for j in range(len(setup.pieces))]
             for v in views:
                 v.grad = torch.zeros_like(v)
-            opt = self.build(setup, views, self.base_lr)
+            opt = self.build(setup, views, self.base_lr, None)
             records = [_Recording(opt.state.get(v, {})) for v in views]
             for v, rec in zip(views, records):
                 opt.state[v] = rec
@@ -412,13 +452,14 @@ class _Adapter:
         }
         first = int(state.initialized.item()) == 0
         lr = _as_float(lr)
+        factors = self.piece_factors(works, setups)
         for i, (w, g, setup) in enumerate(zip(works, grads, setups)):
             if not w.is_contiguous():
                 raise ValueError(f"{self.label}: parameters must be contiguous, got strides {w.stride()}")
             views = [self.view(setup, w.view(-1), j) for j in range(len(setup.pieces))]
             for j, v in enumerate(views):
                 v.grad = self.view(setup, g.reshape(-1), j)
-            opt = self.build(setup, views, lr)
+            opt = self.build(setup, views, lr, factors[i])
             if beta1 is not None:
                 for group in opt.param_groups:
                     if "betas" in group:
@@ -484,6 +525,12 @@ class _Adapter:
                 )
             target = per_leaf_state["scalars"][k][i]
             target.copy_(values[0].to(dtype=target.dtype, device=target.device))
+
+
+def _factor_at(x: Any, index: int) -> float:
+    if isinstance(x, torch.Tensor):
+        return float(x.reshape(-1)[index]) if x.numel() > 1 else float(x)
+    return float(x)
 
 
 def _state_leaves(state: TorchOptimizerState) -> list[torch.Tensor]:

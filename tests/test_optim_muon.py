@@ -1,0 +1,255 @@
+"""Muon (DeepSpeed's MuonWithAuxAdam): against torch.optim.Muon and an fp64 reference of DeepSpeed's
+semantics, over pytrees and flat leaves with pieces, config mapping, bad input, and ZeRO stages 0-3 on
+2 gloo ranks equal to one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import zerostep.optim as zo
+from zerostep.errors import ConfigError
+from zerostep.optim.muon import matrix_shape, update_scale, uses_muon
+from zerostep.optim.newton_schulz import newton_schulz
+
+# ------------------------------------------------------------------ an independent fp64 reference
+
+
+def ns_reference(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Jordan et al.'s quintic Newton-Schulz, one matrix at a time, in fp64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.double()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        r = x @ x.T
+        x = a * x + (b * r + c * r @ r) @ x
+    return x.T if tall else x
+
+
+def deepspeed_reference(params, grads_seq, lr, adam_lr, momentum, wd, betas, eps, nesterov=True):
+    """DeepSpeed's SingleDeviceMuonWithAuxAdam step, written out per parameter in fp64."""
+    p = {k: v.double().clone() for k, v in params.items()}
+    m = {k: torch.zeros_like(v) for k, v in p.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in p.items()}
+    for t, grads in enumerate(grads_seq, start=1):
+        for k in p:
+            g = grads[k].double()
+            if uses_muon(k, tuple(p[k].shape)):
+                m[k] = m[k] + (1 - momentum) * (g - m[k])
+                u = g + momentum * (m[k] - g) if nesterov else m[k]
+                shape = tuple(p[k].shape)
+                mats = (
+                    u.reshape(-1, *matrix_shape(shape)[-2:])
+                    if len(shape) != 4
+                    else u.reshape(1, shape[0], -1)
+                )
+                o = torch.stack([ns_reference(x) for x in mats]).reshape(shape)
+                p[k] = p[k] * (1 - lr * wd) - lr * update_scale(shape, "original") * o
+            else:
+                b1, b2 = betas
+                m[k] = m[k] + (1 - b1) * (g - m[k])
+                v2[k] = v2[k] + (1 - b2) * (g * g - v2[k])
+                upd = (m[k] / (1 - b1**t)) / ((v2[k] / (1 - b2**t)).sqrt() + eps)
+                p[k] = p[k] * (1 - adam_lr * wd) - adam_lr * upd
+    return p
+
+
+SHAPES = st.sampled_from([(4, 6), (6, 4), (5, 5), (3, 2, 5), (4, 2, 2, 3), (7,), (1, 9)])
+
+
+@given(
+    shapes=st.lists(SHAPES, min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+    momentum=st.floats(0.5, 0.99),
+    wd=st.sampled_from([0.0, 0.1]),
+    nesterov=st.booleans(),
+    method=st.sampled_from(["gram", "standard"]),
+)
+def test_muon_matches_deepspeed_semantics(shapes, seed, momentum, wd, nesterov, method):
+    gen = torch.Generator().manual_seed(seed)
+    params = {f"layer{i}.weight": torch.randn(*s, generator=gen) for i, s in enumerate(shapes)}
+    params["hidden.weight"] = torch.randn(3, 4, generator=gen)  # at least one Muon matrix
+    params["embed.weight"] = torch.randn(5, 3, generator=gen)  # 2-D but an embedding: AdamW
+    params["bias"] = torch.randn(4, generator=gen)
+    grads_seq = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(4)]
+    want = deepspeed_reference(params, grads_seq, 0.03, 1e-2, momentum, wd, (0.9, 0.95), 1e-10, nesterov)
+    opt = zo.muon(
+        lr=0.03,
+        adam_lr=1e-2,
+        momentum=momentum,
+        weight_decay=wd,
+        nesterov=nesterov,
+        ns_method=method,
+        ns_dtype="float32",
+    )
+    state = opt.init(params)
+    for grads in grads_seq:
+        params, state = opt.update(grads, state, params)
+    for k in params:
+        assert torch.allclose(params[k].double(), want[k], rtol=1e-4, atol=1e-5), k
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (8, 8)])
+def test_muon_equals_torch_optim_muon(shape):
+    # torch.optim.Muon works in bf16 with the standard iteration: so does ns_dtype="bfloat16"
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(*shape, generator=gen)}
+    ref = params["w"].clone().requires_grad_()
+    torch_muon = torch.optim.Muon([ref], lr=0.05, weight_decay=0.1, momentum=0.9)
+    opt = zo.muon(lr=0.05, weight_decay=0.1, momentum=0.9, ns_method="standard", ns_dtype="bfloat16")
+    state = opt.init(params)
+    for _ in range(8):
+        g = torch.randn(*shape, generator=gen)
+        opt.update_({"w": g}, state, params)
+        ref.grad = g.clone()
+        torch_muon.step()
+    assert torch.allclose(params["w"], ref.detach(), atol=1e-6)
+
+
+def test_moonlight_scaling_matches_torch():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 4, generator=gen)
+    ref = w.clone().requires_grad_()
+    torch_muon = torch.optim.Muon([ref], lr=0.02, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    opt = zo.muon(lr=0.02, ns_method="standard", ns_dtype="bfloat16", adjust_lr_fn="match_rms_adamw")
+    params = {"w": w}
+    state = opt.init(params)
+    for _ in range(3):
+        g = torch.randn(6, 4, generator=gen)
+        opt.update_({"w": g}, state, params)
+        ref.grad = g.clone()
+        torch_muon.step()
+    assert update_scale((6, 4), "match_rms_adamw") == pytest.approx(0.2 * math.sqrt(6))
+    assert torch.allclose(params["w"], ref.detach(), atol=1e-6)
+
+
+def test_gram_and_standard_iterations_agree():
+    gen = torch.Generator().manual_seed(2)
+    for shape in [(5, 20), (20, 5), (3, 4, 12)]:
+        g = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        assert torch.allclose(newton_schulz(g, 5, "gram"), newton_schulz(g, 5, "standard"), atol=1e-12)
+
+
+def flat_pieces(entries, lo, hi):
+    from zerostep.parallel.flat import FlatLayout
+
+    lay = FlatLayout.build(entries, torch.float32)
+    return lay, zo.layout_pieces(lay.entries, lo, hi, sharded=False, full_numel=lay.padded_numel)
+
+
+def test_flat_leaf_with_pieces_equals_the_pytree():
+    entries = [("a.weight", (4, 6)), ("a.bias", (4,)), ("embed.weight", (3, 2)), ("b.weight", (4, 6))]
+    lay, pieces = flat_pieces(entries, 0, sum(math.prod(s) for _, s in entries))
+    gen = torch.Generator().manual_seed(3)
+    tree = {n: torch.randn(*s, generator=gen) for n, s in entries}
+    flat = {"unit": lay.flatten(tree)}
+    opt_tree = zo.muon(lr=0.02, weight_decay=0.1, ns_dtype="float32")
+    opt_flat = zo.muon(lr=0.02, weight_decay=0.1, ns_dtype="float32", param_pieces={"unit": pieces})
+    s_tree, s_flat = opt_tree.init(tree), opt_flat.init(flat)
+    for _ in range(3):
+        grads = {n: torch.randn(*s, generator=gen) for n, s in entries}
+        opt_tree.update_(grads, s_tree, tree)
+        opt_flat.update_({"unit": lay.flatten(grads)}, s_flat, flat)
+    for n, view in lay.unflatten(flat["unit"]).items():
+        assert torch.allclose(view, tree[n], atol=1e-6), n
+
+
+def test_bf16_params_keep_fp32_state_and_round_once():
+    gen = torch.Generator().manual_seed(4)
+    w32 = torch.randn(4, 6, generator=gen).bfloat16().float()
+    g = torch.randn(4, 6, generator=gen)
+    opt = zo.muon(lr=0.02, ns_dtype="float32")
+    p16 = {"w": w32.bfloat16()}
+    s16 = opt.init(p16)
+    assert s16.exp_avg["w"].dtype == torch.float32
+    new16, _ = opt.update({"w": g}, s16, p16)
+    new32, _ = opt.update({"w": g}, opt.init({"w": w32}), {"w": w32})
+    assert torch.equal(new16["w"], new32["w"].bfloat16())
+
+
+def test_compiled_update_equals_eager():
+    entries = [("a.weight", (4, 6)), ("a.bias", (4,))]
+    lay, pieces = flat_pieces(entries, 0, 28)
+    gen = torch.Generator().manual_seed(5)
+    flat = lay.flatten({n: torch.randn(*s, generator=gen) for n, s in entries})
+    opt = zo.muon(lr=0.02, ns_dtype="float32", param_pieces={"u": pieces})
+    eager, compiled = {"u": flat.clone()}, {"u": flat.clone()}
+    se, sc = opt.init(eager), opt.init(compiled)
+    step = torch.compile(
+        lambda g, s, p, lr: opt.update_(g, s, p, lr, grad_scale=torch.tensor(0.5)),
+        fullgraph=True,
+        dynamic=False,
+    )
+    for _ in range(2):
+        g = {"u": torch.randn(28, generator=gen)}
+        opt.update_(g, se, eager, torch.tensor(0.02), grad_scale=torch.tensor(0.5))
+        step(g, sc, compiled, torch.tensor(0.02))
+    assert torch.allclose(eager["u"], compiled["u"], atol=1e-6)
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_maps_deepspeeds_keys():
+    opt = zo.from_config({"type": "Muon", "params": {"lr": 1e-3}})
+    assert opt.name == "muon" and opt.lr == 1e-3 and opt.hyperparams["adam_lr"] == 1e-3  # lr reaches both
+    opt = zo.from_config({"type": "muon", "params": {"lr": 1e-3, "muon_lr": 0.05, "adam_lr": 2e-4}})
+    assert opt.lr == 0.05 and opt.hyperparams["adam_lr"] == 2e-4
+    opt = zo.from_config({"type": "MUON"})
+    assert opt.lr == 0.02 and opt.hyperparams["adam_lr"] == 3e-4 and opt.hyperparams["betas"] == (0.9, 0.95)
+    assert not opt.cycles_momentum
+
+
+def test_scheduled_lr_reaches_both_groups_and_ratio_otherwise():
+    params = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
+    grads = {"w": torch.zeros(4, 4), "b": torch.ones(4)}
+    for scheduled, adam_lr_seen in ((False, 0.5e-2), (True, 1e-2)):
+        opt = zo.muon(lr=0.02, adam_lr=1e-2, schedule_sets_lr=scheduled, ns_dtype="float32")
+        new, _ = opt.update(grads, opt.init(params), params, lr=0.01)
+        # Adam's first step moves each element by lr (m_hat / sqrt(v_hat) = 1)
+        assert torch.allclose(new["b"], torch.full((4,), -adam_lr_seen), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "block, match",
+    [
+        ({"type": "Muon", "params": {"nesterov_momentum": 0.9}}, "unknown key"),
+        ({"type": "Muon", "params": {"ns_method": "svd"}}, "ns_method"),
+        ({"type": "Muon", "params": {"momentum": 1.5}}, "momentum"),
+        ({"type": "Muon", "params": {"ns_steps": 0}}, "ns_steps"),
+        ({"type": "Muon", "params": {"ns_dtype": "float8"}}, "ns_dtype"),
+    ],
+)
+def test_bad_config(block, match):
+    with pytest.raises(ConfigError, match=match):
+        zo.from_config(block)
+
+
+def test_a_model_without_matrices_is_an_error():
+    opt = zo.muon()
+    with pytest.raises(ConfigError, match="at least one parameter with 2 or more dimensions"):
+        opt.init({"embed.weight": torch.zeros(3, 4), "bias": torch.zeros(4)})
+
+
+# ------------------------------------------------------------------ ZeRO stages on 2 gloo ranks
+
+MUON = {"type": "Muon", "params": {"lr": 0.02, "adam_lr": 0.01, "weight_decay": 0.01, "ns_dtype": "float32"}}
+RMSPROP = {"type": "RMSprop", "params": {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.01}}
+
+
+def test_every_stage_equals_one_process_on_two_ranks():
+    from test_zero import all_stages, check_equal
+
+    from zerostep.parallel.launch import spawn_ranks
+
+    stages = (0, 1, 2, 3)
+    for block in (MUON, RMSPROP):  # Muon gathers matrices cut by shard boundaries; RMSprop is elementwise
+        results = spawn_ranks(all_stages, 2, False, stages, False, block, timeout=240)
+        check_equal(results, 2, stages, block)

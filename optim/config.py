@@ -83,7 +83,7 @@ def from_config(
     if name in UNSUPPORTED_OPTIMIZER_TYPES and name not in TORCH_REFUSED_TYPES:
         raise ConfigError(f"optimizer.type: {kind!r} is a DeepSpeed optimizer zerostep does not implement; "
                           f"supported types are {list(OPTIMIZER_TYPES)}")
-    if name not in OPTIMIZER_TYPES:
+    if name not in OPTIMIZER_TYPES and name not in TORCH_REFUSED_TYPES:
         raise ConfigError(f"optimizer.type: {kind!r} is not supported; supported types are "
                           f"{list(OPTIMIZER_TYPES)}")
     if "max_grad_norm" in params:

@@ -147,8 +147,8 @@ def mu_optimizer(
         inner = adam(
             **hyper,
             adam_w_mode=kind == "muadamw",
-            weight_decay_mask=tree_of(1),
-            lr_multipliers=tree_of(0),
+            weight_decay_mask=tree_of(1, weight_decay_mask),
+            lr_multipliers=tree_of(0, lr_multipliers),
             use_triton=use_triton,
         )
 

@@ -1,0 +1,146 @@
+"""Migrating a run from DeepSpeed: a checkpoint written by DeepSpeed's ``save_checkpoint`` becomes a
+``TrainState`` of a zerostep ``Engine``, at the engine's own world size and ZeRO stage.
+
+``zerostep.io.deepspeed_format`` consolidates the DeepSpeed files to full fp32 tensors by name (every rank
+reads them); here each rank packs them into the engine's flat layouts and keeps its shard. The Adam
+moments fill the state ``engine.optimizer.init`` builds, so the result is the state zerostep would have
+had after the same steps; DeepSpeed's ``global_steps`` / ``skipped_steps`` become ``step`` /
+``skipped_steps`` (the LR schedule is a function of them, so no scheduler state is needed).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from zerostep.core.state import TrainState
+from zerostep.io.deepspeed_format import DeepSpeedCheckpoint, read_deepspeed_checkpoint
+from zerostep.io.errors import CheckpointError
+from zerostep.optim.adam import AdamState
+
+ADAM_OPTIMIZERS = ("adam", "adamw")
+
+
+def load_deepspeed_checkpoint(
+    engine: Any,
+    load_dir: str | os.PathLike,
+    tag: str | None = None,
+    load_optimizer_states: bool = True,
+    *,
+    seed: int = 0,
+) -> tuple[TrainState, dict[str, Any]]:
+    """``(state, client_state)`` from the DeepSpeed checkpoint ``<load_dir>/<tag>`` (tag from ``latest``).
+
+    Every rank calls it; the module is bound to the new state. ``load_optimizer_states=False`` keeps a
+    fresh optimizer state (fine-tuning). Raises ``CheckpointError`` when the checkpoint's parameter names
+    or shapes differ from the engine's, when Adam moments are asked for but the engine's optimizer is not
+    Adam/AdamW or the checkpoint holds none, or for any damaged file."""
+    checkpoint = read_deepspeed_checkpoint(load_dir, tag)
+    _check_params(engine, checkpoint)
+    if load_optimizer_states:
+        _check_optimizer(engine, checkpoint)
+    frozen = _frozen_updates(engine, checkpoint)
+    plan = engine.plan
+    master, flats, full_flats = {}, {}, {}
+    for g, layout in plan.layouts.items():
+        full = layout.flatten({n: checkpoint.params[n] for n in layout.names}, dtype=torch.float32)
+        full = full.to(engine.device)
+        full_flats[g] = full
+        shard = layout.shard(full, engine.rank).clone() if plan.sharded_master else full
+        master[g] = shard
+        if plan.params_alias_master:
+            flats[g] = shard
+        else:
+            flats[g] = (shard if plan.params_match_master else full).to(engine.compute_dtype)
+    opt_state = engine.optimizer.init(master)
+    if load_optimizer_states:
+        opt_state = _fill_adam(engine, checkpoint, opt_state)
+    state = engine.state_from(master, flats, opt_state, seed=seed)
+    state = state.replace(
+        step=torch.tensor(checkpoint.global_steps, dtype=torch.int64),
+        skipped_steps=torch.tensor(checkpoint.skipped_steps, dtype=torch.int64),
+    )
+    for name, value in frozen.items():  # frozen parameters are constants of the forward
+        engine._constants[name].copy_(value)
+    engine.bind_module(state)
+    return state, dict(checkpoint.client_state)
+
+
+def _check_params(engine: Any, checkpoint: DeepSpeedCheckpoint) -> None:
+    want = {e.name: e.shape for layout in engine.plan.layouts.values() for e in layout.entries}
+    have = {n: tuple(t.shape) for n, t in checkpoint.params.items()}
+    problems = []
+    missing = [n for n in want if n not in have]
+    extra = [n for n in have if n not in want]
+    shapes = [f"{n}: checkpoint {have[n]}, model {want[n]}" for n in want if n in have and have[n] != want[n]]
+    if missing:
+        problems.append(f"missing from the checkpoint: {_first(missing)}")
+    if extra:
+        problems.append(f"not trainable parameters of the model: {_first(extra)}")
+    if shapes:
+        problems.append(f"shapes differ: {_first(shapes)}")
+    if problems:
+        raise CheckpointError(
+            checkpoint.path, "DeepSpeed checkpoint does not match the model; " + "; ".join(problems)
+        )
+
+
+def _check_optimizer(engine: Any, checkpoint: DeepSpeedCheckpoint) -> None:
+    name = engine.optimizer.name
+    if name not in ADAM_OPTIMIZERS:
+        raise CheckpointError(
+            checkpoint.path,
+            f"cannot load DeepSpeed's Adam optimizer state into a '{name}' optimizer; use an Adam/AdamW "
+            "optimizer block or load_optimizer_states=False",
+        )
+    if checkpoint.exp_avg is None or checkpoint.exp_avg_sq is None:
+        raise CheckpointError(
+            checkpoint.path,
+            f"the checkpoint's optimizer state ({checkpoint.optimizer_type or 'client optimizer'}) holds no "
+            "Adam moments (exp_avg / exp_avg_sq); pass load_optimizer_states=False",
+        )
+
+
+def _frozen_updates(engine: Any, checkpoint: DeepSpeedCheckpoint) -> dict[str, torch.Tensor]:
+    """The saved frozen parameters the engine holds as constants, checked before anything is written."""
+    out = {}
+    for name, value in checkpoint.frozen_params.items():
+        constant = engine._constants.get(name)
+        if constant is None:
+            raise CheckpointError(
+                checkpoint.path, f"frozen parameter {name} is not a frozen parameter of the model"
+            )
+        if tuple(constant.shape) != tuple(value.shape):
+            raise CheckpointError(
+                checkpoint.path,
+                f"frozen parameter {name}: checkpoint {tuple(value.shape)}, model {tuple(constant.shape)}",
+            )
+        out[name] = value.to(constant.device, constant.dtype)
+    return out
+
+
+def _fill_adam(engine: Any, checkpoint: DeepSpeedCheckpoint, opt_state: Any) -> AdamState:
+    if not isinstance(opt_state, AdamState):
+        raise CheckpointError(
+            checkpoint.path, f"engine optimizer state is {type(opt_state).__name__}, not AdamState"
+        )
+    plan = engine.plan
+    for key, moments in (("exp_avg", checkpoint.exp_avg), ("exp_avg_sq", checkpoint.exp_avg_sq)):
+        target = getattr(opt_state, key)
+        for g, layout in plan.layouts.items():
+            full = layout.flatten({n: moments[n] for n in layout.names}, dtype=torch.float32).to(
+                engine.device
+            )
+            piece = layout.shard(full, engine.rank) if plan.sharded_master else full
+            target[g].copy_(piece)  # [shard_numel] or [padded_numel], like master[g]
+    step = checkpoint.optimizer_step
+    if step is None:  # no per-parameter step saved: every applied step is an Adam step
+        step = checkpoint.global_steps - checkpoint.skipped_steps
+    return opt_state._replace(count=torch.full_like(opt_state.count, float(step)))
+
+
+def _first(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")

@@ -10,7 +10,7 @@ from zerostep.errors import ConfigError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from zerostep.core.train_job import launch_ranks, train
+    from zerostep.core.train_job import launch_ranks, nproc_problem, train
 
     if args.nproc < 1:
         print(f"zerostep train: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
@@ -22,6 +22,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"zerostep train: config file not found: {args.config}", file=sys.stderr)
         return 2
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        problem = nproc_problem(args.nproc)
+        if problem is not None:
+            print(f"zerostep train: {problem}", file=sys.stderr)
+            return 2
         argv = ["--steps", str(args.steps), "--out", args.out, "--seed", str(args.seed)]
         argv += ["--sample-bytes", str(args.sample_bytes)]
         if args.config:

@@ -9,6 +9,7 @@ tensors share storage with the donated state.)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 import weakref
@@ -20,8 +21,10 @@ import torch.distributed as dist
 from torch import nn
 
 from zerostep import optim
+from zerostep.core import agreement
 from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.batching import check_batch, micro_batches, to_device
+from zerostep.core.compiling import compile_private
 from zerostep.core.config import Config
 from zerostep.core.module_binding import bind_module, current_values
 from zerostep.core.param_groups import GroupOptions, ParamGroup, check_groups
@@ -89,8 +92,6 @@ class Engine:
         compile: bool = True,
         param_groups: list[ParamGroup] | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.config = config
         self.loss_fn = loss_fn
@@ -98,6 +99,22 @@ class Engine:
         self.group = dist_groups.dp_group() if dist.is_initialized() else None
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        # Everything up to the vote is local: a rank that fails here still votes (with its error), so
+        # the others raise at once instead of waiting for it in a collective (core/agreement.py).
+        try:
+            self._plan_locally(model, config, param_groups)
+        except Exception as error:
+            agreement.agree_after_failure(error, self.group)
+            raise
+        agreement.agree(self._facts(param_groups), self.group)
+        # Gloo ranks on one host exchange through /dev/shm instead of loopback TCP (parallel/shm.py).
+        self.shared_memory = attach_shared_memory(self.group)  # False for one rank
+        self._build_phases()
+
+    def _plan_locally(self, model: nn.Module, config: Config, param_groups: list[ParamGroup] | None) -> None:
+        """Checks, layouts, plan, optimizer and schedule: no collective, may raise."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config.world_size != self.world_size:
             raise ValueError(
                 f"config was resolved for world size {config.world_size} but the process group has "
@@ -106,7 +123,8 @@ class Engine:
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
-        self.device = next(iter(trainable.values())).device
+        backend = dist.get_backend(self.group) if dist.is_initialized() else None
+        self.device = dist_groups.check_model_devices({n: p.device for n, p in trainable.items()}, backend)
         self.compute_dtype = compute_dtype_of(config)
         zero = config.zero_optimization
         if zero.offload_optimizer is not None or zero.offload_param is not None:
@@ -116,39 +134,14 @@ class Engine:
                 )
             warnings.warn(
                 "offload to cpu requested: the model already lives in host memory; nothing to do",
-                stacklevel=3,
+                stacklevel=4,
             )
-        if dist.is_initialized() and dist.get_backend(self.group) == "nccl" and self.device.type != "cuda":
-            raise ValueError(
-                f"the process group uses NCCL but the model's parameters are on {self.device}; "
-                "move the model to its GPU (cuda:LOCAL_RANK) before initialize()"
-            )
-        # Gloo ranks on one host exchange through /dev/shm instead of loopback TCP (parallel/shm.py).
-        self.shared_memory = attach_shared_memory(self.group)  # False for one rank
         stage = int(zero.stage)
         if stage == 3 and float(config.gradient_predivide_factor) != 1.0:
             warnings.warn(
                 "gradient_predivide_factor is ignored at ZeRO stage 3 (gradients are reduce-scattered "
                 "unit by unit inside backward, as sums)",
-                stacklevel=3,
-            )
-        # overlap_comm (DeepSpeed's key): start each unit's collective from its gradient hook during
-        # backward. The hooks fire one by one only in an eager backward (a compiled one returns every
-        # gradient at once), so stages 0-2 then run forward/backward eagerly. Results are identical
-        # either way. When the config leaves the key unset: stage 0 overlaps (zerostep's choice, measured
-        # faster on 2 gloo ranks: MLP 0.86x DDP against 0.97x), stages 1-2 follow DeepSpeed's default
-        # of off (compiled backward, measured faster there: 0.95-0.96x DDP against 1.03-1.04x). Over
-        # shared memory the collectives run in the calling thread, so there is nothing to overlap and
-        # every stage defaults to off. Stage 3 always overlaps (parallel.zero3 prefetches gathers and
-        # reduce-scatters in backward).
-        user_set = config.source("zero_optimization.overlap_comm") != "default"
-        by_default = stage == 0 and not self.shared_memory
-        overlap = bool(zero.overlap_comm if user_set else by_default) and self.world_size > 1 and stage < 3
-        if zero.overlap_param_gather and not (overlap and stage in (1, 2)):
-            warnings.warn(
-                "zero_optimization.overlap_param_gather has no effect here: it needs stage 1 or 2, "
-                "several ranks and overlap_comm",
-                stacklevel=3,
+                stacklevel=4,
             )
         layouts = _trainable_layouts(model, set(trainable), self.compute_dtype, self.world_size)
         self.plan = StepPlan(
@@ -163,7 +156,7 @@ class Engine:
             predivide_factor=float(config.gradient_predivide_factor),
             reduce_bucket_numel=int(zero.reduce_bucket_size) or None,
             allgather_bucket_numel=int(zero.allgather_bucket_size) or None,
-            overlap_comm=overlap,
+            overlap_comm=False,  # decided in _build_phases, once the shared-memory channel is known
             overlap_param_gather=bool(zero.overlap_param_gather),
         )
         if config.optimizer is None:
@@ -181,24 +174,51 @@ class Engine:
             n: t.to(self.compute_dtype) if t.is_floating_point() else t
             for n, t in [*model.named_buffers(), *frozen]
         }
-        self._forward = make_forward(model, loss_fn, layouts, self._constants)
+
+    def _facts(self, param_groups: list[ParamGroup] | None) -> agreement.Facts:
+        return agreement.engine_facts(
+            self.config.to_dict(),
+            self.plan.layouts,
+            self._constants,
+            compile=self.compile,
+            device=self.device,
+            param_groups=param_groups,
+        )
+
+    def _build_phases(self) -> None:
+        """The step's phases, compiled or not; needs the shared-memory decision (overlap_comm)."""
+        model, plan, zero = self.model, self.plan, self.config.zero_optimization
+        user_set = self.config.source("zero_optimization.overlap_comm") != "default"
+        backend = dist.get_backend(self.group) if self.group is not None else None
+        by_default = default_overlap_comm(plan.stage, backend, self.shared_memory)
+        overlap = bool(zero.overlap_comm if user_set else by_default)
+        overlap = overlap and self.world_size > 1 and plan.stage < 3
+        if zero.overlap_param_gather and not (overlap and plan.stage in (1, 2)):
+            warnings.warn(
+                "zero_optimization.overlap_param_gather has no effect here: it needs stage 1 or 2, "
+                "several ranks and overlap_comm",
+                stacklevel=4,
+            )
+        self.plan = plan = dataclasses.replace(plan, overlap_comm=overlap)
+        self._forward = make_forward(model, self.loss_fn, plan.layouts, self._constants)
         self._runner = None
-        if stage == 3:
-            self._runner = Zero3Runner(model, [Unit(g, lay) for g, lay in layouts.items()], self.group)
-            self._scaled_backward = make_zero3_backward(self._runner, self.plan.accumulation_steps)
-            step_forward = make_module_forward(loss_fn, self._constants)
+        if plan.stage == 3:
+            units = [Unit(g, lay) for g, lay in plan.layouts.items()]
+            self._runner = Zero3Runner(model, units, self.group)
+            self._scaled_backward = make_zero3_backward(self._runner, plan.accumulation_steps)
+            step_forward = make_module_forward(self.loss_fn, self._constants)
         else:
-            self._scaled_backward = make_scaled_backward(self.plan, compile and not overlap)
+            self._scaled_backward = make_scaled_backward(plan, self.compile and not overlap)
             step_forward = self._forward
-            if self.plan.defer_param_gather:
+            if plan.defer_param_gather:
                 step_forward = self._wait_gathers_around(model, step_forward)
         self._step_forward = step_forward
-        self._reducer = make_reduce_scatter(self.plan, self.group, compile)
+        self._reducer = make_reduce_scatter(plan, self.group, self.compile)
         self._compose_update()
         self.comm = CommCounter()  # host-side byte totals, for benchmarks and monitors
-        self._comm_applied = step_comm_plan(self.plan, applied=True)
-        self._comm_skipped = step_comm_plan(self.plan, applied=False)
-        self._eval_forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._comm_applied = step_comm_plan(plan, applied=True)
+        self._comm_skipped = step_comm_plan(plan, applied=False)
+        self._eval_forward = compile_private(self._forward, dynamic=False) if self.compile else self._forward
 
     def _wait_gathers_around(self, model: nn.Module, forward: Callable) -> Callable:
         """Stages 1-2 with ``defer_param_gather``: a forward pre-hook on each unit's module waits for
@@ -489,14 +509,18 @@ class Engine:
 
     @property
     def _rng_devices(self) -> list[int]:
-        return [self.device.index or 0] if self.device.type == "cuda" else []
+        # the GPU whose generator the step seeds (self.device always has an index: check_model_devices)
+        return [self.device.index] if self.device.type == "cuda" else []
 
     def _seed_rng(self, seed: int) -> None:
         # Only the generators this engine's device uses: torch.manual_seed also seeds every lazily
         # initialized accelerator backend, which records a Python stack each call (~0.3 ms a step).
+        # torch.cuda.manual_seed would seed the *current* device's generator, which need not be the
+        # model's (fork_rng protects only the model's): seed that one by index. fork_rng(devices=...)
+        # has initialized CUDA, so the generators exist.
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
-            torch.cuda.manual_seed(seed)
+            torch.cuda.default_generators[self.device.index].manual_seed(seed)
 
     def eval_step(self, state: TrainState, batch: Any) -> torch.Tensor:
         """The mean loss on ``batch`` (any leading size) at ``state``'s parameters; no update."""
@@ -534,6 +558,29 @@ class Engine:
 
         check_not_consumed(state, "engine.full_params")
         return full_params(self, state)
+
+
+def default_overlap_comm(stage: int, backend: str | None, shared_memory: bool) -> bool:
+    """``zero_optimization.overlap_comm`` when the config leaves it unset, per backend.
+
+    With overlap, each unit's collective starts from its gradient hook during backward; the hooks fire
+    one by one only in an eager backward (a compiled one returns every gradient at once), so stages 0-2
+    then run forward/backward eagerly. Results are identical either way; only speed differs.
+
+    - gloo without the shared-memory channel: stage 0 overlaps (measured on 2 ranks, MLP: 0.86x DDP's
+      step time against 0.97x compiled), stages 1-2 do not (0.95-0.96x compiled against 1.03-1.04x);
+    - gloo over shared memory: off at every stage (its collectives run in the calling thread, so there
+      is nothing to overlap, and the compiled backward is faster);
+    - NCCL and any other backend: off, DeepSpeed's default at stages 0-2. The gloo exception was measured
+      on CPU only; on GPUs the compiled backward is what ``torch.compile`` buys (fused kernels), and
+      NCCL's own stream already runs the post-backward collectives asynchronously to the host.
+      Set ``overlap_comm: true`` to overlap there (eager backward).
+
+    Stage 3 always overlaps inside ``parallel.zero3`` (prefetched gathers, reduce-scatters in backward)
+    whatever this says. One rank: nothing to overlap."""
+    if stage >= 3 or backend is None:
+        return False
+    return backend == "gloo" and stage == 0 and not shared_memory
 
 
 def _trainable_layouts(

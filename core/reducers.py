@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import optree
 import torch
 
+from zerostep.core.compiling import compile_private
 from zerostep.parallel import collectives
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class CompiledReducer(Reducer):
 
             # over shared memory the collectives are eager calls, which a graph cannot hold
             traced = compile and collectives.shared_memory_channel(group) is None
-            return torch.compile(run, dynamic=False, fullgraph=True) if traced else run
+            return compile_private(run, dynamic=False, fullgraph=True) if traced else run
 
         self.all_reduce = over_groups(collectives.all_reduce_flat)
         self.reduce_scatter = over_groups(collectives.reduce_scatter_flat)

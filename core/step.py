@@ -38,6 +38,7 @@ import optree
 import torch
 from torch import nn
 
+from zerostep.core.compiling import compile_private
 from zerostep.core.reducers import Reducer
 from zerostep.optim import ONE_CYCLE_BETA2
 from zerostep.parallel import collectives
@@ -224,7 +225,7 @@ def make_scaled_backward(plan: StepPlan, compile: bool) -> Callable[..., tuple[t
         loss = forward(flats, micro_batch).float()
         return loss * (scale / accumulation_steps), loss.detach()
 
-    compiled = torch.compile(objective, dynamic=False) if compile else objective
+    compiled = compile_private(objective, dynamic=False) if compile else objective
 
     def scaled_backward(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None):
         if plan.per_param_grads:
@@ -288,7 +289,7 @@ def make_norm_and_loss(
             packed = collectives.all_reduce_flat(packed, group, None)
         return packed[0], packed[1] / world
 
-    return torch.compile(norm_and_loss, dynamic=False, fullgraph=True) if compile else norm_and_loss
+    return compile_private(norm_and_loss, dynamic=False, fullgraph=True) if compile else norm_and_loss
 
 
 def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool) -> Callable[..., None]:
@@ -334,7 +335,7 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
             param_copies=copies,
         )
 
-    return torch.compile(apply_update, dynamic=False, fullgraph=True) if compile else apply_update
+    return compile_private(apply_update, dynamic=False, fullgraph=True) if compile else apply_update
 
 
 class UpdateResult(NamedTuple):

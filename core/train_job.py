@@ -49,6 +49,20 @@ def default_config(steps: int, world_size: int) -> dict[str, Any]:
     }
 
 
+def nproc_problem(nproc: int) -> str | None:
+    """Why ``--nproc nproc`` cannot run here, or None. On a machine with GPUs every rank takes its own
+    (NCCL, ``cuda:LOCAL_RANK``), so more ranks than visible GPUs would fail inside each rank's start-up."""
+    if nproc > 1 and torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        if nproc > visible:
+            return (
+                f"--nproc {nproc} but this machine has {visible} visible GPU(s), and each rank needs its "
+                f"own: use --nproc {visible} or fewer (or hide the GPUs with CUDA_VISIBLE_DEVICES= to "
+                "train on CPU ranks)"
+            )
+    return None
+
+
 def launch_ranks(argv: list[str], nproc: int) -> int:
     """Re-run ``zerostep train`` (minus ``--nproc``) on ``nproc`` local ranks via torch.distributed.run."""
     from zerostep.parallel.launch import free_port
@@ -88,9 +102,9 @@ def train(
     else:
         config = Config.from_dict(default_config(steps, world), world_size=world)
     model_cfg = GPTConfig()
-    device = torch.device(
-        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    )
+    from zerostep.parallel.groups import local_rank_device
+
+    device = local_rank_device() if torch.cuda.is_available() else torch.device("cpu")
     model = GPT(model_cfg).to(device)
     engine = initialize(model, config, compile=compile)
     state = engine.init(seed=seed)

@@ -2,8 +2,9 @@
 
 ``maybe_init_distributed()`` is the one place a process group is created: when torchrun (or
 ``spawn_ranks``) has set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` it initializes gloo on
-CPU or NCCL on CUDA (binding the process to ``LOCAL_RANK``'s device), with a timeout so that a dead peer
-makes every collective fail instead of hanging. Without those variables the process runs alone.
+CPU or NCCL on CUDA (binding the process to ``LOCAL_RANK``'s device, which must exist), with a timeout so
+that a dead peer makes every collective fail instead of hanging. Without those variables the process runs
+alone. ``check_model_devices`` tells a model on the wrong GPU apart before anything runs on it.
 
 ``Mesh`` describes which ranks a tensor's gradients are reduced over. Today that is one data-parallel
 group (the default group); expert- and pipeline-parallel groups would be further fields, so code asks the
@@ -60,10 +61,10 @@ def maybe_init_distributed(timeout_s: float | None = None) -> bool:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     kwargs = {}
     if backend == "nccl":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
+        device = local_rank_device()
+        torch.cuda.set_device(device)
         # Binding the group to this rank's device lets NCCL create its communicator eagerly.
-        kwargs["device_id"] = torch.device("cuda", local_rank)
+        kwargs["device_id"] = device
     dist.init_process_group(
         backend,
         rank=rank,
@@ -72,6 +73,68 @@ def maybe_init_distributed(timeout_s: float | None = None) -> bool:
         **kwargs,
     )
     return True
+
+
+def local_rank() -> int | None:
+    """``$LOCAL_RANK`` (torchrun's index of this process on its node), or None when unset."""
+    raw = os.environ.get("LOCAL_RANK")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ValueError(f"LOCAL_RANK={raw!r} is not an integer") from e
+    if value < 0:
+        raise ValueError(f"LOCAL_RANK={raw!r} must be >= 0")
+    return value
+
+
+def local_rank_device() -> torch.device:
+    """This rank's GPU, ``cuda:LOCAL_RANK`` (0 when unset), checked against the GPUs this process sees:
+    a clear error instead of one from deep inside ``set_device`` when more ranks run than GPUs."""
+    index = local_rank() or 0
+    visible = torch.cuda.device_count()
+    if index >= visible:
+        mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f" (CUDA_VISIBLE_DEVICES={mask!r})" if mask is not None else ""
+        raise ValueError(
+            f"LOCAL_RANK={index} but this process sees {visible} GPU(s){seen}: each rank needs its own "
+            f"GPU, so run at most {visible} rank(s) per node (torchrun --nproc-per-node={max(visible, 1)})"
+        )
+    return torch.device("cuda", index)
+
+
+def check_model_devices(devices: dict[str, torch.device], backend: str | None) -> torch.device:
+    """The one device ``devices`` (parameter name -> device) all sit on, checked against this rank's.
+
+    Parameters on several devices are an error. Under NCCL they must be on a GPU, and on this rank's
+    GPU: ``cuda:LOCAL_RANK`` when torchrun set ``LOCAL_RANK``, else the current device; otherwise
+    every rank can end up computing on ``cuda:0`` unnoticed."""
+    found: dict[torch.device, str] = {}
+    for name, device in devices.items():
+        found.setdefault(device, name)
+    if len(found) > 1:
+        listed = ", ".join(f"{d} ({n!r}, ...)" for d, n in found.items())
+        raise ValueError(
+            f"the model's trainable parameters sit on several devices: {listed}; move the "
+            "model to one device before initialize()"
+        )
+    device = next(iter(found))
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(
+            f"the process group uses NCCL but the model's parameters are on {device}; "
+            "move the model to its GPU (cuda:LOCAL_RANK) before initialize()"
+        )
+    if device.type == "cuda" and backend == "nccl":
+        index = local_rank()
+        expected = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        if device != expected:
+            why = f"LOCAL_RANK={index}" if index is not None else "torch.cuda.current_device()"
+            raise ValueError(
+                f"the model's parameters are on {device} but this rank's GPU is {expected} ({why}); "
+                f"move the model there (model.to({str(expected)!r})) before initialize()"
+            )
+    return device
 
 
 def is_distributed() -> bool:

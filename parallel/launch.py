@@ -45,7 +45,9 @@ def _rank_main(rank, world_size, port, timeout, fn, args, results, env, backend=
     )
     try:
         if backend == "nccl":
-            torch.cuda.set_device(rank)  # one GPU per rank, as torchrun's LOCAL_RANK
+            from zerostep.parallel.groups import local_rank_device
+
+            torch.cuda.set_device(local_rank_device())  # one GPU per rank, as torchrun's LOCAL_RANK
         dist.init_process_group(
             backend,
             rank=rank,

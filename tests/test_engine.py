@@ -400,3 +400,31 @@ def test_step_leaves_the_global_rng_alone_and_eval_turns_dropout_off():
     x, y = batches(1, 8)[0]
     assert float(engine.eval_step(state, (x, y))) == float(engine.eval_step(state, (x, y)))
     assert model.training
+
+
+def test_the_cuda_generator_seeded_is_the_models_not_the_current_one(monkeypatch):
+    # No GPU here: the engine is told its model sits on cuda:1 while the current device is 0.
+    engine = initialize(make_mlp(), config(), loss_fn=mse, compile=False)
+    engine.device = torch.device("cuda", 1)
+    generators = (torch.Generator(), torch.Generator())
+    for g in generators:
+        g.manual_seed(5)
+    monkeypatch.setattr(torch.cuda, "default_generators", generators, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert engine._rng_devices == [1]  # what fork_rng saves and restores
+    engine._seed_rng(123)
+    assert generators[1].initial_seed() == 123 and generators[0].initial_seed() == 5
+
+
+def test_overlap_comm_defaults_per_backend():
+    from zerostep.core.engine import default_overlap_comm
+
+    table = {
+        (stage, backend, shm): default_overlap_comm(stage, backend, shm)
+        for stage in range(4)
+        for backend in ("gloo", "nccl")
+        for shm in (False, True)
+    }
+    on = {key for key, overlap in table.items() if overlap}
+    assert on == {(0, "gloo", False)}  # measured faster there; NCCL follows DeepSpeed (off)
+    assert default_overlap_comm(0, None, False) is False  # one process

@@ -14,6 +14,7 @@ import torch
 from zerostep.parallel.groups import (
     TORCHRUN_ENV,
     Mesh,
+    check_model_devices,
     default_timeout_s,
     dp_group,
     dp_rank,
@@ -96,3 +97,43 @@ def test_timeout_from_env(monkeypatch):
         monkeypatch.setenv("ZEROSTEP_DIST_TIMEOUT", bad)
         with pytest.raises(ValueError, match="ZEROSTEP_DIST_TIMEOUT"):
             default_timeout_s()
+
+
+def test_local_rank_beyond_the_visible_gpus_is_a_clear_error(monkeypatch):
+    import torch.distributed as dist
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("called before the device was checked")
+
+    monkeypatch.setattr(torch.cuda, "set_device", must_not_run)
+    monkeypatch.setattr(dist, "init_process_group", must_not_run)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1 but this process sees 1 GPU\(s\)"):
+        maybe_init_distributed()
+    monkeypatch.setenv("LOCAL_RANK", "-1")
+    with pytest.raises(ValueError, match="LOCAL_RANK='-1' must be >= 0"):
+        maybe_init_distributed()
+
+
+def test_model_devices_must_be_one_and_this_ranks_gpu(monkeypatch):
+    cuda = [torch.device("cuda", i) for i in range(3)]
+    with pytest.raises(ValueError, match=r"several devices: cuda:0 \('a'"):
+        check_model_devices({"a": cuda[0], "b": cuda[1]}, None)
+    with pytest.raises(ValueError, match="NCCL but the model's parameters are on cpu"):
+        check_model_devices({"a": torch.device("cpu")}, "nccl")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"on cuda:0 but this rank's GPU is cuda:1 \(LOCAL_RANK=1\)"):
+        check_model_devices({"a": cuda[0]}, "nccl")
+    assert check_model_devices({"a": cuda[1], "b": cuda[1]}, "nccl") == cuda[1]
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    with pytest.raises(ValueError, match=r"cuda:2 \(torch.cuda.current_device\(\)\)"):
+        check_model_devices({"a": cuda[0]}, "nccl")
+    # gloo and one process leave the choice of GPU to the user
+    assert check_model_devices({"a": cuda[0]}, "gloo") == cuda[0]
+    assert check_model_devices({"a": torch.device("cpu")}, None) == torch.device("cpu")

@@ -64,3 +64,18 @@ def test_corpus_is_deterministic_and_batches_are_shifted_by_one():
     b = window_batch(data, 3, 16, seed=1, step=2)
     assert b["idx"].shape == (3, 16)
     assert bool((b["idx"][:, 1:] == b["targets"][:, :-1]).all())
+
+
+def test_more_ranks_than_gpus_is_refused_before_launching(monkeypatch, capsys):
+    import torch
+
+    from zerostep.core import train_job
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(
+        train_job, "launch_ranks", lambda *a: (_ for _ in ()).throw(AssertionError("launched"))
+    )
+    assert main(["train", "--nproc", "2", "--steps", "1"]) == 2
+    assert "--nproc 2 but this machine has 1 visible GPU(s)" in capsys.readouterr().err

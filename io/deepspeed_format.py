@@ -247,7 +247,7 @@ def _moment(state: dict, index: Any, key: str, path: str) -> torch.Tensor | None
     value = entry[key]
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(path, f"optimizer state {index!r}[{key!r}] is not a tensor")
-    return value.float()
+    return value.detach().float()
 
 
 def _step_of(state: dict) -> int | None:
@@ -266,6 +266,7 @@ def _walk(
     flat: torch.Tensor, shapes: OrderedDict, paddings: list | None, path: str
 ) -> dict[str, torch.Tensor]:
     """Stages 1-2: one group's full fp32 vector -> its parameters, one after another."""
+    flat = flat.detach()  # DeepSpeed saves its fp32 partitions with requires_grad set
     out, offset = {}, 0
     for i, (name, shape) in enumerate(shapes.items()):
         n = _numel(shape)
@@ -284,7 +285,9 @@ def _read_stage_0(model: dict, path: str) -> tuple[dict, dict | None, dict | Non
         raise CheckpointError(path, "no 'module' state dict")
     buffers = set(model.get("buffer_names") or ())
     params = {
-        n: t.float().clone() for n, t in module.items() if n not in buffers and isinstance(t, torch.Tensor)
+        n: t.detach().float().clone()
+        for n, t in module.items()
+        if n not in buffers and isinstance(t, torch.Tensor)
     }
     opt = model.get("optimizer")
     if not isinstance(opt, dict):
@@ -393,6 +396,7 @@ def _read_stage_3(model: dict, optims: list[dict], paths: list[str]) -> tuple:
         return get
 
     def consolidate(flats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        flats = [f.detach() for f in flats]  # saved with requires_grad set
         out, offset = {}, 0
         for name, shape in merged.items():
             n = _numel(shape)
@@ -427,11 +431,13 @@ def _frozen(models: list[dict], stage: int, trainable: dict) -> dict[str, torch.
             if any(f is None for f in frags):
                 continue
             out[name] = (
-                torch.cat([f.float().reshape(-1) for f in frags])[: _numel(shape)].view(tuple(shape)).clone()
+                torch.cat([f.detach().float().reshape(-1) for f in frags])[: _numel(shape)]
+                .view(tuple(shape))
+                .clone()
             )
         return out
     module = first.get("module") or {}
-    return {n: module[n].float().clone() for n in shapes if n in module and n not in trainable}
+    return {n: module[n].detach().float().clone() for n in shapes if n in module and n not in trainable}
 
 
 def read_deepspeed_checkpoint(load_dir: str | os.PathLike, tag: str | None = None) -> DeepSpeedCheckpoint:

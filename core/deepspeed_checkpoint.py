@@ -38,6 +38,10 @@ def load_deepspeed_checkpoint(
     or shapes differ from the engine's, when Adam moments are asked for but the engine's optimizer is not
     Adam/AdamW or the checkpoint holds none, or for any damaged file."""
     checkpoint = read_deepspeed_checkpoint(load_dir, tag)
+    if checkpoint.stage == 0:
+        # stage 0 does not say which module entries are frozen: those the model holds frozen are
+        for name in [n for n in checkpoint.params if n in engine._constants]:
+            checkpoint.frozen_params[name] = checkpoint.params.pop(name)
     _check_params(engine, checkpoint)
     if load_optimizer_states:
         _check_optimizer(engine, checkpoint)
@@ -62,7 +66,7 @@ def load_deepspeed_checkpoint(
         step=torch.tensor(checkpoint.global_steps, dtype=torch.int64),
         skipped_steps=torch.tensor(checkpoint.skipped_steps, dtype=torch.int64),
     )
-    for name, value in frozen.items():  # frozen parameters are constants of the forward
+    for name, value in frozen.items():  # frozen parameters and buffers are constants of the forward
         engine._constants[name].copy_(value)
     engine.bind_module(state)
     return state, dict(checkpoint.client_state)
@@ -96,29 +100,37 @@ def _check_optimizer(engine: Any, checkpoint: DeepSpeedCheckpoint) -> None:
             "optimizer block or load_optimizer_states=False",
         )
     if checkpoint.exp_avg is None or checkpoint.exp_avg_sq is None:
+        why = f": {checkpoint.moments_note}" if checkpoint.moments_note else ""
         raise CheckpointError(
             checkpoint.path,
             f"the checkpoint's optimizer state ({checkpoint.optimizer_type or 'client optimizer'}) holds no "
-            "Adam moments (exp_avg / exp_avg_sq); pass load_optimizer_states=False",
+            f"Adam moments (exp_avg / exp_avg_sq){why}"
+            "; pass load_optimizer_states=False",
         )
 
 
 def _frozen_updates(engine: Any, checkpoint: DeepSpeedCheckpoint) -> dict[str, torch.Tensor]:
-    """The saved frozen parameters the engine holds as constants, checked before anything is written."""
+    """The saved frozen parameters and buffers, which the engine holds as constants of the forward,
+    checked before anything is written."""
     out = {}
-    for name, value in checkpoint.frozen_params.items():
-        constant = engine._constants.get(name)
-        if constant is None:
-            raise CheckpointError(
-                checkpoint.path, f"frozen parameter {name} is not a frozen parameter of the model"
-            )
-        if tuple(constant.shape) != tuple(value.shape):
-            raise CheckpointError(
-                checkpoint.path,
-                f"frozen parameter {name}: checkpoint {tuple(value.shape)}, model {tuple(constant.shape)}",
-            )
-        out[name] = value.to(constant.device, constant.dtype)
+    saved = [("frozen parameter", checkpoint.frozen_params), ("buffer", checkpoint.buffers)]
+    for kind, values in saved:
+        for name, value in values.items():
+            out[name] = _constant_update(engine, checkpoint, kind, name, value)
     return out
+
+
+def _constant_update(
+    engine: Any, checkpoint: DeepSpeedCheckpoint, kind: str, name: str, value: torch.Tensor
+) -> torch.Tensor:
+    constant = engine._constants.get(name)
+    if constant is None:
+        raise CheckpointError(checkpoint.path, f"{kind} {name} of the checkpoint is not one of the model")
+    if tuple(constant.shape) != tuple(value.shape):
+        raise CheckpointError(
+            checkpoint.path, f"{kind} {name}: checkpoint {tuple(value.shape)}, model {tuple(constant.shape)}"
+        )
+    return value.to(constant.device, constant.dtype)
 
 
 def _fill_adam(engine: Any, checkpoint: DeepSpeedCheckpoint, opt_state: Any) -> AdamState:

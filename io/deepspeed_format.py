@@ -70,6 +70,7 @@ class DeepSpeedCheckpoint:
     dp_world_size: int
     params: dict[str, torch.Tensor]
     frozen_params: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # as saved (dtype kept)
     exp_avg: dict[str, torch.Tensor] | None = None
     exp_avg_sq: dict[str, torch.Tensor] | None = None
     optimizer_step: int | None = None
@@ -83,6 +84,7 @@ class DeepSpeedCheckpoint:
     ds_config: dict[str, Any] | None = None
     ds_version: str | None = None
     loss_scale: float | None = None
+    moments_note: str | None = None  # why exp_avg / exp_avg_sq are None, when the reader knows
 
 
 # ---------------------------------------------------------------------------------- restricted unpickling
@@ -279,7 +281,8 @@ def _walk(
     return out
 
 
-def _read_stage_0(model: dict, path: str) -> tuple[dict, dict | None, dict | None, int | None, list]:
+def _read_stage_0(model: dict, path: str) -> tuple:
+    """(params, exp_avg, exp_avg_sq, step, param groups, why the moments are absent)."""
     module = model.get("module")
     if not isinstance(module, dict):
         raise CheckpointError(path, "no 'module' state dict")
@@ -291,28 +294,37 @@ def _read_stage_0(model: dict, path: str) -> tuple[dict, dict | None, dict | Non
     }
     opt = model.get("optimizer")
     if not isinstance(opt, dict):
-        return params, None, None, None, []
+        return params, None, None, None, [], "the model states hold no optimizer state"
     if "optimizer_state_dict" in opt and "state" not in opt:  # DeepSpeed's fp16/bf16 wrapper
         opt = opt["optimizer_state_dict"]
     state, groups = opt.get("state", {}), opt.get("param_groups", [])
     indices = [i for g in groups for i in g.get("params", [])]
     names = list(params)
+    if len(groups) > 1:
+        # torch numbers the parameters group after group, and stage 0 records no names: which moment
+        # belongs to which parameter is not in the file. The weights are; the moments are left out.
+        note = (
+            f"stage-0 optimizer state over {len(groups)} param groups records no parameter names; "
+            "its moments cannot be assigned"
+        )
+        return params, None, None, _step_of(state), _hyperparameters(groups), note
     if len(indices) != len(names):
-        raise CheckpointError(
-            path, f"stage-0 optimizer covers {len(indices)} parameters but the module has {len(names)}; "
-            "cannot tell which moment belongs to which parameter"
-        )  # fmt: skip
+        note = (
+            f"stage-0 optimizer covers {len(indices)} parameters but the module has {len(names)}; "
+            "its moments cannot be assigned"
+        )
+        return params, None, None, _step_of(state), _hyperparameters(groups), note
     avg, avg_sq = {}, {}
     for name, index in zip(names, indices):
         a, b = _moment(state, index, "exp_avg", path), _moment(state, index, "exp_avg_sq", path)
         if a is None or b is None:
-            return params, None, None, _step_of(state), _hyperparameters(groups)
+            return params, None, None, _step_of(state), _hyperparameters(groups), None
         if tuple(a.shape) != tuple(params[name].shape):
             raise CheckpointError(
                 path, f"{name}: exp_avg shape {tuple(a.shape)} != parameter {tuple(params[name].shape)}"
             )
         avg[name], avg_sq[name] = a, b
-    return params, avg, avg_sq, _step_of(state), _hyperparameters(groups)
+    return params, avg, avg_sq, _step_of(state), _hyperparameters(groups), None
 
 
 def _base_state(osd: dict) -> dict:
@@ -440,6 +452,12 @@ def _frozen(models: list[dict], stage: int, trainable: dict) -> dict[str, torch.
     return {n: module[n].detach().float().clone() for n in shapes if n in module and n not in trainable}
 
 
+def _buffers(model: dict) -> dict[str, torch.Tensor]:
+    module = model.get("module") or {}
+    names = model.get("buffer_names") or ()
+    return {n: module[n].detach().clone() for n in names if isinstance(module.get(n), torch.Tensor)}
+
+
 def read_deepspeed_checkpoint(load_dir: str | os.PathLike, tag: str | None = None) -> DeepSpeedCheckpoint:
     """Consolidate the DeepSpeed checkpoint ``<load_dir>/<tag>`` (tag from ``latest`` if None) on CPU.
 
@@ -472,9 +490,10 @@ def read_deepspeed_checkpoint(load_dir: str | os.PathLike, tag: str | None = Non
             raise CheckpointError(p, "no 'optimizer_state_dict'")
     if not optims:
         stage = 0
-        params, avg, avg_sq, step, groups = _read_stage_0(model, model_paths[0])
+        params, avg, avg_sq, step, groups, note = _read_stage_0(model, model_paths[0])
         world = int(model.get("dp_world_size") or 1)
     else:
+        note = None
         osd = optims[0]["optimizer_state_dict"]
         stage = _stage_of(osd.get("zero_stage"), optim_paths[0])
         count = osd.get("partition_count")
@@ -504,6 +523,7 @@ def read_deepspeed_checkpoint(load_dir: str | os.PathLike, tag: str | None = Non
         dp_world_size=world,
         params=params,
         frozen_params=_frozen(models, stage, params),
+        buffers=_buffers(model),
         exp_avg=avg,
         exp_avg_sq=avg_sq,
         optimizer_step=step,
@@ -516,5 +536,6 @@ def read_deepspeed_checkpoint(load_dir: str | os.PathLike, tag: str | None = Non
         client_state={k: v for k, v in model.items() if k not in DEEPSPEED_KEYS},
         ds_config=ds_config,
         ds_version=model.get("ds_version"),
+        moments_note=note,
         loss_scale=float(scale) if isinstance(scale, (int, float)) else None,
     )

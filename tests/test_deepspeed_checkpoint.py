@@ -186,3 +186,25 @@ def test_mismatched_model_or_optimizer_is_refused_before_anything_is_written():
     assert_close({n: p.detach() for n, p in sgd.model.named_parameters()}, before, tol=0)
     state, _ = load_deepspeed_checkpoint(sgd, fixture(0, 1), load_optimizer_states=False)
     assert_close(sgd.full_params(state), reference(0, 1)["params"])
+
+
+def test_stage_0_moments_over_several_param_groups_are_refused_but_weights_load(tmp_path):
+    from zerostep.io.deepspeed_format import load_deepspeed_file
+
+    model = load_deepspeed_file(os.path.join(fixture(0, 1), "global_step2", "mp_rank_00_model_states.pt"))
+    (group,) = model["optimizer"]["param_groups"]
+    # as HF scripts split decay / no-decay: torch numbers the parameters group after group
+    model["optimizer"]["param_groups"] = [{**group, "params": [0, 2]}, {**group, "params": [1, *range(3, 8)]}]
+    (tmp_path / "global_step2").mkdir()
+    torch.save(model, tmp_path / "global_step2" / "mp_rank_00_model_states.pt")
+    (tmp_path / "latest").write_text("global_step2")
+    ckpt = read_deepspeed_checkpoint(tmp_path)
+    assert ckpt.exp_avg is None and "2 param groups" in ckpt.moments_note
+    engine = engine_for(0)
+    with pytest.raises(
+        CheckpointError, match="holds no Adam moments.*2 param groups records no parameter names"
+    ):
+        load_deepspeed_checkpoint(engine, tmp_path)
+    state, client = load_deepspeed_checkpoint(engine, tmp_path, load_optimizer_states=False)
+    assert client == CLIENT_STATE
+    assert_close(engine.full_params(state), reference(0, 1)["params"])

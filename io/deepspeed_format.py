@@ -495,7 +495,13 @@ def read_deepspeed_checkpoint(load_dir: str | os.PathLike, tag: str | None = Non
     else:
         note = None
         osd = optims[0]["optimizer_state_dict"]
-        stage = _stage_of(osd.get("zero_stage"), optim_paths[0])
+        if "zero_stage" not in osd:
+            raise CheckpointError(
+                optim_paths[0],
+                "no 'zero_stage' recorded (DeepSpeed's BF16_Optimizer, bf16 at stage 0-1, writes none); "
+                "that layout is not supported",
+            )
+        stage = _stage_of(osd["zero_stage"], optim_paths[0])
         count = osd.get("partition_count")
         world = max(count) if isinstance(count, list) else int(count or 0)
         if world != len(optims):

@@ -208,3 +208,12 @@ def test_stage_0_moments_over_several_param_groups_are_refused_but_weights_load(
     state, client = load_deepspeed_checkpoint(engine, tmp_path, load_optimizer_states=False)
     assert client == CLIENT_STATE
     assert_close(engine.full_params(state), reference(0, 1)["params"])
+
+
+def test_a_zerostep_checkpoint_is_not_taken_for_a_deepspeed_one(tmp_path):
+    engine = engine_for(1)
+    engine.save(engine.init(), tmp_path, tag="t1")
+    assert not is_deepspeed_checkpoint(tmp_path)
+    assert not is_deepspeed_checkpoint(tmp_path, tag="t1")
+    with pytest.raises(CheckpointError, match="not a DeepSpeed checkpoint"):
+        read_deepspeed_checkpoint(tmp_path)

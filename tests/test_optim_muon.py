@@ -244,12 +244,63 @@ MUON = {"type": "Muon", "params": {"lr": 0.02, "adam_lr": 0.01, "weight_decay": 
 RMSPROP = {"type": "RMSprop", "params": {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.01}}
 
 
-def test_every_stage_equals_one_process_on_two_ranks():
-    from test_zero import all_stages, check_equal
+def save_after_two_steps(rank: int, world_size: int, block: dict, save_dir: str) -> None:
+    from models import Net, mse
+    from test_zero import GAS, MB, global_batches, make_config
 
+    from zerostep.core import initialize
+
+    engine = initialize(Net(), make_config(2, world_size, optimizer=block), loss_fn=mse, compile=False)
+    state = engine.init()
+    per = MB * GAS
+    for x, y in global_batches(world_size)[:2]:
+        state = engine.step(state, (x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]))
+    engine.save(state, save_dir, tag="two", fsync=False)
+
+
+STAGES = {"muon": (0, 1, 2, 3), "rmsprop": (1, 3)}  # RMSprop is elementwise: the sharded stages suffice
+BLOCKS = {"muon": MUON, "rmsprop": RMSPROP}
+
+
+def stages_then_save(rank: int, world_size: int, save_dir: str) -> dict:
+    from test_zero import all_stages
+
+    out = {}
+    for name, block in BLOCKS.items():
+        out[name] = all_stages(rank, world_size, False, STAGES[name], False, block)
+        save_after_two_steps(rank, world_size, block, f"{save_dir}/{name}")
+    return out
+
+
+def test_two_ranks_equal_one_process_and_checkpoints_reshard_to_one(tmp_path):
+    """Muon (gathers matrices cut by shard boundaries) and RMSprop (elementwise) on 2 gloo ranks equal
+    one process at every stage; a stage-2 checkpoint of 2 ranks loads in one process, master and every
+    optimizer leaf equal to a one-process run of the same two steps."""
+    import optree
+    from models import Net, mse
+    from test_zero import GAS, MB, check_equal, global_batches, make_config
+
+    from zerostep.core import initialize
     from zerostep.parallel.launch import spawn_ranks
 
-    stages = (0, 1, 2, 3)
-    for block in (MUON, RMSPROP):  # Muon gathers matrices cut by shard boundaries; RMSprop is elementwise
-        results = spawn_ranks(all_stages, 2, False, stages, False, block, timeout=240)
-        check_equal(results, 2, stages, block)
+    results = spawn_ranks(stages_then_save, 2, str(tmp_path), timeout=300)
+    for name, block in BLOCKS.items():
+        check_equal([r[name] for r in results], 2, STAGES[name], block)
+        engine = initialize(Net(), make_config(0, 1, mb=MB * 2, optimizer=block), loss_fn=mse, compile=False)
+        state = engine.init()
+        for x, y in global_batches(2)[:2]:
+            rows = [
+                torch.arange(r * MB * GAS + i * MB, r * MB * GAS + (i + 1) * MB)
+                for i in range(GAS)
+                for r in range(2)
+            ]
+            idx = torch.cat(rows)
+            state = engine.step(state, (x[idx], y[idx]))
+        # a second engine: loading binds the model's parameters to the loaded state
+        other = initialize(Net(), make_config(0, 1, mb=MB * 2, optimizer=block), loss_fn=mse, compile=False)
+        loaded = other.load(tmp_path / name, tag="two")
+        pairs = [*zip(optree.tree_leaves(loaded.opt_state), optree.tree_leaves(state.opt_state))]
+        pairs += [(loaded.master[g], state.master[g]) for g in state.master]
+        for a, b in pairs:  # relative to the leaf's largest value, as check_equal
+            err = float((a.float() - b.float()).abs().max())
+            assert err <= 1e-5 * max(float(b.float().abs().max()), 1e-12), name

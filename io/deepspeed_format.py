@@ -449,6 +449,9 @@ def _frozen(models: list[dict], stage: int, trainable: dict) -> dict[str, torch.
             )
         return out
     module = first.get("module") or {}
+    if not shapes and stage > 0:  # stage 1 records no frozen_param_shapes; the module holds them whole
+        buffers = set(first.get("buffer_names") or ())
+        shapes = {n: None for n in module if n not in trainable and n not in buffers}
     return {n: module[n].detach().float().clone() for n in shapes if n in module and n not in trainable}
 
 

@@ -217,3 +217,27 @@ def test_a_zerostep_checkpoint_is_not_taken_for_a_deepspeed_one(tmp_path):
     assert not is_deepspeed_checkpoint(tmp_path, tag="t1")
     with pytest.raises(CheckpointError, match="not a DeepSpeed checkpoint"):
         read_deepspeed_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("stage,ws", [(1, 1), (2, 1), (3, 2)])
+def test_frozen_parameters_and_buffers_come_back(stage, ws):
+    from fixtures.deepspeed.frozen_net import FrozenNet
+
+    path = os.path.join(FIXTURES, f"frozen_stage{stage}_ws{ws}")
+    ref = torch.load(os.path.join(path, "reference.pt"), weights_only=True)
+    ckpt = read_deepspeed_checkpoint(path)
+    assert_close(ckpt.frozen_params, ref["frozen"], tol=0)
+    assert_close(ckpt.buffers, ref["buffers"], tol=0)
+    # a model whose frozen weight and buffer differ from the run's: the load must overwrite both
+    engine = engine_for(min(stage, 2), model=FrozenNet(frozen_value=-1.0, scale=3.0))
+    state, _ = load_deepspeed_checkpoint(engine, path)
+    assert_close(engine.full_params(state), ref["params"])
+    assert_close(
+        {n: p.detach() for n, p in engine.model.named_parameters() if not p.requires_grad}, ref["frozen"]
+    )
+    assert_close(dict(engine.model.named_buffers()), ref["buffers"])
+    batch = next_batch(MB)
+    out = engine.eval_step(state, batch)
+    model = FrozenNet()
+    model.load_state_dict({**ref["params"], **ref["frozen"], **ref["buffers"]})
+    torch.testing.assert_close(out, mse(model, batch), rtol=1e-6, atol=1e-7)

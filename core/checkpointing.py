@@ -28,7 +28,7 @@ import torch.distributed as dist
 from zerostep.core.precision import ScalerState, loss_scale_init
 from zerostep.core.state import FlatParams, Metrics, TrainState, check_not_consumed, mark_consumed
 from zerostep.io import CheckpointError, load_checkpoint, save_checkpoint
-from zerostep.io.checkpoint import SaveHandle
+from zerostep.io.checkpoint import LostContact, SaveHandle, group_timeout_s
 from zerostep.io.codec import dtype_from_name
 from zerostep.io.manifest import CheckpointDir
 from zerostep.io.reshard import read_flat_range
@@ -202,15 +202,11 @@ def _missing_opt_leaf(where: str, key: str) -> CheckpointError:
     return CheckpointError(where, f"optimizer state leaf {key!r} missing (saved with another optimizer?)")
 
 
-def _resolve(load_dir: str | os.PathLike, tag: str | None) -> tuple[str, dict]:
-    with CheckpointDir.open(load_dir, tag) as ckpt:
-        return ckpt.path, ckpt.manifest["meta"]
-
-
 def _agreed(engine: Any, where: str, read: Callable[[], Any]) -> Any:
     """``read()`` on every rank, then a vote: when it raised on any rank, it raises on every rank (the
     others say another rank failed), so no rank goes on to write buffers or wait in a collective that a
-    failed rank will never join."""
+    failed rank will never join. A vote that fails (a rank died, or did not answer within the group's
+    timeout) raises ``LostContact``, a ``CheckpointError``, on the ranks that are left."""
     error: BaseException | None = None
     result = None
     try:
@@ -219,7 +215,17 @@ def _agreed(engine: Any, where: str, read: Callable[[], Any]) -> Any:
         error = e
     if engine.plan.world_size > 1:
         ok = torch.tensor([0 if error else 1], dtype=torch.int32, device=engine.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=engine.group)
+        try:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=engine.group)
+        except RuntimeError as e:  # gloo's errors: connection closed or reset, or timed out
+            if error is not None:
+                raise error from e
+            waited = group_timeout_s(engine.group)
+            raise LostContact(
+                where,
+                "nothing was loaded: lost contact with the other ranks while agreeing that every rank "
+                f"read its part (one died, or did not answer within {waited:g} s): {e}",
+            ) from e
         if error is None and int(ok.item()) == 0:
             raise CheckpointError(
                 where, "another rank could not read its part (its error says why); nothing was loaded"
@@ -315,6 +321,27 @@ def _fill_in_place(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tens
             t.copy_(host)
 
 
+def _opened(
+    engine: Any, load_dir: str | os.PathLike, tag: str | None, into: TrainState | None, with_optimizer: bool
+) -> tuple[str, dict]:
+    """The checkpoint's folder and meta, after every check that needs no tensor: ``into`` is a state of
+    this engine, the checkpoint is a train state of this model, and of this optimizer if its state is
+    loaded. Runs on every rank inside the load's vote, so a rank that sees another folder (or none)
+    fails every rank's load, not just its own."""
+    if into is not None:
+        _check_into(engine, into)
+    with CheckpointDir.open(load_dir, tag) as ckpt:
+        where, meta = ckpt.path, ckpt.manifest["meta"]
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            where, f"not a zerostep train state (format {meta.get('format')!r}, want {FORMAT})"
+        )
+    _check_model_matches(engine, meta, where)
+    if with_optimizer:
+        _check_optimizer_matches(engine, meta, where)
+    return where, meta
+
+
 def load(
     engine: Any,
     load_dir: str | os.PathLike,
@@ -324,30 +351,26 @@ def load(
     into: TrainState | None = None,
 ) -> tuple[TrainState, dict]:
     """(state, client_state). ``load_optimizer_states=False`` loads parameters only (fine-tuning): a
-    fresh optimizer state, loss scaler, step 0. ``into``: see ``_load_into``."""
+    fresh optimizer state, loss scaler, step 0. ``into``: see ``_load_into``. Every rank checks and
+    reads, then all vote: a load fails on every rank or on none (``_agreed``)."""
     if into is not None:
         check_not_consumed(into, "engine.load")
-        _check_into(engine, into)
     plan = engine.plan
-    where, meta = _resolve(load_dir, tag)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            where, f"not a zerostep train state (format {meta.get('format')!r}, want {FORMAT})"
-        )
-    _check_model_matches(engine, meta, where)
-    if load_optimizer_states:
-        _check_optimizer_matches(engine, meta, where)
+    named = os.path.join(os.fspath(load_dir), tag) if tag else os.fspath(load_dir)
+    prepare = lambda: _opened(engine, load_dir, tag, into, load_optimizer_states)  # noqa: E731
     if into is not None:
-        return _load_into(engine, load_dir, where, meta, into, load_optimizer_states)
+        return _load_into(engine, load_dir, named, prepare, into, load_optimizer_states)
     rank, world = _read_as(plan)
     wanted = None if load_optimizer_states else ["master"]
-    tree, _ = _agreed(
-        engine,
-        where,
-        lambda: load_checkpoint(
+
+    def read() -> tuple[str, dict, Any]:
+        where, meta = prepare()
+        tree, _ = load_checkpoint(
             load_dir, os.path.basename(where), rank=rank, world_size=world, leaves=wanted
-        ),
-    )
+        )
+        return where, meta, tree
+
+    where, meta, tree = _agreed(engine, named, read)
 
     def place(g: str, t: torch.Tensor) -> torch.Tensor:
         length = _master_numel(plan, g)
@@ -367,8 +390,8 @@ def load(
 def _load_into(
     engine: Any,
     load_dir: str | os.PathLike,
-    where: str,
-    meta: dict,
+    named: str,
+    prepare: Callable[[], tuple[str, dict]],
     into: TrainState,
     load_optimizer_states: bool,
 ) -> tuple[TrainState, dict]:
@@ -380,12 +403,13 @@ def _load_into(
     consumed, never half-loaded and usable. Without optimizer states, ``into``'s optimizer buffers are
     dropped for a fresh optimizer state, as in a params-only load into new memory."""
     plan = engine.plan
-    tag = os.path.basename(where)
-    fills = _in_place_targets(engine, into, load_optimizer_states)
     rank, world = _read_as(plan)
     opened: list[CheckpointDir] = []  # the check's open checkpoint, which the fill reads from
 
-    def check() -> Any:
+    def check() -> tuple[str, dict, dict[str, torch.Tensor], Any]:
+        where, meta = prepare()  # ``into`` checked first: the targets below rely on it
+        tag = os.path.basename(where)
+        fills = _in_place_targets(engine, into, load_optimizer_states)
         small = None
         if load_optimizer_states:  # step counts, scaler, metrics, client state: small, read here
             wanted = ["step", "skipped_steps", "seed", "scaler", "metrics", "client_state"]
@@ -397,10 +421,10 @@ def _load_into(
                 raise _missing_opt_leaf(where, missing[0])
         opened.append(CheckpointDir.open(load_dir, tag))
         _check_flat_leaves(engine, opened[0], fills)
-        return small
+        return where, meta, fills, small
 
     try:
-        small = _agreed(engine, where, check)
+        where, meta, fills, small = _agreed(engine, named, check)
     except BaseException:
         if opened:
             opened[0].close()

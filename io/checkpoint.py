@@ -112,33 +112,80 @@ def wait_for_pending_save() -> None:
             handle.wait()
 
 
-class _Coordinator:
-    """Broadcast / gather of small objects among the saving ranks (no-ops for one rank)."""
+def group_timeout_s(group: Any = None) -> float:
+    """The collective timeout of ``group`` (default: the default group), as given to
+    ``init_process_group`` (zerostep's start-up passes ``$ZEROSTEP_DIST_TIMEOUT``); where torch does not
+    say, ``$ZEROSTEP_DIST_TIMEOUT`` or its default."""
+    try:
+        pg = group if group is not None else dist.group.WORLD
+        timeout = pg._get_backend(torch.device("cpu")).options._timeout
+        if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
+            return timeout.total_seconds()
+    except (AttributeError, RuntimeError, ValueError):
+        pass
+    from zerostep.parallel.groups import default_timeout_s
 
-    def __init__(self, world_size: int, timeout: float):
-        self.group = None
+    return default_timeout_s()
+
+
+class LostContact(CheckpointError):
+    """A collective among the saving or loading ranks failed: a peer died or did not answer in time."""
+
+
+class _Coordinator:
+    """Broadcast / gather of small objects among the saving ranks (no-ops for one rank), on a gloo group
+    of their own with the default group's timeout (or ``timeout``). A failed collective raises
+    ``LostContact`` and drops the group, which a dead peer has broken for good."""
+
+    def __init__(self, world_size: int, timeout: float | None, where: str):
+        self.group, self.where = None, where
+        self.timeout = timeout if timeout is not None else group_timeout_s()
         if world_size > 1:
             if not dist.is_initialized() or dist.get_world_size() != world_size:
                 raise ValueError(
                     f"saving from {world_size} ranks needs torch.distributed initialized with them"
                 )
-            key = (id(dist.group.WORLD), world_size)
+            key = (id(dist.group.WORLD), world_size, self.timeout)
             if key not in _groups:  # collective: every rank's first save creates it together
-                _groups[key] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-            self.group = _groups[key]
+                delta = datetime.timedelta(seconds=self.timeout)
+                _groups[key] = self._collective(
+                    "creating the save's process group", lambda: dist.new_group(backend="gloo", timeout=delta)
+                )
+            self.key, self.group = key, _groups[key]
 
-    def broadcast(self, obj: Any) -> Any:
+    def _collective(self, what: str, run: Any) -> Any:
+        try:
+            return run()
+        except RuntimeError as e:  # gloo's errors: connection closed or reset, or timed out
+            self._drop()
+            raise LostContact(
+                self.where,
+                f"{what}: lost contact with the other ranks (one died, or did not answer within "
+                f"{self.timeout:g} s): {e}",
+            ) from e
+
+    def _drop(self) -> None:
+        group, self.group = self.group, None
+        if group is None:
+            return
+        _groups.pop(self.key, None)
+        try:
+            dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001 - already broken; dropping it is all that is left to do
+            pass
+
+    def broadcast(self, obj: Any, what: str) -> Any:
         if self.group is None:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        self._collective(what, lambda: dist.broadcast_object_list(box, src=0, group=self.group))
         return box[0]
 
-    def gather(self, obj: Any, rank: int) -> list[Any] | None:
+    def gather(self, obj: Any, rank: int, what: str) -> list[Any] | None:
         if self.group is None:
             return [obj]
         out = [None] * dist.get_world_size(self.group) if rank == 0 else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
+        self._collective(what, lambda: dist.gather_object(obj, out, dst=0, group=self.group))
         return out
 
 
@@ -175,7 +222,7 @@ def save_checkpoint(
     keep_last: int | None = None,
     fsync: bool = True,
     async_save: bool = False,
-    timeout: float = 600.0,
+    timeout: float | None = None,
 ) -> SaveHandle:
     """Save this rank's ``tree`` as part of checkpoint ``<save_dir>/<tag>``; every rank calls it.
 
@@ -185,7 +232,9 @@ def save_checkpoint(
     then time), never the one just written. With ``async_save`` tensors are copied to host memory now and
     written by a thread; the returned handle's ``wait()`` joins it, and the next save or load waits too,
     as does the interpreter's exit (a failure nobody waited for is printed and the exit status is 1).
-    Raises ``CheckpointError`` on every rank if any rank's write fails.
+    Raises ``CheckpointError`` on every rank if any rank's write fails. The ranks coordinate with the
+    default process group's timeout (``timeout`` seconds if given); a rank that dies or stops answering
+    makes the others raise ``LostContact`` (a ``CheckpointError``) saying what became of the save.
     """
     wait_for_pending_save()
     save_dir = os.fspath(save_dir)
@@ -195,8 +244,9 @@ def save_checkpoint(
     rank, world_size = _rank_and_size(rank, world_size)
     table = mf.describe_leaves(tree, flat_numel or {}, world_size)
     own = mf.rank_tree(tree, table, rank)
-    coord = _Coordinator(world_size, timeout)
-    ckpt_id = coord.broadcast(leftovers.new_save_id() if rank == 0 else None)
+    coord = _Coordinator(world_size, timeout, os.path.join(save_dir, tag))
+    new_id = leftovers.new_save_id() if rank == 0 else None
+    ckpt_id = coord.broadcast(new_id, "save failed before anything was written, agreeing on its id")
     handle = SaveHandle(os.path.join(save_dir, tag))
     args = (save_dir, tag, ckpt_id, own, table, meta or {}, rank, world_size, keep_last, fsync, coord)
     if not async_save:
@@ -224,7 +274,16 @@ def _write_and_commit(save_dir, tag, ckpt_id, own, table, meta, rank, world_size
         report = {
             "error": str(e) if isinstance(e, CheckpointError) else f"rank {rank}: {type(e).__name__}: {e}"
         }
-    reports = coord.gather(report, rank)
+    if rank == 0:  # without every report rank 0 commits nothing
+        what = UNTOUCHED + "collecting the ranks' reports"
+    else:
+        what = f"save of {tag!r} ended without word from rank 0 whether it committed it (see {mf.LATEST!r})"
+    try:
+        reports = coord.gather(report, rank, what)
+    except LostContact:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     outcome = None
     if rank == 0:
         errors = [r["error"] for r in reports if "error" in r]
@@ -243,7 +302,17 @@ def _write_and_commit(save_dir, tag, ckpt_id, own, table, meta, rank, world_size
                 _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync)
             except _CommitFailed as e:
                 outcome = str(e)
-    outcome = coord.broadcast(outcome)
+    if rank == 0:
+        what = (
+            "save failed, telling the other ranks"
+            if outcome
+            else (
+                f"checkpoint {tag!r} committed and named by {mf.LATEST!r}, but telling the other ranks failed"
+            )
+        )
+    else:
+        what = f"save of {tag!r} ended without word from rank 0 whether it committed it (see {mf.LATEST!r})"
+    outcome = coord.broadcast(outcome, what)
     if outcome is not None:
         raise CheckpointError(os.path.join(save_dir, tag), outcome)
 

@@ -592,3 +592,35 @@ def test_an_async_save_finishes_or_fails_loudly_at_interpreter_exit(tmp_path):
         for rank in range(world):
             tree, _ = load_checkpoint(root, rank=rank, world_size=world)
             assert torch.equal(tree["w"], torch.arange(64.0))
+
+
+def _peer_stops_answering(rank, world_size, root):
+    import torch.distributed as dist
+
+    from zerostep.io.checkpoint import LostContact
+
+    save_checkpoint(root, "a", rank_state(rank, world_size, 1), flat_numel=flat_leaves(), meta={"step": 1})
+    if rank == 1:  # never joins the next save; meets rank 0 in the barrier once it gave up
+        time.sleep(2)
+        dist.barrier()
+        return None
+    start = time.monotonic()
+    try:
+        save_checkpoint(root, "b", rank_state(rank, world_size, 2), flat_numel=flat_leaves())
+    except LostContact as e:  # a CheckpointError, not gloo's RuntimeError
+        error = (str(e), time.monotonic() - start)
+    dist.barrier()
+    return error
+
+
+def test_save_coordination_uses_the_process_group_timeout_and_raises_checkpoint_errors(tmp_path):
+    from zerostep.io.checkpoint import LostContact
+
+    assert issubclass(LostContact, CheckpointError)
+    (message, waited), _ = spawn_ranks(
+        _peer_stops_answering, 2, str(tmp_path), timeout=120, collective_timeout=4
+    )
+    assert 3.5 < waited < 30, waited  # the group's 4 s, not a fixed 600 s
+    assert f"{tmp_path / 'b'}: save failed before anything was written" in message
+    assert "did not answer within 4 s" in message
+    assert sorted(os.listdir(tmp_path)) == ["a", "latest"]

@@ -371,3 +371,40 @@ def test_loss_scale_starts_at_the_configured_scale_unless_both_runs_are_fp16(tmp
     for extra in ({}, BF16):
         plain = engine_for(2, 1, **extra).load(tmp_path / "fp16")
         assert float(plain.scaler.scale) == 1.0 and int(plain.scaler.iteration) == 0
+
+
+def loads_that_fail_on_one_rank(rank, world_size, path):
+    import torch.distributed as dist
+
+    from zerostep.io.checkpoint import LostContact
+
+    save_after_split(rank, world_size, 2, path)
+    engine = engine_for(2, world_size)
+    errors = []
+    try:  # rank 1 finds no such checkpoint: every rank's load fails, none waits in a collective
+        engine.load(path, None if rank == 0 else "nope")
+    except CheckpointError as e:
+        errors.append(str(e))
+    real = dist.all_reduce
+
+    def vote_then_lose_contact(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("[gloo/transport/tcp/pair.cc] Connection closed by peer")
+
+    dist.all_reduce = vote_then_lose_contact  # as when the vote's peer dies: a CheckpointError
+
+    try:
+        engine.load(path)
+    except LostContact as e:
+        errors.append(str(e))
+    finally:
+        dist.all_reduce = real
+    return errors
+
+
+def test_a_load_failing_on_one_rank_raises_checkpoint_errors_on_every_rank(tmp_path):
+    (found, lost0), (missing, lost1) = spawn_ranks(loads_that_fail_on_one_rank, 2, str(tmp_path), timeout=120)
+    assert "another rank could not read its part" in found
+    assert f"{tmp_path / 'nope'}: checkpoint directory not found" in missing
+    for lost in (lost0, lost1):
+        assert "nothing was loaded: lost contact with the other ranks" in lost and "within 120 s" in lost

@@ -42,6 +42,7 @@ def load_deepspeed_checkpoint(
         # stage 0 does not say which module entries are frozen: those the model holds frozen are
         for name in [n for n in checkpoint.params if n in engine._constants]:
             checkpoint.frozen_params[name] = checkpoint.params.pop(name)
+        _assign_stage_0_moments(engine, checkpoint)
     _check_params(engine, checkpoint)
     if load_optimizer_states:
         _check_optimizer(engine, checkpoint)
@@ -70,6 +71,25 @@ def load_deepspeed_checkpoint(
         engine._constants[name].copy_(value)
     engine.bind_module(state)
     return state, dict(checkpoint.client_state)
+
+
+def _assign_stage_0_moments(engine: Any, checkpoint: DeepSpeedCheckpoint) -> None:
+    """Stage 0 names no parameter in its optimizer state; with one param group DeepSpeed's optimizer runs
+    over the trainable parameters in module order, which the engine knows (the file alone does not when
+    the module also holds frozen ones)."""
+    by_index = checkpoint.stage0_moments_by_index
+    if checkpoint.exp_avg is not None or by_index is None:
+        return
+    names = [n for n, p in engine.model.named_parameters() if p.requires_grad]
+    shapes_agree = len(names) == len(by_index) and all(
+        tuple(a.shape) == tuple(checkpoint.params[n].shape) if n in checkpoint.params else False
+        for n, (a, _) in zip(names, by_index)
+    )
+    if not shapes_agree:
+        return  # the note already says why the moments are missing
+    checkpoint.exp_avg = {n: a for n, (a, _) in zip(names, by_index)}
+    checkpoint.exp_avg_sq = {n: b for n, (_, b) in zip(names, by_index)}
+    checkpoint.moments_note = None
 
 
 def _check_params(engine: Any, checkpoint: DeepSpeedCheckpoint) -> None:

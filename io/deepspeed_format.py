@@ -85,6 +85,9 @@ class DeepSpeedCheckpoint:
     ds_version: str | None = None
     loss_scale: float | None = None
     moments_note: str | None = None  # why exp_avg / exp_avg_sq are None, when the reader knows
+    # stage 0, one param group: (exp_avg, exp_avg_sq) in the optimizer's order, which records no names;
+    # a loader that knows the trainable parameters (module order) can assign them
+    stage0_moments_by_index: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 # ---------------------------------------------------------------------------------- restricted unpickling
@@ -281,8 +284,21 @@ def _walk(
     return out
 
 
+def _moments_by_index(
+    state: dict, indices: list, path: str
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """(exp_avg, exp_avg_sq) in the optimizer's parameter order, or None when some are missing."""
+    out = []
+    for index in indices:
+        a, b = _moment(state, index, "exp_avg", path), _moment(state, index, "exp_avg_sq", path)
+        if a is None or b is None:
+            return None
+        out.append((a, b))
+    return out
+
+
 def _read_stage_0(model: dict, path: str) -> tuple:
-    """(params, exp_avg, exp_avg_sq, step, param groups, why the moments are absent)."""
+    """(params, exp_avg, exp_avg_sq, step, param groups, why the moments are absent, moments by index)."""
     module = model.get("module")
     if not isinstance(module, dict):
         raise CheckpointError(path, "no 'module' state dict")
@@ -294,7 +310,7 @@ def _read_stage_0(model: dict, path: str) -> tuple:
     }
     opt = model.get("optimizer")
     if not isinstance(opt, dict):
-        return params, None, None, None, [], "the model states hold no optimizer state"
+        return params, None, None, None, [], "the model states hold no optimizer state", None
     if "optimizer_state_dict" in opt and "state" not in opt:  # DeepSpeed's fp16/bf16 wrapper
         opt = opt["optimizer_state_dict"]
     state, groups = opt.get("state", {}), opt.get("param_groups", [])
@@ -307,24 +323,25 @@ def _read_stage_0(model: dict, path: str) -> tuple:
             f"stage-0 optimizer state over {len(groups)} param groups records no parameter names; "
             "its moments cannot be assigned"
         )
-        return params, None, None, _step_of(state), _hyperparameters(groups), note
+        return params, None, None, _step_of(state), _hyperparameters(groups), note, None
+    by_index = _moments_by_index(state, indices, path)
     if len(indices) != len(names):
         note = (
             f"stage-0 optimizer covers {len(indices)} parameters but the module has {len(names)}; "
-            "its moments cannot be assigned"
+            "its moments cannot be assigned by the file alone"
         )
-        return params, None, None, _step_of(state), _hyperparameters(groups), note
+        return params, None, None, _step_of(state), _hyperparameters(groups), note, by_index
     avg, avg_sq = {}, {}
     for name, index in zip(names, indices):
         a, b = _moment(state, index, "exp_avg", path), _moment(state, index, "exp_avg_sq", path)
         if a is None or b is None:
-            return params, None, None, _step_of(state), _hyperparameters(groups), None
+            return params, None, None, _step_of(state), _hyperparameters(groups), None, None
         if tuple(a.shape) != tuple(params[name].shape):
             raise CheckpointError(
                 path, f"{name}: exp_avg shape {tuple(a.shape)} != parameter {tuple(params[name].shape)}"
             )
         avg[name], avg_sq[name] = a, b
-    return params, avg, avg_sq, _step_of(state), _hyperparameters(groups), None
+    return params, avg, avg_sq, _step_of(state), _hyperparameters(groups), None, by_index
 
 
 def _base_state(osd: dict) -> dict:
@@ -493,10 +510,10 @@ def read_deepspeed_checkpoint(load_dir: str | os.PathLike, tag: str | None = Non
             raise CheckpointError(p, "no 'optimizer_state_dict'")
     if not optims:
         stage = 0
-        params, avg, avg_sq, step, groups, note = _read_stage_0(model, model_paths[0])
+        params, avg, avg_sq, step, groups, note, by_index = _read_stage_0(model, model_paths[0])
         world = int(model.get("dp_world_size") or 1)
     else:
-        note = None
+        note, by_index = None, None
         osd = optims[0]["optimizer_state_dict"]
         if "zero_stage" not in osd:
             raise CheckpointError(
@@ -546,5 +563,6 @@ def read_deepspeed_checkpoint(load_dir: str | os.PathLike, tag: str | None = Non
         ds_config=ds_config,
         ds_version=model.get("ds_version"),
         moments_note=note,
+        stage0_moments_by_index=by_index,
         loss_scale=float(scale) if isinstance(scale, (int, float)) else None,
     )

@@ -39,7 +39,7 @@ def load_deepspeed_checkpoint(
     Adam/AdamW or the checkpoint holds none, or for any damaged file."""
     checkpoint = read_deepspeed_checkpoint(load_dir, tag)
     if checkpoint.stage == 0:
-        # stage 0 does not say which module entries are frozen: those the model holds frozen are
+        # stage 0 does not say which module entries are frozen: those the model holds frozen are frozen
         for name in [n for n in checkpoint.params if n in engine._constants]:
             checkpoint.frozen_params[name] = checkpoint.params.pop(name)
         _assign_stage_0_moments(engine, checkpoint)
@@ -48,11 +48,10 @@ def load_deepspeed_checkpoint(
         _check_optimizer(engine, checkpoint)
     frozen = _frozen_updates(engine, checkpoint)
     plan = engine.plan
-    master, flats, full_flats = {}, {}, {}
+    master, flats = {}, {}
     for g, layout in plan.layouts.items():
         full = layout.flatten({n: checkpoint.params[n] for n in layout.names}, dtype=torch.float32)
-        full = full.to(engine.device)
-        full_flats[g] = full
+        full = full.to(engine.device)  # [padded_numel]
         shard = layout.shard(full, engine.rank).clone() if plan.sharded_master else full
         master[g] = shard
         if plan.params_alias_master:

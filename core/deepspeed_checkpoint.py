@@ -30,14 +30,17 @@ def load_deepspeed_checkpoint(
     load_optimizer_states: bool = True,
     *,
     seed: int = 0,
+    checkpoint: DeepSpeedCheckpoint | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """``(state, client_state)`` from the DeepSpeed checkpoint ``<load_dir>/<tag>`` (tag from ``latest``).
 
     Every rank calls it; the module is bound to the new state. ``load_optimizer_states=False`` keeps a
     fresh optimizer state (fine-tuning). Raises ``CheckpointError`` when the checkpoint's parameter names
     or shapes differ from the engine's, when Adam moments are asked for but the engine's optimizer is not
-    Adam/AdamW or the checkpoint holds none, or for any damaged file."""
-    checkpoint = read_deepspeed_checkpoint(load_dir, tag)
+    Adam/AdamW or the checkpoint holds none, or for any damaged file. ``checkpoint``: the result of
+    ``read_deepspeed_checkpoint(load_dir, tag)`` when the caller has read it already (its counters)."""
+    if checkpoint is None:
+        checkpoint = read_deepspeed_checkpoint(load_dir, tag)
     if checkpoint.stage == 0:
         # stage 0 does not say which module entries are frozen: those the model holds frozen are frozen
         for name in [n for n in checkpoint.params if n in engine._constants]:

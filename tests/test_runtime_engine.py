@@ -231,6 +231,7 @@ def test_bad_calls_name_the_problem_and_change_nothing():
     other = Net()
     with pytest.raises(ValueError, match="not a parameter of the model"):
         zerostep.initialize(model=Net(), optimizer=torch.optim.AdamW(other.parameters()), config=config(0))
+
     class HomeMade(torch.optim.Optimizer):  # not torch.optim's: its math is unknown to zerostep
         def __init__(self, params):
             super().__init__(params, {"lr": 0.1})
@@ -311,3 +312,21 @@ def test_any_torch_optim_client_runs_torchs_own_step():
         engine.backward(F.mse_loss(engine(x), y))
         engine.step()
     assert_close(engine._core.full_params(engine.state), dict(ref.named_parameters()))
+
+
+def test_load_checkpoint_migrates_a_deepspeed_run():
+    import os
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "deepspeed", "stage2_ws2")
+    reference = torch.load(os.path.join(fixture, "reference.pt"), weights_only=True)
+    cfg = config(1, gas=1)
+    cfg["optimizer"]["params"]["weight_decay"] = 0.01
+    engine, *_ = zerostep.initialize(model=Net(), config=cfg, compile=False)
+    path, client = engine.load_checkpoint(fixture)
+    assert path.endswith("global_step2") and client["epoch"] == 3
+    assert engine.global_steps == 2
+    assert_close(engine._core.full_params(engine.state), reference["params"])
+    for x, y in data(1, 2):  # training goes on from DeepSpeed's state
+        engine.backward(F.mse_loss(engine(x), y))
+        engine.step()
+    assert engine.global_steps == 3

@@ -22,6 +22,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from zerostep.core.deepspeed_checkpoint import load_deepspeed_checkpoint
+from zerostep.io.deepspeed_format import is_deepspeed_checkpoint, read_deepspeed_checkpoint
+
 ENGINE_STATE_KEY = "deepspeed_engine"
 CLIENT_STATE_KEY = "deepspeed_client_state"
 
@@ -100,6 +103,8 @@ def load_checkpoint(
     with_optimizer = load_optimizer_states and not load_module_only
     stepper = engine._stepper
     stepper.discard()
+    if is_deepspeed_checkpoint(load_dir, tag):
+        return _load_deepspeed(engine, load_dir, tag, with_optimizer, load_lr_scheduler_states)
     state, packed = engine._core.load(
         load_dir,
         tag,
@@ -134,3 +139,21 @@ def _warn_once(engine: Any, key: str, message: str) -> None:
     if key not in seen:
         seen.add(key)
         warnings.warn(message, stacklevel=4)
+
+
+def _load_deepspeed(
+    engine: Any, load_dir: str | os.PathLike, tag: str | None, with_optimizer: bool, with_scheduler: bool
+) -> tuple[str, dict]:
+    """A checkpoint DeepSpeed wrote (``mp_rank_*`` / ``zero_pp_rank_*`` files): migrated at this engine's
+    world size and stage (core/deepspeed_checkpoint.py), so a run moves from DeepSpeed mid-training."""
+    checkpoint = read_deepspeed_checkpoint(load_dir, tag)
+    state, client = load_deepspeed_checkpoint(
+        engine._core, load_dir, tag, load_optimizer_states=with_optimizer, checkpoint=checkpoint
+    )
+    engine._stepper.replace_state(state)
+    if with_optimizer:
+        engine.global_samples = int(checkpoint.global_samples or 0)
+        engine.micro_steps = int(checkpoint.global_steps) * engine.gradient_accumulation_steps()
+    if with_scheduler and engine.lr_scheduler is not None and checkpoint.lr_scheduler:
+        engine.lr_scheduler.load_state_dict(checkpoint.lr_scheduler)
+    return checkpoint.path, client

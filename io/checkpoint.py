@@ -2,15 +2,20 @@
 
 Save protocol (layout in ``zerostep.io.manifest``)::
 
-    all ranks   agree on a checkpoint id (broadcast from rank 0)
+    all ranks   agree on a checkpoint id naming rank 0's process (``zerostep.io.leftovers``)
     rank r      writes <save_dir>/.tmp-<tag>-<id>/rank_r.msgpack (fsync) and reports checksums or its error
-    rank 0      gathers the reports; if all succeeded: writes the manifest, fsyncs the folder, renames it
-                to <tag>, fsyncs <save_dir>, replaces <save_dir>/latest (fsync), prunes old tags
-    all ranks   learn the outcome; on any failure the temporary folder is removed and every rank raises
+    rank 0      gathers the reports; if all succeeded: removes what dead writers left, writes the manifest
+                and <save_dir>/.latest-<id> (fsync both), puts the folder at <tag> (an atomic exchange
+                where an old <tag> exists), replaces <save_dir>/latest, fsyncs <save_dir>, deletes the
+                old <tag>'s content, prunes old tags
+    all ranks   learn the outcome; on any failure the temporary files are removed and every rank raises
 
-A crash at any point leaves the previous checkpoint and ``latest`` untouched (a killed save leaves only a
-``.tmp-*`` folder, which readers ignore). Coordination runs on a dedicated gloo group, so an async save's
-background thread never interleaves with the training loop's collectives.
+A crash at any point leaves ``latest`` naming a whole checkpoint (a killed save leaves ``.tmp-*`` names,
+which readers ignore and the next save removes). A failure before ``latest`` is replaced is undone (an
+overwritten tag gets its content back), so "previous checkpoints untouched" is true when said; every
+other message says what the folder holds. Coordination runs on a dedicated gloo group with the default
+group's timeout, so an async save's background thread never interleaves with the training loop's
+collectives; a pending async save is finished before the interpreter exits.
 """
 
 from __future__ import annotations
@@ -74,20 +79,30 @@ class SaveHandle:
 def _finish_pending_save_at_exit() -> None:
     """At interpreter exit (return from main, ``sys.exit``, an uncaught exception), before the worker
     threads stop taking work: let a pending async save finish, as a synchronous one would have. If it
-    failed and nobody saw its error, print it and exit with status 1: a lost checkpoint is never silent."""
+    failed and nobody saw its error, print it and exit with status 1: a lost checkpoint is never silent.
+    Then the saves' own gloo groups are shut down while the interpreter is whole, rather than by the
+    teardown of torch's globals in whatever order it happens."""
     with _pending_lock:
         handle = _pending
-    if handle is None:
-        return
-    handle._done.wait()
-    if handle._error is not None and not handle._reported:
-        error = handle._error
+    if handle is not None:
+        handle._done.wait()
+        if handle._error is not None and not handle._reported:
+            try:
+                sys.stdout.flush()
+                print(
+                    f"zerostep: the async checkpoint save to {handle.path} failed: {handle._error}",
+                    file=sys.stderr,
+                )
+                sys.stderr.flush()
+            finally:
+                os._exit(1)
+    while _groups:
+        _, group = _groups.popitem()
         try:
-            sys.stdout.flush()
-            print(f"zerostep: the async checkpoint save to {handle.path} failed: {error}", file=sys.stderr)
-            sys.stderr.flush()
-        finally:
-            os._exit(1)
+            if dist.is_initialized():
+                dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001 - exiting anyway; a group torch already dropped is fine
+            pass
 
 
 # Threads' exit hooks run in reverse order of registration, before non-daemon threads are joined;

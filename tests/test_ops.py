@@ -27,7 +27,7 @@ def params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.nn.P
 def set_grads(ps: list[torch.Tensor], step: int) -> None:
     g = torch.Generator().manual_seed(100 + step)
     for p in ps:
-        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        p.grad = torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype)
 
 
 def run(opt: torch.optim.Optimizer, ps: list[torch.Tensor], steps: int, start: int = 0) -> None:
@@ -269,3 +269,19 @@ def test_lamb_lion_adagrad():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="decays only the squared-gradient sum"):
         DeepSpeedCPUAdagrad(params(), weight_decay=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_adam_on_cuda_equals_torch_adamw():
+    ours = [p.detach().cuda().requires_grad_() for p in params()]
+    ref = [p.detach().cuda().requires_grad_() for p in params()]
+    fused = FusedAdam(ours, lr=0.01, weight_decay=0.1)  # the Triton kernel when triton imports
+    adamw = torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1)
+    for step in range(3):
+        set_grads(ours, step)
+        set_grads(ref, step)
+        fused.step()
+        adamw.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(fused.state[p]["exp_avg"].is_cuda for p in ours)

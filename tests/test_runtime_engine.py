@@ -99,8 +99,8 @@ def decay_groups(model):
     return [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0, "lr": 5e-3}]
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_client_optimizer_groups_and_scheduler_equal_a_torch_loop(stage):
+@pytest.mark.parametrize("stage,client", [(0, "AdamW"), (3, "AdamW"), (2, "FusedAdam")])
+def test_client_optimizer_groups_and_scheduler_equal_a_torch_loop(stage, client):
     cfg = {k: v for k, v in config(stage).items() if k != "optimizer"}
     batches = data(8, 2)
 
@@ -117,7 +117,10 @@ def test_client_optimizer_groups_and_scheduler_equal_a_torch_loop(stage):
             ref_opt.param_groups[1]["lr"] = 2e-2
 
     model = Net()
-    opt = torch.optim.AdamW(decay_groups(model), lr=1e-2)
+    if client == "FusedAdam":  # DeepSpeed's class: zerostep.ops' FusedAdam in AdamW mode is torch's AdamW
+        opt = zerostep.ops.adam.FusedAdam(decay_groups(model), lr=1e-2, adam_w_mode=True)
+    else:
+        opt = torch.optim.AdamW(decay_groups(model), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0 / (1 + it))
     engine, returned_opt, _, returned_sched = zerostep.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=cfg, compile=False

@@ -1,18 +1,17 @@
 """A script's own optimizer (``initialize(optimizer=...)``) as a zerostep optimizer block plus param groups.
 
 DeepSpeed runs a client torch optimizer on its fp32 master partitions. zerostep does the same by reading
-what the optimizer *is* (its class and each parameter group's hyperparameters) and running zerostep's own
-functional optimizer of that class over the sharded master: the math is the same (zerostep's Adam, SGD,
-Adagrad and Lion follow torch.optim's order of operations), the state is sharded and checkpointed with
-the engine's, and the update stays one compiled pass per shard.
+what the optimizer *is* (its class and each parameter group's hyperparameters) and running a zerostep
+optimizer of that class over the sharded master, with the engine's sharded, checkpointed state:
 
-Supported classes: ``torch.optim.Adam`` (L2 weight decay; ``decoupled_weight_decay=True`` is AdamW),
-``AdamW``, ``SGD``, ``Adagrad``, and ``zerostep.ops``' DeepSpeed classes (``FusedAdam``,
-``DeepSpeedCPUAdam``, ``FusedLamb``, ``FusedLion`` / ``DeepSpeedCPULion``) where present, run by zerostep's
-own fused updates; every other ``torch.optim`` class (RMSprop, NAdam, RAdam, Adamax, ...) runs torch's own
-``step`` over views of the shards (``zerostep.optim.torch_adapter``, with its caveat for optimizers that
-look across a parameter). A class from outside torch.optim is refused with the list, rather than run
-with unknown math.
+- ``torch.optim.Adam`` / ``AdamW`` / ``SGD`` / ``Adagrad`` and ``zerostep.ops``' DeepSpeed classes
+  (``FusedAdam``, ``DeepSpeedCPUAdam``, ``FusedLamb``, ``FusedLion``, ``DeepSpeedCPULion``,
+  ``DeepSpeedCPUAdagrad``) become zerostep's fused updates, whose math is theirs
+  (``zerostep.ops.zerostep_optimizer_spec`` says which, with which arguments);
+- every other ``torch.optim`` class (RMSprop, NAdam, RAdam, Adamax, ...) runs torch's own ``step`` over
+  views of the shards (``zerostep.optim.torch_adapter``, with its caveat for optimizers that look
+  across a parameter);
+- a class from outside torch.optim is refused with the list, rather than run with unknown math.
 
 Per-group ``lr`` and ``weight_decay`` are honoured (core/param_groups.py); any other hyperparameter must
 be equal in every group.
@@ -20,69 +19,62 @@ be equal in every group.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from zerostep.core.param_groups import ParamGroup
+from zerostep.ops.spec import zerostep_optimizer_spec
 from zerostep.optim.registry import OPTIMIZER_TYPES
 
-# class name -> (zerostep type, {torch hyperparameter key: zerostep key}, fixed extras)
-_ADAM_KEYS = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay"}
-_BY_CLASS: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
-    "Adam": ("adam", _ADAM_KEYS, {"adam_w_mode": False}),
-    "AdamW": ("adamw", _ADAM_KEYS, {}),
-    "SGD": ("sgd", {k: k for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")}, {}),
-    "Adagrad": (
-        "adagrad",
-        {k: k for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")},
-        {},
-    ),
-    "FusedLamb": ("lamb", {**_ADAM_KEYS, "max_coeff": "max_coeff", "min_coeff": "min_coeff"}, {}),
-    "FusedLion": ("lion", {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"}, {}),
-    "DeepSpeedCPULion": ("lion", {"lr": "lr", "betas": "betas", "weight_decay": "weight_decay"}, {}),
-}
-
-
 # torch param-group keys that say how to run, not what to compute
-_RUN_FLAGS = {"foreach", "fused", "capturable", "differentiable", "maximize"}
+_RUN_FLAGS = {"foreach", "fused", "capturable", "differentiable", "maximize", "params", "initial_lr"}
+GroupOptions = Callable[[Mapping[str, Any]], dict[str, Any]]
 
 
 def supported_classes() -> list[str]:
-    return sorted([*_BY_CLASS, "FusedAdam", "DeepSpeedCPUAdam"])
+    return [
+        "torch.optim.*",
+        "FusedAdam",
+        "DeepSpeedCPUAdam",
+        "FusedLamb",
+        "FusedLion",
+        "DeepSpeedCPULion",
+        "DeepSpeedCPUAdagrad",
+    ]
 
 
-def optimizer_block(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, str]]:
-    """(zerostep ``optimizer`` block of group 0's hyperparameters, torch key -> zerostep key)."""
+def optimizer_block(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], GroupOptions]:
+    """(zerostep ``optimizer`` block of group 0's hyperparameters, group -> its hyperparameters)."""
     cls = type(optimizer).__name__
-    first = optimizer.param_groups[0]
-    if cls in ("FusedAdam", "DeepSpeedCPUAdam"):
-        w_mode = bool(getattr(optimizer, "adam_w_mode", getattr(optimizer, "adamw_mode", True)))
-        extras = {"adam_w_mode": w_mode, "bias_correction": bool(first.get("bias_correction", True))}
-        kind, keys = "adam", _ADAM_KEYS
-    elif cls in _BY_CLASS:
-        kind, keys, extras = _BY_CLASS[cls]
-        extras = dict(extras)
-        if cls == "Adam" and first.get("decoupled_weight_decay"):
-            kind, extras = "adamw", {}
-    elif cls.lower() in OPTIMIZER_TYPES and type(optimizer).__module__.startswith("torch.optim"):
-        # any other torch.optim class: torch's own step over the shards (zerostep.optim.torch_adapter)
-        kind, extras = cls, {}
-        keys = {k: k for k in optimizer.defaults if k not in _RUN_FLAGS}
-    else:
-        raise TypeError(
-            f"client optimizer {cls} cannot run on zerostep's sharded master weights; supported classes: "
-            f"{supported_classes()} and torch.optim's (or name one in the config's optimizer block)"
-        )
     for group in optimizer.param_groups:
         for flag in ("amsgrad", "maximize"):
             if group.get(flag):
                 raise ValueError(f"client optimizer {cls}: {flag}=True is not supported by zerostep")
-    params = {zkey: _plain(first[tkey]) for tkey, zkey in keys.items() if tkey in first}
-    params.update(extras)
-    return {"type": kind, "params": params}, dict(keys)
+    spec = zerostep_optimizer_spec(optimizer)
+    if spec is not None:
+        kind, params = spec
+
+        def options(group: Mapping[str, Any]) -> dict[str, Any]:
+            found = zerostep_optimizer_spec(optimizer, group)
+            return {k: _plain(v) for k, v in (found[1] if found else {}).items()}
+
+    elif cls.lower() in OPTIMIZER_TYPES and type(optimizer).__module__.startswith("torch.optim"):
+        kind = cls
+        keys = [k for k in optimizer.defaults if k not in _RUN_FLAGS]
+
+        def options(group: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: _plain(group[k]) for k in keys if k in group}
+
+        params = options(optimizer.param_groups[0])
+    else:
+        raise TypeError(
+            f"client optimizer {cls} cannot run on zerostep's sharded master weights; supported classes: "
+            f"{supported_classes()} (or name one in the config's optimizer block)"
+        )
+    return {"type": kind, "params": {k: _plain(v) for k, v in params.items()}}, options
 
 
 def _plain(value: Any) -> Any:
@@ -91,14 +83,10 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def group_hyperparams(group: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
-    return {zkey: _plain(group[tkey]) for tkey, zkey in keys.items() if tkey in group}
-
-
 def param_groups_of(
     model: nn.Module,
     groups: Iterable[Mapping[str, Any]] | Iterable[torch.Tensor],
-    keys: Mapping[str, str],
+    options: GroupOptions,
     what: str,
 ) -> list[ParamGroup]:
     """torch-style groups (dicts with ``params``, or a flat iterable of tensors) -> ``ParamGroup``s by
@@ -127,5 +115,5 @@ def param_groups_of(
             if t.requires_grad:
                 picked.append(names[id(t)])
         if picked:
-            out.append(ParamGroup(tuple(picked), group_hyperparams(group, keys)))
+            out.append(ParamGroup(tuple(picked), options(group)))
     return out

@@ -295,6 +295,11 @@ class DeepSpeedEngine(nn.Module):
         from zerostep.runtime.dataloader import make_dataloader
 
         config = self._core.config
+        if route != "train" and data_sampler is None and self.world_size > 1:
+            # evaluation and prediction read in order, as DeepSpeed's loader does off the train route
+            data_sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=self.world_size, rank=self.global_rank, shuffle=False
+            )
         if batch_size is not None and batch_size != config.train_micro_batch_size_per_gpu:
             raise ValueError(
                 f"deepspeed_io(batch_size={batch_size}): zerostep's loader yields micro-batches of "

@@ -72,9 +72,9 @@ def build(
                 f"parameters, got {type(optimizer).__name__}"
             )
         basic.param_groups[:] = [g for g in basic.param_groups if len(g["params"]) != 0]
-        block, keys = optimizer_block(basic)
+        block, options = optimizer_block(basic)
         config_dict["optimizer"] = block
-        groups = param_groups_of(model, basic.param_groups, keys, "optimizer.param_groups")
+        groups = param_groups_of(model, basic.param_groups, options, "optimizer.param_groups")
     cfg = Config.from_dict(config_dict, world_size=world_size)
     if cfg.optimizer is None:
         raise ValueError(
@@ -125,8 +125,8 @@ def _config_groups(
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if params:
             dicts.append({**defaults, **{k: v for k, v in group.items() if k != "params"}, "params": params})
-    keys = {k: k for k in ("lr", "weight_decay", "betas", "eps", "momentum")}
-    groups = param_groups_of(model, dicts, keys, "model_parameters")
+    keys = ("lr", "weight_decay", "betas", "eps", "momentum")
+    groups = param_groups_of(model, dicts, lambda g: {k: g[k] for k in keys if k in g}, "model_parameters")
     return dicts, groups
 
 

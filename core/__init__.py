@@ -4,11 +4,13 @@ Start reading at ``step.py`` (the four phases and how they compose), then ``engi
 phases are built once and run over a ``TrainState``), then ``state.py`` and ``precision.py``.
 """
 
+from zerostep.core.agreement import RanksDisagreeError
 from zerostep.core.config import Config, ConfigError
 from zerostep.core.engine import Engine, initialize
 from zerostep.core.precision import LossScaleError, ScalerState, loss_scale_init, loss_scale_update
 from zerostep.core.state import ConsumedStateError, FlatParams, Metrics, TrainState
 from zerostep.core.step import compose
+from zerostep.core.step_failure import RanksOutOfStepError, RemoteStepError
 
 __all__ = [
     "Config",
@@ -18,6 +20,9 @@ __all__ = [
     "FlatParams",
     "LossScaleError",
     "Metrics",
+    "RanksDisagreeError",
+    "RanksOutOfStepError",
+    "RemoteStepError",
     "ScalerState",
     "TrainState",
     "compose",

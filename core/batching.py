@@ -3,10 +3,16 @@
 A batch is any pytree of tensors whose leading dimension holds this rank's
 ``train_micro_batch_size_per_gpu x gradient_accumulation_steps`` samples; micro-batch ``i`` is rows
 ``[i * MB, (i + 1) * MB)`` of every tensor leaf (views, no copies). Non-tensor leaves pass through.
+
+``BatchSpec`` is a batch's structure, shapes and dtypes. Under ``torch.compile`` a batch unlike the
+first step's makes dynamo recompile, and a bad one (a wrong feature size, a missing key) fails inside
+fake-tensor tracing with a traceback of a hundred frames; the engine compares each batch's spec with
+the first step's instead and says in one line what differs (``BatchSpec.mismatch``, ``sizes_differ``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import optree
@@ -56,3 +62,56 @@ def micro_batches(batch: Any, micro_batch_size: int, accumulation_steps: int) ->
         return lambda x: x[lo:hi] if isinstance(x, torch.Tensor) else x
 
     return [optree.tree_map(rows(i), batch) for i in range(accumulation_steps)]
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """A batch's tree structure and, per tensor leaf (by path), its shape and dtype."""
+
+    structure: Any  # optree.PyTreeSpec
+    leaves: tuple[tuple[str, tuple[int, ...], torch.dtype] | None, ...]  # None: a non-tensor leaf
+
+    @staticmethod
+    def of(batch: Any) -> BatchSpec:
+        paths, leaves, structure = optree.tree_flatten_with_path(batch)
+        return BatchSpec(
+            structure,
+            tuple(
+                (_where(path), tuple(leaf.shape), leaf.dtype) if isinstance(leaf, torch.Tensor) else None
+                for path, leaf in zip(paths, leaves)
+            ),
+        )
+
+    def mismatch(self, other: BatchSpec) -> str | None:
+        """What in ``other`` cannot be the same kind of batch as this one (structure, a leaf's number of
+        dimensions or dtype), or None. Sizes may differ (e.g. sequence lengths): see ``sizes_differ``."""
+        if other.structure != self.structure:
+            return f"its structure is {other.structure}, the first step's was {self.structure}"
+        for mine, theirs in zip(self.leaves, other.leaves):
+            if (mine is None) != (theirs is None):
+                where, now = (mine or theirs)[0], "a tensor" if theirs else "not a tensor"
+                return f"leaf {where!r} is {now} now, unlike in the first step's batch"
+            if mine is None:
+                continue
+            where, shape, dtype = theirs
+            if len(shape) != len(mine[1]) or dtype != mine[2]:
+                return (
+                    f"leaf {where!r} has shape {shape} and dtype {_name(dtype)}; the first step's had shape "
+                    f"{mine[1]} and dtype {_name(mine[2])}"
+                )
+        return None
+
+    def sizes_differ(self, other: BatchSpec) -> str | None:
+        """The first leaf of ``other`` (same kind of batch) whose sizes differ from this one's, or None."""
+        for mine, theirs in zip(self.leaves, other.leaves):
+            if mine is not None and theirs is not None and mine[1] != theirs[1]:
+                return f"leaf {theirs[0]!r} has shape {theirs[1]}; the first step's had {mine[1]}"
+        return None
+
+
+def _where(path: tuple) -> str:
+    return "/".join(str(p) for p in path) or "batch"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -172,10 +172,16 @@ class ConsumedStateError(RuntimeError):
 
 
 _CONSUMED = "_zerostep_consumed"
+_DONATED = (
+    "this TrainState was already passed to engine.step, which donates its input and updates its buffers "
+    "in place; use the state that engine.step returned"
+)
 
 
-def mark_consumed(state: TrainState) -> None:
-    object.__setattr__(state, _CONSUMED, True)
+def mark_consumed(state: TrainState, reason: str | None = None) -> None:
+    """Mark ``state`` as not to be used again; ``reason`` (default: it was donated to a step that
+    returned its successor) is what ``check_not_consumed`` will say."""
+    object.__setattr__(state, _CONSUMED, reason or _DONATED)
 
 
 def unmark_consumed(state: TrainState) -> None:
@@ -188,8 +194,6 @@ def is_consumed(state: TrainState) -> bool:
 
 
 def check_not_consumed(state: TrainState, what: str) -> None:
-    if is_consumed(state):
-        raise ConsumedStateError(
-            f"{what}: this TrainState was already passed to engine.step, which donates its input and "
-            "updates its buffers in place; use the state that engine.step returned"
-        )
+    reason = getattr(state, _CONSUMED, None)
+    if reason:
+        raise ConsumedStateError(f"{what}: {reason if isinstance(reason, str) else _DONATED}")

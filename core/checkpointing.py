@@ -112,7 +112,7 @@ def save(
         "world_size": plan.world_size,
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
         "optimizer": engine.optimizer.name,
-        "optimizer_hyperparams": dict(engine.optimizer.hyperparams),
+        "optimizer_hyperparams": _plain_values(engine.optimizer.hyperparams),
         "config": engine.config.to_dict(),
         "layouts": _layouts_meta(plan.layouts),
     }
@@ -128,6 +128,18 @@ def save(
         fsync=fsync,
         async_save=async_save,
     )
+
+
+def _plain_values(hyperparams: Any) -> dict:
+    """The hyperparameters a manifest can hold: numbers, strings, booleans and sequences of them (a
+    torch optimizer's keywords or Muon's may hold callables, which are left out)."""
+
+    def plain(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return all(map(plain, v))
+        return v is None or (isinstance(v, int) and -(2**63) <= v < 2**64) or isinstance(v, (float, str))
+
+    return {str(k): v for k, v in dict(hyperparams or {}).items() if plain(v)}
 
 
 def _check_model_matches(engine: Any, meta: dict, where: str) -> None:

@@ -408,3 +408,10 @@ def test_a_load_failing_on_one_rank_raises_checkpoint_errors_on_every_rank(tmp_p
     assert f"{tmp_path / 'nope'}: checkpoint directory not found" in missing
     for lost in (lost0, lost1):
         assert "nothing was loaded: lost contact with the other ranks" in lost and "within 120 s" in lost
+
+
+def test_the_manifest_records_only_plain_optimizer_hyperparameters():
+    from zerostep.core.checkpointing import _plain_values
+
+    hyper = {"lr": 1e-3, "betas": (0.9, 0.99), "nesterov": True, "fn": len, "big": 2**70, "mode": "x"}
+    assert _plain_values(hyper) == {"lr": 1e-3, "betas": (0.9, 0.99), "nesterov": True, "mode": "x"}

@@ -16,7 +16,6 @@ update; schedulers step after applied updates only, as DeepSpeed's do.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from typing import Any
 
@@ -26,42 +25,15 @@ from torch import nn
 
 from zerostep.core.batching import to_device
 from zerostep.core.micro_steps import MicroSteps
+from zerostep.core.monitoring import EngineTimers, MonitorMaster, ThroughputTimer, log_rank0, progress_line
+from zerostep.core.monitoring.events import step_events, timer_events
+from zerostep.core.monitoring.timed_reducer import TimedReducer
+from zerostep.core.monitoring.timers import format_timers
 from zerostep.core.param_groups import ParamGroup
 from zerostep.core.state import TrainState
 
 ENGINE_STATE_KEY = "deepspeed_engine"  # the facade's counters inside a checkpoint's client_state
 CLIENT_STATE_KEY = "deepspeed_client_state"
-
-
-class ThroughputTimer:
-    """DeepSpeed's ``engine.tput_timer``: wall time from the loader's ``start()`` (each batch) to the
-    engine's ``stop()`` (each ``step()``), samples per second over boundaries; printing it belongs to
-    the monitors."""
-
-    def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self.epoch_count = 0
-        self.global_step_count = 0
-        self.total_elapsed = 0.0
-        self._started: float | None = None
-
-    def update_epoch_count(self) -> None:
-        self.epoch_count += 1
-
-    def start(self) -> None:
-        self._started = time.perf_counter()
-
-    def stop(self, global_step: bool = False, report_speed: bool = False) -> None:
-        if self._started is not None:
-            self.total_elapsed += time.perf_counter() - self._started
-            self._started = None
-        if global_step:
-            self.global_step_count += 1
-
-    def avg_samples_per_sec(self) -> float:
-        if self.total_elapsed <= 0 or not self.global_step_count:
-            return 0.0
-        return self.global_step_count * self.batch_size / self.total_elapsed
 
 
 class DeepSpeedEngine(nn.Module):
@@ -91,7 +63,28 @@ class DeepSpeedEngine(nn.Module):
         self._boundary_override: bool | None = None
         self._step_applied = False
         self._gas = int(core.plan.accumulation_steps)
-        self.tput_timer = ThroughputTimer(self.train_batch_size())
+        self._init_monitoring()
+
+    def _init_monitoring(self) -> None:
+        """DeepSpeed's ``tput_timer``, ``timers`` (None unless ``wall_clock_breakdown``: then no timer
+        exists and no phase touches one) and ``monitor`` (``engine.monitor.write_events``)."""
+        core, breakdown = self._core, bool(self._core.config.wall_clock_breakdown)
+        self.tput_timer = ThroughputTimer(
+            self.train_batch_size(),
+            steps_per_output=self.steps_per_print(),
+            logging_fn=lambda line: log_rank0(line, core.rank),
+            synchronize=breakdown,
+            device=core.device,
+        )
+        self.timers = EngineTimers(core.device) if breakdown else None
+        if self.timers is not None:
+            core._reducer = TimedReducer(core._reducer, self.timers)
+        self.monitor = MonitorMaster(core.config, core.rank)
+
+    def get_wall_clock_timers(self) -> dict[str, float]:
+        """The last micro-step's and accumulation window's timers, ms by DeepSpeed's names ({} when
+        ``wall_clock_breakdown`` is off)."""
+        return {} if self.timers is None else self.timers.as_dict()
 
     # ------------------------------------------------------------------ module pass-through
 
@@ -207,7 +200,16 @@ class DeepSpeedEngine(nn.Module):
         core = self._core
         inputs = to_device(inputs, core.device, core.compute_dtype)
         kwargs = to_device(kwargs, core.device, core.compute_dtype)
-        return self._stepper.forward(inputs, kwargs)
+        if self.training_dataloader is None:
+            self.tput_timer.start()
+        timers = self.timers
+        if timers is None:
+            return self._stepper.forward(inputs, kwargs)
+        timers.start(timers.FORWARD)
+        try:
+            return self._stepper.forward(inputs, kwargs)
+        finally:
+            timers.stop(timers.FORWARD)
 
     def is_gradient_accumulation_boundary(self) -> bool:
         if self._boundary_override is not None:
@@ -222,23 +224,64 @@ class DeepSpeedEngine(nn.Module):
     ) -> torch.Tensor:
         """Scaled backward of ``loss`` (fp16 scale, 1/GAS), gradients accumulated and reduced by the
         engine; returns ``loss / GAS`` as DeepSpeed does."""
-        self._stepper.backward(
-            loss,
-            self.is_gradient_accumulation_boundary(),
-            scale_wrt_gas=scale_wrt_gas,
-            retain_graph=retain_graph,
-        )
+        timers = self.timers
+        if timers is not None:
+            timers.start(timers.BACKWARD)
+            timers.start(timers.BACKWARD_INNER)
+        try:
+            self._stepper.backward(
+                loss,
+                self.is_gradient_accumulation_boundary(),
+                scale_wrt_gas=scale_wrt_gas,
+                retain_graph=retain_graph,
+            )
+        finally:
+            if timers is not None:
+                timers.stop_if_running(timers.BACKWARD_INNER)
+                timers.stop(timers.BACKWARD)
         return loss.detach() / self._gas if scale_wrt_gas else loss.detach()
 
     def step(self, lr_kwargs: dict | None = None) -> None:
         """The update at the accumulation boundary; elsewhere only counts the micro-step."""
         boundary = self.is_gradient_accumulation_boundary()
-        if boundary:
-            self._take_model_step(lr_kwargs)
-        elif not self._stepper.pending_backwards:
-            raise RuntimeError("engine.step() without engine.backward(loss) since the last step()")
-        self.tput_timer.stop(global_step=boundary)
+        timers = self.timers
+        if timers is not None:
+            timers.start(timers.STEP)
+        try:
+            if boundary:
+                self._take_model_step(lr_kwargs)
+            elif not self._stepper.pending_backwards:
+                raise RuntimeError("engine.step() without engine.backward(loss) since the last step()")
+        finally:
+            if timers is not None:
+                timers.stop(timers.STEP)
+        self.tput_timer.stop(global_step=boundary, report_speed=timers is not None)
+        if boundary and self.monitor.enabled:
+            self._write_step_events()
+        if timers is not None:
+            self._report_timers(boundary)
         self.micro_steps += 1
+
+    def _write_step_events(self) -> None:
+        """DeepSpeed's Train/Samples/{train_loss, lr, loss_scale} at ``global_samples``."""
+        state = self._stepper.state
+        scale = float(state.scaler.scale) if self.fp16_enabled() else None
+        self.monitor.write_events(
+            step_events(self.global_samples, float(state.metrics.loss), self.get_lr()[0], scale)
+        )
+
+    def _report_timers(self, boundary: bool) -> None:
+        """Read the timers after each ``step()``; on rank 0 every ``steps_per_print`` optimizer steps,
+        DeepSpeed's micro-step and global ``time (ms) | ...`` lines; timer events to the monitors."""
+        timers = self.timers
+        timers.end_micro_step(boundary)
+        if not boundary:
+            return
+        if self.monitor.enabled:
+            self.monitor.write_events(timer_events(timers.window, self.global_samples))
+        if self.global_rank == 0 and self.global_steps % self.steps_per_print() == 0:
+            print(format_timers(timers.micro), flush=True)
+            print(format_timers(timers.window), flush=True)
 
     def _take_model_step(self, lr_kwargs: dict | None) -> None:
         groups = self.optimizer.param_groups
@@ -264,6 +307,9 @@ class DeepSpeedEngine(nn.Module):
             except TypeError:
                 self.lr_scheduler.step(self.train_batch_size())  # DeepSpeed's fallback for Megatron's
         self.global_samples += self.train_batch_size()
+        if self.global_steps % self.steps_per_print() == 0:
+            line = progress_line(self.global_steps, self.skipped_steps, self.get_lr(), self.get_mom())
+            log_rank0(line, self.global_rank)
 
     def _beta1(self, group: dict[str, Any]) -> float | None:
         """A scheduler that cycles momentum (OneCycle) writes (beta1, 0.99) into betas: pass beta1."""

@@ -1,0 +1,5 @@
+"""``deepspeed.monitor.monitor``: ``Monitor`` and ``MonitorMaster``."""
+
+from zerostep.core.monitoring.monitors import Monitor, MonitorMaster
+
+__all__ = ["Monitor", "MonitorMaster"]

@@ -1,0 +1,5 @@
+"""``deepspeed.monitor.wandb``: ``WandbMonitor``."""
+
+from zerostep.core.monitoring.monitors import WandbMonitor
+
+__all__ = ["WandbMonitor"]

@@ -23,6 +23,7 @@ from zerostep.core.config import Config
 from zerostep.core.corpus import split_corpus, stdlib_corpus, window_batch
 from zerostep.core.engine import initialize
 from zerostep.core.gpt import GPT, GPTConfig
+from zerostep.core.monitoring.train_loop import TrainMonitoring
 
 DEFAULT_STEPS = 300
 
@@ -111,6 +112,7 @@ def train(
     train_data, val_data = split_corpus(stdlib_corpus())
     per_rank = config.train_micro_batch_size_per_gpu * config.gradient_accumulation_steps
     out_dir = Path(out)
+    watch = TrainMonitoring(config, rank, device, out_dir / "tensorboard")  # config's monitors, timers
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         log = (out_dir / "metrics.jsonl").open("w")
@@ -129,7 +131,8 @@ def train(
         batch = window_batch(train_data, config.train_batch_size, model_cfg.block_size, seed, i)
         batch = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
         t0 = time.perf_counter()
-        state = engine.step(state, batch)
+        with watch.timing():
+            state = engine.step(state, batch)
         m = state.metrics
         record = {
             "step": int(state.step),
@@ -141,6 +144,7 @@ def train(
             "step_time_s": time.perf_counter() - t0,
         }
         history.append(record)
+        watch.after_step(state, (i + 1) * config.train_batch_size)
         if rank == 0:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -150,6 +154,7 @@ def train(
     val = window_batch(val_data, 32, model_cfg.block_size, seed + 1, 0)
     val_loss = float(engine.eval_step(state, val))
     params = engine.full_params(state)
+    watch.close()
     if rank == 0:
         log.close()
         print(
@@ -157,6 +162,8 @@ def train(
         )
         _plot(history, out_dir / "loss.png")
         print(f"wrote {out_dir / 'metrics.jsonl'} and {out_dir / 'loss.png'}")
+        if watch.tensorboard_dir is not None:
+            print(f"TensorBoard events: tensorboard --logdir {watch.tensorboard_dir}")
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(params[name])

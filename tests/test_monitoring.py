@@ -2,6 +2,7 @@
 DeepSpeed's timer names and lines, no timers with wall_clock_breakdown off, the progress and speed lines."""
 
 import csv
+import importlib.util
 import logging
 import time
 
@@ -196,3 +197,37 @@ def test_missing_monitor_library_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="wandb.*pip install wandb"):
         MonitorMaster(cfg, rank=0)
     assert MonitorMaster(cfg, rank=1).monitors() == []  # other ranks build nothing
+
+
+def test_train_loop_monitoring_over_the_functional_engine(tmp_path, capsys):
+    import zerostep.core as zs
+    from zerostep.core.monitoring.train_loop import TrainMonitoring
+
+    cfg = zs.Config.from_dict(
+        config(
+            gas=1,
+            wall_clock_breakdown=True,
+            csv_monitor={"enabled": True, "output_path": str(tmp_path), "job_name": "fn"},
+        )
+    )
+    engine = zs.initialize(Net(), cfg, loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]), compile=False)
+    state = engine.init()
+    watch = TrainMonitoring(cfg, 0, torch.device("cpu"), tmp_path / "tb_default")
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for i in range(4):
+        with watch.timing():
+            state = engine.step(state, (torch.randn(2, 5, generator=g), torch.randn(2, 1, generator=g)))
+        watch.after_step(state, (i + 1) * cfg.train_batch_size)
+        losses.append((2 * (i + 1), float(state.metrics.loss)))
+    watch.close()
+    rows = read_csv(tmp_path / "fn" / "Train_Samples_train_loss.csv")
+    assert [(int(s), float(v)) for s, v in rows[1:]] == losses
+    timed = read_csv(tmp_path / "fn" / "Train_Samples_elapsed_time_ms_train_batch.csv")
+    assert len(timed) == 5 and all(float(v) > 0 for _, v in timed[1:])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("time (ms) | train_batch: ")]
+    assert len(lines) == 2  # steps 2 and 4 (steps_per_print = 2)
+    has_tb = importlib.util.find_spec("tensorboard") is not None
+    assert (watch.tensorboard_dir == tmp_path / "tb_default") == has_tb
+    if has_tb:
+        assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb_default").iterdir())

@@ -1,0 +1,65 @@
+"""Monitoring for a loop over the functional engine (``zerostep train``): the config's monitors, the
+whole-step timer and DeepSpeed's events per optimizer step.
+
+``engine.step`` is one call (possibly compiled), so only the whole step is timed, as ``train_batch``,
+and only with ``wall_clock_breakdown`` (no timer otherwise). When the config enables no TensorBoard
+monitor but the ``tensorboard`` package is installed, events also go to ``default_tensorboard_dir``
+(``zerostep train`` passes ``OUT/tensorboard``, beside ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zerostep.core.monitoring.events import step_events
+from zerostep.core.monitoring.monitors import MonitorMaster, TensorBoardMonitor
+from zerostep.core.monitoring.timers import TRAIN_BATCH_TIMER, StepTimers
+
+
+class TrainMonitoring:
+    def __init__(
+        self, config: Any, rank: int, device: torch.device, default_tensorboard_dir: Path | None = None
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.timers = StepTimers(device, config.steps_per_print) if config.wall_clock_breakdown else None
+        self.monitor = MonitorMaster(config, rank)
+        self.tensorboard_dir: Path | None = None
+        if self.monitor.tb_monitor is not None:
+            self.tensorboard_dir = Path(self.monitor.tb_monitor.log_dir)
+        elif rank == 0 and default_tensorboard_dir is not None and importlib.util.find_spec("tensorboard"):
+            tb = dataclasses.replace(
+                config.tensorboard, enabled=True, output_path=str(default_tensorboard_dir), job_name=""
+            )
+            self.monitor.tb_monitor = TensorBoardMonitor(tb)
+            self.monitor.enabled = True
+            self.tensorboard_dir = default_tensorboard_dir
+
+    def timing(self):
+        """Context around ``engine.step``: times it as ``train_batch`` when the timers are on."""
+        return nullcontext() if self.timers is None else self.timers.timing(TRAIN_BATCH_TIMER)
+
+    def after_step(self, state: Any, samples: int) -> None:
+        """After an ``engine.step`` that returned ``state`` (``samples`` seen so far): events to the
+        monitors (the loss scale after its update, as DeepSpeed's ``cur_scale``); on rank 0 DeepSpeed's
+        ``time (ms) | train_batch: ...`` line every ``steps_per_print`` steps."""
+        step, metrics = int(state.step), state.metrics
+        line = None if self.timers is None else self.timers.end_step(step)  # reads and resets
+        if self.monitor.enabled:
+            scale = float(state.scaler.scale) if self.config.fp16.enabled else None
+            events = step_events(samples, float(metrics.loss), float(metrics.lr), scale)
+            if self.timers is not None:
+                timed = self.timers.as_dict().items()
+                events += [(f"Train/Samples/elapsed_time_ms_{n}", ms, samples) for n, ms in timed]
+            self.monitor.write_events(events)
+        if line is not None and self.rank == 0:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self.monitor.close()

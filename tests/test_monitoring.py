@@ -231,3 +231,51 @@ def test_train_loop_monitoring_over_the_functional_engine(tmp_path, capsys):
     assert (watch.tensorboard_dir == tmp_path / "tb_default") == has_tb
     if has_tb:
         assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb_default").iterdir())
+
+
+def wandb_history(run_file):
+    """History rows of an offline ``run-*.wandb`` file: wandb's record log (LevelDB log framing: 32 KiB
+    blocks, 7-byte ``crc, length, kind`` headers, a 7-byte file header) of ``Record`` protobufs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, records, part = run_file.read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if (length == 0 and kind == 0) or pos + 7 + length > len(data):  # end, or still being written
+            break
+        part += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            records.append(part)
+            part = b""
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_holds_the_events(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = zerostep.core.Config.from_dict(config(wandb={"enabled": True, "project": "zs-test"}))
+    monitor = MonitorMaster(cfg, rank=0)
+    monitor.write_events([("Train/Samples/lr", 0.1, 4), ("Train/Samples/lr", 0.2, 8)])
+    monitor.close()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 20  # wandb's own service process writes the file after finish()
+    while True:
+        rows = [(int(r["_step"]), float(r["Train/Samples/lr"])) for r in wandb_history(run_file)]
+        if len(rows) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert rows == [(4, 0.1), (8, 0.2)]

@@ -99,8 +99,8 @@ def from_config(
     base = name
     if name in ("adam", "adamw"):
         base = "adam"
-        torch_adam = bool(params.pop("torch_adam", False))
-        adam_w_mode = bool(params.pop("adam_w_mode", True)) or name == "adamw"
+        torch_adam = _flag(params, "torch_adam", False)
+        adam_w_mode = _flag(params, "adam_w_mode", True) or name == "adamw"
         extra["adam_w_mode"] = adam_w_mode
         extra["use_triton"] = use_triton
         defaults = dict(_DEFAULTS["adam"])
@@ -115,10 +115,53 @@ def from_config(
     if unknown:
         raise ConfigError(f"optimizer.params: unknown key(s) {unknown} for type {kind!r}; "
                           f"accepted keys are {sorted(defaults)}")
-    merged = {**defaults, **params}
-    if isinstance(merged.get("betas"), list):  # JSON gives lists
-        merged["betas"] = tuple(merged["betas"])
-    for key, value in merged.items():
-        if key != "betas" and not isinstance(value, (int, float, bool)):
-            raise ConfigError(f"optimizer.params.{key}: {value!r} is invalid; it must be a number or boolean")
+    merged = {**defaults, **{key: _checked_value(key, value, defaults[key]) for key, value in params.items()}}
     return _FACTORIES[base](**merged, **extra)
+
+
+# --- value validation: the kind each default has, in the range the float32 optimizer math can hold ---
+
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def _show(value: Any) -> str:
+    # An int of more than 4300 digits has no repr (ValueError since Python 3.11).
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4000:
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _flag(params: dict[str, Any], key: str, default: bool) -> bool:
+    value = params.pop(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"optimizer.params.{key}: {_show(value)} is invalid; it must be true or false")
+    return value
+
+
+def _real(key: str, value: Any) -> float:
+    """A finite float32-sized number: the optimizers keep their state and hyperparameters in float32,
+    where 1e308 is infinity (and an int beyond float range cannot even be converted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"optimizer.params.{key}: {_show(value)} is invalid; it must be a number")
+    if not -_FLOAT32_MAX <= value <= _FLOAT32_MAX:  # false for NaN too
+        raise ConfigError(f"optimizer.params.{key}: {_show(value)} is invalid; it must be a finite number "
+                          "within float32's range (|x| <= 3.4e38)")
+    return float(value)
+
+
+def _checked_value(key: str, value: Any, default: Any) -> Any:
+    """A user's param, checked against the kind of its default: a flag, a pair of numbers or a number.
+    Ranges (lr >= 0, betas in [0, 1), ...) are each optimizer's own checks."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"optimizer.params.{key}: {_show(value)} is invalid; it must be true or false")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ConfigError(f"optimizer.params.{key}: {_show(value)} is invalid; it must be a list of "
+                              f"{len(default)} numbers")
+        return tuple(_real(f"{key}[{index}]", item) for index, item in enumerate(value))
+    if isinstance(default, (int, float)):
+        return _real(key, value)
+    return value

@@ -279,3 +279,22 @@ def test_wandb_offline_run_holds_the_events(tmp_path, monkeypatch):
             break
         time.sleep(0.2)
     assert rows == [(4, 0.1), (8, 0.2)]
+
+
+def test_memory_breakdown_prints_each_ranks_memory(capsys, recwarn):
+    engine, _ = run(config(memory_breakdown=True, steps_per_print=2), steps=2)
+    assert engine._core.config.memory_breakdown
+    assert not [w for w in recwarn if "memory_breakdown" in str(w.message)]  # no "has no effect" warning
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[rank 0] step=")]
+    assert len(lines) == 1 and lines[0].startswith("[rank 0] step=2 memory:")
+    rss_gb = float(lines[0].split("host RSS ")[1].split()[0])
+    assert rss_gb > 0.01  # this interpreter with torch loaded holds well over 10 MB
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a GPU")
+def test_cuda_event_timers_measure_device_time():
+    timers = WallClockTimers("cuda")
+    with timers.timing("fwd"):
+        torch.cuda._sleep(50_000_000)  # a kernel spinning ~tens of ms on the device
+    ms = timers.elapsed(["fwd"])["fwd"]  # waits for the end event
+    assert timers("fwd").use_events and ms > 5.0

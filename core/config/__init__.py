@@ -99,6 +99,7 @@ class Config:
     prescale_gradients: bool = False
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
+    memory_breakdown: bool = False  # per-rank memory lines every steps_per_print
     dataloader_drop_last: bool = False
     seed: int | None = None
     fp16: FP16Config = field(default_factory=FP16Config)
@@ -226,6 +227,7 @@ def _parse(
         prescale_gradients=top.take("prescale_gradients", False, boolean),
         steps_per_print=top.take("steps_per_print", 10, _steps_per_print, auto=True),
         wall_clock_breakdown=top.take("wall_clock_breakdown", False, boolean),
+        memory_breakdown=top.take("memory_breakdown", False, boolean),
         dataloader_drop_last=top.take("dataloader_drop_last", False, boolean),
         seed=top.take("seed", None, optional(_seed)),
         fp16=fp16,

@@ -87,7 +87,6 @@ UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
 NO_EFFECT_KEYS: dict[str, tuple[Any, str]] = {
     "zero_allow_untested_optimizer": (False, "every zerostep optimizer works with every ZeRO stage"),
     "zero_force_ds_cpu_optimizer": (True, "zerostep has no DeepSpeed CPU optimizers"),
-    "memory_breakdown": (False, "zerostep does not print memory breakdowns"),
     "dump_state": (False, "zerostep does not dump engine state"),
     "disable_allgather": (False, "zerostep always all-gathers updated parameters"),
     "vocabulary_size": (None, "it only drives a DeepSpeed tensor-core alignment warning"),

@@ -5,7 +5,9 @@
   micro-step and global granularity) and ``StepTimers`` (around the functional ``engine.step``);
 - ``throughput``: ``ThroughputTimer`` (``engine.tput_timer``: samples/s, DeepSpeed's speed line);
 - ``monitors``: ``MonitorMaster`` over TensorBoard, CSV and wandb writers, from the config;
-- ``progress``: DeepSpeed's ``step=N, skipped=K, lr=[...], mom=[...]`` line and the rank-0 logger.
+- ``progress``: DeepSpeed's ``step=N, skipped=K, lr=[...], mom=[...]`` line and the rank-0 logger;
+- ``memory``: ``memory_breakdown``'s per-rank line (CUDA allocated/reserved and peaks, host RSS);
+- ``train_loop``: ``TrainMonitoring``, all of it for a loop over the functional ``engine.step``.
 """
 
 from zerostep.core.monitoring.monitors import (

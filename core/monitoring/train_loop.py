@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from zerostep.core.monitoring.events import step_events
+from zerostep.core.monitoring.memory import memory_line
 from zerostep.core.monitoring.monitors import MonitorMaster, TensorBoardMonitor
 from zerostep.core.monitoring.timers import TRAIN_BATCH_TIMER, StepTimers
 
@@ -28,6 +29,7 @@ class TrainMonitoring:
     ) -> None:
         self.config = config
         self.rank = rank
+        self.device = device
         self.timers = StepTimers(device, config.steps_per_print) if config.wall_clock_breakdown else None
         self.monitor = MonitorMaster(config, rank)
         self.tensorboard_dir: Path | None = None
@@ -60,6 +62,8 @@ class TrainMonitoring:
             self.monitor.write_events(events)
         if line is not None and self.rank == 0:
             print(line, flush=True)
+        if self.config.memory_breakdown and step % max(1, self.config.steps_per_print) == 0:
+            print(memory_line(self.rank, step, self.device), flush=True)
 
     def close(self) -> None:
         self.monitor.close()

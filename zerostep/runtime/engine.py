@@ -27,6 +27,7 @@ from zerostep.core.batching import to_device
 from zerostep.core.micro_steps import MicroSteps
 from zerostep.core.monitoring import EngineTimers, MonitorMaster, ThroughputTimer, log_rank0, progress_line
 from zerostep.core.monitoring.events import step_events, timer_events
+from zerostep.core.monitoring.memory import memory_line
 from zerostep.core.monitoring.timed_reducer import TimedReducer
 from zerostep.core.monitoring.timers import format_timers
 from zerostep.core.param_groups import ParamGroup
@@ -310,6 +311,8 @@ class DeepSpeedEngine(nn.Module):
         if self.global_steps % self.steps_per_print() == 0:
             line = progress_line(self.global_steps, self.skipped_steps, self.get_lr(), self.get_mom())
             log_rank0(line, self.global_rank)
+            if core.config.memory_breakdown:
+                print(memory_line(self.global_rank, self.global_steps, core.device), flush=True)
 
     def _beta1(self, group: dict[str, Any]) -> float | None:
         """A scheduler that cycles momentum (OneCycle) writes (beta1, 0.99) into betas: pass beta1."""

@@ -298,3 +298,33 @@ def test_cuda_event_timers_measure_device_time():
         torch.cuda._sleep(50_000_000)  # a kernel spinning ~tens of ms on the device
     ms = timers.elapsed(["fwd"])["fwd"]  # waits for the end event
     assert timers("fwd").use_events and ms > 5.0
+
+
+def two_rank_monitoring(rank, world, out):
+    """ZeRO-2 facade on 2 gloo ranks with CSV monitor and timers; returns what each rank saw."""
+    cfg = config(
+        wall_clock_breakdown=True,
+        zero_optimization={"stage": 2},
+        csv_monitor={"enabled": True, "output_path": out, "job_name": f"rank{rank}"},
+    )
+    engine, _, _, _ = zerostep.initialize(model=Net(), config=cfg, compile=False)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2 * 2):
+        x, y = torch.randn(2, 5, generator=g), torch.randn(2, 1, generator=g)
+        engine.backward(F.mse_loss(engine(x), y))
+        engine.step()
+    return engine.monitor.monitors() != [], engine.get_wall_clock_timers(), float(engine.state.metrics.loss)
+
+
+def test_rank_zero_writes_and_every_rank_times(tmp_path):
+    from zerostep.parallel.launch import spawn_ranks
+
+    (wrote0, timers0, loss0), (wrote1, timers1, _) = spawn_ranks(
+        two_rank_monitoring, 2, str(tmp_path), timeout=180
+    )
+    assert wrote0 and not wrote1
+    assert (tmp_path / "rank0").is_dir() and not (tmp_path / "rank1").exists()
+    rows = read_csv(tmp_path / "rank0" / "Train_Samples_train_loss.csv")
+    assert [int(r[0]) for r in rows[1:]] == [8, 16]  # train_batch_size = 2 x 2 x 2 ranks
+    assert float(rows[-1][1]) == loss0  # the loss over both ranks' micro-batches, as the engine holds it
+    assert timers0["bwd_allreduce"] > 0 and timers1["bwd_allreduce"] > 0

@@ -111,6 +111,7 @@ def bench_rank(
     block_steps: int,
     param_gather: bool,
     device: str,
+    only: frozenset[str] | None = None,
 ):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
@@ -126,6 +127,8 @@ def bench_rank(
     contenders = {}
     engines = {}
     for stage in (0, 1, 2, 3):
+        if only is not None and f"zerostep-{stage}" not in only:
+            continue
         d = ds_config(stage, mb, overlap if stage < 3 else None)
         if param_gather and stage in (1, 2):
             d["zero_optimization"]["overlap_param_gather"] = True  # zerostep's own key, which needs
@@ -138,23 +141,27 @@ def bench_rank(
         factory(), device_ids=[rank] if dev.type == "cuda" else None
     )
     contenders["ddp"] = TorchContender(ddp, loss_fn)
-    try:
-        from torch.distributed.fsdp import fully_shard
+    if only is None or "fsdp2" in only:
+        try:
+            from torch.distributed.fsdp import fully_shard
 
-        fsdp_model = factory()
-        for block in [m for m in fsdp_model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))][:1]:
-            for child in block.children():
-                if any(p.requires_grad for p in child.parameters()):
-                    fully_shard(child)
-        fully_shard(fsdp_model)
-        contenders["fsdp2"] = TorchContender(fsdp_model, loss_fn)
-    except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
-        if rank == 0:
-            print(f"FSDP2 unavailable: {type(e).__name__}: {e}", flush=True)
+            fsdp_model = factory()
+            blocks = [m for m in fsdp_model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))]
+            for block in blocks[:1]:
+                for child in block.children():
+                    if any(p.requires_grad for p in child.parameters()):
+                        fully_shard(child)
+            fully_shard(fsdp_model)
+            contenders["fsdp2"] = TorchContender(fsdp_model, loss_fn)
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking the rest
+            if rank == 0:
+                print(f"FSDP2 unavailable: {type(e).__name__}: {e}", flush=True)
     try:
         import deepspeed  # noqa: F401
 
         for stage in (0, 1, 2, 3):
+            if only is not None and f"deepspeed-{stage}" not in only:
+                continue
             contenders[f"deepspeed-{stage}"] = DeepSpeedContender(factory(), loss_fn, stage, mb)
     except ImportError:
         if rank == 0:
@@ -193,7 +200,7 @@ def bench_rank(
     for v in stacked.values():
         dist.all_reduce(v, op=dist.ReduceOp.MAX)
     medians = {k: statistics.median(v.cpu().tolist()) for k, v in stacked.items()}
-    psi_bytes = sum(lay.numel for lay in engines[0].plan.layouts.values()) * 4
+    psi_bytes = sum(lay.numel for lay in next(iter(engines.values())).plan.layouts.values()) * 4
     extra = {
         f"zerostep-{s}": {
             "comm_psi_per_step": round(e.comm.bytes_per_step / psi_bytes, 3),
@@ -201,7 +208,7 @@ def bench_rank(
         }
         for s, e in engines.items()
     }
-    transport = "shared memory" if engines[0].shared_memory else dist.get_backend()
+    transport = "shared memory" if next(iter(engines.values())).shared_memory else dist.get_backend()
     return {"medians": medians, "extra": extra, "psi": psi_bytes // 4, "transport": transport}
 
 
@@ -250,6 +257,11 @@ def main() -> None:
     )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated contenders to run (e.g. zerostep-2,ddp; ddp is always kept as the baseline)",
+    )
+    parser.add_argument(
         "--transport",
         choices=["shm", "gloo"],
         default="shm",
@@ -282,11 +294,12 @@ def main() -> None:
             args.block,
             args.overlap_param_gather,
             args.device,
+            None if args.only is None else frozenset(args.only.split(",")) | {"ddp"},
             timeout=1800,
             backend="nccl" if args.device == "cuda" else "gloo",
             env={"ZEROSTEP_SHM": "1" if args.transport == "shm" else "0"},
         )
-        report(name, outs[0], world_size, outs[0]['transport'])
+        report(name, outs[0], world_size, outs[0]["transport"])
 
 
 if __name__ == "__main__":

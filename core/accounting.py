@@ -1,8 +1,10 @@
 """Per-rank memory and per-step communication, computed from the plan and the state.
 
 ``memory_report`` counts the bytes each rank keeps: parameters (compute dtype), fp32 master, optimizer
-state, and the gradient buffer a step accumulates into (the full compute-dtype buffer at stages 0-1,
-this rank's shard at stages 2-3; it exists only during a step, but it is what ZeRO's table counts).
+state, and the gradient buffer a step accumulates into (the full buffer at stages 0-1, this rank's shard
+at stages 2-3, in the accumulation dtype; it exists only during a step, but it is what ZeRO's table
+counts), and separately the gradient's peak inside a step (accumulator plus the full gradients alive at
+once: a micro-batch's at stages 0-1, about two units' at stages 2-3).
 Tensors shared between leaves (fp32 params that are the master) are counted once. With Ψ parameters
 and N ranks in mixed precision with Adam this gives DESIGN.md's table: 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N,
 16Ψ/N, up to padding.
@@ -36,23 +38,78 @@ def _bytes(tree: Any, seen: set[int]) -> int:
     return total
 
 
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def gradient_bytes(plan: StepPlan) -> tuple[int, int]:
+    """(accumulator, peak): the bytes of the gradient sum a step keeps across its micro-batches, and the
+    most gradient bytes alive at once during a step (accumulator included), both per rank.
+
+    The accumulator is the full buffer at stages 0-1 and this rank's shard at stages 2-3, in
+    ``accumulation_dtype`` when there are several micro-batches (one micro-batch's reduced gradient is
+    the sum: compute dtype). On top of it, while a micro-batch runs:
+
+    - stages 0-1: that micro-batch's full gradients, which a backward returns all at once, and the
+      collective's output at the boundary (stage 0 all-reduces into a new buffer unless its hooks
+      reduce in place with ``overlap_comm``; stage 1 reduce-scatters into a shard), plus a rounded copy
+      of a wider sum for the collective, or with ``overlap_comm`` one unit's parameter gradients
+      alongside their concatenation;
+    - stage 2: the unit being assembled: one parameter's gradient and the unit's full buffer it is
+      copied into (``parallel.grad_sharding``), the root unit's buffer, which stays open from the head's
+      gradient to the embedding's, and the reduced shard before it joins the accumulator; with
+      ``overlap_comm`` up to two more units' buffers in flight;
+    - stage 3: the unit's full gradient and the gradients it is made of (``parallel.zero3``), one more
+      unit's in flight (its reduce-scatters overlap the next unit's backward), and the micro-batch's
+      shards, which the runner returns together.
+    """
+    c = _itemsize(plan.compute_dtype)
+    several = plan.accumulation_steps > 1
+    a = _itemsize(plan.accumulation_dtype) if several else c
+    layouts = plan.layouts.values()
+    full = sum(lay.padded_numel for lay in layouts)
+    shard = sum(lay.shard_numel for lay in layouts)
+    if plan.world_size == 1:
+        acc = full * a  # one process: the gradient is the whole buffer at every stage
+        return acc, acc + (full * c if several else 0)
+    if plan.stage <= 1:
+        acc = full * a
+        output = shard if plan.stage == 1 else (0 if plan.overlap_comm else full)
+        # a wider sum is rounded to the compute dtype for the collective: into a new buffer, unless the
+        # hooks of overlap_comm round it into the last micro-batch's gradient
+        cast = full if several and a != c and not plan.overlap_comm else 0
+        # the hooks see each unit's gradient as the concatenation of its parameters' (alive together)
+        unit = max(lay.padded_numel for lay in layouts) if plan.overlap_comm else 0
+        return acc, (acc if several else 0) + (full + output + cast + unit) * c
+    acc = shard * a
+    largest = max(lay.padded_numel for lay in layouts)
+    if plan.stage == 2:
+        root = plan.layouts.get(ROOT_UNIT)
+        root_open = root.padded_numel if root is not None and len(plan.layouts) > 1 else 0
+        in_flight = 2 * largest if plan.overlap_comm else 0
+        transient = 2 * largest + root_open + in_flight + max(lay.shard_numel for lay in layouts)
+        return acc, acc + transient * c
+    return acc, acc + (3 * largest + (shard if several else 0)) * c
+
+
 def memory_report(plan: StepPlan, state: TrainState, gather_high_water: int = 0) -> dict[str, int]:
-    """Per-rank bytes by kind; ``total`` is their sum (``stage3_gather_high_water`` not included)."""
+    """Per-rank bytes by kind; ``total`` is the sum of the first four (ZeRO's model states: the gradient
+    accumulator, not the gradient's peak). ``gradients_peak``: the most gradient bytes alive at once
+    inside a step (``gradient_bytes``); ``stage3_gather_high_water``: the gathered parameters' measured
+    high-water mark of the last stage-3 call."""
     seen: set[int] = set()
     master = _bytes(state.master, seen)
     params = _bytes(state.params.flats, seen)
     opt = _bytes(state.opt_state, seen)
-    itemsize = torch.empty((), dtype=plan.compute_dtype).element_size()
-    grad_numel = sum(
-        lay.padded_numel if plan.stage <= 1 else lay.shard_numel for lay in plan.layouts.values()
-    )
+    accumulator, peak = gradient_bytes(plan)
     report = {
         "params": params,
         "master": master,
         "optimizer_state": opt,
-        "gradients": grad_numel * itemsize,
+        "gradients": accumulator,
     }
     report["total"] = sum(report.values())
+    report["gradients_peak"] = peak
     report["stage3_gather_high_water"] = gather_high_water
     return report
 

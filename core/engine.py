@@ -29,7 +29,7 @@ from zerostep.core.config import Config
 from zerostep.core.module_binding import bind_module, current_values
 from zerostep.core.param_groups import GroupOptions, ParamGroup, check_groups
 from zerostep.core.precision import LossScaleError, compute_dtype_of, loss_scale_init, loss_scale_update
-from zerostep.core.reducers import make_reduce_scatter
+from zerostep.core.reducers import grad_accum_dtype_of, make_reduce_scatter
 from zerostep.core.state import (
     FlatParams,
     Metrics,
@@ -158,6 +158,7 @@ class Engine:
             allgather_bucket_numel=int(zero.allgather_bucket_size) or None,
             overlap_comm=False,  # decided in _build_phases, once the shared-memory channel is known
             overlap_param_gather=bool(zero.overlap_param_gather),
+            grad_accum_dtype=grad_accum_dtype_of(config.data_types.grad_accum_dtype, self.compute_dtype),
         )
         if config.optimizer is None:
             raise ValueError(

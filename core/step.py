@@ -10,14 +10,16 @@ Read this file first. One ``engine.step`` is one optimizer step over ``GAS`` mic
    each parameter's view instead, which saves that ``cat``). Compiled with ``torch.compile``
    (AOTAutograd compiles the forward and the backward) unless communication overlaps backward
    (``overlap_comm``; unset, it is on at stage 0 over gloo's transport, see ``Engine``), whose
-   per-group gradient hooks only fire one by one in an eager backward. Stage 3
+   per-group gradient hooks only fire one by one in an eager backward. Stage 2 runs eagerly too: its
+   backward reduce-scatters each unit's gradient as soon as the unit is complete and frees the full one
+   (``parallel.grad_sharding``), so no rank holds the whole model's gradient. Stage 3
    runs eagerly through ``parallel.zero3``, which gathers each unit's parameters just before use and
    reduce-scatters its gradient straight after.
 3. ``reduce_scatter``, a ``Reducer`` (``reducers.py``): the one stateful phase (it accumulates
-   micro-batches). Stage 0
-   all-reduces at the accumulation boundary, stage 1 reduce-scatters at the boundary, stage 2
-   reduce-scatters every micro-batch (its accumulator is a shard), stage 3 already did it in backward;
-   identity at world size 1. With ``overlap_comm`` the collectives start from gradient hooks.
+   micro-batches, in ``data_types.grad_accum_dtype``). Stage 0 all-reduces at the accumulation
+   boundary, stage 1 reduce-scatters at the boundary, stages 2-3 already did it in backward (their
+   accumulators are shards); identity at world size 1. With ``overlap_comm`` the stage 0-1 collectives
+   start from gradient hooks.
 4. ``sharded_update``: the global finite check and gradient norm with one all-reduce (graph A), then,
    unless the gradients are non-finite, unscale + clip + optimizer update of this rank's fp32 shard +
    write back of compute-dtype parameters (all-gather at stages 1-2) in one in-place graph (graph B).
@@ -43,6 +45,7 @@ from zerostep.core.reducers import Reducer
 from zerostep.optim import ONE_CYCLE_BETA2
 from zerostep.parallel import collectives
 from zerostep.parallel.flat import FlatLayout
+from zerostep.parallel.grad_sharding import ShardedBackward
 
 Flats = dict[str, torch.Tensor]  # group name -> 1-D buffer
 # A group's gradient: its flat buffer, or (one process, stages 0-2) the list of its parameters'
@@ -67,6 +70,18 @@ class StepPlan:
     allgather_bucket_numel: int | None
     overlap_comm: bool = False  # stages 0-2: collectives start from gradient hooks during backward
     overlap_param_gather: bool = False  # zero_optimization.overlap_param_gather (see defer_param_gather)
+    grad_accum_dtype: torch.dtype | None = None  # data_types.grad_accum_dtype; None: the compute dtype
+
+    @property
+    def accumulation_dtype(self) -> torch.dtype:
+        """The dtype micro-batch gradients are summed in (reducers.py)."""
+        return self.grad_accum_dtype or self.compute_dtype
+
+    @property
+    def shards_grads_in_backward(self) -> bool:
+        """Stage 2 on several ranks: each unit's gradient is reduce-scattered inside backward as soon as
+        it is complete (``parallel.grad_sharding``), so no rank ever holds the whole model's gradient."""
+        return self.stage == 2 and self.world_size > 1
 
     @property
     def sharded_master(self) -> bool:
@@ -117,7 +132,8 @@ def compose(
 
     ``reduce_scatter`` sees every micro-batch's gradients (``add``) and hands the reduced, accumulated
     ones to the update (``result``); it may also start its collectives from inside the backward pass
-    through per-group gradient hooks (``grad_hooks``), so communication overlaps the rest of backward.
+    through per-group gradient hooks (``grad_hooks``) or its ``grad_sink``, so communication overlaps the
+    rest of backward.
     """
 
     def step(flats: Flats, micro_batches: list[Any], scale: torch.Tensor, **update_args: Any) -> Any:
@@ -126,7 +142,8 @@ def compose(
         for i, micro_batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             hooks = reduce_scatter.grad_hooks(last)
-            loss, grads = scaled_backward(forward, flats, micro_batch, scale, hooks)
+            sink = reduce_scatter.grad_sink
+            loss, grads = scaled_backward(forward, flats, micro_batch, scale, hooks, sink)
             reduce_scatter.add(grads, last)
             losses.append(loss)
         return sharded_update(reduce_scatter.result(), torch.stack(losses).sum(), scale=scale, **update_args)
@@ -216,7 +233,9 @@ def make_module_forward(
 
 def make_scaled_backward(plan: StepPlan, compile: bool) -> Callable[..., tuple[torch.Tensor, Grads]]:
     """Gradients of ``loss * scale / GAS`` w.r.t. the flat buffers (or, with ``per_param_grads``,
-    w.r.t. each parameter's view of them), plus the unscaled fp32 loss."""
+    w.r.t. each parameter's view of them), plus the unscaled fp32 loss. Given the reducer's ``sink``
+    (stage 2) they come out as this rank's shard of each unit, reduce-scattered unit by unit inside an
+    eager backward (``parallel.grad_sharding``; ``compile`` does not apply there)."""
     accumulation_steps = plan.accumulation_steps
 
     def objective(
@@ -227,7 +246,14 @@ def make_scaled_backward(plan: StepPlan, compile: bool) -> Callable[..., tuple[t
 
     compiled = compile_private(objective, dynamic=False) if compile else objective
 
-    def scaled_backward(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None):
+    def scaled_backward(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None, sink=None):
+        if sink is not None:
+            # eagerly, on per-parameter leaves: each unit is reduce-scattered as soon as it is complete
+            # (the shards go straight into the reducer's accumulator: nothing is left to return)
+            backward = ShardedBackward(plan.layouts, flats, sink, sink.deliver)
+            scaled, loss = objective(forward, backward.leaves, micro_batch, scale)
+            backward.run(scaled)
+            return loss, {}
         if plan.per_param_grads:
             leaves = {
                 g: [v.detach().requires_grad_(True) for v in plan.layouts[g].split(f)]
@@ -253,7 +279,7 @@ def make_zero3_backward(runner: Any, accumulation_steps: int):
     parameter storage, which the compiler does not trace). ``forward`` here is the module-level one
     (``make_module_forward``); there are no reducer hooks, the runner communicates itself."""
 
-    def scaled_backward(forward, shards: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None):
+    def scaled_backward(forward, shards: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None, sink=None):
         def call(module: nn.Module) -> torch.Tensor:
             return forward(module, micro_batch).float()
 

@@ -131,6 +131,11 @@ class Pending:
     def __init__(self, works: list, finish: Callable[[], None] | None = None) -> None:
         self.works, self.finish = works, finish
 
+    @property
+    def done(self) -> bool:
+        """Nothing left to wait for (a shared-memory collective's handle comes back done)."""
+        return not self.works and self.finish is None
+
     def wait(self) -> bool:
         for work in self.works:
             work.wait()

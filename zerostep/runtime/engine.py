@@ -377,8 +377,10 @@ class DeepSpeedEngine(nn.Module):
             p.grad = None
 
     def destroy(self) -> None:
-        """Release the engine's state and compiled functions (the module keeps its parameters)."""
+        """Release the engine's state and compiled functions (the module keeps its parameters); close
+        the monitors (TensorBoard writer, wandb run)."""
         self._stepper.discard()
+        self.monitor.close()
 
     # ------------------------------------------------------------------ checkpoints
 

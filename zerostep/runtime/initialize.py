@@ -107,7 +107,10 @@ def _config_groups(
     as defaults (a group dict may override lr / weight_decay), and the matching ``ParamGroup``s."""
     hyper = dict(cfg.optimizer.params or {})
     defaults = {tkey: hyper[zkey] for zkey, tkey in _CONFIG_GROUP_KEYS.items() if zkey in hyper}
-    defaults.setdefault("lr", optim.from_config(cfg.optimizer).lr)  # the optimizer's own default
+    built = optim.from_config(cfg.optimizer)  # the optimizer's own defaults for what the block omits
+    defaults.setdefault("lr", built.lr)
+    if "betas" in built.hyperparams:
+        defaults.setdefault("betas", tuple(built.hyperparams["betas"]))
     defaults.setdefault("weight_decay", 0.0)
     if model_parameters is None:
         raw: list[Any] = [{"params": [p for p in model.parameters() if p.requires_grad]}]

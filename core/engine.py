@@ -23,7 +23,7 @@ from torch import nn
 from zerostep import optim
 from zerostep.core import agreement
 from zerostep.core.accounting import memory_report, step_comm_plan
-from zerostep.core.batching import check_batch, micro_batches, to_device
+from zerostep.core.batching import BatchSpec, check_batch, micro_batches, to_device
 from zerostep.core.compiling import compile_private
 from zerostep.core.config import Config
 from zerostep.core.module_binding import bind_module, current_values
@@ -48,6 +48,7 @@ from zerostep.core.step import (
     make_sharded_update,
     make_zero3_backward,
 )
+from zerostep.core.step_failure import RanksOutOfStepError, RemoteStepError, StepVote
 from zerostep.parallel import groups as dist_groups
 from zerostep.parallel.collectives import CommCounter, all_gather_flat, all_reduce_flat, attach_shared_memory
 from zerostep.parallel.flat import FlatLayout
@@ -99,6 +100,8 @@ class Engine:
         self.group = dist_groups.dp_group() if dist.is_initialized() else None
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self._batch_spec: BatchSpec | None = None  # the first step's batch (compiled engines)
+        self._out_of_step: str | None = None  # why a failed step left the ranks out of step, if it did
         # Everything up to the vote is local: a rank that fails here still votes (with its error), so
         # the others raise at once instead of waiting for it in a collective (core/agreement.py).
         try:
@@ -444,11 +447,28 @@ class Engine:
     # ------------------------------------------------------------------ step
 
     def step(self, state: TrainState, batch: Any) -> TrainState:
-        """One optimizer step over this rank's ``MB x GAS`` samples. Consumes ``state``."""
+        """One optimizer step over this rank's ``MB x GAS`` samples. Consumes ``state``.
+
+        A step that raises before its first in-place write leaves ``state`` valid (retry it, or go on
+        with another batch); on several ranks it raises on every rank (core/step_failure.py), so no
+        rank's step pairs with another's next one. A failure after the first write consumes ``state``
+        (its buffers are half updated), with a message saying why."""
         check_not_consumed(state, "engine.step")
+        if self._out_of_step is not None:
+            raise RanksOutOfStepError(
+                f"engine.step: refused, an earlier step left the ranks out of step: {self._out_of_step}"
+            )
         plan = self.plan
-        check_batch(batch, plan.micro_batch_size, plan.accumulation_steps)
-        batch = to_device(batch, self.device, self.compute_dtype)
+        failure, spec, pieces = None, None, [None] * plan.accumulation_steps
+        try:
+            check_batch(batch, plan.micro_batch_size, plan.accumulation_steps)
+            batch = to_device(batch, self.device, self.compute_dtype)
+            spec = self._check_batch_spec(batch)
+            pieces = micro_batches(batch, plan.micro_batch_size, plan.accumulation_steps)
+        except Exception as error:
+            if self.world_size == 1:
+                raise
+            failure = error  # the other ranks must hear of it: the step runs without this rank's work
         step, skipped, seed = int(state.step), int(state.skipped_steps), int(state.seed)
         applied_before = step - skipped
         lr = torch.as_tensor(self.lr_at(applied_before - 1), dtype=torch.float32, device=self.device)
@@ -458,55 +478,114 @@ class Engine:
                 self.beta1_at(applied_before - 1), dtype=torch.float32, device=self.device
             )
         scale = state.scaler.scale.to(self.device)
+        outcome: dict[str, Any] = {}  # set once graph A has decided, before the first write
 
+        def before_write(applied: bool) -> None:
+            # The loss-scale update and its checks run before anything is written: an error here
+            # (LossScaleError, or a config value that cannot be used) leaves ``state`` valid.
+            scaler = loss_scale_update(state.scaler, not applied, self.config.fp16)
+            if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
+                raise LossScaleError(
+                    f"step {step}: fp16 gradients overflowed with the loss scale already at "
+                    f"min_loss_scale={self.config.fp16.min_loss_scale}; the state passed in is unchanged "
+                    "and still valid (lower the learning rate, raise min_loss_scale's headroom, or use bf16)"
+                )
+            outcome.update(scaler=scaler, writing=applied)
+
+        vote = StepVote(self.group, self.rank, self.device) if self.world_size > 1 else None
         # Randomness (dropout) comes from the state's seed and step, in a forked RNG so the caller's
         # global generator is left as it was.
         flats, in_flight = state.params.take_in_flight()
         try:
-            if in_flight is not None:
-                in_flight.wait(ROOT_UNIT)  # the root unit's parameters may be used anywhere in forward
-            self._in_flight = in_flight
-            with torch.random.fork_rng(devices=self._rng_devices):
-                self._seed_rng(_step_seed(seed, step, self.rank))
-                # The same flats are read by backward and written in place by the update (donation).
-                applied, loss, grad_norm, gathers = self._step(
-                    flats,
-                    micro_batches(batch, plan.micro_batch_size, plan.accumulation_steps),
-                    scale,
-                    master=state.master,
-                    opt_state=state.opt_state,
-                    params=flats,
-                    lr=lr,
-                    beta1=beta1,
-                )
-        finally:
-            self._in_flight = None
-            if in_flight is not None:
-                in_flight.wait_all()  # a step that raised leaves complete buffers (and aligned ranks)
-        self.comm.record(self._comm_applied if applied else self._comm_skipped)
-        scaler = loss_scale_update(state.scaler, not applied, self.config.fp16)
-        if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
-            raise LossScaleError(
-                f"step {step}: fp16 gradients overflowed with the loss scale already at min_loss_scale="
-                f"{self.config.fp16.min_loss_scale}; the state passed in is unchanged and still valid "
-                "(lower the learning rate, raise min_loss_scale's headroom, or use bf16)"
+            try:
+                if in_flight is not None:
+                    in_flight.wait(ROOT_UNIT)  # the root unit's parameters may be used anywhere in forward
+                self._in_flight = in_flight
+                with torch.random.fork_rng(devices=self._rng_devices):
+                    self._seed_rng(_step_seed(seed, step, self.rank))
+                    # The same flats are read by backward and written in place by the update (donation).
+                    applied, loss, grad_norm, gathers = self._step(
+                        flats,
+                        pieces,
+                        scale,
+                        vote=vote,
+                        failure=failure,
+                        master=state.master,
+                        opt_state=state.opt_state,
+                        params=flats,
+                        lr=lr,
+                        beta1=beta1,
+                        before_write=before_write,
+                    )
+            finally:
+                self._in_flight = None
+                if in_flight is not None:
+                    in_flight.wait_all()  # a step that raised leaves complete buffers (and aligned ranks)
+            self.comm.record(self._comm_applied if applied else self._comm_skipped)
+            metrics = Metrics(
+                loss=loss.detach().float().cpu(),
+                grad_norm=grad_norm.detach().float().cpu(),
+                lr=lr.cpu(),
+                loss_scale=state.scaler.scale.clone(),
+                skipped=torch.tensor(0 if applied else 1, dtype=torch.int64),
             )
+        except RanksOutOfStepError as error:
+            self._out_of_step = str(error)
+            self._consume_if_written(state, outcome, error)
+            raise
+        except BaseException as error:
+            self._consume_if_written(state, outcome, error)
+            # forward or backward raised on this rank's batch (graph A never decided anything)
+            if spec is not None and not outcome and isinstance(error, Exception) and failure is None:
+                if not isinstance(error, RemoteStepError):
+                    self._explain_batch_failure(spec, error)
+            raise
         mark_consumed(state)
-        metrics = Metrics(
-            loss=loss.detach().float().cpu(),
-            grad_norm=grad_norm.detach().float().cpu(),
-            lr=lr.cpu(),
-            loss_scale=state.scaler.scale.clone(),
-            skipped=torch.tensor(0 if applied else 1, dtype=torch.int64),
-        )
         if gathers is not None:
             state.params.set_in_flight(gathers)  # the returned state shares this FlatParams
+        if self._batch_spec is None:
+            self._batch_spec = spec
         return state.replace(
             step=state.step + 1,
             skipped_steps=state.skipped_steps + (0 if applied else 1),
-            scaler=scaler,
+            scaler=outcome["scaler"],
             metrics=metrics,
         )
+
+    @staticmethod
+    def _consume_if_written(state: TrainState, outcome: dict[str, Any], error: BaseException) -> None:
+        if outcome.get("writing"):
+            mark_consumed(
+                state,
+                f"engine.step raised ({type(error).__name__}: {error}) after it had begun updating this "
+                "TrainState's buffers in place, so they may be half updated: it must not be used again "
+                "(a retry would apply the update twice); resume from a checkpoint",
+            )
+
+    def _check_batch_spec(self, batch: Any) -> BatchSpec | None:
+        """Under torch.compile: the batch's spec, refused with a one-line ValueError when its structure,
+        a leaf's number of dimensions or its dtype differ from the first step's batch (core/batching.py)."""
+        if not self.compile:
+            return None
+        spec = BatchSpec.of(batch)
+        if self._batch_spec is not None:
+            problem = self._batch_spec.mismatch(spec)
+            if problem is not None:
+                raise ValueError(f"engine.step: this batch is not like the first step's: {problem}")
+        return spec
+
+    def _explain_batch_failure(self, spec: BatchSpec, error: BaseException) -> None:
+        """A compiled step failed on a batch whose sizes differ from the first step's: say so in one
+        line, instead of dynamo's fake-tensor traceback of a hundred frames (kept as ``__context__``)."""
+        first = self._batch_spec
+        differs = first.sizes_differ(spec) if first is not None else None
+        if differs is None:
+            return
+        summary = (str(error).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"engine.step failed on a batch unlike the first step's: {differs} "
+            f"({type(error).__name__}: {summary})"
+        ) from None
 
     @property
     def _rng_devices(self) -> list[int]:

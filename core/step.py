@@ -42,6 +42,12 @@ from torch import nn
 
 from zerostep.core.compiling import compile_private
 from zerostep.core.reducers import Reducer
+from zerostep.core.step_failure import (
+    RanksOutOfStepError,
+    RemoteStepError,
+    StepVote,
+    describe_remote_failure,
+)
 from zerostep.optim import ONE_CYCLE_BETA2
 from zerostep.parallel import collectives
 from zerostep.parallel.flat import FlatLayout
@@ -128,27 +134,82 @@ def compose(
     reduce_scatter: Reducer,
     sharded_update: Callable[..., Any],
 ) -> Callable[..., Any]:
-    """Build ``step(flats, micro_batches, scale, **update_args) -> update result`` from the four phases.
+    """Build ``step(flats, micro_batches, scale, *, vote=None, failure=None, **update_args) -> update
+    result`` from the four phases.
 
     ``reduce_scatter`` sees every micro-batch's gradients (``add``) and hands the reduced, accumulated
     ones to the update (``result``); it may also start its collectives from inside the backward pass
     through per-group gradient hooks (``grad_hooks``) or its ``grad_sink``, so communication overlaps the
     rest of backward.
-    """
 
-    def step(flats: Flats, micro_batches: list[Any], scale: torch.Tensor, **update_args: Any) -> Any:
+    On several ranks ``vote`` (a ``step_failure.StepVote``) keeps a step that fails on one rank from
+    pairing with the others' next one (core/step_failure.py): a micro-batch whose backward communicates
+    (or, at stage 3, whose forward does) votes between its forward and its backward; after a failure in
+    one that does not, this rank issues the reducer's collectives with zero gradients and
+    sharded_update's graph A carries the failure. ``failure``: an error this rank raised before the step
+    (its batch was refused); the step then only keeps the other ranks company and raises it.
+    """
+    communicates = bool(getattr(scaled_backward, "communicates", False))  # stage 3: in forward too
+
+    def step(
+        flats: Flats,
+        micro_batches: list[Any],
+        scale: torch.Tensor,
+        vote: StepVote | None = None,
+        failure: BaseException | None = None,
+        **update_args: Any,
+    ) -> Any:
         reduce_scatter.reset()  # a step that raised midway must not leak its partial sums into this one
         losses = []
         for i, micro_batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             hooks = reduce_scatter.grad_hooks(last)
             sink = reduce_scatter.grad_sink
-            loss, grads = scaled_backward(forward, flats, micro_batch, scale, hooks, sink)
+            votes = vote if vote is not None and (communicates or hooks or sink) else None
+            if failure is None:
+                cast = vote.votes if vote is not None else 0
+                try:
+                    loss, grads = scaled_backward(forward, flats, micro_batch, scale, hooks, sink, votes)
+                except RemoteStepError:
+                    raise
+                except Exception as error:
+                    if vote is None or vote.failed_here:  # one rank; or stage 3 voted "failed" itself
+                        raise
+                    if vote.votes > cast:  # the backward had begun exchanging gradients
+                        raise _out_of_step(error) from error
+                    failure = error
+            if failure is not None:
+                if votes is not None:
+                    getattr(scaled_backward, "placeholder", _vote_failed)(flats, votes)
+                    raise failure
+                # the collectives this micro-batch's gradients would have gone through, with zeros
+                grads = {g: torch.zeros_like(f) for g, f in flats.items()}
+                loss = torch.zeros((), dtype=torch.float32, device=next(iter(flats.values())).device)
             reduce_scatter.add(grads, last)
             losses.append(loss)
-        return sharded_update(reduce_scatter.result(), torch.stack(losses).sum(), scale=scale, **update_args)
+        if vote is not None:
+            update_args["failed"] = failure is not None
+        loss_sum = torch.stack(losses).sum()
+        try:
+            return sharded_update(reduce_scatter.result(), loss_sum, scale=scale, **update_args)
+        except RemoteStepError:
+            if failure is not None:
+                raise failure from None
+            raise
 
     return step
+
+
+def _vote_failed(flats: Flats, vote: StepVote) -> None:
+    vote.vote(True)
+
+
+def _out_of_step(error: BaseException) -> RanksOutOfStepError:
+    return RanksOutOfStepError(
+        f"engine.step raised while exchanging gradients with the other ranks ({type(error).__name__}: "
+        f"{error}); they cannot be told, so this engine refuses further steps (the other ranks fail in "
+        "that exchange, at the process group's timeout at the latest)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,12 +307,16 @@ def make_scaled_backward(plan: StepPlan, compile: bool) -> Callable[..., tuple[t
 
     compiled = compile_private(objective, dynamic=False) if compile else objective
 
-    def scaled_backward(forward, flats: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None, sink=None):
+    def scaled_backward(
+        forward, flats: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None, sink=None, vote=None
+    ):
         if sink is not None:
             # eagerly, on per-parameter leaves: each unit is reduce-scattered as soon as it is complete
             # (the shards go straight into the reducer's accumulator: nothing is left to return)
             backward = ShardedBackward(plan.layouts, flats, sink, sink.deliver)
             scaled, loss = objective(forward, backward.leaves, micro_batch, scale)
+            if vote is not None:  # the backward communicates: every rank's forward must have succeeded
+                vote()
             backward.run(scaled)
             return loss, {}
         if plan.per_param_grads:
@@ -264,6 +329,8 @@ def make_scaled_backward(plan: StepPlan, compile: bool) -> Callable[..., tuple[t
             for g, hook in (hooks or {}).items():
                 leaves[g].register_hook(hook)
         scaled, loss = compiled(forward, leaves, micro_batch, scale)
+        if vote is not None:  # the backward communicates: every rank's forward must have succeeded
+            vote()
         inputs = list(optree.tree_leaves(leaves))
         grads = torch.autograd.grad(scaled, inputs, allow_unused=True)
         # a parameter the forward never touched (an unused block) gets a zero gradient
@@ -277,14 +344,41 @@ def make_zero3_backward(runner: Any, accumulation_steps: int):
     """Stage 3: ``parallel.zero3`` gathers each unit just before use and reduce-scatters its gradient
     (a sum over ranks) into this rank's shard right after; runs eagerly (its hooks free and re-gather
     parameter storage, which the compiler does not trace). ``forward`` here is the module-level one
-    (``make_module_forward``); there are no reducer hooks, the runner communicates itself."""
+    (``make_module_forward``); there are no reducer hooks, the runner communicates itself.
 
-    def scaled_backward(forward, shards: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None, sink=None):
+    With a ``vote`` (several ranks) the ranks agree between forward and backward that every forward
+    succeeded; a rank whose forward raised first issues the gathers the rest of its forward would have
+    (``Zero3Session.complete_forward``), so the vote pairs with the others' (core/step_failure.py)."""
+
+    def scaled_backward(
+        forward, shards: Flats, micro_batch: Any, scale: torch.Tensor, hooks=None, sink=None, vote=None
+    ):
         def call(module: nn.Module) -> torch.Tensor:
             return forward(module, micro_batch).float()
 
-        return runner.loss_and_grads(shards, call, scale / accumulation_steps)
+        with runner.session(shards) as session:
+            try:
+                loss = session.run(call)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError(f"the loss must be a scalar tensor, got {type(loss).__name__}")
+            except Exception:
+                if vote is not None:
+                    session.complete_forward()
+                    vote.vote(True)
+                raise
+            if vote is not None:
+                vote()
+            grads = session.grads(loss * (scale / accumulation_steps))
+        return loss.detach(), grads
 
+    def placeholder(shards: Flats, vote: Any) -> None:
+        """A micro-batch this rank cannot run: its forward's gathers, then a "failed" vote."""
+        with runner.session(shards) as session:
+            session.complete_forward()
+            vote.vote(True)
+
+    scaled_backward.communicates = True  # every micro-batch gathers parameters in forward
+    scaled_backward.placeholder = placeholder
     return scaled_backward
 
 
@@ -299,10 +393,13 @@ def make_zero3_backward(runner: Any, accumulation_steps: int):
 def make_norm_and_loss(
     plan: StepPlan, group: Any, compile: bool
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """Graph A: (global squared norm of the scaled, summed gradients, mean loss), one all-reduce."""
+    """Graph A: (global squared norm of the scaled, summed gradients, mean loss, and with ``failed``
+    the count and rank sum of ranks whose step failed), one all-reduce."""
     world = plan.world_size
 
-    def norm_and_loss(grads: Grads, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def norm_and_loss(
+        grads: Grads, loss_sum: torch.Tensor, failed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         sumsq = torch.zeros((), dtype=torch.float32, device=loss_sum.device)
         for g, grad in grads.items():
             if plan.stage == 0 and world > 1:
@@ -310,10 +407,13 @@ def make_norm_and_loss(
                 grad = plan.layouts[g].shard(grad, plan.rank)
             for part in grad if isinstance(grad, list) else [grad]:
                 sumsq = sumsq + part.float().pow(2).sum()
-        packed = torch.stack([sumsq, loss_sum.float() / plan.accumulation_steps])
+        parts = [sumsq, loss_sum.float() / plan.accumulation_steps]
+        if failed is not None:  # [failed ranks, sum of their ranks] (core/step_failure.py)
+            parts += [failed, failed * plan.rank]
+        packed = torch.stack(parts)
         if world > 1:
             packed = collectives.all_reduce_flat(packed, group, None)
-        return packed[0], packed[1] / world
+        return packed[0], packed[1] / world, packed[2:] if failed is not None else None
 
     return compile_private(norm_and_loss, dynamic=False, fullgraph=True) if compile else norm_and_loss
 
@@ -378,6 +478,7 @@ def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: boo
     """
     norm_and_loss = make_norm_and_loss(plan, group, compile)
     apply_update = make_apply_update(plan, optimizer, group, compile)
+    flags: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
     def sharded_update(
         grads: Flats,
@@ -389,10 +490,29 @@ def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: boo
         params: Flats,
         lr: torch.Tensor,
         beta1: torch.Tensor | None,
-    ) -> tuple[bool, torch.Tensor, torch.Tensor]:
-        sumsq, loss = norm_and_loss(grads, loss_sum)
+        failed: bool | None = None,
+        before_write: Callable[[bool], None] | None = None,
+    ) -> UpdateResult:
+        """``failed`` (several ranks, ``compose``): whether this rank's step failed; graph A sums it
+        over the ranks and every rank raises ``RemoteStepError`` if any failed, before any write.
+        ``before_write(applied)`` runs once the outcome is known and nothing is written yet (the engine
+        updates the loss scale there, so an error in it leaves the state valid)."""
+        flag = None
+        if failed is not None:  # graph A's input; the two values are made once
+            flag = flags.get((failed, loss_sum.device))
+            if flag is None:
+                flag = flags[(failed, loss_sum.device)] = torch.tensor(float(failed), device=loss_sum.device)
+        sumsq, loss, failures = norm_and_loss(grads, loss_sum, flag)
         grad_norm = torch.sqrt(sumsq) * plan.unscale(scale)
-        applied = bool(torch.isfinite(sumsq).item())
+        if failures is None:
+            applied = bool(torch.isfinite(sumsq).item())
+        else:  # one host read for both flags
+            finite, count, rank_sum = torch.cat([torch.isfinite(sumsq).reshape(1).float(), failures]).tolist()
+            if count:
+                raise RemoteStepError(describe_remote_failure(int(count), int(rank_sum)))
+            applied = bool(finite)
+        if before_write is not None:
+            before_write(applied)
         gathers = None
         if applied:
             rows = None if plan.params_match_master else param_rows(plan, params)

@@ -360,6 +360,7 @@ class Zero3Session:
         self.order = runner._forward_order if runner.prefetch else []
         self.reductions: list = []  # asynchronous reduce-scatters in flight
         self.handles: list = []
+        self.unit_hooks: dict[str, tuple[Callable, Callable]] = {}  # unit -> its forward (pre, post) hooks
         self.open = False
 
     def __enter__(self) -> Zero3Session:
@@ -370,6 +371,7 @@ class Zero3Session:
                     self._enter(unit, self._new_gather(unit))  # gathered for the whole call
                     continue
                 pre, post = self._make_hooks(unit)
+                self.unit_hooks[unit.name] = (pre, post)
                 module = self.runner.model.get_submodule(unit.name)
                 self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         except BaseException:
@@ -431,6 +433,22 @@ class Zero3Session:
         if not self.open:
             raise RuntimeError("Zero3Session.run outside its context (use it as `with runner.session(...)`)")
         return call(self.runner.model)
+
+    def complete_forward(self) -> None:
+        """After ``call`` raised on this rank: issue the gathers the rest of its forward would have, so
+        that the other ranks' forward collectives pair with this rank's and every rank reaches the next
+        collective together (the engine's step-failure vote, core/step_failure.py). Nothing is computed:
+        open unit calls are closed, then every unit not called yet is gathered and freed, in the last
+        call's order (module order before the first call), prefetches included as in a real forward."""
+        runner = self.runner
+        for name, calls in self.active.items():
+            while name != ROOT_UNIT and calls:
+                self.unit_hooks[name][1](None, (), None)  # post-forward: swap out, free
+        planned = runner._forward_order or [u.name for u in runner.units if u.name != ROOT_UNIT]
+        for name in planned[len(self.unit_calls) :]:
+            pre, post = self.unit_hooks[name]
+            pre(None, ())
+            post(None, (), None)
 
     def _end_forward(self) -> None:
         runner = self.runner

@@ -428,3 +428,57 @@ def test_overlap_comm_defaults_per_backend():
     on = {key for key, overlap in table.items() if overlap}
     assert on == {(0, "gloo", False)}  # measured faster there; NCCL follows DeepSpeed (off)
     assert default_overlap_comm(0, None, False) is False  # one process
+
+
+def test_a_failure_after_the_first_write_consumes_the_state_and_one_before_leaves_it_valid(monkeypatch):
+    import zerostep.core.engine as engine_module
+
+    engine = initialize(make_mlp(), config(), loss_fn=mse, compile=False)
+    data = batches(2, 4)
+    state = engine.init()
+    # Before any write (as fp16.loss_scale_window=1e30 raised once the update had been applied): the
+    # state stays valid and a retry applies the update once.
+    real = engine_module.loss_scale_update
+
+    def overflow(*args):
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(engine_module, "loss_scale_update", overflow)
+    with pytest.raises(OverflowError):
+        engine.step(state, data[0])
+    monkeypatch.setattr(engine_module, "loss_scale_update", real)
+    state = engine.step(state, data[0])
+    clean = initialize(make_mlp(), config(), loss_fn=mse, compile=False)
+    want = clean.full_params(clean.step(clean.init(), data[0]))
+    got = engine.full_params(state)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    # After the first in-place write: the state is consumed, saying why, so a retry cannot apply twice.
+    update = engine.optimizer.update_
+
+    def update_then_fail(*args, **kwargs):
+        update(*args, **kwargs)
+        raise RuntimeError("device lost mid-update")
+
+    object.__setattr__(engine.optimizer, "update_", update_then_fail)  # a frozen dataclass
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step(state, data[1])
+    object.__setattr__(engine.optimizer, "update_", update)
+    with pytest.raises(ConsumedStateError, match=r"raised \(RuntimeError: device lost.*half updated"):
+        engine.step(state, data[1])
+
+
+def test_a_compiled_step_says_in_one_line_what_differs_in_a_bad_batch():
+    engine = initialize(make_mlp(), config(), loss_fn=mse)  # compiled
+    x, y = batches(1, 4)[0]
+    state = engine.step(engine.init(), (x, y))
+    with pytest.raises(
+        ValueError, match=r"leaf '0' has shape \(4, 7\); the first step's had \(4, 6\)"
+    ) as info:
+        engine.step(state, (torch.randn(4, 7), y))  # a wrong feature size fails inside dynamo's tracing
+    assert info.value.__cause__ is None and len(str(info.value).splitlines()) == 1
+    with pytest.raises(ValueError, match=r"leaf '0' has shape \(4, 6\) and dtype int64; the first step's"):
+        engine.step(state, (x.long(), y))
+    with pytest.raises(ValueError, match="not like the first step's: its structure is"):
+        engine.step(state, [x, y])
+    state = engine.step(state, (x, y))  # every refused batch left the state valid
+    assert int(state.step) == 2

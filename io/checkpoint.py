@@ -81,7 +81,13 @@ def _finish_pending_save_at_exit() -> None:
     threads stop taking work: let a pending async save finish, as a synchronous one would have. If it
     failed and nobody saw its error, print it and exit with status 1: a lost checkpoint is never silent.
     Then the saves' own gloo groups are shut down while the interpreter is whole, rather than by the
-    teardown of torch's globals in whatever order it happens."""
+    teardown of torch's globals in whatever order it happens.
+
+    Only in the process that imported this module: a forked child (a DataLoader worker) runs threading's
+    exit hooks too when it ends, and must neither wait for its parent's save nor shut down the gloo
+    groups it inherited (that aborted the worker: ``terminate called ... std::system_error``)."""
+    if os.getpid() != _OWNER_PID:
+        return
     with _pending_lock:
         handle = _pending
     if handle is not None:
@@ -108,6 +114,7 @@ def _finish_pending_save_at_exit() -> None:
 # Threads' exit hooks run in reverse order of registration, before non-daemon threads are joined;
 # concurrent.futures registered its own (which refuses new work from then on) when the writer's pool
 # module was imported, so this one runs first, while the save can still use the pool.
+_OWNER_PID = os.getpid()
 _register_exit_hook = getattr(threading, "_register_atexit", None)
 if _register_exit_hook is not None:
     _register_exit_hook(_finish_pending_save_at_exit)

@@ -624,3 +624,15 @@ def test_save_coordination_uses_the_process_group_timeout_and_raises_checkpoint_
     assert f"{tmp_path / 'b'}: save failed before anything was written" in message
     assert "did not answer within 4 s" in message
     assert sorted(os.listdir(tmp_path)) == ["a", "latest"]
+
+
+def test_the_exit_hook_does_nothing_in_a_forked_child(monkeypatch):
+    # A DataLoader worker forked after a save runs threading's exit hooks when it ends: it must not wait
+    # for its parent's pending save nor shut down the parent's gloo groups (that aborted the worker).
+    from zerostep.io import checkpoint as ckpt
+
+    never_done = ckpt.SaveHandle("/nowhere")  # its _done event is never set
+    monkeypatch.setattr(ckpt, "_pending", never_done)
+    monkeypatch.setattr(ckpt, "_OWNER_PID", os.getpid() + 1)  # as seen from a forked child
+    ckpt._finish_pending_save_at_exit()  # returns at once instead of waiting forever
+    assert not never_done.done()

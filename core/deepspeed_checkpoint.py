@@ -50,17 +50,7 @@ def load_deepspeed_checkpoint(
     if load_optimizer_states:
         _check_optimizer(engine, checkpoint)
     frozen = _frozen_updates(engine, checkpoint)
-    plan = engine.plan
-    master, flats = {}, {}
-    for g, layout in plan.layouts.items():
-        full = layout.flatten({n: checkpoint.params[n] for n in layout.names}, dtype=torch.float32)
-        full = full.to(engine.device)  # [padded_numel]
-        shard = layout.shard(full, engine.rank).clone() if plan.sharded_master else full
-        master[g] = shard
-        if plan.params_alias_master:
-            flats[g] = shard
-        else:
-            flats[g] = (shard if plan.params_match_master else full).to(engine.compute_dtype)
+    master, flats = engine.buffers_from(checkpoint.params)
     opt_state = engine.optimizer.init(master)
     if load_optimizer_states:
         opt_state = _fill_adam(engine, checkpoint, opt_state)

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,7 +28,13 @@ from zerostep.core.compiling import compile_private
 from zerostep.core.config import Config
 from zerostep.core.module_binding import bind_module, current_values
 from zerostep.core.param_groups import GroupOptions, ParamGroup, check_groups
-from zerostep.core.precision import LossScaleError, compute_dtype_of, loss_scale_init, loss_scale_update
+from zerostep.core.precision import (
+    LossScaleError,
+    ScalerState,
+    compute_dtype_of,
+    loss_scale_init,
+    loss_scale_update,
+)
 from zerostep.core.reducers import grad_accum_dtype_of, make_reduce_scatter
 from zerostep.core.state import (
     FlatParams,
@@ -41,6 +47,7 @@ from zerostep.core.state import (
 from zerostep.core.step import (
     ParamGathers,
     StepPlan,
+    UpdateResult,
     compose,
     make_forward,
     make_module_forward,
@@ -337,11 +344,20 @@ class Engine:
     def init(self, seed: int = 0) -> TrainState:
         """A fresh state from the model's current parameter values (rank 0's values on every rank)."""
         named = current_values(self.model)  # stage-3 placeholders: gathered from their engine
+        master, flats = self.buffers_from(named, broadcast=self.world_size > 1)
+        return self.bind_module(self.state_from(master, flats, seed=seed))
+
+    def buffers_from(
+        self, values: Mapping[str, torch.Tensor], broadcast: bool = False
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(fp32 master, compute-dtype params) for this rank, from full parameter values by name
+        (``broadcast``: rank 0's values on every rank, a collective)."""
         plan = self.plan
         master, flats = {}, {}
         for g, layout in plan.layouts.items():
-            full = layout.flatten({n: named[n].detach() for n in layout.names}, dtype=torch.float32)
-            if self.world_size > 1:
+            full = layout.flatten({n: values[n].detach() for n in layout.names}, dtype=torch.float32)
+            full = full.to(self.device)  # [padded_numel]
+            if broadcast:
                 dist.broadcast(full, src=0, group=self.group)
             shard = layout.shard(full, self.rank).clone() if plan.sharded_master else full
             master[g] = shard
@@ -349,7 +365,7 @@ class Engine:
                 flats[g] = shard
             else:
                 flats[g] = (shard if plan.params_match_master else full).to(self.compute_dtype)
-        return self.bind_module(self.state_from(master, flats, seed=seed))
+        return master, flats
 
     def bind_module(self, state: TrainState) -> TrainState:
         """Point the module's parameters at ``state``'s buffers (stages 0-2) or release them to
@@ -480,17 +496,7 @@ class Engine:
         scale = state.scaler.scale.to(self.device)
         outcome: dict[str, Any] = {}  # set once graph A has decided, before the first write
 
-        def before_write(applied: bool) -> None:
-            # The loss-scale update and its checks run before anything is written: an error here
-            # (LossScaleError, or a config value that cannot be used) leaves ``state`` valid.
-            scaler = loss_scale_update(state.scaler, not applied, self.config.fp16)
-            if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
-                raise LossScaleError(
-                    f"step {step}: fp16 gradients overflowed with the loss scale already at "
-                    f"min_loss_scale={self.config.fp16.min_loss_scale}; the state passed in is unchanged "
-                    "and still valid (lower the learning rate, raise min_loss_scale's headroom, or use bf16)"
-                )
-            outcome.update(scaler=scaler, writing=applied)
+        before_write = self._before_write(state, outcome)
 
         vote = StepVote(self.group, self.rank, self.device) if self.world_size > 1 else None
         # Randomness (dropout) comes from the state's seed and step, in a forked RNG so the caller's
@@ -521,14 +527,6 @@ class Engine:
                 self._in_flight = None
                 if in_flight is not None:
                     in_flight.wait_all()  # a step that raised leaves complete buffers (and aligned ranks)
-            self.comm.record(self._comm_applied if applied else self._comm_skipped)
-            metrics = Metrics(
-                loss=loss.detach().float().cpu(),
-                grad_norm=grad_norm.detach().float().cpu(),
-                lr=lr.cpu(),
-                loss_scale=state.scaler.scale.clone(),
-                skipped=torch.tensor(0 if applied else 1, dtype=torch.int64),
-            )
         except RanksOutOfStepError as error:
             self._out_of_step = str(error)
             self._consume_if_written(state, outcome, error)
@@ -540,15 +538,48 @@ class Engine:
                 if not isinstance(error, RemoteStepError):
                     self._explain_batch_failure(spec, error)
             raise
+        if self._batch_spec is None:
+            self._batch_spec = spec
+        return self.next_state(state, UpdateResult(applied, loss, grad_norm, gathers), lr, outcome["scaler"])
+
+    def _before_write(self, state: TrainState, outcome: dict[str, Any]) -> Callable[[bool], None]:
+        """``sharded_update``'s ``before_write``: the loss-scale update and its checks, run once graph A
+        has decided and before anything is written, so an error there (LossScaleError, or a config value
+        that cannot be used) leaves ``state`` valid. Records ``scaler`` and ``writing`` in ``outcome``."""
+
+        def before_write(applied: bool) -> None:
+            scaler = loss_scale_update(state.scaler, not applied, self.config.fp16)
+            if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
+                raise LossScaleError(
+                    f"step {int(state.step)}: fp16 gradients overflowed with the loss scale already at "
+                    f"min_loss_scale={self.config.fp16.min_loss_scale}; the state passed in is unchanged "
+                    "and still valid (lower the learning rate, raise min_loss_scale's headroom, or use bf16)"
+                )
+            outcome.update(scaler=scaler, writing=applied)
+
+        return before_write
+
+    def next_state(
+        self, state: TrainState, result: UpdateResult, lr: torch.Tensor, scaler: ScalerState
+    ) -> TrainState:
+        """After an update: byte counts, metrics, counters; consumes ``state`` and returns its successor
+        (``engine.step`` and the DeepSpeed facade's ``step()`` both end here)."""
+        applied, loss, grad_norm, gathers = result
+        self.comm.record(self._comm_applied if applied else self._comm_skipped)
+        metrics = Metrics(
+            loss=loss.detach().float().cpu(),
+            grad_norm=grad_norm.detach().float().cpu(),
+            lr=lr.detach().float().cpu(),
+            loss_scale=state.scaler.scale.clone(),
+            skipped=torch.tensor(0 if applied else 1, dtype=torch.int64),
+        )
         mark_consumed(state)
         if gathers is not None:
             state.params.set_in_flight(gathers)  # the returned state shares this FlatParams
-        if self._batch_spec is None:
-            self._batch_spec = spec
         return state.replace(
             step=state.step + 1,
             skipped_steps=state.skipped_steps + (0 if applied else 1),
-            scaler=outcome["scaler"],
+            scaler=scaler,
             metrics=metrics,
         )
 

@@ -11,7 +11,8 @@ own code between ``engine(x)``, ``engine.backward(loss)`` and ``engine.step()``.
 2. ``backward(loss, boundary)``: gradients of ``loss * scale / GAS`` w.r.t. those leaves, handed to the
    engine's ``Reducer`` exactly as ``compose`` hands them (``add(grads, last=boundary)``), so the
    collectives, their overlap hooks and the accumulation are the functional step's own.
-3. ``apply(lr, beta1)`` at the boundary: the engine's ``sharded_update`` and ``finish_step``.
+3. ``apply(lr, beta1)`` at the boundary: the engine's ``sharded_update`` and ``next_state``, as
+   ``engine.step`` ends.
 
 Because the phases are the engine's, N micro-steps here equal one ``engine.step`` on the concatenated
 batch (tests/test_runtime_engine.py checks it at stages 0-3).
@@ -25,8 +26,7 @@ import optree
 import torch
 
 from zerostep.core.compiling import compile_private
-from zerostep.core.precision import LossScaleError, loss_scale_update
-from zerostep.core.state import Metrics, TrainState, check_not_consumed, mark_consumed
+from zerostep.core.state import TrainState, check_not_consumed
 from zerostep.core.step import UpdateResult
 
 
@@ -166,18 +166,25 @@ class MicroSteps:
         self._losses.clear()
         scale = state.scaler.scale.to(device)
         flats = state.params.flats
-        result = engine._sharded_update(
-            engine._reducer.result(),
-            loss_sum,
-            scale=scale,
-            master=state.master,
-            opt_state=state.opt_state,
-            params=flats,
-            lr=lr_t,
-            beta1=beta1_t,
-        )
-        engine._reducer.reset()
-        self.state = finish_step(engine, state, result, lr_t)
+        outcome: dict[str, Any] = {}  # the engine's loss-scale update runs before the first write
+        try:
+            result = engine._sharded_update(
+                engine._reducer.result(),
+                loss_sum,
+                scale=scale,
+                master=state.master,
+                opt_state=state.opt_state,
+                params=flats,
+                lr=lr_t,
+                beta1=beta1_t,
+                before_write=engine._before_write(state, outcome),
+            )
+        except BaseException as error:
+            engine._consume_if_written(state, outcome, error)
+            raise
+        finally:
+            engine._reducer.reset()
+        self.state = engine.next_state(state, result, lr_t, outcome["scaler"])
         return result
 
     def discard_forward(self) -> None:
@@ -186,38 +193,6 @@ class MicroSteps:
         if self._zero3 is not None:
             self._zero3.close()
             self._zero3 = None
-
-
-def finish_step(engine: Any, state: TrainState, result: UpdateResult, lr: torch.Tensor) -> TrainState:
-    """After ``sharded_update``: loss-scale update, metrics, counters; consumes ``state``.
-
-    Raises ``LossScaleError`` (leaving ``state`` valid: nothing was written) when fp16 overflowed with
-    the scale already at its minimum."""
-    applied, loss, grad_norm, gathers = result
-    engine.comm.record(engine._comm_applied if applied else engine._comm_skipped)
-    scaler = loss_scale_update(state.scaler, not applied, engine.config.fp16)
-    if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
-        raise LossScaleError(
-            f"step {int(state.step)}: fp16 gradients overflowed with the loss scale already at "
-            f"min_loss_scale={engine.config.fp16.min_loss_scale}; the state passed in is unchanged and "
-            "still valid (lower the learning rate, raise min_loss_scale's headroom, or use bf16)"
-        )
-    mark_consumed(state)
-    metrics = Metrics(
-        loss=loss.detach().float().cpu(),
-        grad_norm=grad_norm.detach().float().cpu(),
-        lr=lr.detach().float().cpu(),
-        loss_scale=state.scaler.scale.clone(),
-        skipped=torch.tensor(0 if applied else 1, dtype=torch.int64),
-    )
-    if gathers is not None:
-        state.params.set_in_flight(gathers)  # the returned state shares this FlatParams
-    return state.replace(
-        step=state.step + 1,
-        skipped_steps=state.skipped_steps + (0 if applied else 1),
-        scaler=scaler,
-        metrics=metrics,
-    )
 
 
 def _views(layouts: dict, leaves: dict[str, Any]) -> dict[str, torch.Tensor]:

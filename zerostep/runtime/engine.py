@@ -20,7 +20,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from zerostep.core.batching import to_device
@@ -32,9 +31,6 @@ from zerostep.core.monitoring.timed_reducer import TimedReducer
 from zerostep.core.monitoring.timers import format_timers
 from zerostep.core.param_groups import ParamGroup
 from zerostep.core.state import TrainState
-
-ENGINE_STATE_KEY = "deepspeed_engine"  # the facade's counters inside a checkpoint's client_state
-CLIENT_STATE_KEY = "deepspeed_client_state"
 
 
 class DeepSpeedEngine(nn.Module):
@@ -443,10 +439,6 @@ class DeepSpeedEngine(nn.Module):
 def _betas(group: dict[str, Any]) -> tuple[float, float] | None:
     betas = group.get("betas")
     return None if betas is None else (float(betas[0]), float(betas[1]))
-
-
-def is_rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def frozen_group_spec(names: list[str]) -> ParamGroup:

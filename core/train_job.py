@@ -113,6 +113,7 @@ def train(
     per_rank = config.train_micro_batch_size_per_gpu * config.gradient_accumulation_steps
     out_dir = Path(out)
     watch = TrainMonitoring(config, rank, device, out_dir / "tensorboard")  # config's monitors, timers
+    watch.watch_model(model)  # the config's flops_profiler, if on
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         log = (out_dir / "metrics.jsonl").open("w")
@@ -131,7 +132,7 @@ def train(
         batch = window_batch(train_data, config.train_batch_size, model_cfg.block_size, seed, i)
         batch = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
         t0 = time.perf_counter()
-        with watch.timing():
+        with watch.timing(i):
             state = engine.step(state, batch)
         m = state.metrics
         record = {

@@ -486,14 +486,12 @@ def test_not_a_dict():
         ("elasticity", {"enabled": True, "max_train_batch_size": 2000}),
         ("activation_checkpointing", {"partition_activations": True}),
         ("activation_checkpointing", {"cpu_checkpointing": True}),
-        ("flops_profiler", {"enabled": True}),
         ("curriculum_learning", {"enabled": True, "curriculum_type": "seqlen"}),
         ("data_efficiency", {"enabled": True, "data_sampling": {"enabled": True}}),
         ("moe", {"num_experts": 8}),
         ("amp", {"enabled": True, "opt_level": "O1"}),
         ("aio", {"block_size": 1048576}),
         ("autotuning", {"enabled": True}),
-        ("comms_logger", {"enabled": True}),
         ("torch_autocast", {"enabled": True}),
         ("compile", {"deepcompile": True}),
     ],
@@ -507,13 +505,11 @@ def test_unsupported_feature_enabled_is_an_error(key, block):
     "key, block",
     [
         ("elasticity", {"enabled": False}),
-        ("flops_profiler", {"enabled": False, "profile_step": 1}),
         ("activation_checkpointing", {"partition_activations": False, "number_checkpoints": 4}),
         ("pipeline", {}),
         ("curriculum_learning", {"enabled": False}),
         ("compression_training", {"weight_quantization": {"shared_parameters": {"enabled": False}}}),
         ("amp", {"enabled": False}),
-        ("comms_logger", {"enabled": False}),
     ],
 )
 def test_unsupported_feature_disabled_is_a_warning(key, block):

@@ -35,6 +35,14 @@ from zerostep.core.config.blocks import (
 )
 from zerostep.core.config.features import check_other_keys
 from zerostep.core.config.load import merge_sources, origin_lookup, read_config_file
+from zerostep.core.config.observe import (
+    CometConfig,
+    CommsLoggerConfig,
+    FlopsProfilerConfig,
+    parse_comet,
+    parse_comms_logger,
+    parse_flops_profiler,
+)
 from zerostep.core.config.precision import (
     BF16Config,
     DataTypesConfig,
@@ -71,11 +79,14 @@ __all__ = [
     "BF16Config",
     "CSVMonitorConfig",
     "CheckpointConfig",
+    "CometConfig",
+    "CommsLoggerConfig",
     "Config",
     "ConfigError",
     "ConfigWarning",
     "DataTypesConfig",
     "FP16Config",
+    "FlopsProfilerConfig",
     "OffloadOptimizerConfig",
     "OffloadParamConfig",
     "OptimizerConfig",
@@ -112,6 +123,9 @@ class Config:
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     csv_monitor: CSVMonitorConfig = field(default_factory=CSVMonitorConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    comet: CometConfig = field(default_factory=CometConfig)
+    flops_profiler: FlopsProfilerConfig = field(default_factory=FlopsProfilerConfig)
+    comms_logger: CommsLoggerConfig = field(default_factory=CommsLoggerConfig)
     # Dotted key path -> where its value came from ("file", "user", "override", "default", "derived",
     # "auto"); for `zerostep config check`. Not part of equality: a round trip through to_dict()
     # makes every value explicit.
@@ -240,6 +254,9 @@ def _parse(
         tensorboard=parse_file_monitor(top.child("tensorboard"), TensorBoardConfig),
         csv_monitor=parse_file_monitor(top.child("csv_monitor"), CSVMonitorConfig),
         wandb=parse_wandb(top.child("wandb")),
+        comet=parse_comet(top.child("comet")),
+        flops_profiler=parse_flops_profiler(top.child("flops_profiler")),
+        comms_logger=parse_comms_logger(top.child("comms_logger")),
     )
     top.allow(*BATCH_KEYS)
     check_other_keys(merged, top.known)

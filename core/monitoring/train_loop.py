@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from zerostep.core.monitoring.events import step_events
 from zerostep.core.monitoring.memory import memory_line
 from zerostep.core.monitoring.monitors import MonitorMaster, TensorBoardMonitor
+from zerostep.core.monitoring.profile_step import StepProfile
 from zerostep.core.monitoring.timers import TRAIN_BATCH_TIMER, StepTimers
 
 
@@ -43,9 +44,22 @@ class TrainMonitoring:
             self.monitor.enabled = True
             self.tensorboard_dir = default_tensorboard_dir
 
-    def timing(self):
-        """Context around ``engine.step``: times it as ``train_batch`` when the timers are on."""
-        return nullcontext() if self.timers is None else self.timers.timing(TRAIN_BATCH_TIMER)
+        self.profile: StepProfile | None = None
+
+    def watch_model(self, model: torch.nn.Module) -> None:
+        """The config's ``flops_profiler`` over ``model``: the ``engine.step`` of global step
+        ``profile_step`` (steps done before it) runs profiled; each forward of the model counts as
+        forward, the rest of the step (backward, reduction, update) as the step."""
+        if self.config.flops_profiler.enabled:
+            self.profile = StepProfile(self.config.flops_profiler, model, None, self.rank)
+
+    def timing(self, step: int = -1):
+        """Context around ``engine.step`` (``step``: the steps done before it): times it as
+        ``train_batch`` when the timers are on; profiles it at the flops profiler's ``profile_step``."""
+        timed = nullcontext() if self.timers is None else self.timers.timing(TRAIN_BATCH_TIMER)
+        if self.profile is None or step != self.config.flops_profiler.profile_step:
+            return timed
+        return _both(timed, self.profile.phase("step", step), self.profile)
 
     def after_step(self, state: Any, samples: int) -> None:
         """After an ``engine.step`` that returned ``state`` (``samples`` seen so far): events to the
@@ -67,3 +81,10 @@ class TrainMonitoring:
 
     def close(self) -> None:
         self.monitor.close()
+
+
+@contextmanager
+def _both(timed: Any, profiled: Any, profile: StepProfile):
+    with timed, profiled:
+        yield
+    profile.finish()

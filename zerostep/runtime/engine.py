@@ -27,6 +27,7 @@ from zerostep.core.micro_steps import MicroSteps
 from zerostep.core.monitoring import EngineTimers, MonitorMaster, ThroughputTimer, log_rank0, progress_line
 from zerostep.core.monitoring.events import step_events, timer_events
 from zerostep.core.monitoring.memory import memory_line
+from zerostep.core.monitoring.profile_step import StepProfile
 from zerostep.core.monitoring.timed_reducer import TimedReducer
 from zerostep.core.monitoring.timers import format_timers
 from zerostep.core.param_groups import ParamGroup
@@ -77,6 +78,9 @@ class DeepSpeedEngine(nn.Module):
         if self.timers is not None:
             core._reducer = TimedReducer(core._reducer, self.timers)
         self.monitor = MonitorMaster(core.config, core.rank)
+        flops = core.config.flops_profiler  # DeepSpeed's engine.flops_profiler; None when off
+        self._profile = StepProfile(flops, self.module, self, core.rank) if flops.enabled else None
+        self.flops_profiler = None if self._profile is None else self._profile.profiler
 
     def get_wall_clock_timers(self) -> dict[str, float]:
         """The last micro-step's and accumulation window's timers, ms by DeepSpeed's names ({} when
@@ -194,6 +198,12 @@ class DeepSpeedEngine(nn.Module):
     # ------------------------------------------------------------------ the loop
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        if self._profile is None:
+            return self._forward(inputs, kwargs)
+        with self._profile.phase("forward", self.global_steps):
+            return self._forward(inputs, kwargs)
+
+    def _forward(self, inputs: tuple, kwargs: dict) -> Any:
         core = self._core
         inputs = to_device(inputs, core.device, core.compute_dtype)
         kwargs = to_device(kwargs, core.device, core.compute_dtype)
@@ -225,13 +235,15 @@ class DeepSpeedEngine(nn.Module):
         if timers is not None:
             timers.start(timers.BACKWARD)
             timers.start(timers.BACKWARD_INNER)
+        boundary = self.is_gradient_accumulation_boundary()
         try:
-            self._stepper.backward(
-                loss,
-                self.is_gradient_accumulation_boundary(),
-                scale_wrt_gas=scale_wrt_gas,
-                retain_graph=retain_graph,
-            )
+            if self._profile is None:
+                self._stepper.backward(loss, boundary, scale_wrt_gas=scale_wrt_gas, retain_graph=retain_graph)
+            else:
+                with self._profile.phase("backward", self.global_steps):
+                    self._stepper.backward(
+                        loss, boundary, scale_wrt_gas=scale_wrt_gas, retain_graph=retain_graph
+                    )
         finally:
             if timers is not None:
                 timers.stop_if_running(timers.BACKWARD_INNER)
@@ -245,10 +257,11 @@ class DeepSpeedEngine(nn.Module):
         if timers is not None:
             timers.start(timers.STEP)
         try:
-            if boundary:
-                self._take_model_step(lr_kwargs)
-            elif not self._stepper.pending_backwards:
-                raise RuntimeError("engine.step() without engine.backward(loss) since the last step()")
+            if self._profile is None:
+                self._step(boundary, lr_kwargs)
+            else:
+                with self._profile.phase("step", self.global_steps):
+                    self._step(boundary, lr_kwargs)
         finally:
             if timers is not None:
                 timers.stop(timers.STEP)
@@ -257,7 +270,15 @@ class DeepSpeedEngine(nn.Module):
             self._write_step_events()
         if timers is not None:
             self._report_timers(boundary)
+        if boundary and self._profile is not None:
+            self._profile.finish()  # at the profiled step's boundary: print and end the profile
         self.micro_steps += 1
+
+    def _step(self, boundary: bool, lr_kwargs: dict | None) -> None:
+        if boundary:
+            self._take_model_step(lr_kwargs)
+        elif not self._stepper.pending_backwards:
+            raise RuntimeError("engine.step() without engine.backward(loss) since the last step()")
 
     def _write_step_events(self) -> None:
         """DeepSpeed's Train/Samples/{train_loss, lr, loss_scale} at ``global_samples``."""

@@ -1,0 +1,1 @@
+"""DeepSpeed's ``deepspeed.profiling``: the FLOPs profiler (``zerostep.profiling.flops_profiler``)."""

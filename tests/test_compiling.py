@@ -41,7 +41,7 @@ def one_engine(i: int) -> weakref.ref:
     return weakref.ref(engine)
 
 
-def test_fifty_compiled_engines_in_one_process_without_failure_or_growth():
+def test_many_compiled_engines_in_one_process_without_failure_or_growth():
     # pytest keeps every log record of a test for its report, and hands its capture handler to torch's
     # structured trace logger, which logs each compilation's graphs (~1 MiB per engine): growth of the
     # test's own, not the engines'
@@ -61,13 +61,15 @@ def many_engines() -> None:
         one_engine(i)
     gc.collect()
     guards, resident = live("CheckFunctionManager"), resident_mib()
-    engines = [one_engine(i) for i in range(5, 50)]
+    # 25 engines in all, three times dynamo's limit of 8 graphs per code object that engine 9 hit; 50
+    # (the issue's count) passed too, at 1.2 s an engine on 2 cores
+    engines = [one_engine(i) for i in range(5, 25)]
     gc.collect()
     assert all(ref() is None for ref in engines)
     # every dead engine's guards (which hold its graphs) are gone; before, 3 more per engine
     assert live("CheckFunctionManager") <= guards
-    # measured here: ~0.1 MiB per engine (inductor keeps each loaded kernel module); 2.4 MiB before
-    assert resident_mib() - resident < 20, f"{resident_mib() - resident:.1f} MiB over 45 engines"
+    # measured here: 0.1-0.5 MiB per engine (inductor keeps each loaded kernel module); 2.4 MiB before
+    assert resident_mib() - resident < 20, f"{resident_mib() - resident:.1f} MiB over 20 engines"
 
 
 def test_private_copies_do_not_share_code_and_keep_behaviour():

@@ -441,6 +441,7 @@ def _load_into(
         if opened:
             opened[0].close()
         raise
+    loaded = False
     try:
         with opened[0] as ckpt:
             _fill_in_place(engine, ckpt, fills)
@@ -453,8 +454,17 @@ def _load_into(
             opt_state = _restored_opt_state(into.opt_state, small["opt_state"], master, None, where, filled)
             state = _assemble(engine, meta, small, master, params, opt_state)
             client = small.get("client_state") or {}
+        loaded = True
     finally:
-        mark_consumed(into)  # loaded or half-loaded: either way, not to be used again
+        # loaded or half-loaded: either way, not to be used again
+        mark_consumed(
+            into,
+            f"this TrainState was loaded into from {where}, and its buffers now belong to the state that "
+            "load returned; use that one"
+            if loaded
+            else f"a load from {where} into this TrainState failed after it began overwriting its buffers, "
+            "so they may hold parts of both: load again into a fresh engine.init() state",
+        )
     return state, client
 
 

@@ -113,7 +113,7 @@ def train(
     per_rank = config.train_micro_batch_size_per_gpu * config.gradient_accumulation_steps
     out_dir = Path(out)
     watch = TrainMonitoring(config, rank, device, out_dir / "tensorboard")  # config's monitors, timers
-    watch.watch_model(model)  # the config's flops_profiler, if on
+    watch.watch_model(model, compiled=compile)  # the config's flops_profiler and comms_logger
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         log = (out_dir / "metrics.jsonl").open("w")

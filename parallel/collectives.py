@@ -194,6 +194,11 @@ def shared_memory_channel(group: Group = None) -> SharedMemoryChannel | None:
 
 _DONE = Pending([])
 
+# The comms logger (core/monitoring/comms_logger.py) while it records, else None: the eager primitives
+# below check it once per call, so a run without the logger pays nothing else (it is set by
+# ``zerostep.comm.configure`` / the config's ``comms_logger`` block).
+comms_log = None  # a CommsLogger while it records
+
 
 def _hand_over(pending: Pending, async_op: bool) -> Pending | None:
     """The handle for an async call; otherwise wait here and return None (c10d's convention)."""
@@ -203,17 +208,31 @@ def _hand_over(pending: Pending, async_op: bool) -> Pending | None:
     return None
 
 
+def _logged(
+    kind: str, tensor: torch.Tensor, group: Group, issue: Callable[[], Pending], async_op: bool
+) -> Pending | None:
+    """Issue a collective under the comms logger: timed to completion, ``tensor``'s bytes recorded."""
+    pending = comms_log.time(kind, tensor.numel() * tensor.element_size(), group, issue, tensor.device)
+    return _hand_over(pending, async_op)
+
+
 def reduce_scatter_into(
     out: torch.Tensor, flat: torch.Tensor, group: Group = None, async_op: bool = False
 ) -> Pending | None:
     """``out`` [S] = this rank's shard of the sum over ranks of ``flat`` [N * S] (contiguous)."""
     group = resolve_group(group)
+    if comms_log is not None:  # message: this rank's shard, as DeepSpeed counts reduce_scatter
+        return _logged("reduce_scatter", out, group, lambda: _reduce_scatter_into(out, flat, group), async_op)
+    return _hand_over(_reduce_scatter_into(out, flat, group), async_op)
+
+
+def _reduce_scatter_into(out: torch.Tensor, flat: torch.Tensor, group: Group) -> Pending:
     channel = shared_memory_channel(group)
     if channel is not None:
         channel.reduce_scatter_into(out, flat)
-        return _hand_over(_DONE, async_op)
+        return _DONE
     if not uses_exchange_algorithms(group):
-        return _hand_over(Pending([c10d_reduce_scatter(out, flat, group=group, async_op=True)]), async_op)
+        return Pending([c10d_reduce_scatter(out, flat, group=group, async_op=True)])
     world_size = dist.get_world_size(group)
     received = torch.empty_like(flat)  # [N * S]: row r is rank r's copy of this rank's shard
     work = dist.all_to_all_single(received, flat, group=group, async_op=True)
@@ -221,7 +240,7 @@ def reduce_scatter_into(
     def finish() -> None:
         torch.sum(received.view(world_size, -1), dim=0, out=out)
 
-    return _hand_over(Pending([work], finish), async_op)
+    return Pending([work], finish)
 
 
 def all_gather_into(
@@ -247,10 +266,18 @@ def all_gather_rows(
     shard (the optimizer wrote it there), so nothing is copied in or out. Buckets cut every row's
     columns alike, as in ``all_gather_flat``."""
     group = resolve_group(group)
+    if comms_log is not None:  # message: this rank's row, as DeepSpeed counts all_gather
+        row = full.view(dist.get_world_size(group), -1)[0]
+        issue = lambda: _all_gather_rows(full, group, bucket_numel)  # noqa: E731
+        return _logged("all_gather", row, group, issue, async_op)
+    return _hand_over(_all_gather_rows(full, group, bucket_numel), async_op)
+
+
+def _all_gather_rows(full: torch.Tensor, group: Group, bucket_numel: int | None) -> Pending:
     channel = shared_memory_channel(group)
     if channel is not None:
         channel.all_gather_rows(full)
-        return _hand_over(_DONE, async_op)
+        return _DONE
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     rows = full.view(world_size, -1)  # [N, S]
     columns = shard_bucket_columns(rows.shape[1], world_size, bucket_numel)
@@ -273,17 +300,23 @@ def all_gather_rows(
             # ``.data``: this copy may run inside the next forward (a deferred wait), where bumping the
             # version counter of a buffer that autograd has views of would fail the backward
             finish.append(lambda c0=c0, c1=c1, gathered=gathered: rows.data[:, c0:c1].copy_(gathered))
-    return _hand_over(Pending(works, (lambda: [f() for f in finish]) if finish else None), async_op)
+    return Pending(works, (lambda: [f() for f in finish]) if finish else None)
 
 
 def all_reduce_into(flat: torch.Tensor, group: Group = None, async_op: bool = False) -> Pending | None:
     """``flat`` [P] (contiguous) = its sum over the group's ranks, in place."""
     group = resolve_group(group)
+    if comms_log is not None:
+        return _logged("all_reduce", flat, group, lambda: _all_reduce_into(flat, group), async_op)
+    return _hand_over(_all_reduce_into(flat, group), async_op)
+
+
+def _all_reduce_into(flat: torch.Tensor, group: Group) -> Pending:
     channel = shared_memory_channel(group)
     if channel is not None:
         channel.all_reduce_(flat)
-        return _hand_over(_DONE, async_op)
-    return _hand_over(Pending([dist.all_reduce(flat, group=group, async_op=True)]), async_op)
+        return _DONE
+    return Pending([dist.all_reduce(flat, group=group, async_op=True)])
 
 
 def _traced_reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -8,14 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import zerostep.comm as comm
-from zerostep.comm import comms_logging
 from zerostep.comm.init import _as_timedelta
 from zerostep.comm.launcher_env import MPI_FLAVOURS, SINGLE, TORCHRUN, LaunchEnv, discover
 from zerostep.comm.reduce_op import torch_reduce_op
@@ -143,19 +141,18 @@ def test_timeouts(clean_env):
         comm.default_pg_timeout()
 
 
-def test_comms_logging_switches_warn_once_and_record_nothing(monkeypatch):
-    monkeypatch.setattr(comms_logging, "_warned", set())
-    with pytest.warns(UserWarning, match="comms_logger.enabled.*no effect"):
-        comm.configure(deepspeed_config={"comms_logger": {"enabled": True}})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        comm.configure(deepspeed_config={"comms_logger": {"enabled": True}})  # once only
+def test_comms_logging_switches_follow_the_config():
+    from zerostep.parallel import collectives
+
+    try:
+        comm.configure(deepspeed_config={"comms_logger": {"enabled": True, "prof_all": False}})
+        assert collectives.comms_log is not None and not collectives.comms_log.prof_all
         comm.configure(deepspeed_config={"comms_logger": {"enabled": False}})
-        comm.configure()
-    with pytest.warns(UserWarning, match="log_summary"):
-        assert comm.log_summary(return_dict=True) == {}
-    assert comm.log_summary() is None
-    assert not comm.has_comm_data() and comm.get_comm_operation_count() == 0
+        assert collectives.comms_log is None
+        assert comm.log_summary(return_dict=True)["summary"] == {}
+        assert not comm.has_comm_data() and comm.get_comm_operation_count() == 0
+    finally:
+        comm.configure(enabled=False, prof_all=True)
 
 
 # -- init_distributed in fresh processes: no launcher, and an MPI launch without mpi4py ---------------

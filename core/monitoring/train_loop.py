@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from zerostep.core.monitoring.comms_logger import COMMS_LOGGER, note_comms_logger
 from zerostep.core.monitoring.events import step_events
 from zerostep.core.monitoring.memory import memory_line
 from zerostep.core.monitoring.monitors import MonitorMaster, TensorBoardMonitor
@@ -45,11 +46,15 @@ class TrainMonitoring:
             self.tensorboard_dir = default_tensorboard_dir
 
         self.profile: StepProfile | None = None
+        if config.comms_logger.enabled:
+            note_comms_logger(config, compiled=False)  # watch_model(compiled=...) notes a compiled step
 
-    def watch_model(self, model: torch.nn.Module) -> None:
+    def watch_model(self, model: torch.nn.Module, compiled: bool = False) -> None:
         """The config's ``flops_profiler`` over ``model``: the ``engine.step`` of global step
         ``profile_step`` (steps done before it) runs profiled; each forward of the model counts as
         forward, the rest of the step (backward, reduction, update) as the step."""
+        if compiled and self.config.comms_logger.enabled:
+            COMMS_LOGGER.compiled_engines += 1  # the summary notes the collectives it could not see
         if self.config.flops_profiler.enabled:
             self.profile = StepProfile(self.config.flops_profiler, model, None, self.rank)
 
@@ -80,7 +85,10 @@ class TrainMonitoring:
             print(memory_line(self.rank, step, self.device), flush=True)
 
     def close(self) -> None:
+        """Close the monitors; with the config's ``comms_logger`` on, print its summary (rank 0)."""
         self.monitor.close()
+        if self.config.comms_logger.enabled and self.rank == 0:
+            print(COMMS_LOGGER.summary_text(), flush=True)
 
 
 @contextmanager

@@ -8,8 +8,8 @@
 - ``comm``: the collectives, point-to-point calls and group queries, thin wrappers over torch's.
 - ``reduce_op``: DeepSpeed's ``ReduceOp`` enum (torch's ops are accepted too).
 - ``launcher_env``: ranks from the launcher's variables (``get_local_rank_from_launcher``, ...).
-- ``comms_logging``: DeepSpeed's comms-logger switches (``configure``, ``log_summary``), which warn that
-  communication logging lives with zerostep's monitors.
+- ``comms_logging``: DeepSpeed's comms logger (``configure``, ``log_summary``): count, message sizes,
+  latency and bandwidths of the collectives this process issues (``core/monitoring/comms_logger.py``).
 """
 
 from zerostep.comm.comm import (

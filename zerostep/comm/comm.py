@@ -30,8 +30,6 @@ Group = Any  # a torch.distributed.ProcessGroup, or None for the default group
 
 
 def _ready(what: str, prof: bool = False) -> None:
-    if prof:
-        comms_logging.warn_once(f"{what}(prof=True)")
     if not dist.is_initialized():
         raise RuntimeError(
             f"zerostep.comm.{what}: torch.distributed is not initialized; call zerostep.init_distributed() "
@@ -103,6 +101,7 @@ def destroy_process_group(group: Group = None) -> None:
 # -- collectives --------------------------------------------------------------------------------------
 
 
+@comms_logging.logged("tensor")
 def all_reduce(
     tensor: torch.Tensor,
     op: Any = ReduceOp.SUM,
@@ -116,6 +115,7 @@ def all_reduce(
     return dist.all_reduce(tensor, op=torch_reduce_op(op), group=group, async_op=async_op)
 
 
+@comms_logging.logged("tensor")
 def inference_all_reduce(
     tensor: torch.Tensor,
     op: Any = ReduceOp.SUM,
@@ -161,6 +161,7 @@ def all_reduce_coalesced(
     return _ThenWork([work], unpack)
 
 
+@comms_logging.logged("tensor")
 def reduce(
     tensor: torch.Tensor,
     dst: int,
@@ -175,6 +176,7 @@ def reduce(
     return dist.reduce(tensor, dst, op=torch_reduce_op(op), group=group, async_op=async_op)
 
 
+@comms_logging.logged("tensor")
 def broadcast(
     tensor: torch.Tensor,
     src: int,
@@ -193,6 +195,7 @@ def broadcast_object_list(object_list: list[Any], src: int, group: Group = None,
     dist.broadcast_object_list(object_list, src, group=group, device=device)
 
 
+@comms_logging.logged("tensor")
 def all_gather(
     tensor_list: list[torch.Tensor],
     tensor: torch.Tensor,
@@ -218,6 +221,7 @@ def all_gather_object(
     dist.all_gather_object(object_list, obj, group=group)
 
 
+@comms_logging.logged("tensor")
 def all_gather_into_tensor(
     output_tensor: torch.Tensor,
     tensor: torch.Tensor,
@@ -265,6 +269,7 @@ def all_gather_coalesced(
     return None
 
 
+@comms_logging.logged("output_tensor")
 def reduce_scatter_tensor(
     output_tensor: torch.Tensor,
     tensor: torch.Tensor,
@@ -292,6 +297,7 @@ def reduce_scatter_fn(
     return reduce_scatter_tensor(output_tensor, tensor, op=op, group=group, async_op=async_op, prof=prof)
 
 
+@comms_logging.logged("output")
 def reduce_scatter(
     output: torch.Tensor,
     input_list: list[torch.Tensor],
@@ -306,6 +312,7 @@ def reduce_scatter(
     return dist.reduce_scatter(output, input_list, op=torch_reduce_op(op), group=group, async_op=async_op)
 
 
+@comms_logging.logged("tensor")
 def all_to_all_single(
     output: torch.Tensor,
     tensor: torch.Tensor,
@@ -328,6 +335,7 @@ def all_to_all_single(
     )
 
 
+@comms_logging.logged("input_tensor_list")
 def all_to_all(
     output_tensor_list: list[torch.Tensor],
     input_tensor_list: list[torch.Tensor],
@@ -338,6 +346,7 @@ def all_to_all(
     return dist.all_to_all(output_tensor_list, input_tensor_list, group=group, async_op=async_op)
 
 
+@comms_logging.logged("tensor")
 def gather(
     tensor: torch.Tensor,
     gather_list: list[torch.Tensor] | None = None,
@@ -352,6 +361,7 @@ def gather(
     return dist.gather(tensor, gather_list=gather_list, dst=dst, group=group, async_op=async_op)
 
 
+@comms_logging.logged("tensor")
 def scatter(
     tensor: torch.Tensor,
     scatter_list: list[torch.Tensor] | None = None,
@@ -366,6 +376,7 @@ def scatter(
     return dist.scatter(tensor, scatter_list=scatter_list, src=src, group=group, async_op=async_op)
 
 
+@comms_logging.logged("tensor")
 def send(
     tensor: torch.Tensor,
     dst: int,
@@ -379,6 +390,7 @@ def send(
     dist.send(tensor, dst, group=group, tag=tag)
 
 
+@comms_logging.logged("tensor")
 def recv(
     tensor: torch.Tensor,
     src: int | None = None,
@@ -393,6 +405,7 @@ def recv(
     return dist.recv(tensor, src=src, group=group, tag=tag)
 
 
+@comms_logging.logged("tensor")
 def isend(
     tensor: torch.Tensor,
     dst: int,
@@ -406,6 +419,7 @@ def isend(
     return dist.isend(tensor, dst, group=group, tag=tag)
 
 
+@comms_logging.logged("tensor")
 def irecv(
     tensor: torch.Tensor,
     src: int | None = None,
@@ -419,6 +433,7 @@ def irecv(
     return dist.irecv(tensor, src=src, group=group, tag=tag)
 
 
+@comms_logging.logged(None)
 def barrier(
     group: Group = None,
     async_op: bool = False,

@@ -25,6 +25,7 @@ from torch import nn
 from zerostep.core.batching import to_device
 from zerostep.core.micro_steps import MicroSteps
 from zerostep.core.monitoring import EngineTimers, MonitorMaster, ThroughputTimer, log_rank0, progress_line
+from zerostep.core.monitoring.comms_logger import note_comms_logger
 from zerostep.core.monitoring.events import step_events, timer_events
 from zerostep.core.monitoring.memory import memory_line
 from zerostep.core.monitoring.profile_step import StepProfile
@@ -81,6 +82,8 @@ class DeepSpeedEngine(nn.Module):
         flops = core.config.flops_profiler  # DeepSpeed's engine.flops_profiler; None when off
         self._profile = StepProfile(flops, self.module, self, core.rank) if flops.enabled else None
         self.flops_profiler = None if self._profile is None else self._profile.profiler
+        if core.config.comms_logger.enabled:  # DeepSpeed's engine configures deepspeed.comm so
+            note_comms_logger(core.config, bool(core.compile))
 
     def get_wall_clock_timers(self) -> dict[str, float]:
         """The last micro-step's and accumulation window's timers, ms by DeepSpeed's names ({} when

@@ -328,3 +328,49 @@ def test_rank_zero_writes_and_every_rank_times(tmp_path):
     assert [int(r[0]) for r in rows[1:]] == [8, 16]  # train_batch_size = 2 x 2 x 2 ranks
     assert float(rows[-1][1]) == loss0  # the loss over both ranks' micro-batches, as the engine holds it
     assert timers0["bwd_allreduce"] > 0 and timers1["bwd_allreduce"] > 0
+
+
+class _FakeExperiment:
+    def __init__(self, **kwargs):
+        self.kwargs, self.logged, self.name, self.ended = kwargs, [], None, False
+
+    def set_name(self, name):
+        self.name = name
+
+    def log_metric(self, name, value, step):
+        self.logged.append((name, value, step))
+
+    def end(self):
+        self.ended = True
+
+
+def test_comet_monitor_through_a_stand_in_comet_ml(monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    cfg = zerostep.core.Config.from_dict(config(comet={"enabled": True, "samples_log_interval": 8}))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "comet_ml" else True)
+    with pytest.raises(ConfigError, match=r"comet.enabled.*zerostep\[monitor\]"):
+        MonitorMaster(cfg, rank=0)
+    monkeypatch.undo()
+    fake = types.ModuleType("comet_ml")
+    fake.__spec__ = importlib.machinery.ModuleSpec("comet_ml", None)
+    fake.start = lambda **kwargs: _FakeExperiment(**kwargs)
+    monkeypatch.setitem(sys.modules, "comet_ml", fake)
+    cfg = zerostep.core.Config.from_dict(
+        config(comet={"enabled": True, "samples_log_interval": 8, "project": "p", "experiment_name": "run"})
+    )
+    master = MonitorMaster(cfg, rank=0)
+    experiment = master.comet_monitor.experiment
+    assert experiment.kwargs["project"] == "p" and experiment.name == "run"
+    master.write_events([("Train/Samples/train_loss", 1.0, 4), ("Train/Samples/train_loss", 0.9, 8)])
+    master.write_events([("Train/Samples/train_loss", 0.8, 12), ("Train/Samples/lr", 0.1, 12)])
+    # a tag's first event, then one at least samples_log_interval samples later (DeepSpeed's schedule)
+    assert experiment.logged == [
+        ("Train/Samples/train_loss", 1.0, 4),
+        ("Train/Samples/train_loss", 0.8, 12),
+        ("Train/Samples/lr", 0.1, 12),
+    ]
+    master.close()
+    assert experiment.ended and MonitorMaster(cfg, rank=1).monitors() == []

@@ -6,7 +6,8 @@ events; ``MonitorMaster`` holds those the config enables and writes on rank 0 on
 - ``csv_monitor``: one ``output_path/job_name/<tag with / as _>.csv`` per tag, header ``step,<last part
   of the tag>``, then ``step,value`` rows (DeepSpeed's layout);
 - ``wandb``: ``wandb.init(project, group, entity=team)`` then ``wandb.log({tag: value}, step=step)``
-  (``WANDB_MODE=offline`` works as wandb documents).
+  (``WANDB_MODE=offline`` works as wandb documents);
+- ``comet``: a ``comet_ml`` experiment (``CometMonitor``), events thinned to ``samples_log_interval``.
 
 A monitor whose library is missing raises ``ConfigError`` naming the key and what to install
 (``pip install 'zerostep[monitor]'`` for TensorBoard, ``pip install wandb``).
@@ -102,15 +103,54 @@ class WandbMonitor(Monitor):
         self.run.finish()
 
 
+class CometMonitor(Monitor):
+    """``comet_ml.start(api_key, project, workspace, experiment_key, mode, online)``, the experiment named
+    ``experiment_name``; each tag is logged at most once per ``samples_log_interval`` samples (DeepSpeed's
+    schedule: a tag's first event, then one whenever ``step`` is that far past the last logged one)."""
+
+    def __init__(self, config: Any) -> None:
+        _require("comet_ml", "comet", "pip install 'zerostep[monitor]' (or pip install comet_ml)")
+        import comet_ml
+
+        self.interval = config.samples_log_interval
+        self._last: dict[str, int] = {}  # tag -> step of its last logged event
+        self.experiment = comet_ml.start(
+            api_key=config.api_key,
+            project=config.project,
+            workspace=config.workspace,
+            experiment_key=config.experiment_key,
+            mode=config.mode,
+            online=config.online,
+        )
+        if config.experiment_name is not None:
+            self.experiment.set_name(config.experiment_name)
+
+    def write_events(self, events: Iterable[Event]) -> None:
+        for tag, value, step in events:
+            last = self._last.get(tag)
+            if last is not None and step - last < self.interval:
+                continue
+            self._last[tag] = step
+            self.experiment.log_metric(tag, value, step=step)
+
+    def close(self) -> None:
+        self.experiment.end()
+
+
 class MonitorMaster(Monitor):
     """DeepSpeed's ``engine.monitor``: the monitors ``config`` enables, on rank 0; ``enabled`` is true
     when any is enabled in the config (on every rank, so the engine gathers events everywhere alike)."""
 
     def __init__(self, config: Any, rank: int = 0) -> None:
-        self.enabled = bool(config.tensorboard.enabled or config.csv_monitor.enabled or config.wandb.enabled)
+        comet = getattr(config, "comet", None)
+        comet_on = comet is not None and comet.enabled
+        self.enabled = bool(
+            config.tensorboard.enabled or config.csv_monitor.enabled or config.wandb.enabled or comet_on
+        )
         self.tb_monitor: TensorBoardMonitor | None = None
         self.csv_monitor: CSVMonitor | None = None
         self.wandb_monitor: WandbMonitor | None = None
+        self.comet_monitor: CometMonitor | None = None
         if rank != 0:
             return
         if config.tensorboard.enabled:
@@ -119,9 +159,12 @@ class MonitorMaster(Monitor):
             self.csv_monitor = CSVMonitor(config.csv_monitor)
         if config.wandb.enabled:
             self.wandb_monitor = WandbMonitor(config.wandb)
+        if comet_on:
+            self.comet_monitor = CometMonitor(comet)
 
     def monitors(self) -> list[Monitor]:
-        return [m for m in (self.tb_monitor, self.csv_monitor, self.wandb_monitor) if m is not None]
+        found = (self.tb_monitor, self.csv_monitor, self.wandb_monitor, self.comet_monitor)
+        return [m for m in found if m is not None]
 
     def write_events(self, events: Iterable[Event]) -> None:
         events = [(str(tag), float(value), int(step)) for tag, value, step in events]

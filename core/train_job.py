@@ -23,6 +23,7 @@ from zerostep.core.config import Config
 from zerostep.core.corpus import split_corpus, stdlib_corpus, window_batch
 from zerostep.core.engine import initialize
 from zerostep.core.gpt import GPT, GPTConfig
+from zerostep.core.monitoring.comms_logger import eager_for_comms_logger
 from zerostep.core.monitoring.train_loop import TrainMonitoring
 
 DEFAULT_STEPS = 300
@@ -107,6 +108,7 @@ def train(
 
     device = local_rank_device() if torch.cuda.is_available() else torch.device("cpu")
     model = GPT(model_cfg).to(device)
+    compile = eager_for_comms_logger(config, compile)  # the comms logger measures eager collectives only
     engine = initialize(model, config, compile=compile)
     state = engine.init(seed=seed)
     train_data, val_data = split_corpus(stdlib_corpus())

@@ -97,3 +97,46 @@ def test_summary_on_one_process(capsys):
         from zerostep.core.config import Config
 
         Config.from_dict(zerostep_config)
+
+
+def _engine_steps(rank, world, stage):
+    import warnings
+
+    import torch.nn.functional as F
+    from models import Net
+
+    import zerostep
+
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+        "zero_optimization": {"stage": stage},
+        "comms_logger": {"enabled": True},
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, _, _, _ = zerostep.initialize(model=Net(), config=cfg, compile=True)
+    forced_eager = any("runs eagerly" in str(w.message) for w in caught) and not engine._core.compile
+    comm.reset_log()
+    engine._core.comm.reset()
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2 * 2):
+        x, y = torch.randn(2, 5, generator=g), torch.randn(2, 1, generator=g)
+        engine.backward(F.mse_loss(engine(x), y))
+        engine.step()
+    measured = {name: COMMS_LOGGER.total_bytes(name) for name in comm.get_logged_comm_ops()}
+    planned = dict(engine._core.comm.bytes_by_kind)
+    comm.configure(enabled=False)
+    return forced_eager, measured, planned
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_engine_steps_measured_against_the_plan(stage):
+    for forced_eager, measured, planned in spawn_ranks(_engine_steps, 2, stage, timeout=180):
+        assert forced_eager
+        # what was sent equals the plan: the plan counts an all-reduce as 2x its buffer and a
+        # reduce-scatter / all-gather as the full buffer, the logger the message (the buffer; one of the
+        # 2 ranks' shards)
+        assert set(measured) == set(planned) and all(v > 0 for v in measured.values())
+        assert {kind: 2 * n for kind, n in measured.items()} == planned

@@ -12,8 +12,10 @@ Recording points (each a single ``is None`` check when the logger is off, no syn
 While the logger records, each collective is waited for where it is issued, so its latency is its own
 (an ``async_op`` caller gets a completed handle; overlap with compute is lost while logging). Collectives
 inside a ``torch.compile`` graph (a compiled engine step's functional collectives) cannot be timed from the
-host without graph breaks: they are not recorded here, and the summary says so when a compiled engine ran
-with the logger on (its planned bytes are in ``engine.comm``).
+host without graph breaks, so an engine built with the config's ``comms_logger`` on runs eagerly
+(``eager_for_comms_logger``: ``zerostep.initialize`` and ``zerostep train``) and every row is measured.
+A compiled engine's graphs (the logger switched on by ``zerostep.comm.configure`` after it was built)
+stay unrecorded; the summary then says so (their planned bytes are in ``engine.comm``).
 
 Message size, as DeepSpeed counts it: the tensor given to the collective, i.e. for all_gather and
 reduce_scatter one rank's shard. Bandwidths (Gbps), n ranks in the group, size in bytes, t in seconds:
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,10 +228,26 @@ def active() -> CommsLogger | None:
 
 
 def note_comms_logger(config: Any, compiled: bool) -> None:
-    """An engine built with the config's ``comms_logger`` on: configure the process logger from the block
-    (``zerostep.comm.configure``) and remember a compiled engine, whose graphs' collectives go unrecorded."""
-    from zerostep.comm.comms_logging import configure
-
-    configure(deepspeed_config=config)
+    """An engine was built: with the config's ``comms_logger`` on, configure the process logger from the
+    block (``zerostep.comm.configure``); remember a compiled engine, whose graphs' collectives go
+    unrecorded (the summary says so)."""
     if compiled:
         COMMS_LOGGER.compiled_engines += 1
+    if config.comms_logger.enabled:
+        from zerostep.comm.comms_logging import configure
+
+        configure(deepspeed_config=config)
+
+
+def eager_for_comms_logger(config: Any, compile: bool) -> bool:
+    """The ``compile`` an engine should get: False while the config's comms logger is on, with a warning,
+    so that every collective of the step is issued eagerly and measured (inside a torch.compile graph
+    there is no host point to time one at without graph breaks)."""
+    if compile and config.comms_logger.enabled:
+        warnings.warn(
+            "comms_logger.enabled = true: the engine runs eagerly (compile=False) so that every collective "
+            "is measured; collectives inside torch.compile graphs cannot be timed",
+            stacklevel=3,
+        )
+        return False
+    return compile

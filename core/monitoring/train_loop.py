@@ -46,8 +46,7 @@ class TrainMonitoring:
             self.tensorboard_dir = default_tensorboard_dir
 
         self.profile: StepProfile | None = None
-        if config.comms_logger.enabled:
-            note_comms_logger(config, compiled=False)  # watch_model(compiled=...) notes a compiled step
+        note_comms_logger(config, compiled=False)  # the config's comms_logger; watch_model notes compile
 
     def watch_model(self, model: torch.nn.Module, compiled: bool = False) -> None:
         """The config's ``flops_profiler`` over ``model``: the ``engine.step`` of global step

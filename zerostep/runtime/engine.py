@@ -82,8 +82,7 @@ class DeepSpeedEngine(nn.Module):
         flops = core.config.flops_profiler  # DeepSpeed's engine.flops_profiler; None when off
         self._profile = StepProfile(flops, self.module, self, core.rank) if flops.enabled else None
         self.flops_profiler = None if self._profile is None else self._profile.profiler
-        if core.config.comms_logger.enabled:  # DeepSpeed's engine configures deepspeed.comm so
-            note_comms_logger(core.config, bool(core.compile))
+        note_comms_logger(core.config, bool(core.compile))  # DeepSpeed's engine configures deepspeed.comm
 
     def get_wall_clock_timers(self) -> dict[str, float]:
         """The last micro-step's and accumulation window's timers, ms by DeepSpeed's names ({} when

@@ -27,6 +27,7 @@ from torch import nn
 from zerostep import optim
 from zerostep.core.config import Config
 from zerostep.core.engine import Engine
+from zerostep.core.monitoring.comms_logger import eager_for_comms_logger
 from zerostep.core.param_groups import ParamGroup
 from zerostep.runtime.client_optimizer import optimizer_block, param_groups_of
 from zerostep.runtime.engine import DeepSpeedEngine, frozen_group_spec
@@ -91,6 +92,7 @@ def build(
         frozen_index = len(groups)
         groups = [*groups, frozen_group_spec(unnamed)]
     needs_groups = len(groups) > 1
+    compile = eager_for_comms_logger(cfg, compile)  # the comms logger measures eager collectives only
     core = Engine(model, cfg, compile=compile, param_groups=groups if needs_groups else None)
     state = core.init(seed=int(cfg.seed or 0))
     wrapper = ZeroOptimizer(None, group_dicts if basic is None else [], basic)

@@ -73,6 +73,7 @@ def save(
     keep_last: int | None = None,
     async_save: bool = False,
     fsync: bool = True,
+    update_latest: bool = True,
 ) -> SaveHandle:
     plan = engine.plan
     step = int(state.step)
@@ -127,6 +128,7 @@ def save(
         keep_last=keep_last,
         fsync=fsync,
         async_save=async_save,
+        update_latest=update_latest,
     )
 
 

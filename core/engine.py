@@ -424,15 +424,25 @@ class Engine:
         keep_last: int | None = None,
         async_save: bool = False,
         fsync: bool = True,
+        update_latest: bool = True,
     ):
         """Write ``<save_dir>/<tag>/`` (default tag ``global_step{N}``), one shard file per rank plus a
-        manifest, atomically; ``latest`` is updated last. Every rank calls it. With ``async_save`` the
-        tensors are snapshotted now and written by a thread: the returned handle's ``wait()`` joins it."""
+        manifest, atomically; ``latest`` is updated last (``update_latest=False``: left as it is). Every
+        rank calls it. With ``async_save`` the tensors are snapshotted now and written by a thread: the
+        returned handle's ``wait()`` joins it."""
         from zerostep.core import checkpointing
 
         check_not_consumed(state, "engine.save")
         return checkpointing.save(
-            self, state, save_dir, tag, client_state, keep_last=keep_last, async_save=async_save, fsync=fsync
+            self,
+            state,
+            save_dir,
+            tag,
+            client_state,
+            keep_last=keep_last,
+            async_save=async_save,
+            fsync=fsync,
+            update_latest=update_latest,
         )
 
     def load(

@@ -245,6 +245,7 @@ def save_checkpoint(
     fsync: bool = True,
     async_save: bool = False,
     timeout: float | None = None,
+    update_latest: bool = True,
 ) -> SaveHandle:
     """Save this rank's ``tree`` as part of checkpoint ``<save_dir>/<tag>``; every rank calls it.
 
@@ -254,6 +255,8 @@ def save_checkpoint(
     then time), never the one just written. With ``async_save`` tensors are copied to host memory now and
     written by a thread; the returned handle's ``wait()`` joins it, and the next save or load waits too,
     as does the interpreter's exit (a failure nobody waited for is printed and the exit status is 1).
+    ``update_latest=False`` commits the checkpoint without pointing ``latest`` at it (DeepSpeed's
+    ``save_latest=False``): it loads by its tag.
     Raises ``CheckpointError`` on every rank if any rank's write fails. The ranks coordinate with the
     default process group's timeout (``timeout`` seconds if given); a rank that dies or stops answering
     makes the others raise ``LostContact`` (a ``CheckpointError``) saying what became of the save.
@@ -270,7 +273,20 @@ def save_checkpoint(
     new_id = leftovers.new_save_id() if rank == 0 else None
     ckpt_id = coord.broadcast(new_id, "save failed before anything was written, agreeing on its id")
     handle = SaveHandle(os.path.join(save_dir, tag))
-    args = (save_dir, tag, ckpt_id, own, table, meta or {}, rank, world_size, keep_last, fsync, coord)
+    args = (
+        save_dir,
+        tag,
+        ckpt_id,
+        own,
+        table,
+        meta or {},
+        rank,
+        world_size,
+        keep_last,
+        fsync,
+        coord,
+        update_latest,
+    )
     if not async_save:
         _write_and_commit(*args)
         handle._done.set()
@@ -284,7 +300,9 @@ def save_checkpoint(
     return handle
 
 
-def _write_and_commit(save_dir, tag, ckpt_id, own, table, meta, rank, world_size, keep_last, fsync, coord):
+def _write_and_commit(
+    save_dir, tag, ckpt_id, own, table, meta, rank, world_size, keep_last, fsync, coord, update_latest
+):
     tmp = os.path.join(save_dir, f".tmp-{tag}-{ckpt_id}")
     try:
         os.makedirs(tmp, exist_ok=True)
@@ -321,7 +339,19 @@ def _write_and_commit(save_dir, tag, ckpt_id, own, table, meta, rank, world_size
             # every rank is done writing: what dead writers left can go (a live writer's is kept)
             leftovers.remove_stale(save_dir, mf.MANIFEST, mf.LATEST, current=ckpt_id)
             try:
-                _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync)
+                _commit(
+                    save_dir,
+                    tag,
+                    tmp,
+                    ckpt_id,
+                    reports,
+                    table,
+                    meta,
+                    world_size,
+                    keep_last,
+                    fsync,
+                    update_latest,
+                )
             except _CommitFailed as e:
                 outcome = str(e)
     if rank == 0:
@@ -406,8 +436,11 @@ class _Swap:
         return self.new if self.exchanged else self.old if self.moved_aside else None
 
 
-def _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync) -> None:
-    """Make the written folder ``tmp`` checkpoint ``tag`` and point ``latest`` at it. Raises
+def _commit(
+    save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_last, fsync, update_latest=True
+) -> None:
+    """Make the written folder ``tmp`` checkpoint ``tag`` and point ``latest`` at it (unless not
+    ``update_latest``). Raises
     ``_CommitFailed`` saying truthfully what the save folder holds: until ``latest`` is replaced every
     failure is undone (an overwritten tag gets its previous content back)."""
     files = [dict(r, name=mf.rank_file(i), rank=i) for i, r in enumerate(reports)]
@@ -431,9 +464,11 @@ def _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_
         write_pytree(os.path.join(tmp, mf.MANIFEST), manifest, fsync=fsync)
         if fsync:
             _fsync_dir(tmp)
-        _write_small(latest_tmp, tag, fsync)
+        if update_latest:
+            _write_small(latest_tmp, tag, fsync)
         swap.do()
-        os.replace(latest_tmp, latest)
+        if update_latest:
+            os.replace(latest_tmp, latest)
     except BaseException as e:
         reason = _reason(e)
         try:
@@ -445,7 +480,8 @@ def _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_
         if not isinstance(e, Exception):
             raise
         raise _CommitFailed(UNTOUCHED + reason) from e
-    # committed: 'latest' names the new checkpoint
+    # committed: 'latest' names the new checkpoint (if it was to)
+    named = "committed and named by 'latest'" if update_latest else "committed ('latest' not updated)"
     problems = []
     if fsync:
         try:
@@ -463,7 +499,7 @@ def _commit(save_dir, tag, tmp, ckpt_id, reports, table, meta, world_size, keep_
                 f"{save_dir}: checkpoint {tag!r} saved, deleting older ones failed: {e}", stacklevel=1
             )
     if problems:
-        raise _CommitFailed(f"checkpoint {tag!r} committed and named by 'latest', but " + "; ".join(problems))
+        raise _CommitFailed(f"checkpoint {tag!r} {named}, but " + "; ".join(problems))
 
 
 def _half_committed(

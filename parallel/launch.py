@@ -124,11 +124,18 @@ def spawn_ranks(
     finally:
         for p in procs:
             p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
-        for p in procs:
+        killed = set()
+        for r, p in enumerate(procs):
             if p.is_alive():
+                killed.add(r)
                 p.kill()
                 p.join(timeout=5)
         results.close()
+    for r, p in enumerate(procs):
+        # a rank that reported and then died on the way out (e.g. "terminate called ..." aborting at
+        # interpreter exit) fails the run too: scripts see its exit code
+        if r not in killed and outcomes.get(r, (False,))[0] and p.exitcode not in (0, None):
+            outcomes[r] = (False, f"rank {r} returned its result, then exited with code {p.exitcode}")
     failures = {r: out for r, (ok, out) in outcomes.items() if not ok}
     missing = [r for r in range(world_size) if r not in outcomes]
     if failures or missing:

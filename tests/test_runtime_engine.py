@@ -10,6 +10,7 @@ from models import Net
 
 import zerostep
 import zerostep.core as zs
+from zerostep.io import CheckpointError
 from zerostep.parallel.launch import spawn_ranks
 from zerostep.zero import GatheredParameters
 
@@ -333,3 +334,38 @@ def test_load_checkpoint_migrates_a_deepspeed_run():
         engine.backward(F.mse_loss(engine(x), y))
         engine.step()
     assert engine.global_steps == 3
+
+
+def frozen_first_layer() -> torch.nn.Module:
+    model = Net()
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_frozen_parameters_are_checkpointed_and_save_latest_false_leaves_latest(tmp_path, stage):
+    engine, *_ = zerostep.initialize(model=frozen_first_layer(), config=config(stage, gas=1), compile=False)
+    name, frozen = next(engine.module.named_parameters())
+    assert not frozen.requires_grad
+    x, y = data(1, 2)[0]
+    engine.backward(F.mse_loss(engine(x), y))
+    engine.step()
+    engine.save_checkpoint(tmp_path, tag="first")
+    engine.save_checkpoint(tmp_path, tag="second", save_latest=False)
+    assert (tmp_path / "latest").read_text().strip() == "first"  # "second" is committed, not named
+    engine.save_checkpoint(tmp_path, tag="bare", exclude_frozen_parameters=True, save_latest=False)
+
+    resumed, *_ = zerostep.initialize(model=frozen_first_layer(), config=config(stage, gas=1), compile=False)
+    resumed_frozen = dict(resumed.module.named_parameters())[name]
+    with torch.no_grad():
+        resumed_frozen.zero_()
+    resumed.load_checkpoint(tmp_path, tag="bare")  # no frozen parameters written: left as they are
+    assert not resumed_frozen.any()
+    path, _ = resumed.load_checkpoint(tmp_path, tag="second")
+    assert path == str(tmp_path / "second") and torch.equal(resumed_frozen, frozen)
+
+    other = Net()  # the same name trainable here: refused, naming the parameter
+    other_engine, *_ = zerostep.initialize(model=other, config=config(stage, gas=1), compile=False)
+    with pytest.raises(CheckpointError, match="inp.weight"):
+        other_engine.load_checkpoint(tmp_path, tag="second")

@@ -6,12 +6,15 @@ hyperparameters, the LR scheduler's ``state_dict``) and the script's ``client_st
 the checkpoint's client state. ``load_checkpoint`` returns ``(path, client_state)``, or ``(None, None)``
 when ``load_dir`` holds no ``latest`` and no tag was given, as DeepSpeed does.
 
-Differences from DeepSpeed, each warned about when it matters: frozen parameters are never written
-(they are the model's own tensors, which the script rebuilds), so ``exclude_frozen_parameters=False``
-says so once; ``load_module_strict=False`` cannot load a checkpoint of another model (the
-parameter layouts must match; zerostep refuses with the differences listed); ``load_module_only`` (and
-``load_optimizer_states=False``) load the weights and start the optimizer and the step counters afresh,
-DeepSpeed's warm start.
+Frozen parameters (``requires_grad=False``: outside the engine's state, the model's own tensors) are
+written beside the client state unless ``exclude_frozen_parameters``, and copied back into the model at
+load, as DeepSpeed keeps them in its module state dict. ``save_latest=False`` commits the checkpoint
+without pointing ``latest`` at it.
+
+Differences from DeepSpeed, each warned about when it matters: ``load_module_strict=False`` cannot
+load a checkpoint of another model (the parameter layouts must match; zerostep refuses with the
+differences listed); ``load_module_only`` (and ``load_optimizer_states=False``) load the weights and
+start the optimizer and the step counters afresh, DeepSpeed's warm start.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ import os
 import warnings
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from zerostep.core.deepspeed_checkpoint import load_deepspeed_checkpoint
+from zerostep.io import CheckpointError
 from zerostep.io.deepspeed_format import is_deepspeed_checkpoint, read_deepspeed_checkpoint
 
 ENGINE_STATE_KEY = "deepspeed_engine"
 CLIENT_STATE_KEY = "deepspeed_client_state"
+FROZEN_KEY = "deepspeed_frozen_parameters"
 
 
 def _agree_on_tag(engine: Any, tag: str) -> None:
@@ -55,23 +61,45 @@ def save_checkpoint(
         tag = f"global_step{engine.global_steps}"
     tag = str(tag)
     _agree_on_tag(engine, tag)
-    if not exclude_frozen_parameters and any(not p.requires_grad for p in engine.module.parameters()):
-        _warn_once(
-            engine,
-            "frozen",
-            "save_checkpoint: frozen parameters are not written (zerostep checkpoints hold the trained "
-            "state; the script's model provides its frozen parameters when it is rebuilt)",
-        )
-    if not save_latest:
-        _warn_once(engine, "latest", "save_checkpoint(save_latest=False): zerostep always updates 'latest'")
     if engine._stepper.pending_backwards:
         raise RuntimeError(
             "save_checkpoint inside a gradient accumulation window (backward ran since the last update); "
             "save after engine.step() at the boundary"
         )
     packed = {CLIENT_STATE_KEY: client_state, ENGINE_STATE_KEY: engine._counters()}
-    engine._core.save(engine._stepper.state, save_dir, tag, client_state=packed)
+    if not exclude_frozen_parameters:
+        frozen = _frozen_parameters(engine.module)
+        if frozen:
+            packed[FROZEN_KEY] = frozen  # replicated: rank 0's copy is written
+    engine._core.save(engine._stepper.state, save_dir, tag, client_state=packed, update_latest=save_latest)
     return True
+
+
+def _frozen_parameters(module: Any) -> dict[str, Any]:
+    """name -> a CPU copy of each frozen parameter (the model's own tensor, not in the engine's state)."""
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if not p.requires_grad}
+
+
+def _restore_frozen(engine: Any, saved: dict[str, Any], where: str) -> None:
+    """Copy the checkpoint's frozen parameters into the model's; one the model does not have frozen, or of
+    another shape, is a CheckpointError naming it (nothing is copied then)."""
+    here = {n: p for n, p in engine.module.named_parameters() if not p.requires_grad}
+    kept = " (the trained state was loaded, no frozen parameter was)"
+    for name, value in saved.items():
+        target = here.get(name)
+        if target is None:
+            raise CheckpointError(
+                where, f"frozen parameter {name!r} of the checkpoint is not frozen here{kept}"
+            )
+        if tuple(target.shape) != tuple(value.shape):
+            raise CheckpointError(
+                where,
+                f"frozen parameter {name!r} has shape {tuple(value.shape)} in the checkpoint, "
+                f"{tuple(target.shape)} in this model{kept}",
+            )
+    with torch.no_grad():
+        for name, value in saved.items():
+            here[name].copy_(value)
 
 
 def load_checkpoint(
@@ -114,6 +142,9 @@ def load_checkpoint(
     )
     stepper.replace_state(state)
     packed = packed or {}
+    resolved = tag if tag is not None else _read_latest(load_dir)
+    if packed.get(FROZEN_KEY):
+        _restore_frozen(engine, packed[FROZEN_KEY], os.path.join(os.fspath(load_dir), resolved))
     counters = packed.get(ENGINE_STATE_KEY) or {}
     if with_optimizer and counters:
         engine.global_samples = int(counters.get("global_samples", 0))
@@ -125,7 +156,6 @@ def load_checkpoint(
         saved = counters.get("lr_scheduler")
         if saved is not None:
             engine.lr_scheduler.load_state_dict(saved)
-    resolved = tag if tag is not None else _read_latest(load_dir)
     return os.path.join(os.fspath(load_dir), resolved), packed.get(CLIENT_STATE_KEY, {})
 
 

@@ -13,6 +13,11 @@ units of Ψ = parameter bytes in the compute dtype) and per-rank model-state mem
     python benchmarks/zero_step.py --overlap-param-gather   # stages 1-2 gather into the next forward
     python benchmarks/zero_step.py --transport gloo         # zerostep over gloo's TCP, not /dev/shm
     python benchmarks/zero_step.py --device cuda            # NCCL, one GPU per rank (default 1 rank)
+    python benchmarks/zero_step.py --facade --world-size 1  # + the DeepSpeed facade's loop per stage
+
+``--facade`` adds ``facade-<stage>`` rows: ``zerostep.initialize``'s engine driven as DeepSpeed scripts
+drive it (``loss = f(engine(x)); engine.backward(loss); engine.step()``), reported against the
+functional step of the same stage (the goal: within 5%).
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ def bench_rank(
     param_gather: bool,
     device: str,
     only: frozenset[str] | None = None,
+    facade: bool = False,
 ):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
@@ -137,6 +143,10 @@ def bench_rank(
         engine = initialize(factory(), cfg, loss_fn=loss_fn, compile=compile)
         engines[stage] = engine
         contenders[f"zerostep-{stage}"] = ZerostepContender(engine)
+        if facade:
+            from facade_step import Facade
+
+            contenders[f"facade-{stage}"] = Facade(factory(), loss_fn, d, compile)
     ddp = torch.nn.parallel.DistributedDataParallel(
         factory(), device_ids=[rank] if dev.type == "cuda" else None
     )
@@ -233,6 +243,8 @@ def report(name: str, out: dict, world: int, transport: str) -> None:
             ds = med.get(f"deepspeed-{stage}")
             if ds:
                 line += f"   {ds / v:4.2f}x faster than DeepSpeed"
+        elif k.startswith("facade-"):
+            line += f"   x functional {v / med[f'zerostep-{k[-1]}']:5.3f} (goal <= 1.05)"
         print(line)
     print(json.dumps({"model": name, **{k: round(v / base, 3) for k, v in med.items()}}))
 
@@ -256,6 +268,9 @@ def main() -> None:
         help="zerostep stages 1-2: overlap_comm and overlap_param_gather (gather into the next forward)",
     )
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--facade", action="store_true", help="add the DeepSpeed facade's loop per stage (facade-<stage>)"
+    )
     parser.add_argument(
         "--only",
         default=None,
@@ -295,6 +310,7 @@ def main() -> None:
             args.overlap_param_gather,
             args.device,
             None if args.only is None else frozenset(args.only.split(",")) | {"ddp"},
+            args.facade,
             timeout=1800,
             backend="nccl" if args.device == "cuda" else "gloo",
             env={"ZEROSTEP_SHM": "1" if args.transport == "shm" else "0"},

@@ -27,6 +27,7 @@ from zerostep.core.batching import BatchSpec, check_batch, micro_batches, to_dev
 from zerostep.core.compiling import compile_private
 from zerostep.core.config import Config
 from zerostep.core.module_binding import bind_module, current_values
+from zerostep.core.monitoring.timers import WallClockTimers
 from zerostep.core.param_groups import GroupOptions, ParamGroup, check_groups
 from zerostep.core.precision import (
     LossScaleError,
@@ -135,6 +136,8 @@ class Engine:
             raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
         backend = dist.get_backend(self.group) if dist.is_initialized() else None
         self.device = dist_groups.check_model_devices({n: p.device for n, p in trainable.items()}, backend)
+        # per-phase timers of engine.step (wall_clock_breakdown), read by wall_clock_timers()
+        self.timers = WallClockTimers(self.device) if config.wall_clock_breakdown else None
         self.compute_dtype = compute_dtype_of(config)
         zero = config.zero_optimization
         if zero.offload_optimizer is not None or zero.offload_param is not None:
@@ -526,6 +529,7 @@ class Engine:
                         scale,
                         vote=vote,
                         failure=failure,
+                        timers=self.timers,
                         master=state.master,
                         opt_state=state.opt_state,
                         params=flats,
@@ -664,6 +668,13 @@ class Engine:
             dist.all_reduce(loss, group=self.group)
             loss /= self.world_size
         return loss.detach()
+
+    def wall_clock_timers(self, reset: bool = True) -> dict[str, float]:
+        """Milliseconds per phase of the steps since the last read (``wall_clock_breakdown``; ``{}`` when
+        off): ``fwd_bwd``, ``bwd_allreduce``, ``step`` (core/monitoring/timers.py)."""
+        if self.timers is None:
+            return {}
+        return self.timers.elapsed(list(self.timers.timers), reset)
 
     def memory_report(self, state: TrainState) -> dict[str, int]:
         """Per-rank bytes of parameters, master, optimizer state and gradient buffer (see accounting.py)."""

@@ -32,6 +32,7 @@ graph holding both failed in AOTAutograd (DESIGN.md); they live in their own com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -41,6 +42,12 @@ import torch
 from torch import nn
 
 from zerostep.core.compiling import compile_private
+from zerostep.core.monitoring.timers import (
+    BACKWARD_REDUCE_GLOBAL_TIMER,
+    FORWARD_BACKWARD_TIMER,
+    STEP_GLOBAL_TIMER,
+    WallClockTimers,
+)
 from zerostep.core.reducers import Reducer
 from zerostep.core.step_failure import (
     RanksOutOfStepError,
@@ -54,6 +61,7 @@ from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.grad_sharding import ShardedBackward
 
 Flats = dict[str, torch.Tensor]  # group name -> 1-D buffer
+_UNTIMED = contextlib.nullcontext()
 # A group's gradient: its flat buffer, or (one process, stages 0-2) the list of its parameters'
 # gradients in layout order, which saves the concatenation that a flat gradient costs in backward.
 Grads = dict[str, "torch.Tensor | list[torch.Tensor]"]
@@ -157,8 +165,12 @@ def compose(
         scale: torch.Tensor,
         vote: StepVote | None = None,
         failure: BaseException | None = None,
+        timers: WallClockTimers | None = None,
         **update_args: Any,
     ) -> Any:
+        def phase(name: str) -> Any:  # wall_clock_breakdown: each phase timed; off, nothing at all
+            return _UNTIMED if timers is None else timers.timing(name)
+
         reduce_scatter.reset()  # a step that raised midway must not leak its partial sums into this one
         losses = []
         for i, micro_batch in enumerate(micro_batches):
@@ -169,7 +181,8 @@ def compose(
             if failure is None:
                 cast = vote.votes if vote is not None else 0
                 try:
-                    loss, grads = scaled_backward(forward, flats, micro_batch, scale, hooks, sink, votes)
+                    with phase(FORWARD_BACKWARD_TIMER):
+                        loss, grads = scaled_backward(forward, flats, micro_batch, scale, hooks, sink, votes)
                 except RemoteStepError:
                     raise
                 except Exception as error:
@@ -185,13 +198,17 @@ def compose(
                 # the collectives this micro-batch's gradients would have gone through, with zeros
                 grads = {g: torch.zeros_like(f) for g, f in flats.items()}
                 loss = torch.zeros((), dtype=torch.float32, device=next(iter(flats.values())).device)
-            reduce_scatter.add(grads, last)
+            with phase(BACKWARD_REDUCE_GLOBAL_TIMER):
+                reduce_scatter.add(grads, last)
             losses.append(loss)
         if vote is not None:
             update_args["failed"] = failure is not None
         loss_sum = torch.stack(losses).sum()
         try:
-            return sharded_update(reduce_scatter.result(), loss_sum, scale=scale, **update_args)
+            with phase(BACKWARD_REDUCE_GLOBAL_TIMER):
+                reduced = reduce_scatter.result()
+            with phase(STEP_GLOBAL_TIMER):
+                return sharded_update(reduced, loss_sum, scale=scale, **update_args)
         except RemoteStepError:
             if failure is not None:
                 raise failure from None

@@ -116,6 +116,7 @@ def train(
     out_dir = Path(out)
     watch = TrainMonitoring(config, rank, device, out_dir / "tensorboard")  # config's monitors, timers
     watch.watch_model(model, compiled=compile)  # the config's flops_profiler and comms_logger
+    watch.watch_engine(engine)  # the step's phase timers beside train_batch
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         log = (out_dir / "metrics.jsonl").open("w")

@@ -168,6 +168,38 @@ def test_step_timers_around_the_functional_step():
     assert format_timers({"fwd": 1.0, "bwd": 2.5}) == "time (ms) | fwd: 1.00 | bwd: 2.50"
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_functional_step_times_its_phases_within_its_own_wall_time(stage):
+    import zerostep.core as zs
+
+    cfg = config(wall_clock_breakdown=True, zero_optimization={"stage": stage})
+    engine = zs.initialize(Net(), cfg, loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]), compile=False)
+    state = engine.init()
+    batch = (torch.randn(4, 5), torch.randn(4, 1))
+    timers = StepTimers("cpu", every=1)
+    timers.share(engine.timers)
+    for step in (1, 2):
+        t0 = time.perf_counter()
+        with timers.timing("train_batch"):
+            state = engine.step(state, batch)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        line = timers.end_step(step)
+        phases = timers.as_dict()
+        assert list(phases) == ["train_batch", "fwd_bwd", "bwd_allreduce", "step"], phases
+        assert all(ms > 0 for ms in phases.values()) and line.startswith("time (ms) | train_batch: ")
+        inner = phases["fwd_bwd"] + phases["bwd_allreduce"] + phases["step"]
+        assert inner <= phases["train_batch"] <= wall_ms
+    assert engine.wall_clock_timers() == {
+        "train_batch": 0.0,
+        "fwd_bwd": 0.0,
+        "bwd_allreduce": 0.0,
+        "step": 0.0,
+    }
+    quiet = zs.initialize(Net(), config(), loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]), compile=False)
+    quiet.step(quiet.init(), batch)
+    assert quiet.timers is None and quiet.wall_clock_timers() == {}
+
+
 def test_tensorboard_events_read_back(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

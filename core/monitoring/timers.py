@@ -7,8 +7,12 @@ for it once per phase.
 
 DeepSpeed's names: ``fwd_microstep`` ... ``step_microstep`` time one micro-step (reset every micro-step),
 ``fwd`` ... ``step`` accumulate over one accumulation window (reset at every boundary). The functional
-engine's single ``engine.step`` is timed from outside as ``train_batch`` (DeepSpeed's pipeline-engine
-name for a whole batch) by ``StepTimers``.
+engine's ``engine.step`` is timed from outside as ``train_batch`` (DeepSpeed's pipeline-engine name for
+a whole batch) by ``StepTimers``, and inside by the engine's own ``WallClockTimers`` (``Engine.timers``)
+per phase: ``fwd_bwd`` (forward and backward of every micro-batch: one compiled graph, so forward is not
+split from backward), ``bwd_allreduce`` (the reducer's collectives and accumulation; on CPU the host
+time to issue them where they run asynchronously) and ``step`` (graph A, the host's skip decision,
+graph B and the stage 1-2 all-gather).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ BACKWARD_REDUCE_GLOBAL_TIMER = "bwd_allreduce"
 STEP_MICRO_TIMER = "step_microstep"
 STEP_GLOBAL_TIMER = "step"
 TRAIN_BATCH_TIMER = "train_batch"
+FORWARD_BACKWARD_TIMER = "fwd_bwd"  # the functional step's forward + backward (one graph when compiled)
 
 MICRO_TIMERS = (
     FORWARD_MICRO_TIMER,
@@ -179,12 +184,18 @@ class EngineTimers:
 class StepTimers:
     """Timers around the functional engine from the training loop: ``with timers.timing("train_batch"):
     state = engine.step(state, batch)``; ``report(step)`` returns DeepSpeed's line every ``every`` steps
-    (None otherwise) and resets. The phases inside one (possibly compiled) ``engine.step`` are not split."""
+    (None otherwise) and resets. ``share(engine.timers)`` adds the engine's phase timers to the line."""
 
     def __init__(self, device: torch.device | str, every: int) -> None:
         self.timers = WallClockTimers(device)
         self.every = max(1, int(every))
         self.last: dict[str, float] = {}
+
+    def share(self, timers: WallClockTimers | None) -> None:
+        """Read ``timers`` (an engine's phase timers) with ``train_batch``, as one set."""
+        if timers is not None:
+            timers.timers.update(self.timers.timers)
+            self.timers = timers
 
     def timing(self, *names: str):
         return self.timers.timing(*names)

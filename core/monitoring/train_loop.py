@@ -48,6 +48,12 @@ class TrainMonitoring:
         self.profile: StepProfile | None = None
         note_comms_logger(config, compiled=False)  # the config's comms_logger; watch_model notes compile
 
+    def watch_engine(self, engine: Any) -> None:
+        """Print and log ``engine``'s phase timers (``fwd_bwd``, ``bwd_allreduce``, ``step``) with
+        ``train_batch``."""
+        if self.timers is not None:
+            self.timers.share(engine.timers)
+
     def watch_model(self, model: torch.nn.Module, compiled: bool = False) -> None:
         """The config's ``flops_profiler`` over ``model``: the ``engine.step`` of global step
         ``profile_step`` (steps done before it) runs profiled; each forward of the model counts as

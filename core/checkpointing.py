@@ -37,9 +37,10 @@ from zerostep.parallel.collectives import all_gather_flat
 FORMAT = "zerostep-train-state/1"
 
 
-def _layouts_meta(layouts) -> dict:
+def _layouts_meta(layouts, master_dtype: torch.dtype = torch.float32) -> dict:
+    dtype = str(master_dtype).removeprefix("torch.")  # the master's: a checkpoint loads into any
     return {
-        g: {"dtype": "float32", "entries": [[e.name, list(e.shape), e.offset] for e in lay.entries]}
+        g: {"dtype": dtype, "entries": [[e.name, list(e.shape), e.offset] for e in lay.entries]}
         for g, lay in layouts.items()
     }
 
@@ -115,7 +116,7 @@ def save(
         "optimizer": engine.optimizer.name,
         "optimizer_hyperparams": _plain_values(engine.optimizer.hyperparams),
         "config": engine.config.to_dict(),
-        "layouts": _layouts_meta(plan.layouts),
+        "layouts": _layouts_meta(plan.layouts, plan.master_dtype),
     }
     return save_checkpoint(
         save_dir,
@@ -267,9 +268,9 @@ def _check_into(engine: Any, into: TrainState) -> None:
         for g, lay in plan.layouts.items():
             m, p = into.master[g], flats[g]
             length = _master_numel(plan, g)
-            if tuple(m.shape) != (length,) or m.dtype != torch.float32 or m.device.type != device:
+            if tuple(m.shape) != (length,) or m.dtype != plan.master_dtype or m.device.type != device:
                 have = f"{m.dtype} {list(m.shape)} on {m.device}"
-                problems.append(f"master {g!r} is {have}, want float32 [{length}] on {device}")
+                problems.append(f"master {g!r} is {have}, want {plan.master_dtype} [{length}] on {device}")
             plen = length if plan.params_match_master else lay.padded_numel
             alias_ok = (p is m) == plan.params_alias_master
             if not alias_ok or tuple(p.shape) != (plen,) or p.dtype != plan.compute_dtype:
@@ -278,7 +279,7 @@ def _check_into(engine: Any, into: TrainState) -> None:
                 problems.append(f"parameters {g!r} are {have}, want {want}")
     if not problems:
         meta = {g: torch.empty_like(m, device="meta") for g, m in into.master.items()}
-        want = engine.optimizer.init(meta)
+        want = engine.init_optimizer_state(meta)
         if optree.tree_structure(want) != optree.tree_structure(into.opt_state):
             problems.append(f"optimizer state is not {engine.optimizer.name}'s")
         else:
@@ -392,11 +393,11 @@ def load(
             t = torch.cat([t, t.new_zeros(length - t.numel())])
         return t.to(engine.device).contiguous()
 
-    master = {g: place(g, tree["master"][g]) for g in plan.layouts}
+    master = {g: place(g, tree["master"][g]).to(plan.master_dtype) for g in plan.layouts}
     params = _params_from(engine, master, None)
     if not load_optimizer_states:
         return engine.state_from(master, params), {}
-    template = engine.optimizer.init(master)
+    template = engine.init_optimizer_state(master)  # this engine's dtypes, whatever was saved
     opt_state = _restored_opt_state(template, tree["opt_state"], master, place, where, {})
     return _assemble(engine, meta, tree, master, params, opt_state), tree.get("client_state") or {}
 

@@ -51,7 +51,7 @@ def load_deepspeed_checkpoint(
         _check_optimizer(engine, checkpoint)
     frozen = _frozen_updates(engine, checkpoint)
     master, flats = engine.buffers_from(checkpoint.params)
-    opt_state = engine.optimizer.init(master)
+    opt_state = engine.init_optimizer_state(master)
     if load_optimizer_states:
         opt_state = _fill_adam(engine, checkpoint, opt_state)
     state = engine.state_from(master, flats, opt_state, seed=seed)

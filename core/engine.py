@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import optree
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,6 +36,8 @@ from zerostep.core.precision import (
     compute_dtype_of,
     loss_scale_init,
     loss_scale_update,
+    master_dtype_of,
+    optimizer_state_dtype_of,
 )
 from zerostep.core.reducers import grad_accum_dtype_of, make_reduce_scatter
 from zerostep.core.state import (
@@ -172,7 +175,9 @@ class Engine:
             overlap_comm=False,  # decided in _build_phases, once the shared-memory channel is known
             overlap_param_gather=bool(zero.overlap_param_gather),
             grad_accum_dtype=grad_accum_dtype_of(config.data_types.grad_accum_dtype, self.compute_dtype),
+            master_dtype=master_dtype_of(config),
         )
+        self.optimizer_state_dtype = optimizer_state_dtype_of(config)
         if config.optimizer is None:
             raise ValueError(
                 "config has no 'optimizer' block; add one, e.g. "
@@ -353,12 +358,13 @@ class Engine:
     def buffers_from(
         self, values: Mapping[str, torch.Tensor], broadcast: bool = False
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(fp32 master, compute-dtype params) for this rank, from full parameter values by name
-        (``broadcast``: rank 0's values on every rank, a collective)."""
+        """(master, compute-dtype params) for this rank, from full parameter values by name
+        (``broadcast``: rank 0's values on every rank, a collective). The master is fp32, or the
+        compute dtype with a low-precision master (``plan.master_dtype``)."""
         plan = self.plan
         master, flats = {}, {}
         for g, layout in plan.layouts.items():
-            full = layout.flatten({n: values[n].detach() for n in layout.names}, dtype=torch.float32)
+            full = layout.flatten({n: values[n].detach() for n in layout.names}, dtype=plan.master_dtype)
             full = full.to(self.device)  # [padded_numel]
             if broadcast:
                 dist.broadcast(full, src=0, group=self.group)
@@ -410,10 +416,25 @@ class Engine:
             seed=torch.tensor(int(seed), dtype=torch.int64),
             params=FlatParams(flats, dict(self.plan.layouts), sharded=self.plan.stage == 3),
             master=master,
-            opt_state=self.optimizer.init(master) if opt_state is None else opt_state,
+            opt_state=self.init_optimizer_state(master) if opt_state is None else opt_state,
             scaler=loss_scale_init(self.config.fp16),
             metrics=empty_metrics(),
         )
+
+    def init_optimizer_state(self, master: dict[str, torch.Tensor]) -> Any:
+        """``optimizer.init(master)``; with ``bf16_optimizer_states`` the moments (the floating leaves
+        shaped like a group's master) in bf16, step counters as they are."""
+        state = self.optimizer.init(master)
+        dtype = self.optimizer_state_dtype
+        if dtype is None:
+            return state
+        shapes = {tuple(m.shape) for m in master.values()}
+
+        def cast(t: Any) -> Any:
+            moment = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 1
+            return t.to(dtype) if moment and tuple(t.shape) in shapes else t
+
+        return optree.tree_map(cast, state)
 
     # ------------------------------------------------------------------ checkpoints
 

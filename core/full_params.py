@@ -27,6 +27,6 @@ def full_params(engine: Any, state: TrainState) -> dict[str, torch.Tensor]:
     by_name = {}
     for g, full in gathered_flats(engine, state).items():
         for name, view in engine.plan.layouts[g].unflatten(full).items():
-            by_name[name] = view.clone()
+            by_name[name] = view.to(torch.float32, copy=True)  # a low-precision master, widened
     order = [n for n, _ in engine.model.named_parameters() if n in by_name]
     return {n: by_name[n] for n in order}

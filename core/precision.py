@@ -93,6 +93,26 @@ def loss_scale_update(state: ScalerState, overflow: bool | torch.Tensor, fp16: A
     )
 
 
+def master_dtype_of(config: Any) -> torch.dtype:
+    """The master weights' dtype: fp32, or the compute dtype with ``fp16.fp16_master_weights_and_grads``
+    / ``bf16.bf16_master_weights_and_grads`` (DeepSpeed 0.19's low-precision master, ZeRO 1-3)."""
+    if _enabled(getattr(config, "fp16", None)) and config.fp16.fp16_master_weights_and_grads:
+        return torch.float16
+    bf16 = getattr(config, "bf16", None)
+    if getattr(bf16, "enabled", False) and getattr(bf16, "bf16_master_weights_and_grads", False):
+        return torch.bfloat16
+    return torch.float32
+
+
+def optimizer_state_dtype_of(config: Any) -> torch.dtype | None:
+    """bf16 with ``bf16.bf16_optimizer_states`` (the moments shaped like the master, in bf16); None:
+    each optimizer's own choice (fp32 moments)."""
+    bf16 = getattr(config, "bf16", None)
+    if getattr(bf16, "enabled", False) and getattr(bf16, "bf16_optimizer_states", False):
+        return torch.bfloat16
+    return None
+
+
 def compute_dtype_of(config: Any) -> torch.dtype:
     """fp16 > bf16 > fp32, from a Config's ``fp16.enabled`` and ``bf16.enabled``."""
     if _enabled(getattr(config, "fp16", None)):

@@ -85,6 +85,7 @@ class StepPlan:
     overlap_comm: bool = False  # stages 0-2: collectives start from gradient hooks during backward
     overlap_param_gather: bool = False  # zero_optimization.overlap_param_gather (see defer_param_gather)
     grad_accum_dtype: torch.dtype | None = None  # data_types.grad_accum_dtype; None: the compute dtype
+    master_dtype: torch.dtype = torch.float32  # *_master_weights_and_grads: the compute dtype
 
     @property
     def accumulation_dtype(self) -> torch.dtype:
@@ -111,8 +112,9 @@ class StepPlan:
 
     @property
     def params_alias_master(self) -> bool:
-        # fp32 parameters of the master's shape are the master itself: nothing to copy back.
-        return self.compute_dtype == torch.float32 and self.params_match_master
+        # parameters of the master's shape and dtype are the master itself: nothing to copy back
+        # (fp32 training, or a low-precision master at stage 3 or on one rank)
+        return self.compute_dtype == self.master_dtype and self.params_match_master
 
     @property
     def defer_param_gather(self) -> bool:

@@ -458,7 +458,7 @@ def test_deprecated_and_aliased_zero_keys():
             ["offload_param.device", "none, cpu, nvme"],
         ),
         ({"zero_optimization": {"zero_quantized_weights": True}}, ["ZeRO++", "not implemented"]),
-        ({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}, ["fp32 master weights"]),
+        ({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}, ["needs ZeRO stage 1, 2 or 3"]),
         ({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, ["bfloat16", "give only one"]),
         ({"gradient_allreduce_op": "sum"}, ["gradient_allreduce_op", "mean"]),
         ({"seed": -3}, ["seed = -3"]),
@@ -1155,7 +1155,7 @@ REAL_CONFIGS_OK = {
 }
 REAL_CONFIGS_ERROR = {
     "ds_tests_gpt2_bs8_zero2_gas3.json": ["activation_checkpointing", "not implemented"],
-    "dsex_bf16_master_weight_full_z3.json": ["bf16.bf16_master_weights_and_grads", "fp32 master weights"],
+    "dsex_bf16_master_weight_full_z3.json": ["torch_autocast", "not implemented"],  # its bf16 keys parse
     "dsex_bing_bert_lamb_bsz64k.json": ["sparse_attention", "not implemented"],
     "dsex_bing_bert_onebitadam_nccl.json": ["OneBitAdam", "not implemented", "adamw"],
     "hf_transformers_tests_zero2_auto.json": ["optimizer.params.lr", "--learning_rate", "overrides"],

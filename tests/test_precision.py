@@ -130,3 +130,169 @@ def test_min_scale_overflow_is_counted():
 def test_compute_dtype(fp16, bf16, dtype):
     cfg = SimpleNamespace(fp16=SimpleNamespace(enabled=fp16), bf16=SimpleNamespace(enabled=bf16))
     assert compute_dtype_of(cfg) == dtype
+
+
+# ---------------------------------------------------------------- low-precision master weights
+
+from torch import nn  # noqa: E402
+
+from zerostep.core import Config, ConfigError, initialize  # noqa: E402
+from zerostep.parallel.launch import spawn_ranks  # noqa: E402
+
+
+class Weights(nn.Module):
+    """w . x summed: the gradient of a row x is x exactly."""
+
+    def __init__(self, n: int = 4):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return (self.w * x).sum()
+
+
+def low_precision_config(stage=1, master=True, states=False, optimizer=None, **bf16):
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": stage},
+        "bf16": {
+            "enabled": True,
+            "bf16_master_weights_and_grads": master,
+            "bf16_optimizer_states": states,
+            **bf16,
+        },
+        "optimizer": optimizer or {"type": "SGD", "params": {"lr": 1.0}},
+    }
+
+
+@pytest.mark.parametrize(
+    "cfg, needle",
+    [
+        (low_precision_config(stage=0), "needs ZeRO stage 1, 2 or 3"),
+        (low_precision_config(master=False, states=True), "needs bf16.bf16_master_weights_and_grads"),
+        ({**low_precision_config(), "bf16": {"bf16_master_weights_and_grads": True}}, "needs bf16.enabled"),
+        (
+            {
+                "train_micro_batch_size_per_gpu": 1,
+                "fp16": {"enabled": True, "fp16_master_weights_and_grads": True},
+            },
+            "fp16.fp16_master_weights_and_grads",
+        ),
+    ],
+)
+def test_low_precision_master_follows_deepspeeds_rules(cfg, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Config.from_dict(cfg, world_size=1)
+
+
+def sgd_steps(cfg: dict, steps: int) -> tuple[torch.Tensor, object]:
+    engine = initialize(
+        Weights(), Config.from_dict(cfg, world_size=1), loss_fn=lambda m, b: m(b).float(), compile=False
+    )
+    state = engine.init()
+    x = torch.full((1, 4), 2.0**-10)
+    for _ in range(steps):
+        state = engine.step(state, x)
+    return engine.full_params(state)["w"], state
+
+
+def test_a_bf16_master_rounds_every_update_an_fp32_master_keeps_them():
+    # lr * g = 2**-10 per step; bf16 holds 1 - 2**-8 below 1, not 1 - 2**-10: a bf16 master rounds each
+    # update back to 1 (round to nearest, no stochastic rounding, as DeepSpeed), fp32 keeps the sum
+    low, state = sgd_steps(low_precision_config(), 4)
+    assert state.master["w" if "w" in state.master else next(iter(state.master))].dtype == torch.bfloat16
+    assert torch.equal(low, torch.ones(4))
+    fp32, state = sgd_steps(low_precision_config(master=False), 4)
+    assert next(iter(state.master.values())).dtype == torch.float32
+    assert torch.equal(fp32, torch.full((4,), 1 - 2.0**-8))
+
+
+@pytest.mark.parametrize("states", [False, True])
+def test_optimizer_states_are_bf16_only_when_asked_and_memory_report_counts_them(states):
+    adam = {"type": "AdamW", "params": {"lr": 1e-3}}
+    _, state = sgd_steps(low_precision_config(states=states, optimizer=adam), 2)
+    moments = [t for t in optree_leaves(state.opt_state) if t.dim() == 1]
+    assert moments and all(t.dtype == (torch.bfloat16 if states else torch.float32) for t in moments)
+    engine = initialize(
+        Weights(64),
+        Config.from_dict(low_precision_config(states=states, optimizer=adam), world_size=1),
+        loss_fn=lambda m, b: m(b).float(),
+        compile=False,
+    )
+    report = engine.memory_report(engine.init())
+    numel = next(iter(engine.plan.layouts.values())).padded_numel
+    # one rank: the bf16 params are the bf16 master itself (counted once)
+    assert report["params"] + report["master"] == 2 * numel
+    assert report["optimizer_state"] >= (2 if states else 4) * 2 * numel
+
+
+def optree_leaves(tree):
+    import optree
+
+    return [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def bf16_master_stages(rank: int, world_size: int) -> dict:
+    from models import Net
+
+    out = {}
+    for stage in (1, 2, 3):
+        cfg = {
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 2,
+            "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": True, "bf16_master_weights_and_grads": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+        }
+        engine = initialize(
+            Net(),
+            Config.from_dict(cfg, world_size=world_size),
+            loss_fn=lambda m, b: (m(b[0]) - b[1]).pow(2).mean(),
+            compile=False,
+        )
+        state = engine.init()
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x, y = torch.randn(8, 5, generator=g), torch.randn(8, 1, generator=g)
+            state = engine.step(state, (x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]))
+        report = engine.memory_report(state)
+        shard_numel = sum(lay.padded_numel // world_size for lay in engine.plan.layouts.values())
+        assert report["master"] == 2 * shard_numel, (stage, report)  # a bf16 shard per rank
+        out[stage] = (engine.full_params(state), {g: m.dtype for g, m in state.master.items()})
+    return out
+
+
+def test_bf16_master_at_stages_1_to_3_on_two_ranks():
+    per_rank = spawn_ranks(bf16_master_stages, 2, timeout=180)
+    for stage, (params, dtypes) in per_rank[0].items():
+        assert set(dtypes.values()) == {torch.bfloat16}
+        other = per_rank[1][stage][0]
+        assert all(torch.equal(params[n], other[n]) for n in params)  # ranks agree
+        # every stage trains the same model to bf16 precision (the reductions' order differs)
+        for n in params:
+            torch.testing.assert_close(params[n], per_rank[0][1][0][n], rtol=2e-2, atol=2e-2)
+
+
+def test_a_bf16_master_checkpoint_loads_into_fp32_and_back(tmp_path):
+    adam = {"type": "AdamW", "params": {"lr": 1e-3}}
+
+    def engine_for(master: bool, states: bool = False):
+        cfg = low_precision_config(master=master, states=states, optimizer=adam)
+        return initialize(
+            Weights(8), Config.from_dict(cfg, world_size=1), loss_fn=lambda m, b: m(b).float(), compile=False
+        )
+
+    low = engine_for(True, states=True)
+    state = low.init()
+    for _ in range(2):
+        state = low.step(state, torch.randn(1, 8))
+    low.save(state, tmp_path, tag="low")
+    wide = engine_for(False)
+    loaded = wide.load(tmp_path, tag="low")
+    assert next(iter(loaded.master.values())).dtype == torch.float32
+    assert torch.equal(wide.full_params(loaded)["w"], low.full_params(state)["w"])  # bf16 values, widened
+    wide.save(loaded, tmp_path, tag="wide")
+    back = engine_for(True, states=True).load(tmp_path, tag="wide")
+    assert torch.equal(next(iter(back.master.values())), next(iter(state.master.values())))
+    moments = [t for t in optree_leaves(back.opt_state) if t.dim() == 1]
+    assert moments and all(t.dtype == torch.bfloat16 for t in moments)

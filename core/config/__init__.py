@@ -47,6 +47,7 @@ from zerostep.core.config.precision import (
     BF16Config,
     DataTypesConfig,
     FP16Config,
+    check_low_precision_master,
     parse_bf16,
     parse_data_types,
     parse_fp16,
@@ -232,6 +233,7 @@ def _parse(
         zero = parse_legacy_zero(zero_raw, top)
     else:
         zero = parse_zero(top.child("zero_optimization"))
+    check_low_precision_master(fp16, bf16, zero.stage)
     optimizer = parse_optimizer(top.child("optimizer"))
     scheduler = parse_scheduler(top.child("scheduler"), optimizer)
     config = dict(

@@ -33,6 +33,10 @@ class BF16Config:
     enabled: bool = False
     immediate_grad_update: bool = False
     check_grad_overflow: bool = True
+    # DeepSpeed 0.19: master weights and gradient partitions in bf16 (ZeRO stages 1-3), and optionally
+    # the optimizer's moments too; zerostep needs no CPU offload for either
+    bf16_master_weights_and_grads: bool = False
+    bf16_optimizer_states: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,20 +118,37 @@ def parse_bf16(block: Block | None) -> BF16Config:
         enabled=block.take("enabled", d.enabled, boolean),
         immediate_grad_update=block.take("immediate_grad_update", d.immediate_grad_update, boolean),
         check_grad_overflow=block.take("check_grad_overflow", d.check_grad_overflow, boolean),
+        bf16_master_weights_and_grads=block.take(
+            "bf16_master_weights_and_grads", d.bf16_master_weights_and_grads, boolean
+        ),
+        bf16_optimizer_states=block.take("bf16_optimizer_states", d.bf16_optimizer_states, boolean),
     )
-    # zerostep's bf16 keeps fp32 master weights and fp32 optimizer state (DESIGN.md, Precision);
-    # a config asking for bf16 ones would silently get different numerics, so say so.
-    for key in ("bf16_master_weights_and_grads", "bf16_optimizer_states"):
-        wanted = block.take(key, False, boolean)
-        if wanted:
-            raise fail(
-                block.key_path(key),
-                True,
-                "not implemented by zerostep, which keeps fp32 master "
-                "weights and fp32 optimizer state under bf16; remove the key or set it false",
-            )
+    if config.bf16_optimizer_states and not config.bf16_master_weights_and_grads:
+        raise fail(
+            block.key_path("bf16_optimizer_states"),
+            True,
+            "needs bf16.bf16_master_weights_and_grads = true (DeepSpeed's rule: bf16 moments go with "
+            "bf16 master weights)",
+        )
     block.finish()
     return config
+
+
+def check_low_precision_master(fp16: FP16Config, bf16: BF16Config, stage: int) -> None:
+    """DeepSpeed's rules for the low-precision master options: the precision enabled, ZeRO stage 1-3."""
+    for name, block, flag in (
+        ("fp16", fp16, fp16.fp16_master_weights_and_grads),
+        ("bf16", bf16, bf16.bf16_master_weights_and_grads),
+    ):
+        if not flag:
+            continue
+        key = f"{name}.{name}_master_weights_and_grads"
+        if not block.enabled:
+            raise fail(key, True, f"needs {name}.enabled = true")
+        if stage not in (1, 2, 3):
+            raise fail(
+                key, True, f"needs ZeRO stage 1, 2 or 3 (zero_optimization.stage is {stage}), as in DeepSpeed"
+            )
 
 
 _DTYPE_NAMES = {

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerostep import optim
-from zerostep.core import agreement
+from zerostep.core import activation_checkpointing, agreement
 from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.batching import BatchSpec, check_batch, micro_batches, to_device
 from zerostep.core.compiling import compile_private
@@ -63,7 +63,7 @@ from zerostep.core.step_failure import RanksOutOfStepError, RemoteStepError, Ste
 from zerostep.parallel import groups as dist_groups
 from zerostep.parallel.collectives import CommCounter, all_gather_flat, all_reduce_flat, attach_shared_memory
 from zerostep.parallel.flat import FlatLayout
-from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units
+from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units, unit_module_paths
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -219,6 +219,7 @@ class Engine:
                 stacklevel=4,
             )
         self.plan = plan = dataclasses.replace(plan, overlap_comm=overlap)
+        self._checkpoint_activations(model, plan)
         self._forward = make_forward(model, self.loss_fn, plan.layouts, self._constants)
         self._runner = None
         if plan.stage == 3:
@@ -238,6 +239,41 @@ class Engine:
         self._comm_applied = step_comm_plan(plan, applied=True)
         self._comm_skipped = step_comm_plan(plan, applied=False)
         self._eval_forward = compile_private(self._forward, dynamic=False) if self.compile else self._forward
+
+    def _checkpoint_activations(self, model: nn.Module, plan: StepPlan) -> None:
+        """The ``activation_checkpointing`` block (core/activation_checkpointing.py): it configures
+        ``zerostep.checkpointing`` unless the script did, and ``checkpoint_units`` checkpoints the forward of
+        every ZeRO unit (the blocks), on every path of the step and in the facade."""
+        block = self.config.activation_checkpointing
+        given = any(
+            key.startswith("activation_checkpointing.") and origin != "default"
+            for key, origin in self.config.sources.items()
+        )
+        if given:
+            activation_checkpointing.adopt_config(block)
+        self.checkpointed_units: list[str] = []
+        if not block.checkpoint_units:
+            return
+        paths = unit_module_paths(model)
+        if not paths:
+            warnings.warn(
+                "activation_checkpointing.checkpoint_units: the model has no ModuleList/Sequential of "
+                "blocks (its ZeRO units), so nothing is checkpointed",
+                stacklevel=5,
+            )
+        activation_checkpointing.install_unit_checkpointing(model, block, paths)
+        self.checkpointed_units = paths
+        eager_only = activation_checkpointing.eager_only_options(block)
+        compiled = (
+            self.compile and plan.stage < 3 and not plan.overlap_comm and not plan.shards_grads_in_backward
+        )
+        if compiled and eager_only:
+            warnings.warn(
+                f"activation_checkpointing.{', '.join(eager_only)} has no effect in this engine's compiled "
+                "forward+backward (the recomputation is inside the compiled graph); it applies with "
+                "compile=False, at stage 3, with overlap_comm and at stage 2 on several ranks",
+                stacklevel=5,
+            )
 
     def _wait_gathers_around(self, model: nn.Module, forward: Callable) -> Callable:
         """Stages 1-2 with ``defer_param_gather``: a forward pre-hook on each unit's module waits for

@@ -35,6 +35,7 @@ from zerostep.core.config.blocks import (
 )
 from zerostep.core.config.features import check_other_keys
 from zerostep.core.config.load import merge_sources, origin_lookup, read_config_file
+from zerostep.core.config.memory import ActivationCheckpointingConfig, parse_activation_checkpointing
 from zerostep.core.config.observe import (
     CometConfig,
     CommsLoggerConfig,
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "ActivationCheckpointingConfig",
     "BF16Config",
     "CSVMonitorConfig",
     "CheckpointConfig",
@@ -127,6 +129,9 @@ class Config:
     comet: CometConfig = field(default_factory=CometConfig)
     flops_profiler: FlopsProfilerConfig = field(default_factory=FlopsProfilerConfig)
     comms_logger: CommsLoggerConfig = field(default_factory=CommsLoggerConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(
+        default_factory=ActivationCheckpointingConfig
+    )
     # Dotted key path -> where its value came from ("file", "user", "override", "default", "derived",
     # "auto"); for `zerostep config check`. Not part of equality: a round trip through to_dict()
     # makes every value explicit.
@@ -259,6 +264,7 @@ def _parse(
         comet=parse_comet(top.child("comet")),
         flops_profiler=parse_flops_profiler(top.child("flops_profiler")),
         comms_logger=parse_comms_logger(top.child("comms_logger")),
+        activation_checkpointing=parse_activation_checkpointing(top.child("activation_checkpointing")),
     )
     top.allow(*BATCH_KEYS)
     check_other_keys(merged, top.known)

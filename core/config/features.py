@@ -32,16 +32,6 @@ def _non_empty(value: Any) -> bool:
     return value not in (None, False)
 
 
-def _activation_checkpointing(value: Any) -> bool:
-    # These options change what deepspeed.checkpointing does to activations; the rest only tune it.
-    if not isinstance(value, Mapping):
-        return _non_empty(value)
-    return any(
-        value.get(key) is True
-        for key in ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization")
-    )
-
-
 def _deepcompile(value: Any) -> bool:
     return isinstance(value, Mapping) and value.get("deepcompile") is True
 
@@ -56,11 +46,6 @@ UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sparse_attention": (_non_empty, "sparse attention (removed from DeepSpeed too)"),
     "compression_training": (_any_enabled, "compression training"),
     "elasticity": (_any_enabled, "elastic training"),
-    "activation_checkpointing": (
-        _activation_checkpointing,
-        "deepspeed.checkpointing (partitioned, CPU or contiguous activation "
-        "checkpoints; use torch.utils.checkpoint in the model instead)",
-    ),
     "curriculum_learning": (_any_enabled, "curriculum learning"),
     "data_efficiency": (_any_enabled, "data efficiency (curriculum sampling and random-LTD)"),
     "moe": (_non_empty, "DeepSpeed MoE layers"),

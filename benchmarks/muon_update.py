@@ -1,18 +1,20 @@
-"""The optimizer update of the small GPT (core/gpt.py, 0.84M params): Muon vs AdamW, 1 and 2 ranks.
+"""The optimizer update of the small GPT (core/gpt.py, 0.84M params): AdamW vs Muon's two distributed
+strategies (``optim.muon_shards``: "owner", "allgather"), on 1, 2 and 4 gloo ranks.
 
 Each rank builds a real engine (ZeRO stage 1, fp32) for the optimizer, then times the update alone as
 the engine runs it: ``torch.compile(fullgraph=True)`` of ``optimizer.update_`` on the engine's own
-master shards and optimizer state, with random gradients, lr and grad_scale as 0-d tensors. Muon on 2
-ranks all-gathers each unit's fp32 Muon direction inside that graph; the bytes are counted from the
-layouts (``all_gather_bytes``, the engine's CommCounter convention). Medians over interleaved repeats.
+master shards and optimizer state, with random gradients, lr and grad_scale as 0-d tensors; Muon's
+collectives run inside that graph. Bytes moved per step are the engine's own count of the update's
+collectives (``core.accounting.optimizer_comm_plan``, the CommCounter convention: an all-gather counts
+its result, an all-to-all what the rank sends), the most of any rank. Times: per rank the median over
+interleaved repeats, then the slowest rank.
 
-    python benchmarks/muon_update.py [--repeats 30] [--ns-dtype float32] [--ns-method gram]
+    python benchmarks/muon_update.py [--repeats 30] [--ns-dtype float32] [--ns-method gram] [--ranks 1 2 4]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -20,9 +22,9 @@ import time
 import torch
 
 from zerostep.core import Config, initialize
+from zerostep.core.accounting import optimizer_comm_plan
 from zerostep.core.gpt import GPT, GPTConfig
 from zerostep.optim.muon import uses_muon
-from zerostep.parallel.collectives import all_gather_bytes
 from zerostep.parallel.launch import spawn_ranks
 
 
@@ -36,11 +38,13 @@ def blocks(args) -> dict[str, dict]:
     }
     return {
         "adamw": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.01}},
-        "muon": {"type": "Muon", "params": muon},
+        "muon owner": {"type": "Muon", "params": {**muon, "distributed": "owner"}},
+        "muon allgather": {"type": "Muon", "params": {**muon, "distributed": "allgather"}},
     }
 
 
 def bench_rank(rank: int, world_size: int, args) -> dict:
+    torch.set_num_threads(1)  # one thread per rank, the single process too (OMP_NUM_THREADS came too late)
     torch.manual_seed(0)
     runs, out = {}, {}
     for name, block in blocks(args).items():
@@ -61,11 +65,8 @@ def bench_rank(rank: int, world_size: int, args) -> dict:
         for _ in range(3):  # compile and warm up
             step(grads, state.opt_state, state.master, lr, scale)
         runs[name] = (step, grads, state, lr, scale)
-        gathered = sum(lay.padded_numel for lay in engine.plan.layouts.values()) if name == "muon" else 0
-        out[name] = {
-            "bytes_per_step": all_gather_bytes(gathered, torch.float32, world_size) if gathered else 0
-        }
-        if name == "muon":
+        out[name] = {"bytes_per_step": optimizer_comm_plan(engine.plan, opt).total_bytes}
+        if name == "muon owner":
             entries = [e for lay in engine.plan.layouts.values() for e in lay.entries]
             out[name]["muon_params"] = sum(e.numel for e in entries if uses_muon(e.name, e.shape))
             out[name]["adam_params"] = sum(e.numel for e in entries if not uses_muon(e.name, e.shape))
@@ -89,22 +90,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--ns-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--ns-method", default="gram", choices=["gram", "standard"])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     results = {}
     for world in args.ranks:
         if world == 1:
-            results[world] = bench_rank(0, 1, args)
+            results[world] = [bench_rank(0, 1, args)]
         else:
-            results[world] = spawn_ranks(bench_rank, world, args, timeout=900)[0]
-    for world, out in results.items():
-        for name, r in out.items():
-            extra = {k: v for k, v in r.items() if k not in ("median_ms", "bytes_per_step")}
-            print(
-                f"ranks={world} {name:6s} update {r['median_ms']:7.2f} ms  extra all-gather "
-                f"{r['bytes_per_step'] / 1e6:6.2f} MB/step  {json.dumps(extra) if extra else ''}"
-            )
+            results[world] = spawn_ranks(bench_rank, world, args, timeout=1800)
+    params = results[args.ranks[0]][0]["muon owner"]
+    print(f"Muon params {params['muon_params']}, AdamW (auxiliary) params {params['adam_params']}")
+    print(f"{'optimizer':16s} {'ranks':>5s} {'ms/update':>10s} {'MB moved/step':>14s}")
+    for world, ranks in results.items():
+        for name in ranks[0]:
+            ms = max(r[name]["median_ms"] for r in ranks)
+            mb = max(r[name]["bytes_per_step"] for r in ranks) / 1e6
+            print(f"{name:16s} {world:5d} {ms:10.2f} {mb:14.3f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ and N ranks in mixed precision with Adam this gives DESIGN.md's table: 16Ψ, 4Ψ
 16Ψ/N, up to padding.
 
 ``step_comm_plan`` lists the collectives one step issues (``parallel.collectives`` conventions:
-all-reduce 2B, reduce-scatter B, all-gather B), so the counter is right even inside compiled graphs.
+all-reduce 2B, reduce-scatter B, all-gather B, all-to-all the bytes this rank sends), so the counter is
+right even inside compiled graphs; with the optimizer, also those its update issues itself (Muon's on
+sharded units, ``optim.muon_shards``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import torch
 
 from zerostep.core.state import TrainState
 from zerostep.core.step import StepPlan
+from zerostep.optim import layout_pieces
+from zerostep.optim.base import Optimizer
+from zerostep.optim.muon import unit_matrices
+from zerostep.optim.muon_shards import comm_calls, comm_elements
 from zerostep.parallel import collectives as C
 from zerostep.parallel.zero3 import ROOT_UNIT
 
@@ -114,8 +120,29 @@ def memory_report(plan: StepPlan, state: TrainState, gather_high_water: int = 0)
     return report
 
 
-def step_comm_plan(plan: StepPlan, applied: bool = True) -> C.CommPlan:
-    """The collectives of one step (``applied=False``: a skipped step gathers no parameters)."""
+def optimizer_comm_plan(plan: StepPlan, optimizer: Optimizer | None) -> C.CommPlan:
+    """The collectives ``optimizer``'s update issues on this rank per step: Muon's on sharded units
+    (fp32 directions: an all-gather of each unit with a Muon matrix, or the owner strategy's two
+    all-to-alls of each unit with a matrix cut by a shard boundary); none for the others."""
+    if optimizer is None or optimizer.name != "muon" or not plan.sharded_master:
+        return C.CommPlan()
+    strategy, adjust = optimizer.hyperparams["distributed"], optimizer.hyperparams["adjust_lr_fn"]
+    ws, out = plan.world_size, C.CommPlan()
+    for lay in plan.layouts.values():
+        lo, hi = lay.shard_range(plan.rank)
+        pieces = layout_pieces(lay.entries, lo, hi, sharded=True, full_numel=lay.padded_numel)
+        matrices, shard = unit_matrices(pieces, adjust), lay.shard_numel
+        calls = comm_calls(matrices, shard, ws, strategy)
+        if calls:
+            nbytes = comm_elements(matrices, plan.rank, shard, ws, strategy) * 4  # fp32
+            kind = C.ALL_GATHER if strategy == "allgather" else C.ALL_TO_ALL
+            out = out + C.CommPlan((C.CommOp(kind, nbytes, calls),))
+    return out
+
+
+def step_comm_plan(plan: StepPlan, applied: bool = True, optimizer: Optimizer | None = None) -> C.CommPlan:
+    """The collectives of one step (``applied=False``: a skipped step gathers no parameters and runs
+    no update); with ``optimizer``, its update's own (``optimizer_comm_plan``)."""
     ws, dt = plan.world_size, plan.compute_dtype
     gas = plan.accumulation_steps
     # overlapped reductions run one collective per unit (the unit is the bucket)
@@ -136,4 +163,4 @@ def step_comm_plan(plan: StepPlan, applied: bool = True) -> C.CommPlan:
             gathers = 1 if g == ROOT_UNIT else 2
             out = out + C.all_gather_plan(n, dt, ws).times(gathers * gas)
             out = out + C.reduce_scatter_plan(n, dt, ws).times(gas)
-    return out
+    return (out + optimizer_comm_plan(plan, optimizer)) if applied else out

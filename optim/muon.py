@@ -26,10 +26,12 @@ State: ``exp_avg`` holds the momentum buffer on Muon parameters and Adam's first
 ZeRO shards checkpoint and reshard like every other optimizer's.
 
 Under ZeRO (``param_pieces`` with sharded leaves) a matrix may be cut across ranks. Each rank updates
-its momentum shard, all-gathers the Muon direction ``u`` of the leaf (``all_gather``: shard [S] ->
-full [N * S], one fp32 all-gather per unit and step), orthogonalizes the matrices that touch its shard
-(a matrix cut by a shard boundary is orthogonalized by both ranks, as DeepSpeed's stages 1-2 do) and
-applies its slice. Matrices of one shape are orthogonalized as one batch.
+its momentum shard and computes its slice of the Muon direction ``u``; whole matrices then come from
+one of two strategies (``distributed``, ``zerostep.optim.muon_shards``): ``"owner"`` (the default)
+gives each matrix to the rank holding most of it, sends the owner the other holders' slices of ``u``
+and returns the orthogonalized slices (two all-to-alls per unit, only for units with a cut matrix);
+``"allgather"`` all-gathers the unit's ``u`` (shard [S] -> full [N * S]) and orthogonalizes every
+matrix touching the shard on each rank. Matrices of one shape are orthogonalized as one batch.
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ from zerostep.optim.base import (
     prepared_grad,
     step_count,
     zeros_like_state,
+)
+from zerostep.optim.muon_shards import (
+    Exchange,
+    Matrix,
+    OwnerPlan,
+    check_strategy,
+    owner_orthogonalized,
+    owner_plan,
 )
 from zerostep.optim.newton_schulz import NS_METHODS, auto_dtype, newton_schulz
 from zerostep.optim.pieces import FlatPieces, ParamPiece, resolve_pieces, runs_tensor
@@ -91,30 +101,61 @@ def update_scale(shape: tuple[int, ...], adjust_lr_fn: str) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
-class _Matrix(NamedTuple):
-    offset: int  # the parameter's first element in the leaf's full buffer
-    numel: int
-    ns_shape: tuple[int, ...]
-    scale: float
-
-
 class _LeafPlan(NamedTuple):
     """What one leaf needs, fixed for the optimizer's lifetime."""
 
     kind: str  # "adam": no Muon element; "muon": every element; "mixed"
     muon_runs: tuple[tuple[int, int], ...]  # local element ranges that are Muon's
-    batches: tuple[tuple[_Matrix, ...], ...]  # Muon matrices touching the leaf, grouped by NS shape
+    batches: tuple[tuple[Matrix, ...], ...]  # Muon matrices touching the leaf, grouped by NS shape
     # the leaf's Muon update assembled in order: ("zeros", length) or ("piece", batch, member, lo, hi)
     segments: tuple[tuple, ...]
     sharded: bool
+    owner: OwnerPlan | None = None  # the owner strategy's plan (else the all-gather's above)
+    # the update issues a collective on this leaf: every rank of the unit must, even one whose shard
+    # holds no Muon element (it then joins with zeros and discards the result)
+    collective: bool = False
 
 
-def _leaf_plan(pieces: FlatPieces, n: int, adjust_lr_fn: str) -> _LeafPlan:
+def unit_matrices(pieces: FlatPieces, adjust_lr_fn: str) -> list[Matrix]:
+    """Every Muon matrix of the leaf's whole unit (all ranks' shards), by offset in the full buffer
+    (in the leaf, for a leaf that is not a shard)."""
+    if not pieces.sharded:  # the leaf holds whole parameters
+        named = [(p.name, p.shape, p.start - p.param_start) for p in pieces.pieces]
+    elif len(pieces.param_offsets) == len(pieces.params):
+        named = [(n, s, o) for (n, s), o in zip(pieces.params, pieces.param_offsets)]
+    else:
+        raise ValueError("Muon's owner strategy over a sharded leaf needs FlatPieces.param_offsets")
+    return sorted(
+        (
+            Matrix(offset, math.prod(shape), matrix_shape(shape), update_scale(shape, adjust_lr_fn))
+            for name, shape, offset in named
+            if uses_muon(name, shape)
+        ),
+        key=lambda m: m.offset,
+    )
+
+
+def _leaf_plan(pieces: FlatPieces, n: int, adjust_lr_fn: str, distributed: str) -> _LeafPlan:
     muon = [p for p in pieces.pieces if uses_muon(p.name, p.shape)]
-    if not muon:
-        return _LeafPlan("adam", (), (), (), pieces.sharded)
     runs = tuple((p.start, p.stop) for p in muon)
-    kind = "muon" if sum(p.numel for p in muon) == n else "mixed"
+    kind = "adam" if not muon else "muon" if sum(p.numel for p in muon) == n else "mixed"
+    if distributed == "owner":
+        world_size = pieces.full_numel // n if pieces.sharded else 1
+        rank = pieces.offset // n if pieces.sharded else 0
+        if pieces.sharded and (pieces.full_numel != world_size * n or pieces.offset != rank * n):
+            raise ValueError(
+                f"a sharded leaf of {n} elements must be one of the equal shards of its "
+                f"{pieces.full_numel}-element buffer, at a multiple of {n} (got offset {pieces.offset})"
+            )
+        if not muon and not pieces.sharded:
+            return _LeafPlan("adam", (), (), (), False)
+        plan = owner_plan(unit_matrices(pieces, adjust_lr_fn), rank, n, world_size)
+        return _LeafPlan(kind, runs, (), (), pieces.sharded, plan, plan.exchanges)
+    # all-gather: every rank of a unit holding any Muon matrix joins its all-gather
+    collective = pieces.sharded and any(uses_muon(name, shape) for name, shape in pieces.params or ())
+    collective = collective or (pieces.sharded and bool(muon))
+    if not muon:
+        return _LeafPlan("adam", (), (), (("zeros", n),), pieces.sharded, None, collective)
     by_shape: dict[tuple[int, ...], list[ParamPiece]] = {}
     for p in muon:
         by_shape.setdefault(matrix_shape(p.shape), []).append(p)
@@ -124,7 +165,7 @@ def _leaf_plan(pieces: FlatPieces, n: int, adjust_lr_fn: str) -> _LeafPlan:
         batch = []
         for m, p in enumerate(members):
             batch.append(
-                _Matrix(
+                Matrix(
                     pieces.param_offset(p), math.prod(p.shape), ns_shape, update_scale(p.shape, adjust_lr_fn)
                 )
             )
@@ -139,7 +180,7 @@ def _leaf_plan(pieces: FlatPieces, n: int, adjust_lr_fn: str) -> _LeafPlan:
         at = p.stop
     if at < n:
         segments.append(("zeros", n - at))
-    return _LeafPlan(kind, runs, tuple(batches), tuple(segments), pieces.sharded)
+    return _LeafPlan(kind, runs, tuple(batches), tuple(segments), pieces.sharded, None, collective)
 
 
 def muon(
@@ -160,6 +201,8 @@ def muon(
     lr_multipliers: PerLeaf = None,
     weight_decay_mask: PerLeaf = None,
     all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    distributed: str = "owner",
+    exchange: Exchange | None = None,
 ) -> Optimizer:
     """DeepSpeed's MuonWithAuxAdam over a pytree (or the engine's flat shards, with ``param_pieces``).
 
@@ -167,8 +210,10 @@ def muon(
     how a scheduled lr reaches both). ``ns_dtype``: Newton-Schulz working precision, ``"auto"`` for
     DeepSpeed's choice (bf16/fp16 on GPUs), or ``"float32"``, ``"bfloat16"``, ``"float16"``.
     ``param_pieces``: per leaf, a ``FlatPieces`` saying which parameters the leaf holds (leaves without
-    one are whole parameters named by their pytree path). ``all_gather``: shard -> full buffer over the
-    ranks, needed when a leaf is sharded. ``lr_multipliers`` / ``weight_decay_mask``: per-leaf factors
+    one are whole parameters named by their pytree path). ``distributed``: how sharded leaves get whole
+    matrices, ``"owner"`` (needs ``exchange``: an all-to-all ``(send, send_splits, recv_splits) ->
+    received``) or ``"allgather"`` (needs ``all_gather``: shard -> full buffer over the ranks); see
+    ``zerostep.optim.muon_shards``. ``lr_multipliers`` / ``weight_decay_mask``: per-leaf factors
     (numbers, or tensors shaped like the leaf) on both groups' lr and weight decay (the engine's param
     groups)."""
     b1, b2 = check_betas(betas)
@@ -190,6 +235,7 @@ def muon(
             f"optimizer.params.adjust_lr_fn: {adjust_lr_fn!r} is invalid; it must be one of "
             f"{list(ADJUST_LR_FNS)}"
         )
+    check_strategy(distributed)
     if ns_dtype not in NS_DTYPES:
         raise ConfigError(
             f"optimizer.params.ns_dtype: {ns_dtype!r} is invalid; it must be one of {list(NS_DTYPES)}"
@@ -210,6 +256,7 @@ def muon(
         ns_steps=ns_steps,
         ns_dtype=ns_dtype,
         adjust_lr_fn=adjust_lr_fn,
+        distributed=distributed,
     )
     adam_ratio = adam_lr / lr if lr > 0 else None
     plans: dict[tuple[int, ...], list[_LeafPlan]] = {}  # by the leaves' sizes: built once
@@ -220,7 +267,9 @@ def muon(
         key = tuple(leaf.numel() for leaf in leaves)
         if key not in plans:
             resolved = resolve_pieces(param_pieces, params)
-            plans[key] = [_leaf_plan(fp, leaf.numel(), adjust_lr_fn) for leaf, fp in zip(leaves, resolved)]
+            plans[key] = [
+                _leaf_plan(fp, leaf.numel(), adjust_lr_fn, distributed) for leaf, fp in zip(leaves, resolved)
+            ]
             check_has_matrices(resolved)
         return plans[key]
 
@@ -262,6 +311,8 @@ def muon(
                 step = _adam_direction(flat_g, flat_m, flat_v, b1, b2, bc1, bc2, eps)
                 step_lr = adam_lr_now * lr_f
                 flat_p.mul_(1 - step_lr * wd).sub_(step * step_lr)
+                if plan.collective:  # other ranks' shards of the unit hold Muon matrices
+                    _orthogonalized(flat_g.new_zeros(flat_g.numel()), plan, ns_steps, ns_method, ns_dtype)
             elif plan.kind == "muon":
                 flat_m.lerp_(flat_g, 1 - momentum)
                 direction = flat_g.lerp(flat_m, momentum) if nesterov else flat_m
@@ -280,13 +331,20 @@ def muon(
             finish_param(p, pw, copy)
 
     def _orthogonalized(direction, plan: _LeafPlan, steps: int, method: str, dtype_name: str) -> torch.Tensor:
+        dtype = NS_DTYPES[dtype_name] or auto_dtype(method, direction.device)
+        if plan.owner is not None:
+            return owner_orthogonalized(
+                direction,
+                plan.owner,
+                lambda batch: newton_schulz(batch, steps, method, dtype).to(direction.dtype),
+                exchange,
+            )
         if plan.sharded:
             if all_gather is None:
                 raise ValueError("Muon over sharded flat leaves needs all_gather (shard -> full buffer)")
             full = all_gather(direction)
         else:
             full = direction
-        dtype = NS_DTYPES[dtype_name] or auto_dtype(method, full.device)
         results = []
         for batch in plan.batches:
             stacked = torch.stack([full[mx.offset : mx.offset + mx.numel].view(mx.ns_shape) for mx in batch])

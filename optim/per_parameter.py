@@ -1,7 +1,8 @@
 """``from_config`` for the optimizers that work per parameter: Muon, mup's three, any torch.optim class.
 
 Each needs to know which parameters the engine's flat shards hold (``param_pieces``); Muon also how to
-gather a sharded leaf (``all_gather``) and whether an LR schedule sets its lr (``schedule_sets_lr``),
+gather a sharded leaf (``all_gather``, or ``exchange`` for its owner strategy) and whether an LR
+schedule sets its lr (``schedule_sets_lr``),
 mup the width multipliers the engine reads from the model (``param_widths``).
 """
 
@@ -15,19 +16,20 @@ import torch
 from zerostep.errors import ConfigError
 from zerostep.optim.base import Optimizer, PerLeaf
 from zerostep.optim.muon import muon
+from zerostep.optim.muon_shards import Exchange
 from zerostep.optim.mup import MUP_TYPES, WidthInfo, mu_optimizer, require_mup
 from zerostep.optim.registry import MUON_TYPE
 from zerostep.optim.torch_adapter import from_torch_optimizer, torch_optimizer_class
 
 # DeepSpeed's engine passes these to MuonWithAuxAdam's groups; the rest are zerostep's (see optim.muon)
 _MUON_KEYS = ("lr", "momentum", "weight_decay", "muon_lr", "ns_method", "betas", "eps", "adam_lr")
-_MUON_EXTRA_KEYS = ("nesterov", "ns_steps", "ns_dtype", "adjust_lr_fn")
+_MUON_EXTRA_KEYS = ("nesterov", "ns_steps", "ns_dtype", "adjust_lr_fn", "distributed")
 _MUP_KEYS = {
     "muadam": ("lr", "betas", "eps", "weight_decay", "amsgrad"),
     "muadamw": ("lr", "betas", "eps", "weight_decay", "amsgrad"),
     "musgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
 }
-_STRING_KEYS = ("ns_method", "ns_dtype", "adjust_lr_fn")
+_STRING_KEYS = ("ns_method", "ns_dtype", "adjust_lr_fn", "distributed")
 
 
 def per_parameter_from_config(
@@ -36,6 +38,7 @@ def per_parameter_from_config(
     *,
     param_pieces: PerLeaf = None,
     all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    exchange: Exchange | None = None,
     schedule_sets_lr: bool = False,
     param_widths: Mapping[str, WidthInfo] | None = None,
     use_triton: bool | None = None,
@@ -61,6 +64,7 @@ def per_parameter_from_config(
             schedule_sets_lr=schedule_sets_lr,
             param_pieces=param_pieces,
             all_gather=all_gather,
+            exchange=exchange,
         )
     if name in MUP_TYPES:
         require_mup(kind)

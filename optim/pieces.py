@@ -53,6 +53,9 @@ class FlatPieces(NamedTuple):
     offset: int = 0
     full_numel: int = 0
     params: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (name, shape) of every parameter in the buffer
+    # each of ``params``' first element in the full buffer (entries may be aligned, not back to back);
+    # empty when unknown. Muon's owner strategy plans every rank's exchange from it.
+    param_offsets: tuple[int, ...] = ()
 
     def param_offset(self, piece: ParamPiece) -> int:
         """The parameter's first element in the full buffer."""
@@ -68,7 +71,10 @@ def layout_pieces(entries: Sequence[Any], lo: int, hi: int, *, sharded: bool, fu
         if start < stop:
             pieces.append(ParamPiece(start - lo, stop - lo, index, e.name, tuple(e.shape), start - e.offset))
     params = tuple((e.name, tuple(e.shape)) for e in entries)
-    return FlatPieces(tuple(pieces), sharded=sharded, offset=lo, full_numel=full_numel, params=params)
+    offsets = tuple(e.offset for e in entries)
+    return FlatPieces(
+        tuple(pieces), sharded=sharded, offset=lo, full_numel=full_numel, params=params, param_offsets=offsets
+    )
 
 
 def path_names(params: PyTree) -> list[str]:
@@ -88,7 +94,9 @@ def resolve_pieces(param_pieces: PerLeaf, params: PyTree) -> list[FlatPieces]:
             shape = tuple(leaf.shape)
             n = leaf.numel()
             piece = ParamPiece(0, n, 0, name, shape, 0)
-            pieces = FlatPieces((piece,), sharded=False, offset=0, full_numel=n, params=((name, shape),))
+            pieces = FlatPieces(
+                (piece,), sharded=False, offset=0, full_numel=n, params=((name, shape),), param_offsets=(0,)
+            )
         elif not isinstance(pieces, FlatPieces):
             kind = type(pieces).__name__
             raise TypeError(f"param_pieces for leaf {name!r} must be a FlatPieces, got {kind}")

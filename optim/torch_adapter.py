@@ -171,11 +171,18 @@ def from_torch_optimizer(
     )
 
 
+def refused_reason(name: str) -> str | None:
+    """Why the torch.optim class ``name`` (any case) cannot run on zerostep's flat shards, as a
+    sentence naming it, or None for a class that can."""
+    for cls_name, why in REFUSED.items():
+        if cls_name.lower() == name.lower():
+            return f"torch.optim.{cls_name} cannot run in zerostep: {why}"
+    return None
+
+
 def _check_runnable(cls: type, hyper: Mapping[str, Any]) -> None:
     if cls.__name__ in REFUSED and cls.__module__.startswith("torch.optim"):
-        raise ConfigError(
-            f"optimizer.type: torch.optim.{cls.__name__} cannot run in zerostep: {REFUSED[cls.__name__]}"
-        )
+        raise ConfigError(f"optimizer.type: {refused_reason(cls.__name__)}")
     closure = inspect.signature(cls.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
         raise ConfigError(

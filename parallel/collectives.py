@@ -414,11 +414,37 @@ def all_gather_flat(
     return torch.cat(pieces, dim=1).view(-1)  # [N, S] -> [N * S]
 
 
+def all_to_all_flat(
+    send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Group = None
+) -> torch.Tensor:
+    """Uneven all-to-all of 1-D buffers: ``send`` [sum(send_splits)] holds, in rank order, the
+    ``send_splits[q]`` elements for rank ``q``; returns [sum(recv_splits)], rank ``q``'s elements for
+    this rank in rank order (Muon's owner strategy). Plain c10d/funcol, also on a shared-memory group;
+    eager calls are recorded by the comms logger."""
+    group = resolve_group(group)
+    if group is None or dist.get_world_size(group) == 1:
+        return send
+    if _eager():
+        out, send = send.new_empty(sum(recv_splits)), send.contiguous()
+
+        def issue() -> Pending:
+            work = dist.all_to_all_single(out, send, recv_splits, send_splits, group, async_op=True)
+            return Pending([work])
+
+        if comms_log is not None:  # message: what this rank sends
+            _logged("all_to_all_single", send, group, issue, False)
+        else:
+            _hand_over(issue(), False)
+        return out
+    return funcol.wait_tensor(funcol.all_to_all_single(send.contiguous(), recv_splits, send_splits, group))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Byte accounting (static: from shapes, never from traced code)
 # ---------------------------------------------------------------------------------------------------------
 
 ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER = "all_reduce", "reduce_scatter", "all_gather"
+ALL_TO_ALL = "all_to_all"  # counts the bytes this rank sends
 
 
 def _itemsize(dtype: torch.dtype) -> int:

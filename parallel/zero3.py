@@ -36,7 +36,10 @@ up). The user's module is only touched inside the call (hooks and swapped ``_par
 
 Limits: a unit must reach its parameters through its own ``forward`` (code outside a unit that reads
 ``model.layers[0].weight`` sees the original parameter); a unit's output must not alias its parameters;
-activation checkpointing inside a unit is not supported; every rank must call the same units in the same
+``torch.utils.checkpoint`` called inside a unit is not supported (its recomputation would read the
+swapped-out parameters), whereas checkpointing a whole unit is (``core/activation_checkpointing.py``: the
+output gradient hook above refills the storage before the recomputation, which gets the views back);
+every rank must call the same units in the same
 order (each gather and reduction is a collective), as with FSDP.
 """
 

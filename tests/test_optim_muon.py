@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import zerostep.optim as zo
 from zerostep.errors import ConfigError
-from zerostep.optim.muon import matrix_shape, update_scale, uses_muon
+from zerostep.optim.muon import matrix_shape, unit_matrices, update_scale, uses_muon
+from zerostep.optim.muon_shards import owner_plan
 from zerostep.optim.newton_schulz import newton_schulz
 
 # ------------------------------------------------------------------ an independent fp64 reference
@@ -137,16 +138,18 @@ def test_gram_and_standard_iterations_agree():
         assert torch.allclose(newton_schulz(g, 5, "gram"), newton_schulz(g, 5, "standard"), atol=1e-12)
 
 
-def flat_pieces(entries, lo, hi):
+def flat_pieces(entries):
+    """A one-process flat layout of ``entries`` and the pieces of its whole buffer."""
     from zerostep.parallel.flat import FlatLayout
 
     lay = FlatLayout.build(entries, torch.float32)
-    return lay, zo.layout_pieces(lay.entries, lo, hi, sharded=False, full_numel=lay.padded_numel)
+    n = lay.padded_numel
+    return lay, zo.layout_pieces(lay.entries, 0, n, sharded=False, full_numel=n)
 
 
 def test_flat_leaf_with_pieces_equals_the_pytree():
     entries = [("a.weight", (4, 6)), ("a.bias", (4,)), ("embed.weight", (3, 2)), ("b.weight", (4, 6))]
-    lay, pieces = flat_pieces(entries, 0, sum(math.prod(s) for _, s in entries))
+    lay, pieces = flat_pieces(entries)
     gen = torch.Generator().manual_seed(3)
     tree = {n: torch.randn(*s, generator=gen) for n, s in entries}
     flat = {"unit": lay.flatten(tree)}
@@ -176,7 +179,7 @@ def test_bf16_params_keep_fp32_state_and_round_once():
 
 def test_compiled_update_equals_eager():
     entries = [("a.weight", (4, 6)), ("a.bias", (4,))]
-    lay, pieces = flat_pieces(entries, 0, 28)
+    lay, pieces = flat_pieces(entries)
     gen = torch.Generator().manual_seed(5)
     flat = lay.flatten({n: torch.randn(*s, generator=gen) for n, s in entries})
     opt = zo.muon(lr=0.02, ns_dtype="float32", param_pieces={"u": pieces})
@@ -188,7 +191,7 @@ def test_compiled_update_equals_eager():
         dynamic=False,
     )
     for _ in range(2):
-        g = {"u": torch.randn(28, generator=gen)}
+        g = {"u": torch.randn(lay.padded_numel, generator=gen)}
         opt.update_(g, se, eager, torch.tensor(0.02), grad_scale=torch.tensor(0.5))
         step(g, sc, compiled, torch.tensor(0.02))
     assert torch.allclose(eager["u"], compiled["u"], atol=1e-6)
@@ -225,6 +228,7 @@ def test_scheduled_lr_reaches_both_groups_and_ratio_otherwise():
         ({"type": "Muon", "params": {"momentum": 1.5}}, "momentum"),
         ({"type": "Muon", "params": {"ns_steps": 0}}, "ns_steps"),
         ({"type": "Muon", "params": {"ns_dtype": "float8"}}, "ns_dtype"),
+        ({"type": "Muon", "params": {"distributed": "ring"}}, "distributed"),
     ],
 )
 def test_bad_config(block, match):
@@ -258,8 +262,11 @@ def save_after_two_steps(rank: int, world_size: int, block: dict, save_dir: str)
     engine.save(state, save_dir, tag="two", fsync=False)
 
 
-STAGES = {"muon": (0, 1, 2, 3), "rmsprop": (1, 3)}  # RMSprop is elementwise: the sharded stages suffice
-BLOCKS = {"muon": MUON, "rmsprop": RMSPROP}
+MUON_ALLGATHER = {"type": "Muon", "params": {**MUON["params"], "distributed": "allgather"}}
+# Muon's two distributed strategies at every stage; RMSprop is elementwise: the sharded stages suffice
+STAGES = {"muon": (0, 1, 2, 3), "muon_allgather": (0, 1, 2, 3), "rmsprop": (1, 3)}
+BLOCKS = {"muon": MUON, "muon_allgather": MUON_ALLGATHER, "rmsprop": RMSPROP}
+SAVED = ("muon", "rmsprop")  # checkpoints do not depend on the strategy
 
 
 def stages_then_save(rank: int, world_size: int, save_dir: str) -> dict:
@@ -268,14 +275,15 @@ def stages_then_save(rank: int, world_size: int, save_dir: str) -> dict:
     out = {}
     for name, block in BLOCKS.items():
         out[name] = all_stages(rank, world_size, False, STAGES[name], False, block)
-        save_after_two_steps(rank, world_size, block, f"{save_dir}/{name}")
+        if name in SAVED:
+            save_after_two_steps(rank, world_size, block, f"{save_dir}/{name}")
     return out
 
 
 def test_two_ranks_equal_one_process_and_checkpoints_reshard_to_one(tmp_path):
-    """Muon (gathers matrices cut by shard boundaries) and RMSprop (elementwise) on 2 gloo ranks equal
-    one process at every stage; a stage-2 checkpoint of 2 ranks loads in one process, master and every
-    optimizer leaf equal to a one-process run of the same two steps."""
+    """Muon (both strategies for matrices cut by shard boundaries) and RMSprop (elementwise) on 2 gloo
+    ranks equal one process at every stage; a stage-2 checkpoint of 2 ranks loads in one process,
+    master and every optimizer leaf equal to a one-process run of the same two steps."""
     import optree
     from models import Net, mse
     from test_zero import GAS, MB, check_equal, global_batches, make_config
@@ -286,6 +294,8 @@ def test_two_ranks_equal_one_process_and_checkpoints_reshard_to_one(tmp_path):
     results = spawn_ranks(stages_then_save, 2, str(tmp_path), timeout=300)
     for name, block in BLOCKS.items():
         check_equal([r[name] for r in results], 2, STAGES[name], block)
+        if name not in SAVED:
+            continue
         engine = initialize(Net(), make_config(0, 1, mb=MB * 2, optimizer=block), loss_fn=mse, compile=False)
         state = engine.init()
         for x, y in global_batches(2)[:2]:
@@ -304,3 +314,109 @@ def test_two_ranks_equal_one_process_and_checkpoints_reshard_to_one(tmp_path):
         for a, b in pairs:  # relative to the leaf's largest value, as check_equal
             err = float((a.float() - b.float()).abs().max())
             assert err <= 1e-5 * max(float(b.float().abs().max()), 1e-12), name
+
+
+# ------------------------------------------------------------------ ZeRO shards, simulated in threads
+
+
+class ThreadRanks:
+    """``world_size`` ranks as threads of this process: an all-to-all and an all-gather over a mailbox."""
+
+    def __init__(self, world_size: int):
+        import threading
+
+        self.n, self.box = world_size, [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=30)
+        self.moved = [[0, 0] for _ in range(world_size)]  # per rank: [elements counted, collectives]
+
+    def exchange(self, rank: int):
+        def all_to_all(send, send_splits, recv_splits):
+            self.moved[rank][0] += send.numel()  # all-to-all: the elements this rank sends
+            self.moved[rank][1] += 1
+            self.box[rank] = send.split(send_splits)
+            self.barrier.wait()
+            out = torch.cat([self.box[q][rank] for q in range(self.n)])
+            self.barrier.wait()  # nobody refills the mailbox before every rank has read it
+            assert out.numel() == sum(recv_splits)
+            return out
+
+        return all_to_all
+
+    def all_gather(self, rank: int):
+        def gather(shard):
+            self.box[rank] = shard
+            self.barrier.wait()
+            out = torch.cat(list(self.box))
+            self.barrier.wait()
+            self.moved[rank][0] += out.numel()  # all-gather: the gathered buffer
+            self.moved[rank][1] += 1
+            return out
+
+        return gather
+
+    def run(self, fn):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.n) as pool:
+            return [f.result(timeout=60) for f in [pool.submit(fn, r) for r in range(self.n)]]
+
+
+@pytest.mark.parametrize("strategy", ["owner", "allgather"])
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_sharded_strategies_equal_one_process(strategy, world_size):
+    """Both strategies on 3-4 simulated ranks, matrices cut across up to three shards, equal the
+    unsharded flat update; the owner strategy orthogonalizes each matrix once, on one rank, and
+    step_comm_plan counts the bytes and collectives each rank's update moved."""
+    from zerostep.core.accounting import step_comm_plan
+    from zerostep.core.step import StepPlan
+    from zerostep.parallel.flat import FlatLayout
+
+    entries = [("a.weight", (6, 5)), ("a.bias", (6,)), ("embed.weight", (3, 2)), ("b.weight", (4, 6, 2))]
+    entries += [("c.weight", (3, 5)), ("d.weight", (2, 2))]
+    lay = FlatLayout.build(entries, torch.float32, world_size=world_size, align=1)
+    gen = torch.Generator().manual_seed(6)
+    full = lay.flatten({n: torch.randn(*s, generator=gen) for n, s in entries})
+    grads = [lay.flatten({n: torch.randn(*s, generator=gen) for n, s in entries}) for _ in range(3)]
+    hyper = dict(lr=0.02, weight_decay=0.1, ns_dtype="float32")
+    one = {"u": full.clone()}
+    opt = zo.muon(
+        **hyper,
+        param_pieces={
+            "u": zo.layout_pieces(
+                lay.entries, 0, lay.padded_numel, sharded=False, full_numel=lay.padded_numel
+            )
+        },
+    )
+    state = opt.init(one)
+    for g in grads:
+        opt.update_({"u": g}, state, one)
+    ranks = ThreadRanks(world_size)
+
+    def rank_run(r):
+        lo, hi = lay.shard_range(r)
+        pieces = zo.layout_pieces(lay.entries, lo, hi, sharded=True, full_numel=lay.padded_numel)
+        o = zo.muon(
+            **hyper,
+            param_pieces={"u": pieces},
+            distributed=strategy,
+            exchange=ranks.exchange(r),
+            all_gather=ranks.all_gather(r),
+        )
+        mine = {"u": full[lo:hi].clone()}
+        s = o.init(mine)
+        for g in grads:
+            o.update_({"u": g[lo:hi]}, s, mine)
+        return mine["u"]
+
+    got = torch.cat(ranks.run(rank_run))
+    assert torch.allclose(got, one["u"], rtol=1e-5, atol=1e-6)
+    pieces = zo.layout_pieces(lay.entries, 0, lay.shard_numel, sharded=True, full_numel=lay.padded_numel)
+    matrices = unit_matrices(pieces, "original")
+    owned = [owner_plan(matrices, r, lay.shard_numel, world_size).owned for r in range(world_size)]
+    assert sorted(m for o in owned for m in o) == sorted(matrices)  # each matrix on exactly one rank
+    opt = zo.muon(distributed=strategy)
+    for r in range(world_size):
+        plan = StepPlan({"u": lay}, 1, world_size, r, 1, 1, torch.float32, 0.0, 1.0, None, None)
+        base, full = step_comm_plan(plan), step_comm_plan(plan, optimizer=opt)
+        per_step = [(full.total_bytes - base.total_bytes) // 4, full.calls - base.calls]  # fp32 elements
+        assert ranks.moved[r] == [n * len(grads) for n in per_step] and per_step[1] > 0, r

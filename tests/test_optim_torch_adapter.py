@@ -252,3 +252,13 @@ def test_state_not_shaped_like_the_param_cannot_be_sharded():
     opt = from_torch_optimizer(PerTensorNorm, param_pieces={"u": pieces[0]})
     with pytest.raises(ConfigError, match="cannot be sharded"):
         opt.init({"u": torch.zeros(3)})
+
+
+@pytest.mark.parametrize(
+    "kind, why", [("LBFGS", "needs a closure"), ("sparseadam", "needs sparse gradients")]
+)
+def test_config_parser_names_why_a_torch_class_cannot_run(kind, why):
+    from zerostep.core import Config
+
+    with pytest.raises(ConfigError, match=rf"torch\.optim\.\w+ cannot run in zerostep: it {why}"):
+        Config.from_dict({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": kind}})

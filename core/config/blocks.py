@@ -29,6 +29,7 @@ from zerostep.optim.registry import (
     SCHEDULER_TYPES,
     UNSUPPORTED_OPTIMIZER_TYPES,
 )
+from zerostep.optim.torch_adapter import refused_reason
 
 
 def freeze(value: Any) -> Any:
@@ -108,6 +109,9 @@ def _optimizer_type(path: str, value: Any) -> str:
     if name in OPTIMIZER_TYPES:
         return name
     supported = ", ".join(OPTIMIZER_TYPES)
+    refused = refused_reason(name)
+    if refused is not None:  # LBFGS, SparseAdam: torch.optim classes, not DeepSpeed's
+        raise fail(path, value, f"{refused}; supported types: {supported}")
     if name in UNSUPPORTED_OPTIMIZER_TYPES:
         raise fail(
             path,

@@ -158,7 +158,12 @@ _NO_EFFECT = {
     "pipeline_loading_checkpoint": (False, boolean, "zerostep has no pipeline engine"),
     "log_trace_cache_warnings": (False, boolean, "zerostep has no stage-3 trace cache"),
     "enable_sanity_checks": (False, boolean, "it enables DeepSpeed-internal checks"),
-    "save_muon_momentum_buffer_in_memory": (False, boolean, "zerostep has no Muon or NVMe offload"),
+    "save_muon_momentum_buffer_in_memory": (
+        False,
+        boolean,
+        "it keeps Muon's momentum out of DeepSpeed's NVMe swapping; zerostep has no NVMe offload, and "
+        "Muon's momentum (its exp_avg state) always stays in memory",
+    ),
     "cpu_offload_use_pin_memory": (
         None,
         optional(boolean),

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import zerostep.optim as zo
 from zerostep.errors import ConfigError
 from zerostep.optim.muon import matrix_shape, unit_matrices, update_scale, uses_muon
-from zerostep.optim.muon_shards import owner_plan
+from zerostep.optim.muon_shards import holders, owner_plan
 from zerostep.optim.newton_schulz import newton_schulz
 
 # ------------------------------------------------------------------ an independent fp64 reference
@@ -371,9 +371,10 @@ def test_sharded_strategies_equal_one_process(strategy, world_size):
     from zerostep.core.step import StepPlan
     from zerostep.parallel.flat import FlatLayout
 
-    entries = [("a.weight", (6, 5)), ("a.bias", (6,)), ("embed.weight", (3, 2)), ("b.weight", (4, 6, 2))]
+    # b.weight spans three shards at 4 ranks, with or without aligned entry offsets
+    entries = [("a.weight", (6, 5)), ("a.bias", (6,)), ("embed.weight", (3, 2)), ("b.weight", (4, 6, 4))]
     entries += [("c.weight", (3, 5)), ("d.weight", (2, 2))]
-    lay = FlatLayout.build(entries, torch.float32, world_size=world_size, align=1)
+    lay = FlatLayout.build(entries, torch.float32, world_size=world_size)
     gen = torch.Generator().manual_seed(6)
     full = lay.flatten({n: torch.randn(*s, generator=gen) for n, s in entries})
     grads = [lay.flatten({n: torch.randn(*s, generator=gen) for n, s in entries}) for _ in range(3)]
@@ -414,6 +415,8 @@ def test_sharded_strategies_equal_one_process(strategy, world_size):
     matrices = unit_matrices(pieces, "original")
     owned = [owner_plan(matrices, r, lay.shard_numel, world_size).owned for r in range(world_size)]
     assert sorted(m for o in owned for m in o) == sorted(matrices)  # each matrix on exactly one rank
+    spans = max(len(holders(m, lay.shard_numel)) for m in matrices)
+    assert spans >= 2 and (world_size != 4 or spans == 3)
     opt = zo.muon(distributed=strategy)
     for r in range(world_size):
         plan = StepPlan({"u": lay}, 1, world_size, r, 1, 1, torch.float32, 0.0, 1.0, None, None)

@@ -30,8 +30,8 @@ from zerostep.core.state import FlatParams, Metrics, TrainState, check_not_consu
 from zerostep.io import CheckpointError, load_checkpoint, save_checkpoint
 from zerostep.io.checkpoint import LostContact, SaveHandle, group_timeout_s
 from zerostep.io.codec import dtype_from_name
-from zerostep.io.manifest import CheckpointDir
-from zerostep.io.reshard import read_flat_range
+from zerostep.io.manifest import CheckpointDir, selected
+from zerostep.io.reshard import read_flat_moved, read_flat_range
 from zerostep.parallel.collectives import all_gather_flat
 
 FORMAT = "zerostep-train-state/1"
@@ -88,13 +88,13 @@ def save(
     master = {}
     for g, t in state.master.items():
         master[g] = own(g, t)
-        flat_numel[f"master/{g}"] = plan.layouts[g].numel
+        flat_numel[f"master/{g}"] = plan.layouts[g].extent  # entries and the gaps between them
     opt = {}
     for path, leaf in _opt_leaves(state.opt_state).items():
         g = _flat_group(path, leaf, state.master)
         if g is not None:
             opt[path] = own(g, leaf)
-            flat_numel[f"opt_state/{path}"] = plan.layouts[g].numel
+            flat_numel[f"opt_state/{path}"] = plan.layouts[g].extent
         else:
             opt[path] = leaf
     tree = {
@@ -162,6 +162,41 @@ def _check_model_matches(engine: Any, meta: dict, where: str) -> None:
         shown = "; ".join(sorted(problems)[:20])
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
         raise CheckpointError(where, f"checkpoint does not match the model: {shown}{more}")
+
+
+Moves = dict[str, tuple[tuple[int, int, int], ...]]
+
+
+def _moved_entries(engine: Any, meta: dict) -> Moves:
+    """Group -> ``(offset here, offset saved, numel)`` per entry, for the groups whose saved entries sit
+    at other offsets than this engine's layout puts them: a checkpoint written before entries and shards
+    were aligned (zerostep's back-to-back packing), read entry by entry. Checked to match the model."""
+    out = {}
+    for g, lay in engine.plan.layouts.items():
+        saved = {n: int(offset) for n, _, offset in meta["layouts"][g]["entries"]}
+        moves = tuple((e.offset, saved[e.name], e.numel) for e in lay.entries)
+        if any(here != there for here, there, _ in moves):
+            out[g] = moves
+    return out
+
+
+def _moved_leaf(path: str, kind: str, moved: Moves) -> tuple[tuple[int, int, int], ...] | None:
+    """The moves of flat leaf ``path`` (``master/<group>``, ``opt_state/.../<group>``) if its group moved."""
+    return moved.get(path.rsplit("/", 1)[-1]) if kind == "flat" else None
+
+
+def _read_part(
+    ckpt: CheckpointDir, path: str, start: int, out_or_n: torch.Tensor | int, moved: Moves, **kw: Any
+) -> None:
+    """Elements [start, start + n) of flat leaf ``path`` as this engine lays it out, into ``out`` (or only
+    checked, given a count)."""
+    out = out_or_n if isinstance(out_or_n, torch.Tensor) else None
+    stop = start + (out.numel() if out is not None else out_or_n)
+    moves = _moved_leaf(path, ckpt.leaves[path]["kind"], moved)
+    if moves is None:
+        read_flat_range(ckpt, path, start, stop, out, **kw)
+    else:
+        read_flat_moved(ckpt, path, moves, start, stop, out, **kw)
 
 
 def _check_optimizer_matches(engine: Any, meta: dict, where: str) -> None:
@@ -310,26 +345,26 @@ def _flat_start(engine: Any, t: torch.Tensor) -> int:
     return (engine.plan.rank if engine.plan.sharded_master else 0) * t.numel()
 
 
-def _check_flat_leaves(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tensor]) -> None:
+def _check_flat_leaves(
+    engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tensor], moved: Moves
+) -> None:
     """Every flat leaf ``fills`` reads is in the checkpoint, and its ranges pass their checksums."""
     for path, t in fills.items():
         if ckpt.leaves.get(path, {}).get("kind") != "flat":
             if path.startswith("opt_state/"):
                 raise _missing_opt_leaf(ckpt.path, path.removeprefix("opt_state/"))
             raise CheckpointError(ckpt.path, f"leaf {path!r} missing")
-        start = _flat_start(engine, t)
-        read_flat_range(ckpt, path, start, start + t.numel(), None, verify=True)
+        _read_part(ckpt, path, _flat_start(engine, t), t.numel(), moved, verify=True)
 
 
-def _fill_in_place(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tensor]) -> None:
+def _fill_in_place(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tensor], moved: Moves) -> None:
     """Read each flat leaf into its buffer, checksummed again as it lands. Buffers on another device, or
     of another dtype than saved, go through one host tensor at a time."""
     for path, t in fills.items():
         saved = dtype_from_name(ckpt.leaves[path]["dtype"])
         direct = t.device.type == "cpu" and t.is_contiguous() and t.dtype == saved
         host = t if direct else torch.empty(t.numel(), dtype=saved)
-        start = _flat_start(engine, t)
-        read_flat_range(ckpt, path, start, start + t.numel(), host, verify=True, in_place=direct)
+        _read_part(ckpt, path, _flat_start(engine, t), host, moved, verify=True, in_place=direct)
         if direct:  # written behind autograd's back: let it know, as an in-place op would
             torch.autograd.graph.increment_version(t)
         else:
@@ -380,9 +415,24 @@ def load(
 
     def read() -> tuple[str, dict, Any]:
         where, meta = prepare()
-        tree, _ = load_checkpoint(
-            load_dir, os.path.basename(where), rank=rank, world_size=world, leaves=wanted
-        )
+        tag, moved = os.path.basename(where), _moved_entries(engine, meta)
+        if not moved:
+            tree, _ = load_checkpoint(load_dir, tag, rank=rank, world_size=world, leaves=wanted)
+            return where, meta, tree
+        relaid = {}  # flat leaves of moved groups, read entry by entry at this rank's range
+        with CheckpointDir.open(load_dir, tag) as ckpt:
+            for path, entry in ckpt.leaves.items():
+                if selected(path, wanted) and _moved_leaf(path, entry["kind"], moved) is not None:
+                    t = torch.empty(
+                        _master_numel(plan, path.rsplit("/", 1)[-1]), dtype=dtype_from_name(entry["dtype"])
+                    )
+                    _read_part(ckpt, path, _flat_start(engine, t), t, moved, verify=True)
+                    relaid[path] = t
+            rest = [p for p in ckpt.leaves if selected(p, wanted) and p not in relaid]
+        tree, _ = load_checkpoint(load_dir, tag, rank=rank, world_size=world, leaves=rest)
+        for path, t in relaid.items():
+            top, key = path.split("/", 1)
+            tree[top][key] = t
         return where, meta, tree
 
     where, meta, tree = _agreed(engine, named, read)
@@ -435,7 +485,7 @@ def _load_into(
             if missing:
                 raise _missing_opt_leaf(where, missing[0])
         opened.append(CheckpointDir.open(load_dir, tag))
-        _check_flat_leaves(engine, opened[0], fills)
+        _check_flat_leaves(engine, opened[0], fills, _moved_entries(engine, meta))
         return where, meta, fills, small
 
     try:
@@ -447,7 +497,7 @@ def _load_into(
     loaded = False
     try:
         with opened[0] as ckpt:
-            _fill_in_place(engine, ckpt, fills)
+            _fill_in_place(engine, ckpt, fills, _moved_entries(engine, meta))
         master = {g: fills[f"master/{g}"] for g in plan.layouts}
         params = _params_from(engine, master, into.params.flats)
         if not load_optimizer_states:

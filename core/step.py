@@ -462,7 +462,7 @@ def make_apply_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool)
         # per-parameter gradients (one process) are concatenated here, inside the optimizer's fused
         # kernel, rather than by a separate cat in backward
         grads32 = {
-            g: (t if isinstance(t, torch.Tensor) else torch.cat([p.reshape(-1) for p in t])).float()
+            g: (t if isinstance(t, torch.Tensor) else plan.layouts[g].concat(t)).float()  # [padded_numel]
             for g, t in grads.items()
         }
         # OneCycle's momentum cycle writes (beta1, 0.99) into the betas, as DeepSpeed does.

@@ -6,8 +6,9 @@
     <save_dir>/<tag>/rank_0000r.msgpack  rank r > 0: {leaf path: its shard} of the flat-sharded leaves only
 
 A *flat* leaf is one rank's equal part of a logical 1-D tensor of ``numel`` elements: every rank holds
-``shard_numel(numel, world_size)`` elements, the last part zero-padded. Every other leaf is *replicated*
-and only rank 0 writes it. Leaf paths join dict keys and list indices with '/'.
+``shard_numel(numel, world_size)`` elements (a multiple of 16), the last parts zero-padded; the leaf
+table records that length, which reads go by. Every other leaf is *replicated* and only rank 0 writes
+it. Leaf paths join dict keys and list indices with '/'.
 """
 
 from __future__ import annotations
@@ -39,9 +40,16 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.msgpack"
 
 
+# Flat shards hold a multiple of this many elements, so every rank's part starts 16-byte aligned in any
+# dtype. The same constant as ``zerostep.parallel.flat.ALIGN_ELEMENTS`` (io does not import parallel).
+SHARD_ALIGN = 16
+
+
 def shard_numel(numel: int, world_size: int) -> int:
-    """Elements per rank of a flat tensor; the same rule as ``zerostep.parallel.flat.FlatLayout``."""
-    return max(1, -(-numel // world_size))
+    """Elements per rank of a flat tensor: ``ceil(numel / world_size)`` rounded up to a multiple of
+    ``SHARD_ALIGN`` (at least that); the same rule as ``zerostep.parallel.flat.FlatLayout.shard_numel``.
+    Checkpoints written before the rounding record their own shard size, which reads use."""
+    return -(-max(1, -(-numel // world_size)) // SHARD_ALIGN) * SHARD_ALIGN
 
 
 def tensor_digest(record: TensorRecord) -> int:

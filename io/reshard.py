@@ -1,9 +1,10 @@
 """Resharding on load: a flat leaf saved over W ranks, read as one rank's part for any W'.
 
-Saved rank s holds elements ``[s * L, (s + 1) * L)`` of the logical tensor, L = shard_numel(numel, W);
-the loading rank r needs ``[r * L', (r + 1) * L')``, L' = shard_numel(numel, W'). Each saved file that
-overlaps is asked for exactly the overlapping element range (``PytreeReader.read_elements`` reads just
-those bytes and the checksum blocks around them); the part past ``numel`` is zero padding::
+Saved rank s holds elements ``[s * L, (s + 1) * L)`` of the logical tensor, L the leaf table's
+``shard_numel`` (``shard_numel(numel, W)`` of the version that wrote it); the loading rank r needs
+``[r * L', (r + 1) * L')``, L' = shard_numel(numel, W'). Each saved file that overlaps is asked for
+exactly the overlapping element range (``PytreeReader.read_elements`` reads just those bytes and the
+checksum blocks around them); the part past ``numel`` is zero padding::
 
     saved  W=2:  |---- s0 ----|---- s1 --pad|
     loaded W=3:  |-- r0 --|-- r1 --|-- r2 --pad|      r1 reads the end of s0 and the start of s1
@@ -12,6 +13,7 @@ those bytes and the checksum blocks around them); the part past ``numel`` is zer
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -57,6 +59,29 @@ def read_flat_range(
                 verify=verify,
                 in_place=in_place,
             )
+
+
+def read_flat_moved(
+    ckpt: CheckpointDir,
+    path: str,
+    moves: Sequence[tuple[int, int, int]],
+    start: int,
+    stop: int,
+    out: torch.Tensor | None,
+    verify: bool,
+    in_place: bool = False,
+) -> None:
+    """``read_flat_range`` for a buffer packed differently from the saved leaf: ``moves`` holds
+    ``(offset here, offset saved, numel)`` per piece (a parameter), and ``out`` [stop - start] takes
+    elements [start, stop) of the buffer they describe, zero outside every piece. This reads a
+    checkpoint written with another layout (zerostep's packing before entries were aligned)."""
+    if out is not None:
+        out.zero_()
+    for here, saved, numel in moves:
+        lo, hi = max(start, here), min(stop, here + numel)
+        if lo < hi:
+            part = None if out is None else out[lo - start : hi - start]
+            read_flat_range(ckpt, path, saved + lo - here, saved + hi - here, part, verify, in_place)
 
 
 def load_flat_shard(

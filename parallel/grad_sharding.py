@@ -114,7 +114,7 @@ class ShardedBackward:
             layout = self.layouts[g]
             leaf = self.leaves[g][0]
             buffer = torch.empty(layout.padded_numel, dtype=leaf.dtype, device=leaf.device)
-            buffer[layout.numel :].zero_()  # padding: never a parameter, always a zero gradient
+            layout.zero_padding(buffer)  # gaps and tail: never a parameter, always a zero gradient
             self.buffers[g] = buffer
         return buffer
 

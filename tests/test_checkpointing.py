@@ -169,10 +169,10 @@ def test_load_into_refuses_a_state_of_another_engine_before_reading(tmp_path):
     save_after_split(0, 1, 2, tmp_path)
     engine = engine_for(2, 1)
     others = {
-        "master 'blocks.0' is torch.float32 \\[90\\]": engine_for(2, 1, model=Net(hidden=9)),
+        "master 'blocks.0' is torch.float32 \\[112\\]": engine_for(2, 1, model=Net(hidden=9)),
         "the state's parameters are sharded, this engine's \\(stage 2\\) are whole": engine_for(3, 1),
         "optimizer state is not": engine_for(2, 1, optimizer={"type": "SGD", "params": {"momentum": 0.9}}),
-        "parameters '<root>' are torch.float32 \\[50\\] \\(the master itself\\), want torch.bfloat16": None,
+        "parameters '<root>' are torch.float32 \\[96\\] \\(the master itself\\), want torch.bfloat16": None,
     }
     for message, other in others.items():
         if other is None:  # an fp32 state into a bf16 engine of the same model

@@ -26,6 +26,13 @@ from zerostep.core import activation_checkpointing, agreement
 from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.batching import BatchSpec, check_batch, micro_batches, to_device
 from zerostep.core.compiling import compile_private
+from zerostep.core.compressed_phase import (
+    build_compressed_phases,
+    check_compressed_optimizer,
+    compressed_allreduce_over,
+    local_update_for,
+    padding_ranges,
+)
 from zerostep.core.config import Config
 from zerostep.core.module_binding import bind_module, current_values
 from zerostep.core.monitoring.timers import WallClockTimers
@@ -61,13 +68,7 @@ from zerostep.core.step import (
 )
 from zerostep.core.step_failure import RanksOutOfStepError, RemoteStepError, StepVote
 from zerostep.parallel import groups as dist_groups
-from zerostep.parallel.collectives import (
-    CommCounter,
-    all_gather_flat,
-    all_reduce_flat,
-    all_to_all_flat,
-    attach_shared_memory,
-)
+from zerostep.parallel.collectives import CommCounter, all_gather_flat, all_reduce_flat, attach_shared_memory
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units, unit_module_paths
 
@@ -101,6 +102,8 @@ def initialize(
 
 
 class Engine:
+    _phases = None  # CompressedPhases for 1-bit Adam (core/compressed_phase.py), else None
+
     def __init__(
         self,
         model: nn.Module,
@@ -240,9 +243,13 @@ class Engine:
                 step_forward = self._wait_gathers_around(model, step_forward)
         self._step_forward = step_forward
         self._reducer = make_reduce_scatter(plan, self.group, self.compile)
+        # 1-bit Adam: after freeze_step, local gradients and a compressed momentum (core/compressed_phase.py)
+        self._phases = build_compressed_phases(plan, self.optimizer, self._reducer, self.group)
+        if self._phases is not None:
+            self._reducer = self._phases.reducer
         self._compose_update()
         self.comm = CommCounter()  # host-side byte totals, for benchmarks and monitors
-        self._comm_applied = step_comm_plan(plan, applied=True, optimizer=self.optimizer)
+        self._comm_applied = step_comm_plan(plan, applied=True)
         self._comm_skipped = step_comm_plan(plan, applied=False)
         self._eval_forward = compile_private(self._forward, dynamic=False) if self.compile else self._forward
 
@@ -314,6 +321,9 @@ class Engine:
 
     def _compose_update(self) -> None:
         self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, self.compile)
+        if getattr(self, "_phases", None) is not None:
+            local = local_update_for(self.plan, self.optimizer, self.group)
+            self._sharded_update = self._phases.wrap_update(self._sharded_update, local)
         self._step = compose(self._step_forward, self._scaled_backward, self._reducer, self._sharded_update)
 
     def _group_options(
@@ -331,7 +341,7 @@ class Engine:
         return GroupOptions(param_groups, plan.layouts, ranges, self.device)
 
     def _build_optimizer(self, lrs: list[float] | None = None) -> optim.Optimizer:
-        options = {**self._lamb_options(), **self._per_parameter_options()}
+        options = {**self._lamb_options(), **self._per_parameter_options(), **self._compressed_options()}
         block = self.config.optimizer
         if self.group_options is not None:
             options.update(self.group_options.optimizer_options(lrs))
@@ -366,6 +376,22 @@ class Engine:
             options["norm_reduce"] = lambda sums: all_reduce_flat(sums.reshape(-1), group).reshape(sums.shape)
         return options
 
+    def _compressed_options(self) -> dict[str, Any]:
+        """1-bit Adam: ZeRO stage 0 only (as DeepSpeed); the momentum's compressed all-reduce over the
+        engine's group (parallel/compressed.py), whatever backend the config's comm_backend_name names."""
+        block = self.config.optimizer
+        if block is None or block.type not in optim.COMPRESSED_OPTIMIZER_TYPES:
+            return {}
+        backend = dist.get_backend(self.group) if self.group is not None else None
+        comm_backend = (block.params or {}).get("comm_backend_name", "nccl")
+        note = check_compressed_optimizer(block.type, self.plan.stage, backend, comm_backend)
+        if note:
+            warnings.warn(note, stacklevel=5)
+        group = self.group
+        allreduce = compressed_allreduce_over(group) if self.world_size > 1 else None
+        padding = {g: padding_ranges(lay) for g, lay in self.plan.layouts.items()}
+        return {"compressed_allreduce": allreduce, "world_size": self.world_size, "padding": padding}
+
     def _per_parameter_options(self) -> dict[str, Any]:
         """Muon, mup's and torch.optim's optimizers work per parameter (zerostep.optim.per_parameter):
         tell them which parameter pieces each flat shard holds, how to all-gather a shard (Muon's whole
@@ -385,7 +411,6 @@ class Engine:
         if plan.sharded_master:
             group = self.group
             options["all_gather"] = lambda shard: all_gather_flat(shard, group)
-            options["exchange"] = lambda send, sends, recvs: all_to_all_flat(send, sends, recvs, group)
         if block.type in optim.MUP_OPTIMIZER_TYPES:
             options["param_widths"] = optim.param_widths(self.model.named_parameters())
         return options
@@ -429,6 +454,8 @@ class Engine:
         # weakly: the module's binding must not keep a dropped state's master alive
         self._bound_master = {g: weakref.ref(t) for g, t in state.master.items()}
         self._bound_params = {g: weakref.ref(t) for g, t in state.params.flats.items()}
+        if self._phases is not None:
+            self._phases.switch.set_from(state)
         return state
 
     @property
@@ -534,6 +561,10 @@ class Engine:
         state, client = checkpointing.load(
             self, load_dir, tag, load_optimizer_states=load_optimizer_states, into=into
         )
+        if self._phases is not None:
+            # error feedback is rank-specific (the checkpoint holds rank 0's): restart it, as DeepSpeed does
+            opt_state = optim.fresh_error_feedback(state.opt_state, state.master, self.world_size)
+            state = state.replace(opt_state=opt_state)
         self.bind_module(state)
         return (state, client) if return_client_state else state
 
@@ -564,6 +595,8 @@ class Engine:
             failure = error  # the other ranks must hear of it: the step runs without this rank's work
         step, skipped, seed = int(state.step), int(state.skipped_steps), int(state.seed)
         applied_before = step - skipped
+        if self._phases is not None:
+            self._phases.switch.set_from(state)  # warm-up or compressed (1-bit Adam)
         lr = torch.as_tensor(self.lr_at(applied_before - 1), dtype=torch.float32, device=self.device)
         beta1 = None
         if self.beta1_at is not None:
@@ -643,7 +676,10 @@ class Engine:
         """After an update: byte counts, metrics, counters; consumes ``state`` and returns its successor
         (``engine.step`` and the DeepSpeed facade's ``step()`` both end here)."""
         applied, loss, grad_norm, gathers = result
-        self.comm.record(self._comm_applied if applied else self._comm_skipped)
+        comm_applied = self._comm_applied
+        if self._phases is not None and self._phases.switch.compressed:
+            comm_applied = self._phases.comm_applied
+        self.comm.record(comm_applied if applied else self._comm_skipped)
         metrics = Metrics(
             loss=loss.detach().float().cpu(),
             grad_norm=grad_norm.detach().float().cpu(),
@@ -654,12 +690,15 @@ class Engine:
         mark_consumed(state)
         if gathers is not None:
             state.params.set_in_flight(gathers)  # the returned state shares this FlatParams
-        return state.replace(
+        successor = state.replace(
             step=state.step + 1,
             skipped_steps=state.skipped_steps + (0 if applied else 1),
             scaler=scaler,
             metrics=metrics,
         )
+        if self._phases is not None:
+            self._phases.switch.set_from(successor)  # the DeepSpeed facade's next window
+        return successor
 
     @staticmethod
     def _consume_if_written(state: TrainState, outcome: dict[str, Any], error: BaseException) -> None:

@@ -6,8 +6,9 @@
     opt.update_(grads, state, params, lr, grad_scale=scale)        # in place (the engine's path)
     lr_at = zerostep.optim.lr_schedule({"type": "WarmupLR", "params": {}}, opt.lr)
 
-Besides adam, adamw, lamb, adagrad, sgd and lion: ``muon`` (DeepSpeed's MuonWithAuxAdam), mup's
-MuAdam/MuAdamW/MuSGD (``mu_optimizer``), and any torch.optim class or instance
+Besides adam, adamw, lamb, adagrad, sgd and lion: DeepSpeed's 1-bit Adam (``onebit_adam``,
+compressed momentum after ``freeze_step``; the engine supplies its collective); ``muon`` (DeepSpeed's
+MuonWithAuxAdam), mup's MuAdam/MuAdamW/MuSGD (``mu_optimizer``), and any torch.optim class or instance
 (``from_torch_optimizer(torch.optim.RMSprop, {"lr": 1e-3})``), as DeepSpeed's engine builds them.
 
 triton is optional: importing this package never requires it.
@@ -22,8 +23,10 @@ from zerostep.optim.lion import LionState, lion
 from zerostep.optim.muon import MuonState, muon
 from zerostep.optim.mup import WidthInfo, mu_optimizer, param_widths
 from zerostep.optim.newton_schulz import newton_schulz
+from zerostep.optim.onebit_adam import OneBitAdamState, compressed_phase, fresh_error_feedback, onebit_adam
 from zerostep.optim.pieces import FlatPieces, ParamPiece, layout_pieces
 from zerostep.optim.registry import (
+    COMPRESSED_OPTIMIZER_TYPES,
     MUP_OPTIMIZER_TYPES,
     OPTIMIZER_TYPES,
     PER_PARAMETER_TYPES,
@@ -40,6 +43,7 @@ from zerostep.optim.torch_adapter import (
 )
 
 __all__ = [
+    "COMPRESSED_OPTIMIZER_TYPES",
     "ONE_CYCLE_BETA2",
     "MUP_OPTIMIZER_TYPES",
     "OPTIMIZER_TYPES",
@@ -52,6 +56,7 @@ __all__ = [
     "LambState",
     "LionState",
     "MuonState",
+    "OneBitAdamState",
     "Optimizer",
     "ParamPiece",
     "SgdState",
@@ -61,6 +66,8 @@ __all__ = [
     "adagrad",
     "adam",
     "adamw",
+    "compressed_phase",
+    "fresh_error_feedback",
     "from_config",
     "from_torch_optimizer",
     "lamb",
@@ -71,6 +78,7 @@ __all__ = [
     "mu_optimizer",
     "muon",
     "newton_schulz",
+    "onebit_adam",
     "param_widths",
     "sgd",
     "torch_optimizer_class",

@@ -10,6 +10,7 @@ Where DeepSpeed would fail with a ``TypeError`` on an unexpected keyword, zerost
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,8 +20,10 @@ from zerostep.optim.adam import adam
 from zerostep.optim.base import Optimizer, PerLeaf
 from zerostep.optim.lamb import lamb
 from zerostep.optim.lion import lion
+from zerostep.optim.onebit_adam import onebit_adam
 from zerostep.optim.per_parameter import per_parameter_from_config
 from zerostep.optim.registry import (
+    COMPRESSED_OPTIMIZER_TYPES,
     OPTIMIZER_TYPES,
     PER_PARAMETER_TYPES,
     TORCH_REFUSED_TYPES,
@@ -38,8 +41,13 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "adagrad": dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10),
     "sgd": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
     "lion": dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0),
+    # DeepSpeed's OnebitAdam (deepspeed/runtime/fp16/onebit/adam.py, removed after 0.17)
+    "onebitadam": dict(lr=1e-3, freeze_step=100000, bias_correction=True, betas=(0.9, 0.999), eps=1e-8,
+                       eps_inside_sqrt=False, weight_decay=0.0, amsgrad=False, cuda_aware=False,
+                       comm_backend_name="nccl"),
 }
-_FACTORIES = {"adam": adam, "lamb": lamb, "adagrad": adagrad, "sgd": sgd, "lion": lion}
+_FACTORIES = {"adam": adam, "lamb": lamb, "adagrad": adagrad, "sgd": sgd, "lion": lion,
+              "onebitadam": onebit_adam}
 
 
 def block_parts(block: Any, what: str) -> tuple[str | None, dict[str, Any]]:
@@ -67,16 +75,20 @@ def from_config(
     norm_reduce: Any = None,
     param_pieces: PerLeaf = None,
     all_gather: Any = None,
-    exchange: Any = None,
     schedule_sets_lr: bool = False,
     param_widths: Any = None,
+    compressed_allreduce: Any = None,
+    world_size: int = 1,
+    padding: Any = None,
 ) -> Optimizer:
     """Build the optimizer a DeepSpeed ``"optimizer": {"type": ..., "params": {...}}`` block names.
 
     ``trust_segments`` and ``norm_reduce`` reach LAMB only (see ``zerostep.optim.lamb``): how a flat
     shard splits into parameters, and how partial norms are summed over ranks. ``param_pieces``,
-    ``all_gather``, ``exchange``, ``schedule_sets_lr`` and ``param_widths`` reach the per-parameter
-    types (Muon, mup's, torch.optim's; see ``zerostep.optim.per_parameter``)."""
+    ``all_gather``, ``schedule_sets_lr`` and ``param_widths`` reach the per-parameter types (Muon, mup's,
+    torch.optim's; see ``zerostep.optim.per_parameter``). ``compressed_allreduce``,
+    ``world_size`` and ``padding`` reach the compressed-communication types
+    (``COMPRESSED_OPTIMIZER_TYPES``)."""
     kind, params = block_parts(block, "optimizer")
     if kind is None:
         raise ConfigError(f"optimizer.type: missing; supported types are {list(OPTIMIZER_TYPES)}")
@@ -92,7 +104,6 @@ def from_config(
                           "DeepSpeed); use the top-level 'gradient_clipping' instead")
     if name in PER_PARAMETER_TYPES or name in TORCH_REFUSED_TYPES:  # the latter: torch_adapter says why not
         return per_parameter_from_config(kind, params, param_pieces=param_pieces, all_gather=all_gather,
-                                         exchange=exchange,
                                          schedule_sets_lr=schedule_sets_lr, param_widths=param_widths,
                                          use_triton=use_triton, lr_multipliers=lr_multipliers,
                                          weight_decay_mask=weight_decay_mask)
@@ -112,6 +123,9 @@ def from_config(
         defaults = dict(_DEFAULTS[name])
         if name == "lamb":
             extra.update(use_triton=use_triton, trust_segments=trust_segments, norm_reduce=norm_reduce)
+        if name in COMPRESSED_OPTIMIZER_TYPES:
+            extra.update(compressed_allreduce=compressed_allreduce, world_size=world_size, padding=padding)
+            _warn_compressed_no_ops(kind, params)
 
     unknown = sorted(set(params) - set(defaults))
     if unknown:
@@ -119,6 +133,22 @@ def from_config(
                           f"accepted keys are {sorted(defaults)}")
     merged = {**defaults, **{key: _checked_value(key, value, defaults[key]) for key, value in params.items()}}
     return _FACTORIES[base](**merged, **extra)
+
+
+def _warn_compressed_no_ops(kind: str, params: dict[str, Any]) -> None:
+    """Keys DeepSpeed's compressed optimizers accept and never use, and ``cuda_aware`` (an MPI switch)."""
+    for key in ("bias_correction", "eps_inside_sqrt"):
+        if params.get(key) is True:
+            warnings.warn(f"optimizer.params.{key} = true has no effect for {kind} (DeepSpeed's ignores it "
+                          "too: no bias correction, eps outside the root)", stacklevel=4)
+    if params.get("cuda_aware") is True:
+        warnings.warn(f"optimizer.params.cuda_aware = true has no effect for {kind} in zerostep: its "
+                      "compressed exchange runs over the engine's process group, on whatever device that "
+                      "group uses", stacklevel=4)
+    backend = params.get("comm_backend_name", "nccl")
+    if not isinstance(backend, str):
+        raise ConfigError(f"optimizer.params.comm_backend_name: {_show(backend)} is invalid; it must be a "
+                          "string")
 
 
 # --- value validation: the kind each default has, in the range the float32 optimizer math can hold ---

@@ -7,7 +7,17 @@ for any other name ``getattr(torch.optim, name)``; so does zerostep (matching na
 
 import torch
 
-NATIVE_OPTIMIZER_TYPES: tuple[str, ...] = ("adam", "adamw", "lamb", "adagrad", "sgd", "lion")
+# DeepSpeed's compressed-communication optimizers (ZeRO stage 0 only; optim/onebit_adam.py)
+COMPRESSED_OPTIMIZER_TYPES: tuple[str, ...] = ("onebitadam",)
+NATIVE_OPTIMIZER_TYPES: tuple[str, ...] = (
+    "adam",
+    "adamw",
+    "lamb",
+    "adagrad",
+    "sgd",
+    "lion",
+    *COMPRESSED_OPTIMIZER_TYPES,
+)
 MUON_TYPE = "muon"  # DeepSpeed's MuonWithAuxAdam (not torch.optim.Muon, which the name would otherwise reach)
 MUP_OPTIMIZER_TYPES: tuple[str, ...] = ("muadam", "muadamw", "musgd")
 
@@ -47,7 +57,6 @@ SCHEDULER_TYPES: tuple[str, ...] = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR
 
 # Optimizers zerostep does not implement; named in errors so users see why.
 UNSUPPORTED_OPTIMIZER_TYPES: tuple[str, ...] = (
-    "onebitadam",
     "onebitlamb",
     "zerooneadam",
     "fusedadam",

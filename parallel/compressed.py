@@ -25,7 +25,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from zerostep.parallel.collectives import ALL_GATHER, ALL_TO_ALL, CommOp, CommPlan
+from zerostep.parallel.collectives import ALL_GATHER, CommOp, CommPlan
+
+ALL_TO_ALL = "all_to_all"  # the CommOp kind: this rank's sent bytes
 
 # bit weights of one packed byte, most significant first (numpy's packbits order)
 _BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)

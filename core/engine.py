@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerostep import optim
-from zerostep.core import activation_checkpointing, agreement
+from zerostep.core import activation_checkpointing, agreement, deferred_init
 from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.batching import BatchSpec, check_batch, micro_batches, to_device
 from zerostep.core.compiling import compile_private
@@ -147,7 +147,21 @@ class Engine:
         if not trainable:
             raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
         backend = dist.get_backend(self.group) if dist.is_initialized() else None
-        self.device = dist_groups.check_model_devices({n: p.device for n, p in trainable.items()}, backend)
+        devices = {n: p.device for n, p in trainable.items()}
+        if any(d.type == "meta" for d in devices.values()):
+            # built under zerostep.zero.Init: materialized here, a unit at a time (core/deferred_init.py)
+            deferred = _deferred_device(backend)
+            devices = {n: deferred if d.type == "meta" else d for n, d in devices.items()}
+            missing = [
+                n for n, p in model.named_parameters() if p.is_meta and not deferred_init.is_deferred(p)
+            ]
+            if missing:
+                raise ValueError(
+                    f"parameter {missing[0]!r} is on the meta device without a zerostep.zero.Init record "
+                    "of its values; build the model inside zerostep.zero.Init(), or on a real device"
+                )
+            deferred_init.materialize_module_constants(model, deferred)
+        self.device = dist_groups.check_model_devices(devices, backend)
         # per-phase timers of engine.step (wall_clock_breakdown), read by wall_clock_timers()
         self.timers = WallClockTimers(self.device) if config.wall_clock_breakdown else None
         self.compute_dtype = compute_dtype_of(config)
@@ -420,8 +434,13 @@ class Engine:
     def init(self, seed: int = 0) -> TrainState:
         """A fresh state from the model's current parameter values (rank 0's values on every rank)."""
         named = current_values(self.model)  # stage-3 placeholders: gathered from their engine
+        deferred = [t for t in named.values() if t.is_meta]
+        if deferred:  # zerostep.zero.Init: each unit materialized when buffers_from reads it
+            named = deferred_init.MaterializingValues(named)
         master, flats = self.buffers_from(named, broadcast=self.world_size > 1)
-        return self.bind_module(self.state_from(master, flats, seed=seed))
+        state = self.bind_module(self.state_from(master, flats, seed=seed))
+        deferred_init.forget(deferred)  # the module's parameters are real (or placeholders) now
+        return state
 
     def buffers_from(
         self, values: Mapping[str, torch.Tensor], broadcast: bool = False
@@ -793,6 +812,14 @@ class Engine:
 
         check_not_consumed(state, "engine.full_params")
         return full_params(self, state)
+
+
+def _deferred_device(backend: str | None) -> torch.device:
+    """Where a model built under ``zero.Init`` goes: this rank's GPU when there is one (DeepSpeed puts
+    it on the accelerator), else the CPU."""
+    if backend == "nccl" or (backend is None and torch.cuda.is_available()):
+        return dist_groups.local_rank_device()
+    return torch.device("cpu")
 
 
 def default_overlap_comm(stage: int, backend: str | None, shared_memory: bool) -> bool:

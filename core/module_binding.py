@@ -115,16 +115,26 @@ def bind_module(
                 param = model.get_parameter(entry.name)
                 if sharded:
                     placeholder = torch.empty(0, dtype=flats[group].dtype, device=flats[group].device)
-                    param.data = placeholder
+                    _set_data(param, placeholder)
                     param.ds_shape = entry.shape  # DeepSpeed's name for a released parameter's shape
                     param.ds_numel = entry.numel
                 else:
-                    param.data = views[entry.name]
+                    _set_data(param, views[entry.name])
                     for attr in ("ds_shape", "ds_numel"):
                         if hasattr(param, attr):
                             delattr(param, attr)
                 setattr(param, _HOME, ParamHome(ref, group, entry.name, entry.shape))
         _bind_constants(model, constants)
+
+
+def _set_data(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param.data = value``; a meta parameter (built under ``zero.Init``) cannot take real data that
+    way, so it swaps contents with a parameter over ``value``: the object (which optimizers, hooks and
+    the script hold) stays the same."""
+    if param.is_meta and not value.is_meta:
+        torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=param.requires_grad))
+    else:
+        param.data = value
 
 
 def _bind_constants(model: nn.Module, constants: dict[str, torch.Tensor]) -> None:

@@ -146,6 +146,7 @@ def two_ranks(rank: int, world: int, save_dir: str) -> dict:
         history.append({g: x.clone() for g, x in state.master.items()})
         if t == 2:
             engine.save(state, save_dir)
+            out["saved_exp_avg"] = {g: x.clone() for g, x in state.opt_state.exp_avg.items()}
     out["history"], out["comm"] = history, comm
     # resume after freeze_step: the load restarts error feedback and step 4 runs compressed
     resumed = initialize(Net(), make_config(world), loss_fn=mse, compile=False)
@@ -164,8 +165,13 @@ def two_ranks(rank: int, world: int, save_dir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return spawn_ranks(two_ranks, 2, str(tmp_path_factory.mktemp("onebit")), timeout=300)
+def save_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("onebit"))
+
+
+@pytest.fixture(scope="module")
+def ranks(save_dir):
+    return spawn_ranks(two_ranks, 2, save_dir, timeout=300)
 
 
 def test_two_ranks_equal_the_simulation_before_and_after_freeze_step(ranks):
@@ -197,6 +203,21 @@ def test_resume_after_freeze_step_continues_compressed(ranks):
         assert out["loaded_errors"] == 0.0
         for g, x in out["resumed"].items():
             torch.testing.assert_close(x.double(), want[g], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_after_freeze_step_loads_at_one_rank(ranks, save_dir):
+    """The moments reshard like any flat leaf; the error buffers restart, sized for the new world."""
+    engine = initialize(Net(), make_config(1), loss_fn=mse, compile=False)
+    for into in (None, engine.init()):
+        state = engine.load(save_dir, into=into)
+        assert int(state.step) == 3 and engine._phases.switch.compressed
+        assert all(t.shape == (0, 0) for t in state.opt_state.worker_error.values())
+        for g, m in state.opt_state.exp_avg.items():
+            saved = ranks[0]["saved_exp_avg"][g]
+            extent = max(offset + math.prod(shape) for _, shape, offset in ranks[0]["layouts"][g][0])
+            torch.testing.assert_close(m[:extent], saved[:extent], rtol=0, atol=0)
+        state = engine.step(state, batches(1)[3])
+        assert torch.isfinite(state.metrics.loss)
 
 
 def test_fp16_unscales_the_local_gradient(ranks):

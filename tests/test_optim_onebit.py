@@ -161,6 +161,14 @@ def two_ranks(rank: int, world: int, save_dir: str) -> dict:
         state = engine.step(state, rank_batch(batch, rank))
     out["fp16"] = {g: x.clone() for g, x in state.master.items()}
     out["fp16_skipped"] = int(state.skipped_steps)
+    # an overflow on rank 1 only, in the compressed phase: every rank skips (no half-run exchange)
+    x, y = rank_batch(batches(world)[0], rank)
+    if rank == 1:
+        x = x.clone()
+        x[0, 0] = float("inf")
+    state = engine.step(state, (x, y))
+    out["overflow_skipped"] = int(state.skipped_steps)
+    out["overflow_unchanged"] = all(torch.equal(state.master[g], t) for g, t in out["fp16"].items())
     return out
 
 
@@ -226,6 +234,7 @@ def test_fp16_unscales_the_local_gradient(ranks):
     start = sum(float((flats0[g].double() - want[g]).abs().max()) for g in want)
     for out in ranks:
         assert out["fp16_skipped"] == 0
+        assert out["overflow_skipped"] == 1 and out["overflow_unchanged"]
         err = sum(float((out["fp16"][g].double() - want[g]).abs().max()) for g in want)
         # fp16 rounding may flip a few signs of the compressed momentum; an unscaled (x256) or
         # wrongly averaged gradient would be far off

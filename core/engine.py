@@ -68,7 +68,13 @@ from zerostep.core.step import (
 )
 from zerostep.core.step_failure import RanksOutOfStepError, RemoteStepError, StepVote
 from zerostep.parallel import groups as dist_groups
-from zerostep.parallel.collectives import CommCounter, all_gather_flat, all_reduce_flat, attach_shared_memory
+from zerostep.parallel.collectives import (
+    CommCounter,
+    all_gather_flat,
+    all_reduce_flat,
+    all_to_all_flat,
+    attach_shared_memory,
+)
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units, unit_module_paths
 
@@ -263,7 +269,7 @@ class Engine:
             self._reducer = self._phases.reducer
         self._compose_update()
         self.comm = CommCounter()  # host-side byte totals, for benchmarks and monitors
-        self._comm_applied = step_comm_plan(plan, applied=True)
+        self._comm_applied = step_comm_plan(plan, applied=True, optimizer=self.optimizer)
         self._comm_skipped = step_comm_plan(plan, applied=False)
         self._eval_forward = compile_private(self._forward, dynamic=False) if self.compile else self._forward
 
@@ -425,6 +431,7 @@ class Engine:
         if plan.sharded_master:
             group = self.group
             options["all_gather"] = lambda shard: all_gather_flat(shard, group)
+            options["exchange"] = lambda send, sends, recvs: all_to_all_flat(send, sends, recvs, group)
         if block.type in optim.MUP_OPTIMIZER_TYPES:
             options["param_widths"] = optim.param_widths(self.model.named_parameters())
         return options

@@ -75,6 +75,7 @@ def from_config(
     norm_reduce: Any = None,
     param_pieces: PerLeaf = None,
     all_gather: Any = None,
+    exchange: Any = None,
     schedule_sets_lr: bool = False,
     param_widths: Any = None,
     compressed_allreduce: Any = None,
@@ -85,8 +86,8 @@ def from_config(
 
     ``trust_segments`` and ``norm_reduce`` reach LAMB only (see ``zerostep.optim.lamb``): how a flat
     shard splits into parameters, and how partial norms are summed over ranks. ``param_pieces``,
-    ``all_gather``, ``schedule_sets_lr`` and ``param_widths`` reach the per-parameter types (Muon, mup's,
-    torch.optim's; see ``zerostep.optim.per_parameter``). ``compressed_allreduce``,
+    ``all_gather``, ``exchange``, ``schedule_sets_lr`` and ``param_widths`` reach the per-parameter
+    types (Muon, mup's, torch.optim's; see ``zerostep.optim.per_parameter``). ``compressed_allreduce``,
     ``world_size`` and ``padding`` reach the compressed-communication types
     (``COMPRESSED_OPTIMIZER_TYPES``)."""
     kind, params = block_parts(block, "optimizer")
@@ -104,6 +105,7 @@ def from_config(
                           "DeepSpeed); use the top-level 'gradient_clipping' instead")
     if name in PER_PARAMETER_TYPES or name in TORCH_REFUSED_TYPES:  # the latter: torch_adapter says why not
         return per_parameter_from_config(kind, params, param_pieces=param_pieces, all_gather=all_gather,
+                                         exchange=exchange,
                                          schedule_sets_lr=schedule_sets_lr, param_widths=param_widths,
                                          use_triton=use_triton, lr_multipliers=lr_multipliers,
                                          weight_decay_mask=weight_decay_mask)

@@ -48,7 +48,7 @@ def test_client_optimizer_script_on_two_ranks(tmp_path):
     assert out["epochs"] == 2 and out["lr"] == [0.01, 0.01]
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [3])  # stage 0 in one process is the facade tests' own ground
 def test_config_optimizer_script_in_one_process(tmp_path, stage):
     config = {
         "train_batch_size": 8,

@@ -112,9 +112,11 @@ def test_draw_cases_cover_edge_shapes():
     assert len({dtype for case in drawn for _, dtype in case}) >= 5
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_shard_then_gather_is_identity_on_real_ranks(world_size):
-    """One spawn per world size runs every case through the real gloo all-gather."""
+    """One spawn per world size runs every case through the real gloo all-gather (the layouts of world
+    sizes up to 9 are checked in process by the alignment property; 4-5 real ranks on 2 cores cost
+    40 s of suite time for no other path)."""
     drawn = _draw_cases(40)
     if world_size == 1:
         assert _gather_all_cases(0, 1, drawn) == len(drawn)

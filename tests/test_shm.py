@@ -92,7 +92,7 @@ def test_half_precision_sums_of_three_round_once():
     assert spawn_ranks(half_precision_sums, 3, timeout=60) == [True] * 3
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [3])  # 2 ranks: every other shm test runs at 2
 def test_shared_memory_collectives_equal_the_sums(world_size):
     results = spawn_ranks(check_collectives, world_size, timeout=120)
     assert results == [len(DTYPES) * len(SIZES)] * world_size

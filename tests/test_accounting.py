@@ -45,7 +45,7 @@ def reachable_storage_bytes(*roots: object) -> int:
 
 def _filled(cell) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
     except ValueError:
         return False
     return True

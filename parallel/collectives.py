@@ -56,15 +56,38 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
 from zerostep.parallel.shm import SharedMemoryChannel
 
 Group = dist.ProcessGroup | None
 
+
+def _funcol():
+    """``torch.distributed._functional_collectives``, imported when a step is first traced: importing it
+    imports ``torch._dynamo`` (1.8 s per process), which eager ranks never need."""
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol
+
+
 # torch 2.13 renamed the tensor collectives to ``*_single`` (the old names warn); 2.11 has only the old ones.
-_reduce_scatter = getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)
-_all_gather = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)
+def _reduce_scatter(flat: torch.Tensor, op: str, dim: int, group: Group) -> torch.Tensor:
+    funcol = _funcol()
+    return getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)(flat, op, dim, group)
+
+
+def _all_gather(shard: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    funcol = _funcol()
+    return getattr(funcol, "all_gather_single", funcol.all_gather_tensor)(shard, dim, group)
+
+
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` at import time: the
+    decorator only marks the function (tests/test_collectives.py checks the mark is still torch's)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Same rename for the in-place c10d ops used in eager mode.
 c10d_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 c10d_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -151,7 +174,7 @@ def _gloo_native_requested() -> bool:
     return os.environ.get("ZEROSTEP_GLOO_COLLECTIVES", "").lower() == "native"
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def uses_exchange_algorithms(group: dist.ProcessGroup) -> bool:
     """Whether ``group``'s reduce-scatter and all-gather run as all-to-all + sum and broadcasts (gloo)."""
     return not _gloo_native_requested() and dist.get_backend(group) == dist.Backend.GLOO
@@ -320,6 +343,7 @@ def _all_reduce_into(flat: torch.Tensor, group: Group) -> Pending:
 
 
 def _traced_reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    funcol = _funcol()
     if not uses_exchange_algorithms(group):
         return funcol.wait_tensor(_reduce_scatter(flat, "sum", 0, group))
     received = funcol.wait_tensor(funcol.all_to_all_single(flat, None, None, group))
@@ -327,6 +351,7 @@ def _traced_reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup) -> torc
 
 
 def _traced_all_gather(shard: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    funcol = _funcol()
     if not uses_exchange_algorithms(group):
         return funcol.wait_tensor(_all_gather(shard, 0, group))
     # funcol's broadcast takes the group rank; on other ranks ``shard`` only gives the shape
@@ -355,6 +380,7 @@ def all_reduce_flat(flat: torch.Tensor, group: Group = None, bucket_numel: int |
         for start, end in buckets:
             all_reduce_into(out[start:end], group)  # a 1-D slice of a contiguous buffer is contiguous
         return out
+    funcol = _funcol()
     pieces = [funcol.wait_tensor(funcol.all_reduce(flat[start:end], "sum", group)) for start, end in buckets]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -436,6 +462,7 @@ def all_to_all_flat(
         else:
             _hand_over(issue(), False)
         return out
+    funcol = _funcol()
     return funcol.wait_tensor(funcol.all_to_all_single(send.contiguous(), recv_splits, send_splits, group))
 
 

@@ -172,3 +172,16 @@ def test_plan_counts_bucket_calls_and_counter_accumulates():
     assert counter.bytes_per_step == 48 + 96
     counter.reset()
     assert counter.total_bytes == 0 and counter.bytes_per_step == 0.0
+
+
+def test_the_constant_mark_is_torchs_own():
+    # parallel/collectives.py marks uses_exchange_algorithms as torch.compiler.assume_constant_result does,
+    # without importing torch._dynamo at import time; a torch that marks differently fails here
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    flags = {k: v for k, v in vars(marked).items() if k.startswith("_dynamo")}
+    from zerostep.parallel.collectives import uses_exchange_algorithms
+
+    assert flags and all(getattr(uses_exchange_algorithms, k, None) == v for k, v in flags.items())

@@ -76,8 +76,9 @@ def save_checkpoint(
 
 
 def _frozen_parameters(module: Any) -> dict[str, Any]:
-    """name -> a CPU copy of each frozen parameter (the model's own tensor, not in the engine's state)."""
-    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    """name -> each frozen parameter on the CPU (the model's own tensor, not in the engine's state; the
+    save writes or snapshots it, so no copy here)."""
+    return {n: p.detach().cpu() for n, p in module.named_parameters() if not p.requires_grad}
 
 
 def _restore_frozen(engine: Any, saved: dict[str, Any], where: str) -> None:

@@ -65,6 +65,9 @@ class Init:
         "zero_quantized_nontrainable_weights": "ZeRO++ quantized weights are not implemented",
         "param_swapper": "parameter offload is not implemented",
         "mpu": "model parallelism is not implemented",
+        "data_parallel_group": "the engine shards over the default process group at initialize",
+        "zero_param_parallel_group": "ZeRO++ hierarchical partitioning is not implemented",
+        "sequence_data_parallel_group": "sequence parallelism is not implemented",
     }
 
     def __init__(
@@ -82,10 +85,9 @@ class Init:
         **kwargs: Any,
     ) -> None:
         given = {"remote_device": remote_device, "pin_memory": pin_memory or None, "dtype": dtype, "mpu": mpu}
+        given["data_parallel_group"] = data_parallel_group
         given.update({k: v for k, v in kwargs.items() if k in self._NO_EFFECT})
-        unknown = sorted(
-            set(kwargs) - set(self._NO_EFFECT) - {"zero_param_parallel_group", "sequence_data_parallel_group"}
-        )
+        unknown = sorted(set(kwargs) - set(self._NO_EFFECT))
         if unknown:
             raise TypeError(f"zerostep.zero.Init() got unexpected keyword arguments {unknown}")
         for name, value in given.items():

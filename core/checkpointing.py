@@ -232,7 +232,7 @@ def _scaler(engine: Any, meta: dict, saved: dict) -> ScalerState:
     use without fp16), as a fresh fp16 run starts at its configured initial scale."""
     fp16 = engine.plan.compute_dtype == torch.float16
     if (meta.get("compute_dtype") == "float16") != fp16:
-        return loss_scale_init(engine.config.fp16)
+        return loss_scale_init(engine.loss_scaling)
     return ScalerState(**{k: v.clone() for k, v in saved.items()})
 
 

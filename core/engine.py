@@ -24,6 +24,7 @@ from torch import nn
 from zerostep import optim
 from zerostep.core import activation_checkpointing, agreement, deferred_init
 from zerostep.core.accounting import memory_report, step_comm_plan
+from zerostep.core.autocast import autocast_plan_of, check_autocast_model, loss_scaling_of, under_autocast
 from zerostep.core.batching import BatchSpec, check_batch, micro_batches, to_device
 from zerostep.core.compiling import compile_private
 from zerostep.core.compressed_phase import (
@@ -171,6 +172,9 @@ class Engine:
         # per-phase timers of engine.step (wall_clock_breakdown), read by wall_clock_timers()
         self.timers = WallClockTimers(self.device) if config.wall_clock_breakdown else None
         self.compute_dtype = compute_dtype_of(config)
+        self.autocast = autocast_plan_of(config, self.device)  # torch_autocast (core/autocast.py)
+        check_autocast_model(config, self.autocast, model, self.compute_dtype)
+        self.loss_scaling = loss_scaling_of(config)
         zero = config.zero_optimization
         if zero.offload_optimizer is not None or zero.offload_param is not None:
             if self.device.type != "cpu":
@@ -249,13 +253,15 @@ class Engine:
             )
         self.plan = plan = dataclasses.replace(plan, overlap_comm=overlap)
         self._checkpoint_activations(model, plan)
-        self._forward = make_forward(model, self.loss_fn, plan.layouts, self._constants)
+        self._forward = under_autocast(
+            make_forward(model, self.loss_fn, plan.layouts, self._constants), self.autocast
+        )
         self._runner = None
         if plan.stage == 3:
             units = [Unit(g, lay) for g, lay in plan.layouts.items()]
             self._runner = Zero3Runner(model, units, self.group)
             self._scaled_backward = make_zero3_backward(self._runner, plan.accumulation_steps)
-            step_forward = make_module_forward(self.loss_fn, self._constants)
+            step_forward = under_autocast(make_module_forward(self.loss_fn, self._constants), self.autocast)
         else:
             self._scaled_backward = make_scaled_backward(plan, self.compile and not overlap)
             step_forward = self._forward
@@ -513,7 +519,7 @@ class Engine:
             params=FlatParams(flats, dict(self.plan.layouts), sharded=self.plan.stage == 3),
             master=master,
             opt_state=self.init_optimizer_state(master) if opt_state is None else opt_state,
-            scaler=loss_scale_init(self.config.fp16),
+            scaler=loss_scale_init(self.loss_scaling),
             metrics=empty_metrics(),
         )
 
@@ -685,11 +691,11 @@ class Engine:
         that cannot be used) leaves ``state`` valid. Records ``scaler`` and ``writing`` in ``outcome``."""
 
         def before_write(applied: bool) -> None:
-            scaler = loss_scale_update(state.scaler, not applied, self.config.fp16)
+            scaler = loss_scale_update(state.scaler, not applied, self.loss_scaling)
             if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
                 raise LossScaleError(
                     f"step {int(state.step)}: fp16 gradients overflowed with the loss scale already at "
-                    f"min_loss_scale={self.config.fp16.min_loss_scale}; the state passed in is unchanged "
+                    f"min_loss_scale={self.loss_scaling.min_loss_scale}; the state passed in is unchanged "
                     "and still valid (lower the learning rate, raise min_loss_scale's headroom, or use bf16)"
                 )
             outcome.update(scaler=scaler, writing=applied)

@@ -25,6 +25,7 @@ from typing import Any
 import optree
 import torch
 
+from zerostep.core.autocast import under_autocast
 from zerostep.core.compiling import compile_private
 from zerostep.core.state import TrainState, check_not_consumed
 from zerostep.core.step import UpdateResult
@@ -42,9 +43,11 @@ class MicroSteps:
         self.gas = int(engine.plan.accumulation_steps)  # backward divides by it (DeepSpeed's 1/GAS)
         engine._reducer.reset()
         plan = engine.plan
+        call = under_autocast(_call_module, engine.autocast)  # torch_autocast (core/autocast.py)
+        self._call_module = call
         if plan.stage < 3:
             # a private code object per engine: many engines in one process never share dynamo's cache
-            self._call = compile_private(_call_module, dynamic=None) if engine.compile else _call_module
+            self._call = compile_private(call, dynamic=None) if engine.compile else call
 
     # ------------------------------------------------------------------ state
 
@@ -98,11 +101,11 @@ class MicroSteps:
         engine = self.engine
         if not torch.is_grad_enabled():
             with engine._runner.session(self.state.params.flats, track_grads=False) as session:
-                return session.run(lambda module: _call_module(module, engine._constants, args, kwargs))
+                return session.run(lambda module: self._call_module(module, engine._constants, args, kwargs))
         if self._zero3 is None:
             self._zero3 = engine._runner.session(self.state.params.flats)
             self._zero3.__enter__()
-        return self._zero3.run(lambda module: _call_module(module, engine._constants, args, kwargs))
+        return self._zero3.run(lambda module: self._call_module(module, engine._constants, args, kwargs))
 
     def backward(
         self, loss: torch.Tensor, boundary: bool, *, scale_wrt_gas: bool = True, retain_graph: bool = False

@@ -490,7 +490,6 @@ def test_not_a_dict():
         ("amp", {"enabled": True, "opt_level": "O1"}),
         ("aio", {"block_size": 1048576}),
         ("autotuning", {"enabled": True}),
-        ("torch_autocast", {"enabled": True}),
         ("compile", {"deepcompile": True}),
     ],
 )
@@ -1144,6 +1143,7 @@ def test_to_dict_is_deepspeed_shaped():
 # file -> (warning substrings expected, or the ConfigError substrings expected)
 REAL_CONFIGS_OK = {
     "ds_examples_sdma_zero3.json": [],
+    "dsex_bf16_master_weight_full_z3.json": [],  # bf16 master + torch_autocast
     "ds_tests_gpt2_bs4_zero2_cpu_offload.json": ["cpu_offload is deprecated"],
     "ds_tests_gpt2_bs8_zero2_gas3.json": [
         "activation_checkpointing.partition_activations",
@@ -1156,7 +1156,6 @@ REAL_CONFIGS_OK = {
     "megads_universal_checkpointing_z1_bf16.json": [],
 }
 REAL_CONFIGS_ERROR = {
-    "dsex_bf16_master_weight_full_z3.json": ["torch_autocast", "not implemented"],  # its bf16 keys parse
     "dsex_bing_bert_lamb_bsz64k.json": ["sparse_attention", "not implemented"],
     "hf_transformers_tests_zero2_auto.json": ["optimizer.params.lr", "--learning_rate", "overrides"],
     "hf_transformers_tests_zero3_offload.json": ["train_micro_batch_size_per_gpu is required"],

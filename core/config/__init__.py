@@ -48,10 +48,12 @@ from zerostep.core.config.precision import (
     BF16Config,
     DataTypesConfig,
     FP16Config,
+    TorchAutocastConfig,
     check_low_precision_master,
     parse_bf16,
     parse_data_types,
     parse_fp16,
+    parse_torch_autocast,
 )
 from zerostep.core.config.values import (
     FLOAT32_TINY,
@@ -80,6 +82,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ActivationCheckpointingConfig",
     "BF16Config",
+    "TorchAutocastConfig",
     "CSVMonitorConfig",
     "CheckpointConfig",
     "CometConfig",
@@ -132,6 +135,7 @@ class Config:
     activation_checkpointing: ActivationCheckpointingConfig = field(
         default_factory=ActivationCheckpointingConfig
     )
+    torch_autocast: TorchAutocastConfig = field(default_factory=TorchAutocastConfig)
     # Dotted key path -> where its value came from ("file", "user", "override", "default", "derived",
     # "auto"); for `zerostep config check`. Not part of equality: a round trip through to_dict()
     # makes every value explicit.
@@ -265,6 +269,7 @@ def _parse(
         flops_profiler=parse_flops_profiler(top.child("flops_profiler")),
         comms_logger=parse_comms_logger(top.child("comms_logger")),
         activation_checkpointing=parse_activation_checkpointing(top.child("activation_checkpointing")),
+        torch_autocast=parse_torch_autocast(top.child("torch_autocast")),
     )
     top.allow(*BATCH_KEYS)
     check_other_keys(merged, top.known)

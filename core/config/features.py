@@ -56,7 +56,6 @@ UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "progressive_layer_drop": (_any_enabled, "progressive layer dropping"),
     "hybrid_engine": (_any_enabled, "the RLHF hybrid engine"),
     "nebula": (_any_enabled, "Nebula checkpointing"),
-    "torch_autocast": (_any_enabled, "torch.autocast mixed precision (use the fp16 or bf16 block)"),
     "quantize_training": (_any_enabled, "quantized training (MoQ)"),
     "weight_quantization": (_non_empty, "weight quantization"),
     "tensor_parallel": (_non_empty, "tensor parallelism (AutoTP)"),

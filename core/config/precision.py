@@ -166,6 +166,46 @@ def _dtype_name(path: str, value: Any) -> str:
     raise fail(path, value, "must be one of fp32, fp16, bf16 (or null)")
 
 
+@dataclass(frozen=True)
+class TorchAutocastConfig:
+    """DeepSpeed 0.19's ``torch_autocast`` block: the forward under ``torch.autocast(dtype)``.
+
+    ``dtype`` None is torch's default for the device (bf16 on CPU, fp16 on CUDA), as DeepSpeed leaves
+    it; ``lower_precision_safe_modules`` are dotted class names (None: DeepSpeed's Linear/Conv list)."""
+
+    enabled: bool = False
+    dtype: str | None = None  # "fp16" or "bf16"
+    lower_precision_safe_modules: tuple[str, ...] | None = None
+
+
+def _autocast_dtype(path: str, value: Any) -> str:
+    name = _dtype_name(path, value)
+    if name == "fp32":
+        raise fail(path, value, "must be a lower precision for torch.autocast: bf16 or fp16")
+    return name
+
+
+def _class_names(path: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and "." in v for v in value):
+        raise fail(path, value, 'must be a list of dotted class names, e.g. ["torch.nn.Linear"]')
+    return tuple(value)
+
+
+def parse_torch_autocast(block: Block | None) -> TorchAutocastConfig:
+    if block is None:
+        return TorchAutocastConfig()
+    d = TorchAutocastConfig()
+    config = TorchAutocastConfig(
+        enabled=block.take("enabled", d.enabled, boolean),
+        dtype=block.take("dtype", d.dtype, optional(_autocast_dtype)),
+        lower_precision_safe_modules=block.take(
+            "lower_precision_safe_modules", d.lower_precision_safe_modules, optional(_class_names)
+        ),
+    )
+    block.finish()
+    return config
+
+
 def parse_data_types(block: Block | None) -> DataTypesConfig:
     if block is None:
         return DataTypesConfig()

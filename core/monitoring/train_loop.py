@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from zerostep.core.autocast import loss_scaling_of
 from zerostep.core.monitoring.comms_logger import COMMS_LOGGER, note_comms_logger
 from zerostep.core.monitoring.events import step_events
 from zerostep.core.monitoring.memory import memory_line
@@ -78,7 +79,7 @@ class TrainMonitoring:
         step, metrics = int(state.step), state.metrics
         line = None if self.timers is None else self.timers.end_step(step)  # reads and resets
         if self.monitor.enabled:
-            scale = float(state.scaler.scale) if self.config.fp16.enabled else None
+            scale = float(state.scaler.scale) if loss_scaling_of(self.config).enabled else None
             events = step_events(samples, float(metrics.loss), float(metrics.lr), scale)
             if self.timers is not None:
                 timed = self.timers.as_dict().items()

@@ -15,6 +15,7 @@ update; schedulers step after applied updates only, as DeepSpeed's do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zerostep.core.autocast import facade_autocast
 from zerostep.core.batching import to_device
 from zerostep.core.micro_steps import MicroSteps
 from zerostep.core.monitoring import EngineTimers, MonitorMaster, ThroughputTimer, log_rank0, progress_line
@@ -200,10 +202,13 @@ class DeepSpeedEngine(nn.Module):
     # ------------------------------------------------------------------ the loop
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        if self._profile is None:
-            return self._forward(inputs, kwargs)
-        with self._profile.phase("forward", self.global_steps):
-            return self._forward(inputs, kwargs)
+        # an autocast the caller entered: DeepSpeed's rule (core/autocast.py)
+        outer = facade_autocast(self._core.autocast, self._core.device)
+        with outer if outer is not None else contextlib.nullcontext():
+            if self._profile is None:
+                return self._forward(inputs, kwargs)
+            with self._profile.phase("forward", self.global_steps):
+                return self._forward(inputs, kwargs)
 
     def _forward(self, inputs: tuple, kwargs: dict) -> Any:
         core = self._core

@@ -483,7 +483,6 @@ def test_not_a_dict():
         ("pipeline", {"stages": 2, "partition": "parameters"}),
         ("sparse_attention", {"mode": "fixed", "block": 16}),
         ("compression_training", {"weight_quantization": {"shared_parameters": {"enabled": True}}}),
-        ("elasticity", {"enabled": True, "max_train_batch_size": 2000}),
         ("curriculum_learning", {"enabled": True, "curriculum_type": "seqlen"}),
         ("data_efficiency", {"enabled": True, "data_sampling": {"enabled": True}}),
         ("moe", {"num_experts": 8}),
@@ -501,7 +500,6 @@ def test_unsupported_feature_enabled_is_an_error(key, block):
 @pytest.mark.parametrize(
     "key, block",
     [
-        ("elasticity", {"enabled": False}),
         ("pipeline", {}),
         ("curriculum_learning", {"enabled": False}),
         ("compression_training", {"weight_quantization": {"shared_parameters": {"enabled": False}}}),

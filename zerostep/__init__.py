@@ -96,7 +96,7 @@ def add_config_arguments(parser: Any) -> Any:
     return add(parser)
 
 
-_SUBPACKAGES = ("accelerator", "checkpointing", "comm", "moe", "ops", "pipe", "runtime", "zero")
+_SUBPACKAGES = ("accelerator", "checkpointing", "comm", "elasticity", "moe", "ops", "pipe", "runtime", "zero")
 
 
 def __getattr__(name: str) -> Any:

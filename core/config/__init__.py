@@ -33,6 +33,7 @@ from zerostep.core.config.blocks import (
     parse_wandb,
     thaw,
 )
+from zerostep.core.config.elastic import elastic_read_batch, parse_elasticity
 from zerostep.core.config.features import check_other_keys
 from zerostep.core.config.load import merge_sources, origin_lookup, read_config_file
 from zerostep.core.config.memory import ActivationCheckpointingConfig, parse_activation_checkpointing
@@ -74,6 +75,7 @@ from zerostep.core.config.zero import (
     parse_legacy_zero,
     parse_zero,
 )
+from zerostep.core.elasticity import ElasticityConfig
 from zerostep.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -136,6 +138,7 @@ class Config:
         default_factory=ActivationCheckpointingConfig
     )
     torch_autocast: TorchAutocastConfig = field(default_factory=TorchAutocastConfig)
+    elasticity: ElasticityConfig = field(default_factory=ElasticityConfig)
     # Dotted key path -> where its value came from ("file", "user", "override", "default", "derived",
     # "auto"); for `zerostep config check`. Not part of equality: a round trip through to_dict()
     # makes every value explicit.
@@ -196,6 +199,8 @@ class Config:
             value = getattr(self, f.name)
             if value is None:
                 continue  # optimizer, scheduler, seed: absent is DeepSpeed's "none"
+            if f.name in BATCH_KEYS and self.elasticity.enabled:
+                continue  # elasticity decides them
             out[f.name] = _plain(value)
         return out
 
@@ -270,10 +275,13 @@ def _parse(
         comms_logger=parse_comms_logger(top.child("comms_logger")),
         activation_checkpointing=parse_activation_checkpointing(top.child("activation_checkpointing")),
         torch_autocast=parse_torch_autocast(top.child("torch_autocast")),
+        elasticity=parse_elasticity(top.child("elasticity")),
     )
     top.allow(*BATCH_KEYS)
     check_other_keys(merged, top.known)
-    batch = read_batch(top, ws)  # last: its "auto"s are reported with all the others
+    elastic = config["elasticity"]
+    # last: its "auto"s are reported with all the others
+    batch = elastic_read_batch(top, ws, elastic) if elastic.enabled else read_batch(top, ws)
     ctx.raise_unresolved()
     return Config(**batch._asdict(), **config, sources=MappingProxyType(dict(ctx.sources)))
 

@@ -45,7 +45,6 @@ UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pipeline": (_non_empty, "pipeline parallelism (PipelineModule)"),
     "sparse_attention": (_non_empty, "sparse attention (removed from DeepSpeed too)"),
     "compression_training": (_any_enabled, "compression training"),
-    "elasticity": (_any_enabled, "elastic training"),
     "curriculum_learning": (_any_enabled, "curriculum learning"),
     "data_efficiency": (_any_enabled, "data efficiency (curriculum sampling and random-LTD)"),
     "moe": (_non_empty, "DeepSpeed MoE layers"),

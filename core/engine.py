@@ -9,6 +9,7 @@ tensors share storage with the donated state.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -68,6 +69,7 @@ from zerostep.core.step import (
     make_zero3_backward,
 )
 from zerostep.core.step_failure import RanksOutOfStepError, RemoteStepError, StepVote
+from zerostep.core.training_schedules import TrainingSchedules
 from zerostep.parallel import groups as dist_groups
 from zerostep.parallel.collectives import (
     CommCounter,
@@ -175,6 +177,11 @@ class Engine:
         self.autocast = autocast_plan_of(config, self.device)  # torch_autocast (core/autocast.py)
         check_autocast_model(config, self.autocast, model, self.compute_dtype)
         self.loss_scaling = loss_scaling_of(config)
+        # progressive layer drop / legacy curriculum: forward kwargs and batch cuts per step
+        self.schedules = TrainingSchedules.of(config, model)
+        self.compile_forward = compile and not (self.schedules is not None and self.schedules.eager_forward)
+        if compile and not self.compile_forward:
+            self.schedules.warn_eager()
         zero = config.zero_optimization
         if zero.offload_optimizer is not None or zero.offload_param is not None:
             if self.device.type != "cpu":
@@ -263,7 +270,7 @@ class Engine:
             self._scaled_backward = make_zero3_backward(self._runner, plan.accumulation_steps)
             step_forward = under_autocast(make_module_forward(self.loss_fn, self._constants), self.autocast)
         else:
-            self._scaled_backward = make_scaled_backward(plan, self.compile and not overlap)
+            self._scaled_backward = make_scaled_backward(plan, self.compile_forward and not overlap)
             step_forward = self._forward
             if plan.defer_param_gather:
                 step_forward = self._wait_gathers_around(model, step_forward)
@@ -617,6 +624,8 @@ class Engine:
         plan = self.plan
         failure, spec, pieces = None, None, [None] * plan.accumulation_steps
         try:
+            if self.schedules is not None:
+                batch = self.schedules.cut(int(state.step), batch)  # the curriculum's sequence length
             check_batch(batch, plan.micro_batch_size, plan.accumulation_steps)
             batch = to_device(batch, self.device, self.compute_dtype)
             spec = self._check_batch_spec(batch)
@@ -649,7 +658,7 @@ class Engine:
                 if in_flight is not None:
                     in_flight.wait(ROOT_UNIT)  # the root unit's parameters may be used anywhere in forward
                 self._in_flight = in_flight
-                with torch.random.fork_rng(devices=self._rng_devices):
+                with torch.random.fork_rng(devices=self._rng_devices), self._forward_kwargs(step):
                     self._seed_rng(_step_seed(seed, step, self.rank))
                     # The same flats are read by backward and written in place by the update (donation).
                     applied, loss, grad_norm, gathers = self._step(
@@ -684,6 +693,12 @@ class Engine:
         if self._batch_spec is None:
             self._batch_spec = spec
         return self.next_state(state, UpdateResult(applied, loss, grad_norm, gathers), lr, outcome["scaler"])
+
+    def _forward_kwargs(self, global_steps: int) -> Any:
+        """The schedules' keyword arguments for the model's forward (core/training_schedules.py)."""
+        if self.schedules is None:
+            return contextlib.nullcontext()
+        return self.schedules.forward_kwargs(global_steps)
 
     def _before_write(self, state: TrainState, outcome: dict[str, Any]) -> Callable[[bool], None]:
         """``sharded_update``'s ``before_write``: the loss-scale update and its checks, run once graph A

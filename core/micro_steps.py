@@ -47,7 +47,7 @@ class MicroSteps:
         self._call_module = call
         if plan.stage < 3:
             # a private code object per engine: many engines in one process never share dynamo's cache
-            self._call = compile_private(call, dynamic=None) if engine.compile else call
+            self._call = compile_private(call, dynamic=None) if engine.compile_forward else call
 
     # ------------------------------------------------------------------ state
 
@@ -77,8 +77,17 @@ class MicroSteps:
     # ------------------------------------------------------------------ phases
 
     def forward(self, args: tuple, kwargs: dict) -> Any:
-        engine = self.engine
         check_not_consumed(self.state, "engine.forward")
+        schedules = self.engine.schedules  # progressive layer drop, legacy curriculum
+        if schedules is None:
+            return self._forward(args, kwargs)
+        step = int(self.state.step)
+        args, kwargs = schedules.cut(step, (args, kwargs))
+        with schedules.forward_kwargs(step):
+            return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple, kwargs: dict) -> Any:
+        engine = self.engine
         if engine.plan.stage == 3:
             return self._forward_zero3(args, kwargs)
         flats = self.state.params.flats  # waits for parameter gathers still in flight

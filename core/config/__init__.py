@@ -56,6 +56,12 @@ from zerostep.core.config.precision import (
     parse_fp16,
     parse_torch_autocast,
 )
+from zerostep.core.config.schedules import (
+    CurriculumConfig,
+    ProgressiveLayerDropConfig,
+    parse_curriculum,
+    parse_progressive_layer_drop,
+)
 from zerostep.core.config.values import (
     FLOAT32_TINY,
     Block,
@@ -84,6 +90,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ActivationCheckpointingConfig",
     "BF16Config",
+    "CurriculumConfig",
+    "ProgressiveLayerDropConfig",
     "TorchAutocastConfig",
     "CSVMonitorConfig",
     "CheckpointConfig",
@@ -139,6 +147,8 @@ class Config:
     )
     torch_autocast: TorchAutocastConfig = field(default_factory=TorchAutocastConfig)
     elasticity: ElasticityConfig = field(default_factory=ElasticityConfig)
+    progressive_layer_drop: ProgressiveLayerDropConfig = field(default_factory=ProgressiveLayerDropConfig)
+    curriculum_learning: CurriculumConfig = field(default_factory=CurriculumConfig)
     # Dotted key path -> where its value came from ("file", "user", "override", "default", "derived",
     # "auto"); for `zerostep config check`. Not part of equality: a round trip through to_dict()
     # makes every value explicit.
@@ -276,6 +286,8 @@ def _parse(
         activation_checkpointing=parse_activation_checkpointing(top.child("activation_checkpointing")),
         torch_autocast=parse_torch_autocast(top.child("torch_autocast")),
         elasticity=parse_elasticity(top.child("elasticity")),
+        progressive_layer_drop=parse_progressive_layer_drop(top.child("progressive_layer_drop")),
+        curriculum_learning=parse_curriculum(top.child("curriculum_learning")),
     )
     top.allow(*BATCH_KEYS)
     check_other_keys(merged, top.known)

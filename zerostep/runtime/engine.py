@@ -196,6 +196,11 @@ class DeepSpeedEngine(nn.Module):
         norm = self._stepper.state.metrics.grad_norm
         return None if torch.isnan(norm) else float(norm)
 
+    def get_pld_theta(self) -> float | None:
+        """Progressive layer drop's keep probability for the next forward (None when PLD is off)."""
+        schedules = self._core.schedules
+        return None if schedules is None else schedules.theta(self.global_steps)
+
     def was_step_applied(self) -> bool:
         return self._step_applied
 

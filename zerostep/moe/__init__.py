@@ -1,0 +1,6 @@
+"""DeepSpeed's ``deepspeed.moe``: ``layer.MoE`` and ``utils`` over ``zerostep.parallel.expert`` and
+``zerostep.parallel.moe_gate``, where the gating, the groups and the all-to-all live."""
+
+from zerostep.moe.layer import MoE
+
+__all__ = ["MoE"]

@@ -156,17 +156,32 @@ def combine(expert_out: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor) 
 
 
 class Experts(nn.Module):
-    """DeepSpeed's ``Experts``: ``num_local_experts`` deep copies of ``expert``, their parameters marked
-    ``allreduce = False`` and ``group_name`` (what ``is_moe_param`` and the engine go by)."""
+    """DeepSpeed's ``Experts``: deep copies of ``expert``, their parameters marked ``allreduce = False`` and
+    ``group_name`` (what ``is_moe_param`` goes by).
+
+    Unlike DeepSpeed's, every rank holds the parameters of all ``num_experts`` experts (under their global
+    index), and runs only its ``num_local_experts`` from ``first_local`` on. A non-local expert's gradient
+    is zero on this rank, so the engine's one reduction over the data-parallel group sums each expert's
+    gradient over exactly the ranks that ran it (its expert-data-parallel group), divided by the
+    data-parallel size as DeepSpeed divides it; every ZeRO stage, the norm, clipping, checkpoints and their
+    resharding then treat experts as any parameter. The cost: expert gradients and (stages 0-2) parameters
+    are exchanged and held for all experts, ``ep_size`` times DeepSpeed's expert bytes.
+    """
 
     def __init__(
-        self, expert: nn.Module, num_local_experts: int = 1, expert_group_name: str | None = None
+        self,
+        expert: nn.Module,
+        num_local_experts: int = 1,
+        expert_group_name: str | None = None,
+        num_experts: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(expert, nn.Module):
             raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
-        self.deepspeed_experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_local_experts))
+        total = num_local_experts if num_experts is None else num_experts
+        self.deepspeed_experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(total))
         self.num_local_experts = num_local_experts
+        self.first_local = 0
         for e in self.deepspeed_experts:
             for p in e.parameters():
                 p.allreduce = False
@@ -175,8 +190,9 @@ class Experts(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         # inputs: [P, E/P, C, M] (source rank, local expert, slot, model); expert i sees [P, 1, C, M]
         chunks = inputs.chunk(self.num_local_experts, dim=1)
+        local = self.deepspeed_experts[self.first_local : self.first_local + self.num_local_experts]
         outs = []
-        for chunk, expert in zip(chunks, self.deepspeed_experts, strict=True):
+        for chunk, expert in zip(chunks, local, strict=True):
             out = expert(chunk)
             outs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outs, dim=1)

@@ -13,7 +13,8 @@ from zerostep.parallel.moe_gate import TopKGate, check_gate_args
 class MoE(nn.Module):
     """A Mixture-of-Experts layer with DeepSpeed's constructor and forward contract.
 
-    ``num_experts`` copies of ``expert`` split over ``ep_size`` ranks (``num_experts / ep_size`` each), a
+    ``num_experts`` copies of ``expert`` whose work is split over ``ep_size`` ranks (``num_experts /
+    ep_size`` run on each; every rank holds all experts' parameters, see ``parallel.expert.Experts``), a
     top-``k`` gate (``TopKGate``), and with ``use_residual`` a dense ``expert`` mixed in by a learned
     2-way softmax (Residual MoE). The expert-parallel groups are created when ``torch.distributed`` is up
     at construction, else at the first forward (``set_deepspeed_parallelism`` does it explicitly).
@@ -68,7 +69,7 @@ class MoE(nn.Module):
             None,
             top2_2nd_expert_sampling,
         )
-        experts = ep.Experts(expert, self.num_local_experts, self.expert_group_name)
+        experts = ep.Experts(expert, self.num_local_experts, self.expert_group_name, num_experts)
         self.deepspeed_moe = ep.MOELayer(
             gate, experts, self.expert_group_name, ep_size, self.num_local_experts
         )
@@ -85,6 +86,7 @@ class MoE(nn.Module):
             raise NotImplementedError("MoE: use_data_before_expert_parallel_ is not supported")
         self.groups = ep.expert_groups(self.ep_size)
         self.deepspeed_moe._set_ep_group(self.groups.ep_group)
+        self.deepspeed_moe.experts.first_local = self.first_expert
 
     @property
     def first_expert(self) -> int:

@@ -486,7 +486,6 @@ def test_not_a_dict():
         ("elasticity", {"enabled": True, "max_train_batch_size": 2000}),
         ("curriculum_learning", {"enabled": True, "curriculum_type": "seqlen"}),
         ("data_efficiency", {"enabled": True, "data_sampling": {"enabled": True}}),
-        ("moe", {"num_experts": 8}),
         ("amp", {"enabled": True, "opt_level": "O1"}),
         ("aio", {"block_size": 1048576}),
         ("autotuning", {"enabled": True}),

@@ -337,3 +337,11 @@ def test_gate_equals_deepspeeds_topkgate():
         assert abs(mine.item() - l_aux) < 1e-6, case
         assert mine_counts.tolist() == counts, case
         assert torch.allclose(mine_combine, torch.tensor(combine), atol=1e-6), case
+
+
+def test_moe_config_block_warns_it_has_no_effect_on_training():
+    from zerostep.core import Config
+    from zerostep.core.config.values import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match="moe = .*inference engine"):
+        Config.from_dict({"train_micro_batch_size_per_gpu": 1, "moe": {"num_experts": 8}})

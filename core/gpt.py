@@ -2,7 +2,10 @@
 
 nanoGPT-shaped: token + position embeddings, ``n_layer`` pre-norm blocks in an ``nn.ModuleList``
 (one ZeRO unit each), final LayerNorm, a head tied to the token embedding. Vocabulary: the 256 byte
-values, so any text trains without a tokenizer download.
+values, so any text trains without a tokenizer download. With ``n_experts > 0`` every block's MLP is a
+top-1 Mixture of Experts (``zerostep.moe.layer.MoE``, ``n_experts`` copies of the MLP split over
+``ep_size`` ranks): the same active parameters per token as the dense model plus a gate, and the
+load-balancing losses times ``aux_loss_coef`` added to the cross-entropy.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    n_experts: int = 0  # > 0: MoE MLPs (top-1, DeepSpeed's defaults otherwise)
+    ep_size: int = 1
+    aux_loss_coef: float = 0.01
 
 
 class CausalSelfAttention(nn.Module):
@@ -60,13 +66,47 @@ class Block(nn.Module):
         return x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
 
 
+class MLP(nn.Module):
+    """The dense block's MLP as a module: one expert of the MoE block."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.out = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.gelu(self.fc(x)))
+
+
+class MoEBlock(nn.Module):
+    """A block whose MLP is a top-1 MoE; ``forward`` returns ``(x, l_aux)``."""
+
+    def __init__(self, cfg: GPTConfig):
+        from zerostep.parallel.moe_layer import MoE
+
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.moe = MoE(
+            cfg.n_embd, MLP(cfg), num_experts=cfg.n_experts, ep_size=cfg.ep_size, eval_capacity_factor=2.0
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        out, l_aux, _ = self.moe(self.ln2(x))
+        return x + self.drop(out), l_aux
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig = GPTConfig()):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        block = MoEBlock if cfg.n_experts > 0 else Block
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.head.weight = self.wte.weight  # tied
@@ -89,12 +129,19 @@ class GPT(nn.Module):
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # [B, T, C]
+        aux = []
         for block in self.blocks:
             x = block(x)
+            if isinstance(x, tuple):  # an MoE block: (x, load-balancing loss)
+                x, l_aux = x
+                aux.append(l_aux)
         logits = self.head(self.ln_f(x))  # [B, T, vocab]
         if targets is None:
             return logits
-        return F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(B * T))
+        loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(B * T))
+        if aux:
+            loss = loss + self.cfg.aux_loss_coef * torch.stack(aux).sum()
+        return loss
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.8, seed: int = 0):

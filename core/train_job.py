@@ -4,6 +4,7 @@ Runs out of the box: a built-in DeepSpeed config (overridable with ``--config``)
 step, loss and tokens/s, ``DIR/metrics.jsonl`` (one JSON object per step), ``DIR/loss.png`` and a
 generated sample at the end. ``--nproc N`` re-launches itself on N ranks through
 ``torch.distributed.run`` (gloo on CPU, NCCL on CUDA); the built-in config then uses ZeRO stage 2.
+``--experts N [--ep-size K]`` trains the Mixture-of-Experts variant of the GPT (core/gpt.py).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def train(
     seed: int = 0,
     sample_bytes: int = 200,
     compile: bool = True,
+    experts: int = 0,
+    ep_size: int = 1,
 ) -> dict:
     """The training job on this process's rank; returns the last metrics (rank 0 writes the files)."""
     torch.manual_seed(seed)
@@ -103,7 +106,7 @@ def train(
         config = Config.from_file(config_path, world_size=world)
     else:
         config = Config.from_dict(default_config(steps, world), world_size=world)
-    model_cfg = GPTConfig()
+    model_cfg = GPTConfig(n_experts=experts, ep_size=ep_size)
     from zerostep.parallel.groups import local_rank_device
 
     device = local_rank_device() if torch.cuda.is_available() else torch.device("cpu")
@@ -121,7 +124,8 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         log = (out_dir / "metrics.jsonl").open("w")
         print(
-            f"zerostep train: GPT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+            f"zerostep train: GPT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
+            f"{f' ({experts} experts per block, ep_size {ep_size})' if experts else ''}, "
             f"{world} rank(s), ZeRO stage {config.zero_optimization.stage}, "
             f"{str(engine.compute_dtype).removeprefix('torch.')}, batch {config.train_batch_size} x "
             f"{model_cfg.block_size} bytes, {steps} steps, "
@@ -168,13 +172,15 @@ def train(
         print(f"wrote {out_dir / 'metrics.jsonl'} and {out_dir / 'loss.png'}")
         if watch.tensorboard_dir is not None:
             print(f"TensorBoard events: tensorboard --logdir {watch.tensorboard_dir}")
+    if rank == 0 or ep_size > 1:  # expert-parallel layers sample on every rank together (all-to-all)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(params[name])
         model.eval()
         prompt = torch.tensor(list(b"def "), dtype=torch.long, device=device)
         text = bytes(model.generate(prompt, sample_bytes, seed=seed).tolist()).decode("utf-8", "replace")
-        print("sample:\n" + text)
+        if rank == 0:
+            print("sample:\n" + text)
     if started_here:
         # Every rank leaves together and tears the group down: a rank exiting with live gloo threads
         # while another still works can abort in C++ ("terminate called without an active exception").

@@ -9,6 +9,8 @@
   host (``attach_shared_memory`` gives a group one; the engine does it).
 - ``zero3``: ``plan_units`` (FSDP-style units) and ``Zero3Runner`` (gather, free, regather, reduce-scatter).
 - ``launch``: ``spawn_ranks`` for real multi-rank runs on one machine (tests, benchmarks).
+- ``moe_gate``, ``expert``, ``moe_layer``: Mixture of Experts (top-k gating; expert groups, all-to-all
+  dispatch and combine; DeepSpeed's ``MoE`` layer, re-exported by ``zerostep.moe``).
 """
 
 from zerostep.parallel.collectives import (

@@ -485,7 +485,6 @@ def test_not_a_dict():
         ("compression_training", {"weight_quantization": {"shared_parameters": {"enabled": True}}}),
         ("curriculum_learning", {"enabled": True, "curriculum_type": "seqlen"}),
         ("data_efficiency", {"enabled": True, "data_sampling": {"enabled": True}}),
-        ("moe", {"num_experts": 8}),
         ("amp", {"enabled": True, "opt_level": "O1"}),
         ("aio", {"block_size": 1048576}),
         ("autotuning", {"enabled": True}),

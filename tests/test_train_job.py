@@ -45,10 +45,14 @@ def test_train_on_two_ranks_through_torchrun(tmp_path):
         "--no-compile",
         "--sample-bytes",
         "5",
+        "--experts",  # the MoE GPT, experts split over both ranks (the dense GPT runs in the test above)
+        "4",
+        "--ep-size",
+        "2",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 rank(s), ZeRO stage 2" in res.stdout
+    assert "(4 experts per block, ep_size 2), 2 rank(s), ZeRO stage 2" in res.stdout
     assert len(read_metrics(out)) == 2
 
 
@@ -56,6 +60,12 @@ def test_bad_arguments_are_reported(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "missing.json")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert main(["train", "--steps", "0"]) == 2
+    assert main(["train", "--experts", "3", "--ep-size", "2", "--nproc", "2"]) == 2
+    assert "not divisible by --ep-size 2" in capsys.readouterr().err
+    assert main(["train", "--experts", "4", "--ep-size", "2"]) == 2
+    assert "--ep-size 2 must divide --nproc 1" in capsys.readouterr().err
+    assert main(["train", "--ep-size", "2", "--nproc", "2"]) == 2
+    assert "needs --experts" in capsys.readouterr().err
 
 
 def test_corpus_is_deterministic_and_batches_are_shifted_by_one():

@@ -1,0 +1,152 @@
+"""The one 2-rank spawn of the MoE tests: the layer alone (``test_expert.check_ranks``), and an MoE model
+through the engine: ZeRO stages 0-3 on 2 gloo ranks at ep_size 2 equal one process holding
+every expert (weights, loss, gradient norm after clipped AdamW steps); expert state is in memory_report and
+the checkpoint; a checkpoint saved at 2 ranks / ep_size 2 loads in one process / ep_size 1."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zerostep.core import Config, initialize
+from zerostep.parallel.launch import spawn_ranks
+
+M, E, ROWS, STEPS, WORLD = 8, 4, 6, 2, 2  # ROWS: tokens per rank and step
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(M, 12), nn.Linear(12, M)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x)))
+
+
+class MoENet(nn.Module):
+    def __init__(self, ep_size: int):
+        from zerostep.moe.layer import MoE
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(5, M)
+        moe = MoE(M, Mlp(), num_experts=E, ep_size=ep_size, k=2, min_capacity=0, drop_tokens=False)
+        moe.deepspeed_moe.gate.top2_2nd_expert_sampling = False
+        self.blocks = nn.ModuleList([moe])
+        self.head = nn.Linear(M, 1)
+        torch.manual_seed(1)
+        for p in moe.deepspeed_moe.experts.parameters():  # distinct experts
+            p.data.normal_(std=0.3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        out, l_aux, _ = self.blocks[0](h)
+        return self.head(h + out), l_aux
+
+
+def chunked_loss(chunks: int):
+    def loss_fn(model, batch):
+        # the mean over ranks of each rank's loss: the one process runs every rank's rows as its own chunk,
+        # so the gate (capacity, aux loss) sees the same tokens as on that rank
+        x, y = batch
+        losses = []
+        for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True):
+            pred, l_aux = model(xc)
+            losses.append(F.mse_loss(pred, yc) + 0.01 * l_aux)
+        return torch.stack(losses).mean()
+
+    return loss_fn
+
+
+def config(stage: int, world: int) -> Config:
+    d = {
+        "train_micro_batch_size_per_gpu": ROWS * WORLD // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.05,
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 64, "allgather_bucket_size": 64},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
+    }
+    return Config.from_dict(d, world_size=world)
+
+
+def batches():
+    g = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(ROWS * WORLD, 5, generator=g), torch.randn(ROWS * WORLD, 1, generator=g))
+        for _ in range(STEPS)
+    ]
+
+
+def train(stage: int, world: int, rank: int, ep_size: int, save_dir=None, chunks=None):
+    chunks = WORLD // world if chunks is None else chunks
+    engine = initialize(MoENet(ep_size), config(stage, world), loss_fn=chunked_loss(chunks), compile=False)
+    state = engine.init()
+    norms = []
+    for x, y in batches():
+        rows = slice(rank * ROWS * WORLD // world, (rank + 1) * ROWS * WORLD // world)
+        state = engine.step(state, (x[rows], y[rows]))
+        norms.append(float(state.metrics.grad_norm))
+    if save_dir is not None:
+        engine.save(state, save_dir, tag="t")
+    return engine.full_params(state), norms, float(state.metrics.loss), engine.memory_report(state)
+
+
+def ranks(rank: int, world: int, save_dir: str) -> tuple:
+    from test_expert import check_ranks
+
+    layer = check_ranks(rank, world)  # the layer alone (tests/test_expert.py)
+    return layer, {
+        stage: train(stage, world, rank, 2, save_dir if stage == 2 else None) for stage in range(4)
+    }
+
+
+def test_stages_at_ep_size_2_equal_one_process(tmp_path):
+    want_params, want_norms, want_loss, _ = train(0, 1, 0, 1)
+    both = spawn_ranks(ranks, WORLD, str(tmp_path), timeout=240)
+    for rank, ((failures, ep_ranks, edp_ranks, ep_rank), _) in enumerate(both):
+        assert failures == [], (rank, failures)
+        assert ep_ranks == (0, 1) and edp_ranks == (rank,) and ep_rank == rank
+    results = [per_stage for _, per_stage in both]
+    for rank, per_stage in enumerate(results):
+        for stage, (params, norms, loss, memory) in per_stage.items():
+            assert params.keys() == want_params.keys()
+            assert any("deepspeed_experts.3." in n for n in params)  # every expert, on every rank
+            for name, value in params.items():
+                assert torch.allclose(value, want_params[name], rtol=1e-5, atol=1e-6), (rank, stage, name)
+            assert norms == [pytest_approx(n) for n in want_norms], (rank, stage)
+            assert abs(loss - want_loss) < 1e-5 * max(1.0, abs(want_loss)) * WORLD
+            numel = sum(v.numel() for v in want_params.values())
+            # fp32 master: every expert's (sharded over both ranks from stage 1 on), padding aside
+            assert numel * 4 // (1 if stage == 0 else WORLD) <= memory["master"] < numel * 4 + 4096, stage
+    # the stage-2 checkpoint of 2 ranks at ep_size 2, loaded by one process at ep_size 1
+    engine = initialize(MoENet(1), config(2, 1), loss_fn=chunked_loss(WORLD), compile=False)
+    loaded = engine.full_params(engine.load(str(tmp_path), tag="t"))
+    for name, value in results[0][2][0].items():
+        assert torch.equal(loaded[name], value), name
+
+
+def pytest_approx(x: float):
+    import pytest
+
+    return pytest.approx(x, rel=1e-5)
+
+
+def test_facade_with_deepspeeds_moe_param_groups_equals_the_functional_engine():
+    import zerostep
+    from zerostep.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    model = MoENet(1)
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "d"}
+    )
+    assert [g.get("moe", False) for g in groups] == [False, True]
+    cfg = config(0, 1).to_dict()
+    engine, _, _, _ = zerostep.initialize(model=model, model_parameters=groups, config=cfg, compile=False)
+    for x, y in batches():
+        pred, l_aux = engine(x)
+        engine.backward(F.mse_loss(pred, y) + 0.01 * l_aux)
+        engine.step()
+    want, _, _, _ = train(0, 1, 0, 1, chunks=1)
+    for name, p in engine.module.named_parameters():
+        assert torch.allclose(p.detach(), want[name], atol=1e-6), name

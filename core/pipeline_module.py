@@ -102,7 +102,13 @@ class StageChunk(nn.Module):
     def __init__(self, owner: PipelineModule, start: int, stop: int) -> None:
         super().__init__()
         self.start, self.stop = start, stop
-        self.layers = nn.ModuleList(f for f in owner.funcs_of(start, stop) if isinstance(f, nn.Module))
+        modules: dict[int, nn.Module] = {}
+        for f in owner.funcs_of(start, stop):
+            # a tied layer with a forward_fn is a partial over its module: that module's too
+            module = f.args[0] if isinstance(f, functools.partial) and f.args else f
+            if isinstance(module, nn.Module):
+                modules.setdefault(id(module), module)
+        self.layers = nn.ModuleList(modules.values())
         self._owner_forward = functools.partial(owner.run_layers, start, stop)
 
     def forward(self, *inputs: Any) -> Any:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections import namedtuple
 from collections.abc import Sequence
@@ -268,9 +269,19 @@ class PipeMesh:
 
 
 def _new_group(ranks: list[int]) -> dist.ProcessGroup | None:
+    """A group over ``ranks`` with the default group's timeout (``new_group`` would otherwise give it
+    torch's 30 minutes, so a dead peer in a pipeline receive would stall its neighbours that long)."""
     if not dist.is_initialized():
         return None
-    return dist.new_group(ranks=ranks)
+    return dist.new_group(ranks=ranks, timeout=_default_timeout())
+
+
+def _default_timeout() -> datetime.timedelta | None:
+    try:
+        timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    return timeout if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0 else None
 
 
 def build_mesh(topology: ProcessTopology) -> PipeMesh:
@@ -289,11 +300,11 @@ def build_mesh(topology: ProcessTopology) -> PipeMesh:
     if initialized:
         # new_group is collective over the world: every rank creates every group, in the same order
         for ranks in topology.get_axis_comm_lists(PIPE_AXIS):
-            group = dist.new_group(ranks=ranks)
+            group = _new_group(ranks)
             if rank in ranks:
                 pipe_group = group
         for ranks in topology.get_axis_comm_lists(DATA_AXIS):
-            group = dist.new_group(ranks=ranks)
+            group = _new_group(ranks)
             if rank in ranks:
                 dp_group = group
     return PipeMesh(

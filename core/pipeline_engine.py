@@ -166,7 +166,8 @@ class PipelineEngine:
         self._norm_and_loss = make_norm_and_loss(self.plan, mesh.dp_group, compile)
         self._apply_update = make_apply_update(self.plan, self.optimizer, mesh.dp_group, compile)
         self._chunks = module.chunks()
-        self._schedule = None  # built at the first step (torch's stages infer shapes then)
+        # torch's stages infer shapes at the first step; the schedule checks its arguments now
+        self._schedule = self._build(self._loss) if module.num_stages * module.stages_per_rank > 1 else None
         self._eval_schedule = None
         self._scale: torch.Tensor | None = None
         self._losses: list[torch.Tensor] = []
@@ -283,8 +284,6 @@ class PipelineEngine:
             for x, y in zip(xs, _split(labels, n)):
                 self._loss(self._chunks[0](*(x if isinstance(x, tuple) else (x,))), y).backward()
             return
-        if self._schedule is None:
-            self._schedule = self._build(self._loss)
         args = () if not self.is_first else (inputs if isinstance(inputs, tuple) else (inputs,))
         kwargs = {"target": labels, "losses": []} if self.is_last else {}
         self._schedule.step(*args, **kwargs)

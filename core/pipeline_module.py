@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerostep.parallel import pipeline as pp
+from zerostep.parallel.groups import device_for_backend
 
 
 class LayerSpec:
@@ -210,6 +211,7 @@ class PipelineModule(nn.Module):
         self.tied_weight_attrs: dict[str, list[str]] = {}
         self._funcs: dict[int, Any] = {}  # global layer index -> callable, owned layers only
         self._build()
+        self.to(device_for_backend())  # this rank's device, as DeepSpeed does (NCCL broadcasts below)
         self.mesh.add_tie_groups(self._tied_stages())
         self._synchronize_tied_weights()
 

@@ -22,8 +22,10 @@ SCHEDULES = [
     ("gpipe", 1, "loop"),
     ("1f1b", 1, "loop"),
     ("interleaved_1f1b", 2, "loop"),
+    ("looped_bfs", 2, "loop"),
     ("interleaved_zero_bubble", 2, "loop"),
     ("zbv_zero_bubble", 2, "v"),
+    ("dualpipev", 2, "v"),
 ]
 
 
@@ -59,6 +61,11 @@ def _pipe_rank(rank, world, ckpt_dir):
         state, history = _train(engine, data)
         evaluated = float(engine.eval_step(state, data[0])) if style == "loop" else None
         out[schedule] = (history, engine.full_params(state), evaluated)
+    # a checkpoint saved at pp=1 after two steps (by the test) resumes at pp=2
+    engine = _engine(2)
+    state, _, _ = engine.load(os.path.join(ckpt_dir, "pp1"), "two")
+    state, history = _train(engine, data[2:], state)
+    out["from_pp1"] = (history, engine.full_params(state))
     # the DeepSpeed facade: train_batch over an iterator of (inputs, labels) micro-batches
     module = PipelineModule(
         pm.specs(), num_stages=2, loss_fn=pm.mse, seed_layers=True, partition_method="uniform"
@@ -159,6 +166,8 @@ def test_pp2_equals_one_process(tmp_path):
     assert max(norm for _, norm, _ in ref_history) > 0.05  # clipping (0.05) is active
     ref_params = reference.full_params(ref_state)
     ref_eval = float(reference.eval_step(ref_state, data[0]))
+    saver = _engine(1)
+    saver.save(_train(saver, data[:2])[0], tmp_path / "pp1", "two")
     results = spawn_ranks(_pipe_rank, 2, str(tmp_path), timeout=240, collective_timeout=TIMEOUT)
     for rank, out in enumerate(results):
         for schedule, _, _ in SCHEDULES:
@@ -173,6 +182,12 @@ def test_pp2_equals_one_process(tmp_path):
                     value, ref_params[name], rtol=1e-5, atol=1e-6, msg=f"{schedule} {name}"
                 )
             assert evaluated is None or evaluated == pytest.approx(ref_eval, rel=1e-5)
+        history, params = out["from_pp1"]
+        assert history[0][0] == pytest.approx(ref_history[2][0], rel=1e-5)
+        for name, value in params.items():
+            torch.testing.assert_close(
+                value, ref_params[name], rtol=1e-5, atol=1e-6, msg=f"from pp=1: {name}"
+            )
         facade = out["facade"]
         assert facade["losses"] == pytest.approx([h[0] for h in ref_history[:2]], rel=1e-5)
         assert facade["first_last"] == (rank == 0, rank == 1)
@@ -214,7 +229,9 @@ def _pipe_dp_rank(rank, world, ckpt_dir):
     return history, engine.full_params(state)
 
 
-@pytest.mark.skipif(os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~40 s; ZEROSTEP_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~40 s; ZEROSTEP_SLOW_TESTS=1"
+)
 def test_pp2_dp2_zero1_equals_one_process(tmp_path):
     data = pm.batches(STEPS, 16)
     reference = _engine(1, mb=4)  # one process: the same 16 rows per step in 4 micro-batches of 4

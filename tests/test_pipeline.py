@@ -151,6 +151,7 @@ def test_pp1_equals_zerosteps_engine():
         torch.testing.assert_close(value, theirs[name], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="2 x 4 = 8"):
         engine.step(state, (data[0][0][:7], data[0][1][:7]))
+    assert isinstance(zerostep.core.initialize(engine.module, pm.config(), compile=False), PipelineEngine)
     with pytest.raises(ValueError, match="pipeline.stages = 3"):
         PipelineEngine(engine.module, {**pm.config(), "pipeline": {"stages": 3}})
     with pytest.raises(zerostep.ConfigError, match="pipeline.schedule"):

@@ -13,7 +13,8 @@ A group (a layer, or a tied module: saved once, by its lowest stage) is stored w
 load at any data-parallel size pads and shards it again, and a load at another stage count reads each
 of its groups from whichever file holds it (groups are named by global layer index). ``latest`` names
 the last complete tag. The tag is written to a temporary folder and renamed into place once every
-writer has finished, so a crash leaves either the previous checkpoint or the new one.
+writer has finished (an older folder of the same tag is moved aside first and deleted after), so a
+crash leaves a whole checkpoint under the tag or, between the two renames, under ``.old-<tag>``.
 """
 
 from __future__ import annotations
@@ -109,9 +110,12 @@ def save(
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        old = os.path.join(os.fspath(save_dir), f".old-{tag}")
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):  # moved aside, not deleted, until the new one is in place
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         with open(os.path.join(os.fspath(save_dir), ".latest-tmp"), "w") as f:
             f.write(tag)
         os.replace(

@@ -125,7 +125,7 @@ def _broken_loss(output, target):
     raise RuntimeError("loss exploded on purpose")
 
 
-def test_pp1_equals_zerosteps_engine():
+def test_pp1_equals_zerosteps_engine(tmp_path):
     """One stage: the pipeline engine's update is zerostep's (same loss, norm, parameters)."""
     data = pm.batches(STEPS, 8)
     engine = _engine(1, tied=False)
@@ -152,6 +152,16 @@ def test_pp1_equals_zerosteps_engine():
     with pytest.raises(ValueError, match="2 x 4 = 8"):
         engine.step(state, (data[0][0][:7], data[0][1][:7]))
     assert isinstance(zerostep.core.initialize(engine.module, pm.config(), compile=False), PipelineEngine)
+    # a tag saved again replaces the first; `latest` names it; parameters only on request
+    engine.save(state, tmp_path, "t", client_state={"epoch": 1})
+    engine.save(state, tmp_path, "t", client_state={"epoch": 2})
+    loaded, client, _ = engine.load(tmp_path)
+    assert client == {"epoch": 2} and int(loaded.step) == STEPS
+    fresh, _, _ = engine.load(tmp_path, "t", load_optimizer_states=False)
+    assert int(fresh.step) == 0
+    for name, value in engine.full_params(fresh).items():
+        torch.testing.assert_close(value, ours[name])
+    assert sorted(os.listdir(tmp_path)) == ["latest", "t"]
     with pytest.raises(ValueError, match="pipeline.stages = 3"):
         PipelineEngine(engine.module, {**pm.config(), "pipeline": {"stages": 3}})
     with pytest.raises(zerostep.ConfigError, match="pipeline.schedule"):

@@ -66,6 +66,13 @@ def _pipe_rank(rank, world, ckpt_dir):
     state, _, _ = engine.load(os.path.join(ckpt_dir, "pp1"), "two")
     state, history = _train(engine, data[2:], state)
     out["from_pp1"] = (history, engine.full_params(state))
+    # a non-finite gradient on stage 0 only: both stages skip the step (one global finite check)
+    before = engine.full_params(state)
+    if rank == 0:
+        engine._grad = lambda name, grad=engine._grad: grad(name) * float("inf")
+    state = engine.step(state, data[0])
+    after = engine.full_params(state)
+    out["overflow"] = (int(state.metrics.skipped), all(torch.equal(before[n], after[n]) for n in before))
     # the DeepSpeed facade: train_batch over an iterator of (inputs, labels) micro-batches
     module = PipelineModule(
         pm.specs(), num_stages=2, loss_fn=pm.mse, seed_layers=True, partition_method="uniform"
@@ -199,6 +206,7 @@ def test_pp2_equals_one_process(tmp_path):
             torch.testing.assert_close(
                 value, ref_params[name], rtol=1e-5, atol=1e-6, msg=f"from pp=1: {name}"
             )
+        assert out["overflow"] == (1, True)  # skipped, nothing written, on both stages
         facade = out["facade"]
         assert facade["losses"] == pytest.approx([h[0] for h in ref_history[:2]], rel=1e-5)
         assert facade["first_last"] == (rank == 0, rank == 1)

@@ -91,14 +91,25 @@ def initialize(
     loss_fn: LossFn | None = None,
     compile: bool = True,
     param_groups: list[ParamGroup] | None = None,
-) -> Engine:
+) -> Engine | Any:
     """Build an ``Engine`` for ``model`` from a ``Config``, a DeepSpeed config dict or a JSON path.
 
     Initializes ``torch.distributed`` from torchrun's environment when it is set and no process group
     exists yet; otherwise runs as one process. ``param_groups``: torch-style parameter groups with their
     own ``lr`` / ``weight_decay`` (core/param_groups.py); every trainable parameter in one group.
+    A ``zerostep.pipe.PipelineModule`` gets a ``core.pipeline_engine.PipelineEngine`` instead.
     """
     dist_groups.maybe_init_distributed()
+    from zerostep.core.pipeline_module import PipelineModule
+
+    if isinstance(model, PipelineModule):  # its own engine: core/pipeline_engine.py
+        from zerostep.core.pipeline_engine import PipelineEngine
+
+        if loss_fn is not None or param_groups is not None:
+            raise ValueError(
+                "a PipelineModule has its own loss (PipelineModule(loss_fn=...)) and no param_groups"
+            )
+        return PipelineEngine(model, config, compile=compile)
     if isinstance(config, Config):
         cfg = config
     elif isinstance(config, dict):

@@ -42,7 +42,7 @@ def _true(value: Any) -> bool:
 
 # key -> (is the feature on?, what it is / what to use instead)
 UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "pipeline": (_non_empty, "pipeline parallelism (PipelineModule)"),
+    "pipeline": (_non_empty, "pipeline parallelism for a model other than a zerostep.pipe.PipelineModule"),
     "sparse_attention": (_non_empty, "sparse attention (removed from DeepSpeed too)"),
     "compression_training": (_any_enabled, "compression training"),
     "data_efficiency": (_any_enabled, "data efficiency (curriculum sampling and random-LTD)"),

@@ -29,9 +29,11 @@ from zerostep.core.config import Config
 from zerostep.core.engine import Engine
 from zerostep.core.monitoring.comms_logger import eager_for_comms_logger
 from zerostep.core.param_groups import ParamGroup
+from zerostep.core.pipeline_module import PipelineModule
 from zerostep.runtime.client_optimizer import optimizer_block, param_groups_of
 from zerostep.runtime.engine import DeepSpeedEngine, frozen_group_spec
 from zerostep.runtime.lr_schedules import scheduler_from_config
+from zerostep.runtime.pipe_engine import build_pipeline
 from zerostep.runtime.zero_optimizer import ZeroOptimizer
 
 # zerostep optimizer param -> torch param-group key, for building groups of a config optimizer
@@ -57,6 +59,8 @@ def build(
     """(engine, optimizer, lr_scheduler) for an already merged config dict."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"initialize(model=...) must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, PipelineModule):  # zerostep/runtime/pipe_engine.py
+        return build_pipeline(model, dict(config_dict), optimizer, model_parameters, lr_scheduler, compile)
     config_dict = dict(config_dict)
     basic = None
     if optimizer is not None:

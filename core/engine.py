@@ -190,8 +190,9 @@ class Engine:
         self.loss_scaling = loss_scaling_of(config)
         # progressive layer drop / legacy curriculum: forward kwargs and batch cuts per step
         self.schedules = TrainingSchedules.of(config, model)
-        self.compile_forward = compile and not (self.schedules is not None and self.schedules.eager_forward)
-        if compile and not self.compile_forward:
+        eager_forward = self.schedules is not None and self.schedules.eager_forward
+        self.compile_forward = self.compile and not eager_forward
+        if self.compile and not self.compile_forward:
             self.schedules.warn_eager()
         zero = config.zero_optimization
         if zero.offload_optimizer is not None or zero.offload_param is not None:

@@ -483,7 +483,6 @@ def test_not_a_dict():
         ("pipeline", {"stages": 2, "partition": "parameters"}),
         ("sparse_attention", {"mode": "fixed", "block": 16}),
         ("compression_training", {"weight_quantization": {"shared_parameters": {"enabled": True}}}),
-        ("curriculum_learning", {"enabled": True, "curriculum_type": "seqlen"}),
         ("data_efficiency", {"enabled": True, "data_sampling": {"enabled": True}}),
         ("amp", {"enabled": True, "opt_level": "O1"}),
         ("aio", {"block_size": 1048576}),
@@ -500,7 +499,6 @@ def test_unsupported_feature_enabled_is_an_error(key, block):
     "key, block",
     [
         ("pipeline", {}),
-        ("curriculum_learning", {"enabled": False}),
         ("compression_training", {"weight_quantization": {"shared_parameters": {"enabled": False}}}),
         ("amp", {"enabled": False}),
     ],

@@ -148,7 +148,9 @@ class Offload:
             tensors = [*self.update.grads.values(), *self.update.params.values()]
             return sum(t.numel() * t.element_size() for t in tensors)
         plan = self.plan
-        numel = sum(lay.shard_numel if plan.sharded_master else lay.padded_numel for lay in plan.layouts.values())
+        numel = sum(
+            lay.shard_numel if plan.sharded_master else lay.padded_numel for lay in plan.layouts.values()
+        )
         grad = plan.accumulation_dtype if plan.accumulation_steps > 1 else plan.compute_dtype
         if not self.settings.convert_grad_on_cpu:
             grad = torch.float32
@@ -246,7 +248,12 @@ class HostUpdate:
                     piece = lambda tree: {_KEY: tree[c.group][c.lo : c.hi]}  # noqa: E731
                     state = _restrict(opt_state, frozenset(master), c, master)
                     self._apply(
-                        piece(host_grads), piece(master), state, piece(host_params), *scalars, piece(host_params)
+                        piece(host_grads),
+                        piece(master),
+                        state,
+                        piece(host_params),
+                        *scalars,
+                        piece(host_params),
                     )
 
                 run_pipeline(self.chunks, fetch, update, store, self.transfer.wait)

@@ -37,6 +37,7 @@ def build(cfg: GPTConfig, args: argparse.Namespace, offload: bool):
         "train_micro_batch_size_per_gpu": args.batch,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "wall_clock_breakdown": True,  # the update phase's own time ("step")
     }
     if args.bf16:
         d["bf16"] = {"enabled": True}
@@ -73,6 +74,7 @@ def main() -> None:
     engines = [build(cfg, args, offload) for offload in (False, True)]
     states = [s for _, s in engines]
     times: list[list[float]] = [[], []]
+    update_ms: list[list[float]] = [[], []]
     offload = engines[1][0]._offload
     moved_before = None
     for i in range(args.warmup + args.steps):
@@ -85,12 +87,15 @@ def main() -> None:
             states[k] = engine.step(states[k], batch)
             states[k].block_until_ready()
             sync(args.device)
+            phases = engine.wall_clock_timers()  # this step's, in ms
             if i >= args.warmup:
                 times[k].append(time.perf_counter() - start)
+                update_ms[k].append(phases["step"])
     moved = {k: (v - moved_before[k]) / args.steps for k, v in offload.moved_bytes().items()}
     plain_ms, off_ms = (statistics.median(t) * 1e3 for t in times)
+    plain_up, off_up = (statistics.median(t) for t in update_ms)
     report = engines[1][0].memory_report(states[1])
-    params = sum(p.numel() for p in engines[0][0].model.parameters())
+    params = sum(e.numel for lay in engines[0][0].plan.layouts.values() for e in lay.entries)
     mode = "compiled" if args.compile else "eager"
     print(
         f"small GPT {cfg.n_layer}x{cfg.n_embd} ({params / 1e6:.2f}M params), "
@@ -100,6 +105,7 @@ def main() -> None:
     )
     print(f"{'':26}{'plain':>10}{'offload':>10}{'ratio':>8}")
     print(f"{'step time (ms, median)':26}{plain_ms:10.2f}{off_ms:10.2f}{off_ms / plain_ms:8.2f}x")
+    print(f"{'update phase (ms, median)':26}{plain_up:10.2f}{off_up:10.2f}{off_up / plain_up:8.2f}x")
     print(
         f"moved per step: {moved['to_host'] / 2**20:.2f} MiB to host, "
         f"{moved['to_device'] / 2**20:.2f} MiB to device; host state {report['host'] / 2**20:.2f} MiB, "
@@ -114,6 +120,8 @@ def main() -> None:
         step_ms_plain=plain_ms,
         step_ms_offload=off_ms,
         ratio=off_ms / plain_ms,
+        update_ms_plain=plain_up,
+        update_ms_offload=off_up,
         bytes_to_host_per_step=moved["to_host"],
         bytes_to_device_per_step=moved["to_device"],
         host_bytes=report["host"],

@@ -105,7 +105,9 @@ class HostTransfer:
         if not self.on_cuda:
             dst.copy_(src)
             return
-        with torch.cuda.stream(self.to_device_stream):
+        stream = self.to_device_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # work that still reads ``dst``
+        with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
 
     def finish(self) -> None:

@@ -217,14 +217,19 @@ def test_checkpoints_move_between_offloaded_and_plain_engines(tmp_path):
         assert_equal_params(again.full_params(train(again, s)), ref.full_params(ref_state))
 
 
-def test_facade_with_offload_equals_plain():
+def test_facade_with_offload_and_a_gathered_write_equals_plain():
     def run(offload: bool):
-        zero = {"stage": 2, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}
+        zero = {"stage": 3, **({"offload_optimizer": {"device": "cpu"}} if offload else {})}
         d = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": zero, "optimizer": ADAMW}
+        model = Net()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine, *_ = zerostep.initialize(model=Net(), config=d, compile=False)
-        for x, y in batches():
+            engine, *_ = zerostep.initialize(model=model, config=d, compile=False)
+        for i, (x, y) in enumerate(batches()):
+            if i == 2:  # a write through GatheredParameters reaches the host master and the device shard
+                with zerostep.zero.GatheredParameters([model.head.bias], modifier_rank=0):
+                    model.head.bias.data.fill_(3.0)
+                assert engine._core.full_params(engine.state)["head.bias"].item() == 3.0
             engine.backward(torch.nn.functional.mse_loss(engine(x), y))
             engine.step()
         return engine._core.full_params(engine.state)

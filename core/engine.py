@@ -210,6 +210,8 @@ class Engine:
             )
         self.group_options = self._group_options(param_groups, set(trainable))
         self.optimizer = self._build_optimizer()
+        if self.offload_settings is not None:  # before the ranks' first collective
+            offloading.check_optimizer(self.optimizer.name)
         self.lr_at = optim.lr_schedule(config.scheduler, self.optimizer.lr)
         self.beta1_at = optim.momentum_schedule(config.scheduler, self.optimizer)
         # Buffers and frozen parameters enter the forward as constants, cast like the parameters.

@@ -251,7 +251,9 @@ class Engine:
         self._runner = None
         if plan.stage == 3:
             units = [Unit(g, lay) for g, lay in plan.layouts.items()]
-            self._runner = Zero3Runner(model, units, self.group)
+            # offload_param: host shards, gathered on the device (core/offload.py)
+            offload_to = self.device if self.offload_settings and self.offload_settings.params else None
+            self._runner = Zero3Runner(model, units, self.group, offload_to=offload_to)
             self._scaled_backward = make_zero3_backward(self._runner, plan.accumulation_steps)
             step_forward = make_module_forward(self.loss_fn, self._constants)
         else:
@@ -475,6 +477,8 @@ class Engine:
                 flats[g] = shard
             else:
                 flats[g] = (shard if plan.params_match_master else full).to(self.compute_dtype)
+            if self._offload is not None and self._offload.settings.params:
+                flats[g] = self._offload.transfer.host_copy(flats[g])  # offload_param
         return master, flats
 
     def bind_module(self, state: TrainState) -> TrainState:
@@ -819,7 +823,10 @@ class Engine:
         check_not_consumed(state, "engine.memory_report")
         offload = self._offload
         staging = offload.staging_bytes() if offload is not None else 0
-        return memory_report(self.plan, state, self._gather_high_water(), host_staging=staging)
+        host_params = offload is not None and offload.settings.params
+        return memory_report(
+            self.plan, state, self._gather_high_water(), host_staging=staging, host_params=host_params
+        )
 
     def _gather_high_water(self) -> int:
         return self._runner.peak_gathered_bytes if self._runner is not None else 0

@@ -115,7 +115,8 @@ def bind_module(
             for entry in layout.entries:
                 param = model.get_parameter(entry.name)
                 if sharded:
-                    placeholder = torch.empty(0, dtype=flats[group].dtype, device=flats[group].device)
+                    # on the engine's device even when the shards live in host memory (offload_param)
+                    placeholder = torch.empty(0, dtype=flats[group].dtype, device=engine.device)
                     _set_data(param, placeholder)
                     param.ds_shape = entry.shape  # DeepSpeed's name for a released parameter's shape
                     param.ds_numel = entry.numel

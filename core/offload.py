@@ -61,6 +61,7 @@ _NO_EFFECT = {
 
 @dataclasses.dataclass(frozen=True)
 class OffloadSettings:
+    params: bool  # offload_param (stage 3): the compute-dtype shards live in host memory too
     pin_memory: bool  # pinned host buffers (CUDA only): the copies can run asynchronously
     chunk_numel: int | None  # elements per pipelined chunk (sub_group_size); None: one per unit
     convert_grad_on_cpu: bool  # gradients cross in their own dtype and are widened on the host
@@ -70,16 +71,25 @@ def settings_of(config: Any, device: torch.device, stage: int) -> OffloadSetting
     """The offload this config asks for (None: none), with a warning for each key that has no effect
     here. ``offload_param`` is not implemented: a warning says parameters stay on the device."""
     zero = config.zero_optimization
-    if zero.offload_param is not None and stage == 3:
+    block = zero.offload_optimizer
+    params = zero.offload_param is not None and stage == 3  # other stages: the config warned
+    if params and block is None:
         warnings.warn(
-            "zero_optimization.offload_param: parameter offload is not implemented by zerostep; the "
-            "stage-3 parameter shards stay in device memory (offload_optimizer, which holds the master "
-            "weights and optimizer state, is implemented)",
+            "zero_optimization.offload_param has no effect without offload_optimizer in zerostep: the "
+            "parameter shards are updated where the master lives, so they stay in device memory; add "
+            '"offload_optimizer": {"device": "cpu"}',
             stacklevel=5,
         )
-    block = zero.offload_optimizer
     if block is None:
         return None
+    if params:
+        for key in ("buffer_count", "buffer_size", "max_in_cpu"):
+            if config.source(f"zero_optimization.offload_param.{key}") not in ("default", "derived"):
+                warnings.warn(
+                    f"zero_optimization.offload_param.{key} has no effect in zerostep: it sizes DeepSpeed's "
+                    "NVMe parameter swapping",
+                    stacklevel=5,
+                )
     for key, why in _NO_EFFECT.items():
         if config.source(f"{_PATH}.{key}") not in ("default", "derived"):
             warnings.warn(f"{_PATH}.{key} has no effect in zerostep: {why}", stacklevel=5)
@@ -92,7 +102,8 @@ def settings_of(config: Any, device: torch.device, stage: int) -> OffloadSetting
         )
     chunk = int(zero.sub_group_size)
     return OffloadSettings(
-        pin_memory=bool(block.pin_memory),
+        params=params,
+        pin_memory=bool(block.pin_memory or (params and zero.offload_param.pin_memory)),
         chunk_numel=chunk if chunk > 0 else None,
         convert_grad_on_cpu=bool(block.convert_grad_on_cpu),
     )
@@ -124,8 +135,17 @@ class Offload:
         buffer (a state loaded from a checkpoint is built on the device first, and fp32 parameters of
         the master's shape are read as the master itself) is copied to new host memory; others stay."""
         flats = dict(state.params.flats)
-        device = self.transfer.device
-        moved = {g: p if p.device == device else p.to(device) for g, p in flats.items()}
+        if self.settings.params:  # offload_param: the shards too, apart from the master
+            taken = {m.untyped_storage().data_ptr() for m in state.master.values()}
+            moved = {
+                g: p
+                if p.device.type == "cpu" and p.untyped_storage().data_ptr() not in taken
+                else self.transfer.host_copy(p)
+                for g, p in flats.items()
+            }
+        else:
+            device = self.transfer.device
+            moved = {g: p if p.device == device else p.to(device) for g, p in flats.items()}
         params = state.params
         if any(moved[g] is not flats[g] for g in flats):
             params = FlatParams(moved, dict(self.plan.layouts), sharded=state.params.sharded)

@@ -20,11 +20,14 @@ from zerostep.parallel.launch import spawn_ranks
 ADAMW = {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}}
 
 
-def config(stage: int, offload: bool, world_size: int = 1, **extra) -> Config:
+def config(stage: int, offload: bool, world_size: int = 1, params: bool = False, **extra) -> Config:
+    """``offload``: offload_optimizer; ``params``: offload_param too (stage 3)."""
     zero = {"stage": stage}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", **extra.pop("offload", {})}
         zero["sub_group_size"] = extra.pop("sub_group_size", 16)  # several chunks per unit
+    if params:
+        zero["offload_param"] = {"device": "cpu"}
     d = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 2,
@@ -114,9 +117,10 @@ def test_transfer_copies_between_distinct_host_buffers_and_counts_bytes():
 # --- one process ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_offloaded_training_equals_plain_in_fp32(stage):
-    plain, offloaded = build(config(stage, False)), build(config(stage, True))
+@pytest.mark.parametrize("stage, params", [(0, False), (1, False), (2, False), (3, False), (3, True)])
+def test_offloaded_training_equals_plain_in_fp32(stage, params):
+    plain, offloaded = build(config(stage, False)), build(config(stage, True, params=params))
+    assert (offloaded._runner is not None and offloaded._runner.offload_to is not None) == params
     a, b = train(plain), train(offloaded)
     assert_equal_params(plain.full_params(a), offloaded.full_params(b))
     # the state lives apart: master and moments in host buffers of their own, not the parameters
@@ -127,8 +131,9 @@ def test_offloaded_training_equals_plain_in_fp32(stage):
     numel = sum(lay.padded_numel for lay in offloaded.plan.layouts.values())
     assert moved == {"to_host": 3 * numel * 4, "to_device": 3 * numel * 4}  # fp32 grads and params, 3 steps
     report, before = offloaded.memory_report(b), plain.memory_report(a)
-    assert report["host"] == report["master"] + report["optimizer_state"] + report["offload_staging"]
-    assert report["device"] == report["params"] + report["gradients"]
+    on_host = report["master"] + report["optimizer_state"] + (report["params"] if params else 0)
+    assert report["host"] == on_host + report["offload_staging"]
+    assert report["device"] == report["gradients"] + (0 if params else report["params"])
     assert report["offload_staging"] == 2 * numel * 4  # a host gradient and a host parameter buffer
     assert before["host"] == 0 and before["device"] == before["total"]
 
@@ -200,7 +205,7 @@ def test_checkpoints_move_between_offloaded_and_plain_engines(tmp_path):
     assert_equal_params(plain.full_params(loaded), offloaded.full_params(state))
     plain.save(loaded, tmp_path, tag="plain")
     # back into an offloaded engine: in new memory, and into a state of its own
-    again = build(config(3, True))
+    again = build(config(3, True, params=True))  # offload_param: the shards in host buffers too
     fresh = again.load(tmp_path, tag="plain")
     param_ptrs = {p.untyped_storage().data_ptr() for p in fresh.params.flats.values()}
     assert not param_ptrs & {m.untyped_storage().data_ptr() for m in fresh.master.values()}
@@ -209,7 +214,7 @@ def test_checkpoints_move_between_offloaded_and_plain_engines(tmp_path):
     into = again.load(tmp_path, tag="plain", into=target)
     assert [m.data_ptr() for m in into.master.values()] == master_ptrs  # loaded in place
     # both resume as the run that never stopped
-    ref = build(config(3, True))
+    ref = build(config(3, False))
     ref_state = ref.init()
     for batch in batches() * 2:
         ref_state = ref.step(ref_state, batch)
@@ -252,10 +257,13 @@ def test_keys_without_effect_warn_and_unsupported_ones_raise():
         "buffer_count has no effect",
         "saves no memory",
         "pin_memory has no effect here",
-        "offload_param: parameter offload is not implemented",
     ):
         assert needle in text, needle
-    assert "pipeline_read" not in text  # left at its default: no warning
+    assert "pipeline_read" not in text and "offload_param" not in text  # defaults; implemented
+    del d["zero_optimization"]["offload_optimizer"]
+    with pytest.warns(UserWarning, match="offload_param has no effect without offload_optimizer"):
+        engine = initialize(Net(), Config.from_dict(d, world_size=1), loss_fn=mse, compile=False)
+    assert engine._offload is None and engine._runner.offload_to is None
     with pytest.raises(ConfigError, match="'lamb' optimizer cannot run offloaded"):
         build(config(1, True, optimizer={"type": "Lamb", "params": {"lr": 1e-3}}))
     with pytest.raises(ConfigError, match="NVMe"):
@@ -267,21 +275,23 @@ def test_keys_without_effect_warn_and_unsupported_ones_raise():
 
 def offload_stages(rank: int, world_size: int) -> dict:
     out = {}
-    for stage in (0, 1, 2, 3):
-        plain, offloaded = build(config(stage, False, world_size)), build(config(stage, True, world_size))
+    for stage, params in ((0, False), (1, False), (2, False), (3, False), (3, True)):
+        plain = build(config(stage, False, world_size))
+        offloaded = build(config(stage, True, world_size, params=params))
         a = train(plain, rank=rank, world_size=world_size)
         b = train(offloaded, rank=rank, world_size=world_size)
         pa, pb = plain.full_params(a), offloaded.full_params(b)
         assert all(torch.equal(pa[n], pb[n]) for n in pa), stage
         report = offloaded.memory_report(b)
-        assert report["host"] == report["master"] + report["optimizer_state"] + report["offload_staging"]
-        out[stage] = (pb, report["master"])
+        on_host = report["master"] + report["optimizer_state"] + (report["params"] if params else 0)
+        assert report["host"] == on_host + report["offload_staging"]
+        out[stage, params] = (pb, report["master"])
     return out
 
 
 def test_offload_on_two_ranks_equals_plain_at_every_stage():
     per_rank = spawn_ranks(offload_stages, 2, timeout=180)
-    for stage, (params, master_bytes) in per_rank[0].items():
-        assert_equal_params(params, per_rank[1][stage][0])  # ranks agree
+    for (stage, offload_params), (params, master_bytes) in per_rank[0].items():
+        assert_equal_params(params, per_rank[1][stage, offload_params][0])  # ranks agree
         full = sum(p.numel() for p in params.values()) * 4
         assert (master_bytes < full) == (stage >= 1)  # the host master is this rank's shard at stages 1-3

@@ -9,6 +9,7 @@ buffers are pinned and the copies run on side streams.
 
     python benchmarks/offload.py
     python benchmarks/offload.py --stage 3 --chunk 1000000 --compile
+    python benchmarks/offload.py --stage 3 --params
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def build(cfg: GPTConfig, args: argparse.Namespace, offload: bool):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": args.device == "cuda"}
         if args.chunk:
             zero["sub_group_size"] = args.chunk
+        if args.params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": args.device == "cuda"}
     d = {
         "train_micro_batch_size_per_gpu": args.batch,
         "zero_optimization": zero,
@@ -60,6 +63,7 @@ def main() -> None:
         "--chunk", type=int, default=0, help="sub_group_size (elements per chunk); 0: per unit"
     )
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--params", action="store_true", help="offload_param too (needs --stage 3)")
     parser.add_argument("--compile", action="store_true", help="compiled engines (default: eager)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--layers", type=int, default=4)
@@ -100,7 +104,8 @@ def main() -> None:
     print(
         f"small GPT {cfg.n_layer}x{cfg.n_embd} ({params / 1e6:.2f}M params), "
         f"batch {args.batch}x{cfg.block_size}, "
-        f"stage {args.stage}, {'bf16' if args.bf16 else 'fp32'}, {mode}, device {args.device}, "
+        f"stage {args.stage}{' + offload_param' if args.params else ''}, "
+        f"{'bf16' if args.bf16 else 'fp32'}, {mode}, device {args.device}, "
         f"{len(offload.update.chunks)} chunks"
     )
     print(f"{'':26}{'plain':>10}{'offload':>10}{'ratio':>8}")
@@ -116,6 +121,7 @@ def main() -> None:
         stage=args.stage,
         mode=mode,
         bf16=args.bf16,
+        offload_param=args.params,
         chunks=len(offload.update.chunks),
         step_ms_plain=plain_ms,
         step_ms_offload=off_ms,

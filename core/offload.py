@@ -20,6 +20,10 @@ counters are shared by every chunk's call, so each chunk after the first starts 
 values before the step. With parameter groups (per-group factor vectors, keyed by unit) the update
 runs once over every host buffer after all gradients have landed; the copies back are still chunked.
 
+``offload_param`` (stage 3, with ``offload_optimizer``) keeps the compute-dtype shards in host memory
+too: the host update writes them there, and ``parallel.zero3`` stages each unit's shard on the device
+when it gathers it and copies the reduced gradient back.
+
 On a CPU engine the "device" is host memory too: the master and optimizer state are then separate host
 buffers from the parameters, and every copy and the chunked ordering run as on a GPU (that is what the
 CPU tests exercise); only streams, events and pinning are CUDA-only.

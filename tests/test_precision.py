@@ -298,7 +298,7 @@ def test_a_bf16_master_checkpoint_loads_into_fp32_and_back(tmp_path):
     assert moments and all(t.dtype == torch.bfloat16 for t in moments)
 
 
-def gpt_losses(master_bf16: bool, steps: int = 40) -> tuple[list[float], dict, int]:
+def gpt_losses(master_bf16: bool, steps: int = 30) -> tuple[list[float], dict, int]:
     """(losses, memory_report, padded numel) of the tiny GPT trained on one fixed, learnable pattern in
     bf16, with a bf16 master (and bf16 optimizer states) or an fp32 one."""
     from zerostep.core.gpt import GPT, GPTConfig
@@ -325,9 +325,9 @@ def gpt_losses(master_bf16: bool, steps: int = 40) -> tuple[list[float], dict, i
 def test_a_bf16_master_converges_like_an_fp32_master_on_the_small_gpt():
     low, low_report, numel = gpt_losses(True)
     wide, wide_report, _ = gpt_losses(False)
-    assert wide[-1] < 0.55 * wide[0] and low[-1] < 0.55 * low[0]  # both learn
+    assert wide[-1] < 0.6 * wide[0] and low[-1] < 0.6 * low[0]  # both learn
     # round-to-nearest bf16 updates (no stochastic rounding) track the fp32 master within a few percent
-    # at every step (measured: 1.4% at most, the bf16 master's loss a little higher)
+    # at every step (measured: 1.3% at most, the bf16 master's loss a little higher)
     for a, b in zip(low, wide):
         assert abs(a - b) <= 0.03 * b, (low, wide)
     # one rank: the bf16 params are the bf16 master (2 bytes per element) against bf16 params + fp32 master

@@ -5,7 +5,9 @@ process so machine noise hits both; medians over the rounds. Bytes moved: the of
 (gradients) and host -> device (parameters) copies per step. On a CPU-only machine "device" and host
 are the same memory, so the ratio is the cost of the extra copies and of the chunked host update;
 with CUDA (``--device cuda``, the default when one is present) the model is on the GPU, the host
-buffers are pinned and the copies run on side streams.
+buffers are pinned and the copies run on side streams. With ``--params`` (offload_param) the bytes
+printed are still the update's; the stage-3 gathers also copy each unit's shard to the device (twice
+per block and micro-batch) and each shard gradient back, which the counter does not include.
 
     python benchmarks/offload.py
     python benchmarks/offload.py --stage 3 --chunk 1000000 --compile

@@ -98,11 +98,21 @@ def gradient_bytes(plan: StepPlan) -> tuple[int, int]:
     return acc, acc + (3 * largest + (shard if several else 0)) * c
 
 
-def memory_report(plan: StepPlan, state: TrainState, gather_high_water: int = 0) -> dict[str, int]:
+def memory_report(
+    plan: StepPlan,
+    state: TrainState,
+    gather_high_water: int = 0,
+    host_staging: int = 0,
+    host_params: bool = False,
+) -> dict[str, int]:
     """Per-rank bytes by kind; ``total`` is the sum of the first four (ZeRO's model states: the gradient
     accumulator, not the gradient's peak). ``gradients_peak``: the most gradient bytes alive at once
     inside a step (``gradient_bytes``); ``stage3_gather_high_water``: the gathered parameters' measured
-    high-water mark of the last stage-3 call."""
+    high-water mark of the last stage-3 call. Where the state lives: ``device``, the model states in
+    the engine's device memory (``total`` without offload); ``host``, those offloaded to host memory
+    (``offload_optimizer``: master and optimizer state; ``host_params``, offload_param: the parameter
+    shards too) plus ``offload_staging``, the offloaded update's host gradient and parameter buffers
+    (``host_staging``, core/offload.py)."""
     seen: set[int] = set()
     master = _bytes(state.master, seen)
     params = _bytes(state.params.flats, seen)
@@ -117,6 +127,10 @@ def memory_report(plan: StepPlan, state: TrainState, gather_high_water: int = 0)
     report["total"] = sum(report.values())
     report["gradients_peak"] = peak
     report["stage3_gather_high_water"] = gather_high_water
+    offloaded = (master + opt if plan.offload_optimizer else 0) + (params if host_params else 0)
+    report["device"] = report["total"] - offloaded
+    report["host"] = offloaded + host_staging
+    report["offload_staging"] = host_staging
     return report
 
 

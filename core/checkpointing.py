@@ -288,7 +288,7 @@ def _agreed(engine: Any, where: str, read: Callable[[], Any]) -> Any:
 def _check_into(engine: Any, into: TrainState) -> None:
     """``ValueError`` listing how ``into`` differs from a state of this engine, before anything is read."""
     plan = engine.plan
-    device = torch.device(engine.device).type
+    device = torch.device(engine.master_device).type  # the host with offload_optimizer
     problems = []
     if set(into.master) != set(plan.layouts) or set(into.params.layouts) != set(plan.layouts):
         problems.append(f"groups {sorted(into.master)}, this engine has {sorted(plan.layouts)}")

@@ -24,6 +24,7 @@ from torch import nn
 
 from zerostep import optim
 from zerostep.core import activation_checkpointing, agreement, deferred_init
+from zerostep.core import offload as offloading
 from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.autocast import autocast_plan_of, check_autocast_model, loss_scaling_of, under_autocast
 from zerostep.core.batching import BatchSpec, check_batch, micro_batches, to_device
@@ -195,16 +196,10 @@ class Engine:
         if self.compile and not self.compile_forward:
             self.schedules.warn_eager()
         zero = config.zero_optimization
-        if zero.offload_optimizer is not None or zero.offload_param is not None:
-            if self.device.type != "cpu":
-                raise NotImplementedError(
-                    "offload_optimizer / offload_param are not implemented on accelerators"
-                )
-            warnings.warn(
-                "offload to cpu requested: the model already lives in host memory; nothing to do",
-                stacklevel=4,
-            )
         stage = int(zero.stage)
+        # offload_optimizer: master and optimizer state in host memory (core/offload.py)
+        self.offload_settings = offloading.settings_of(config, self.device, stage)
+        self.master_device = torch.device("cpu") if self.offload_settings else self.device
         if stage == 3 and float(config.gradient_predivide_factor) != 1.0:
             warnings.warn(
                 "gradient_predivide_factor is ignored at ZeRO stage 3 (gradients are reduce-scattered "
@@ -228,6 +223,7 @@ class Engine:
             overlap_param_gather=bool(zero.overlap_param_gather),
             grad_accum_dtype=grad_accum_dtype_of(config.data_types.grad_accum_dtype, self.compute_dtype),
             master_dtype=master_dtype_of(config),
+            offload_optimizer=self.offload_settings is not None,
         )
         self.optimizer_state_dtype = optimizer_state_dtype_of(config)
         if config.optimizer is None:
@@ -237,6 +233,8 @@ class Engine:
             )
         self.group_options = self._group_options(param_groups, set(trainable))
         self.optimizer = self._build_optimizer()
+        if self.offload_settings is not None:  # before the ranks' first collective
+            offloading.check_optimizer(self.optimizer.name)
         self.lr_at = optim.lr_schedule(config.scheduler, self.optimizer.lr)
         self.beta1_at = optim.momentum_schedule(config.scheduler, self.optimizer)
         # Buffers and frozen parameters enter the forward as constants, cast like the parameters.
@@ -278,7 +276,9 @@ class Engine:
         self._runner = None
         if plan.stage == 3:
             units = [Unit(g, lay) for g, lay in plan.layouts.items()]
-            self._runner = Zero3Runner(model, units, self.group)
+            # offload_param: host shards, gathered on the device (core/offload.py)
+            offload_to = self.device if self.offload_settings and self.offload_settings.params else None
+            self._runner = Zero3Runner(model, units, self.group, offload_to=offload_to)
             self._scaled_backward = make_zero3_backward(self._runner, plan.accumulation_steps)
             step_forward = under_autocast(make_module_forward(self.loss_fn, self._constants), self.autocast)
         else:
@@ -292,6 +292,9 @@ class Engine:
         self._phases = build_compressed_phases(plan, self.optimizer, self._reducer, self.group)
         if self._phases is not None:
             self._reducer = self._phases.reducer
+        self._offload = None
+        if self.offload_settings is not None:
+            self._offload = offloading.Offload(self.offload_settings, plan, self.device)
         self._compose_update()
         self.comm = CommCounter()  # host-side byte totals, for benchmarks and monitors
         self._comm_applied = step_comm_plan(plan, applied=True, optimizer=self.optimizer)
@@ -365,7 +368,13 @@ class Engine:
         return forward_then_wait
 
     def _compose_update(self) -> None:
-        self._sharded_update = make_sharded_update(self.plan, self.optimizer, self.group, self.compile)
+        host = None  # offload_optimizer: graph B runs on the host (core/offload.py)
+        if self._offload is not None:
+            chunked = self.group_options is None  # per-group factor vectors are keyed by unit
+            host = self._offload.host_update(self.plan, self.optimizer, self.group, self.compile, chunked)
+        self._sharded_update = make_sharded_update(
+            self.plan, self.optimizer, self.group, self.compile, apply_update=host
+        )
         if getattr(self, "_phases", None) is not None:
             local = local_update_for(self.plan, self.optimizer, self.group)
             self._sharded_update = self._phases.wrap_update(self._sharded_update, local)
@@ -383,7 +392,7 @@ class Engine:
             g: lay.shard_range(plan.rank) if plan.sharded_master else (0, lay.padded_numel)
             for g, lay in plan.layouts.items()
         }
-        return GroupOptions(param_groups, plan.layouts, ranges, self.device)
+        return GroupOptions(param_groups, plan.layouts, ranges, self.master_device)
 
     def _build_optimizer(self, lrs: list[float] | None = None) -> optim.Optimizer:
         options = {**self._lamb_options(), **self._per_parameter_options(), **self._compressed_options()}
@@ -488,11 +497,13 @@ class Engine:
             if broadcast:
                 dist.broadcast(full, src=0, group=self.group)
             shard = layout.shard(full, self.rank).clone() if plan.sharded_master else full
-            master[g] = shard
+            master[g] = shard if self._offload is None else self._offload.transfer.host_copy(shard)
             if plan.params_alias_master:
                 flats[g] = shard
             else:
                 flats[g] = (shard if plan.params_match_master else full).to(self.compute_dtype)
+            if self._offload is not None and self._offload.settings.params:
+                flats[g] = self._offload.transfer.host_copy(flats[g])  # offload_param
         return master, flats
 
     def bind_module(self, state: TrainState) -> TrainState:
@@ -612,6 +623,8 @@ class Engine:
         state, client = checkpointing.load(
             self, load_dir, tag, load_optimizer_states=load_optimizer_states, into=into
         )
+        if self._offload is not None:  # read onto the device; master and optimizer state go to the host
+            state = self._offload.placed(state)
         if self._phases is not None:
             # error feedback is rank-specific (the checkpoint holds rank 0's): restart it, as DeepSpeed does
             opt_state = optim.fresh_error_feedback(state.opt_state, state.master, self.world_size)
@@ -841,7 +854,12 @@ class Engine:
     def memory_report(self, state: TrainState) -> dict[str, int]:
         """Per-rank bytes of parameters, master, optimizer state and gradient buffer (see accounting.py)."""
         check_not_consumed(state, "engine.memory_report")
-        return memory_report(self.plan, state, self._gather_high_water())
+        offload = self._offload
+        staging = offload.staging_bytes() if offload is not None else 0
+        host_params = offload is not None and offload.settings.params
+        return memory_report(
+            self.plan, state, self._gather_high_water(), host_staging=staging, host_params=host_params
+        )
 
     def _gather_high_water(self) -> int:
         return self._runner.peak_gathered_bytes if self._runner is not None else 0

@@ -16,7 +16,7 @@ def gathered_flats(engine: Any, state: TrainState) -> dict[str, torch.Tensor]:
     out = {}
     for g, shard in state.master.items():
         if plan.sharded_master:
-            out[g] = all_gather_flat(shard.contiguous(), engine.group)
+            out[g] = all_gather_flat(shard.to(engine.device).contiguous(), engine.group)  # offloaded: host
         else:
             out[g] = shard
     return out

@@ -93,7 +93,8 @@ def gathered_master(engine: Any, master: dict[str, torch.Tensor]) -> dict[str, t
     """Name -> fp32 view of the gathered master buffers of ``engine`` (a collective when sharded)."""
     out: dict[str, torch.Tensor] = {}
     for g, shard in master.items():
-        full = all_gather_flat(shard.contiguous(), engine.group) if engine.plan.sharded_master else shard
+        sharded = engine.plan.sharded_master  # an offloaded master shard is gathered on the device
+        full = all_gather_flat(shard.to(engine.device).contiguous(), engine.group) if sharded else shard
         out.update(engine.plan.layouts[g].unflatten(full))
     return out
 
@@ -114,7 +115,8 @@ def bind_module(
             for entry in layout.entries:
                 param = model.get_parameter(entry.name)
                 if sharded:
-                    placeholder = torch.empty(0, dtype=flats[group].dtype, device=flats[group].device)
+                    # on the engine's device even when the shards live in host memory (offload_param)
+                    placeholder = torch.empty(0, dtype=flats[group].dtype, device=engine.device)
                     _set_data(param, placeholder)
                     param.ds_shape = entry.shape  # DeepSpeed's name for a released parameter's shape
                     param.ds_numel = entry.numel

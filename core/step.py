@@ -86,6 +86,7 @@ class StepPlan:
     overlap_param_gather: bool = False  # zero_optimization.overlap_param_gather (see defer_param_gather)
     grad_accum_dtype: torch.dtype | None = None  # data_types.grad_accum_dtype; None: the compute dtype
     master_dtype: torch.dtype = torch.float32  # *_master_weights_and_grads: the compute dtype
+    offload_optimizer: bool = False  # master and optimizer state in host memory (core/offload.py)
 
     @property
     def accumulation_dtype(self) -> torch.dtype:
@@ -113,8 +114,10 @@ class StepPlan:
     @property
     def params_alias_master(self) -> bool:
         # parameters of the master's shape and dtype are the master itself: nothing to copy back
-        # (fp32 training, or a low-precision master at stage 3 or on one rank)
-        return self.compute_dtype == self.master_dtype and self.params_match_master
+        # (fp32 training, or a low-precision master at stage 3 or on one rank); never when the master
+        # is offloaded to host memory
+        same = self.compute_dtype == self.master_dtype and self.params_match_master
+        return same and not self.offload_optimizer
 
     @property
     def defer_param_gather(self) -> bool:
@@ -490,13 +493,17 @@ class UpdateResult(NamedTuple):
     gathers: ParamGathers | None  # stages 1-2 with defer_param_gather: all-gathers still in flight
 
 
-def make_sharded_update(plan: StepPlan, optimizer: Any, group: Any, compile: bool) -> Callable[..., Any]:
+def make_sharded_update(
+    plan: StepPlan, optimizer: Any, group: Any, compile: bool, apply_update: Callable[..., None] | None = None
+) -> Callable[..., Any]:
     """Phase 4 on the host: graph A, one finite flag read, graph B unless the step is skipped.
+    ``apply_update``: graph B's replacement (``core.offload.HostUpdate``: the update on the host).
 
     Returns an ``UpdateResult``.
     """
     norm_and_loss = make_norm_and_loss(plan, group, compile)
-    apply_update = make_apply_update(plan, optimizer, group, compile)
+    if apply_update is None:
+        apply_update = make_apply_update(plan, optimizer, group, compile)
     flags: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
     def sharded_update(

@@ -176,8 +176,20 @@ class _GatherTracker:
 class _Gathered:
     """One gather of one unit: the full buffer [N * S] whose views are the unit's parameters for one call."""
 
-    def __init__(self, unit: Unit, shard: torch.Tensor, group: dist.ProcessGroup | None, tracker):
+    def __init__(
+        self,
+        unit: Unit,
+        shard: torch.Tensor,
+        group: dist.ProcessGroup | None,
+        tracker,
+        device: torch.device | None = None,
+    ):
         self.unit, self.shard, self.group, self.tracker = unit, shard.detach(), group, tracker
+        # ``device``: the shard lives in host memory (offload_param) and is gathered on this device:
+        # each fill stages it there first, and its gradient goes back to the host
+        self.device = shard.device if device is None else device
+        self.offloaded = device is not None
+        self._staged: torch.Tensor | None = None  # the shard's device copy while a fill may read it
         self.nbytes = unit.full_bytes
         # ``.data`` alias of the autograd-visible buffer: same storage, its own version counter, so
         # re-gathering into it does not count as an in-place change of the views saved for backward.
@@ -191,14 +203,20 @@ class _Gathered:
         self.live = False
 
     def _fill(self, async_op: bool) -> None:
+        shard = self.shard
+        if self.offloaded:  # host -> device (a distinct buffer even where the device is the host)
+            shard = self._staged = torch.empty(shard.shape, dtype=shard.dtype, device=self.device)
+            shard.copy_(self.shard, non_blocking=True)
         if self.group is None:
-            self.buffer.copy_(self.shard)
+            self.buffer.copy_(shard)
         else:
-            self.pending = all_gather_into(self.buffer, self.shard, self.group, async_op=async_op)
+            self.pending = all_gather_into(self.buffer, shard, self.group, async_op=async_op)
+        if self.pending is None:
+            self._staged = None
 
     def start(self, async_op: bool = False) -> None:
         """Allocate a new full buffer [padded_numel] and gather into it (in the background if async)."""
-        full = torch.empty(self.unit.layout.padded_numel, dtype=self.shard.dtype, device=self.shard.device)
+        full = torch.empty(self.unit.layout.padded_numel, dtype=self.shard.dtype, device=self.device)
         self._full, self.buffer = full, full.data
         self._fill(async_op)
         self.live = True
@@ -216,6 +234,7 @@ class _Gathered:
         if self.pending is not None:
             self.pending.wait()
             self.pending = None
+        self._staged = None
 
     def regather(self, async_op: bool = False) -> None:
         """Re-allocate the freed storage in place and fill it again (before the unit's backward)."""
@@ -240,22 +259,31 @@ class _Gathered:
         """Sum over ranks of the full gradient [N * S] -> this rank's shard gradient [S]."""
         grad_full = grad_full.contiguous()
         if self.group is None:
-            return grad_full
-        grad_shard = torch.empty_like(self.shard)
+            return self._home(grad_full)
+        grad_shard = torch.empty(self.shard.shape, dtype=self.shard.dtype, device=self.device)
         if self.async_reductions is None:
             reduce_scatter_into(grad_shard, grad_full, self.group)
-        else:  # overlaps the backward of the units before this one
-            reductions = self.async_reductions
-            # At most one reduction (and its full gradient) stays in flight besides this one: the one
-            # before has had this unit's backward to finish, and waiting for it bounds the full
-            # gradients alive to two units, not the model (in issue order, the same on every rank).
-            while reductions:
-                work, _ = reductions.pop(0)
-                work.wait()
-            work = reduce_scatter_into(grad_shard, grad_full, self.group, async_op=True)
-            if not work.done:  # shared memory completes in the call: nothing to keep alive
-                reductions.append((work, grad_full))
+            return self._home(grad_shard)
+        # overlaps the backward of the units before this one
+        reductions = self.async_reductions
+        # At most one reduction (and its full gradient) stays in flight besides this one: the one
+        # before has had this unit's backward to finish, and waiting for it bounds the full
+        # gradients alive to two units, not the model (in issue order, the same on every rank).
+        while reductions:
+            work, _ = reductions.pop(0)
+            work.wait()
+        work = reduce_scatter_into(grad_shard, grad_full, self.group, async_op=True)
+        if not work.done:  # shared memory completes in the call: nothing to keep alive
+            reductions.append((work, grad_full))
         return grad_shard
+
+    def _home(self, grad: torch.Tensor) -> torch.Tensor:
+        """The shard's gradient where the shard lives (offloaded: copied to the host)."""
+        if not self.offloaded:
+            return grad
+        out = torch.empty(grad.shape, dtype=grad.dtype, device=self.shard.device)
+        out.copy_(grad)
+        return out
 
 
 class _GatherParams(torch.autograd.Function):
@@ -290,8 +318,12 @@ class Zero3Runner:
         group: Group = None,
         prefetch: bool = True,
         overlap_reduce: bool = True,
+        offload_to: torch.device | None = None,
     ) -> None:
+        """``offload_to``: the shards live in host memory (offload_param) and are gathered on this
+        device; reductions then run synchronously, each shard gradient copied back to the host."""
         self.model, self.units = model, units
+        self.offload_to = offload_to
         self.group = resolve_group(group)
         if group_size(self.group) == 1:
             self.group = None  # world size 1: gathers are copies, no collectives
@@ -301,7 +333,7 @@ class Zero3Runner:
                 f"units planned for world size {sizes}, group has {group_size(self.group)} ranks"
             )
         self.prefetch = prefetch and self.group is not None
-        self.overlap_reduce = overlap_reduce and self.group is not None
+        self.overlap_reduce = overlap_reduce and self.group is not None and offload_to is None
         self._by_name = {u.name: u for u in units}
         # Every place a parameter sits (tied parameters sit in several): canonical name -> [(module, attr)]
         canonical: dict[int, str] = {}
@@ -386,7 +418,8 @@ class Zero3Session:
         self.close()
 
     def _new_gather(self, unit: Unit) -> _Gathered:
-        gathered = _Gathered(unit, self.leaves[unit.name], self.runner.group, self.tracker)
+        runner = self.runner
+        gathered = _Gathered(unit, self.leaves[unit.name], runner.group, self.tracker, runner.offload_to)
         self.gathers.append(gathered)
         return gathered
 

@@ -296,3 +296,42 @@ def test_a_bf16_master_checkpoint_loads_into_fp32_and_back(tmp_path):
     assert torch.equal(next(iter(back.master.values())), next(iter(state.master.values())))
     moments = [t for t in optree_leaves(back.opt_state) if t.dim() == 1]
     assert moments and all(t.dtype == torch.bfloat16 for t in moments)
+
+
+def gpt_losses(master_bf16: bool, steps: int = 30) -> tuple[list[float], dict, int]:
+    """(losses, memory_report, padded numel) of the tiny GPT trained on one fixed, learnable pattern in
+    bf16, with a bf16 master (and bf16 optimizer states) or an fp32 one."""
+    from zerostep.core.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
+    cfg = low_precision_config(
+        stage=1, master=master_bf16, states=master_bf16, optimizer={"type": "AdamW", "params": {"lr": 1e-2}}
+    )
+    cfg["train_micro_batch_size_per_gpu"] = 4
+    next_token = lambda m, b: m(b, b.roll(-1, 1))  # noqa: E731
+    engine = initialize(model, Config.from_dict(cfg, world_size=1), loss_fn=next_token, compile=False)
+    state = engine.init(seed=1)
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, 32, (steps, 4, 1), generator=g)
+    losses = []
+    for s in starts:  # rows count up mod 32 from a random start: the next token is always learnable
+        state = engine.step(state, (s + torch.arange(8)) % 32)
+        losses.append(float(state.metrics.loss))
+    numel = sum(lay.padded_numel for lay in engine.plan.layouts.values())
+    return losses, engine.memory_report(state), numel
+
+
+def test_a_bf16_master_converges_like_an_fp32_master_on_the_small_gpt():
+    low, low_report, numel = gpt_losses(True)
+    wide, wide_report, _ = gpt_losses(False)
+    assert wide[-1] < 0.6 * wide[0] and low[-1] < 0.6 * low[0]  # both learn
+    # round-to-nearest bf16 updates (no stochastic rounding) track the fp32 master within a few percent
+    # at every step (measured: 1.3% at most, the bf16 master's loss a little higher)
+    for a, b in zip(low, wide):
+        assert abs(a - b) <= 0.03 * b, (low, wide)
+    # one rank: the bf16 params are the bf16 master (2 bytes per element) against bf16 params + fp32 master
+    assert low_report["params"] + low_report["master"] == 2 * numel
+    assert wide_report["params"] + wide_report["master"] == 6 * numel
+    # bf16 moments (2 x 2 bytes) against fp32 ones (2 x 4 bytes), plus the step counter
+    assert low_report["optimizer_state"] - 4 * numel == wide_report["optimizer_state"] - 8 * numel

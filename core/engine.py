@@ -46,10 +46,9 @@ from zerostep.core.precision import (
     compute_dtype_of,
     loss_scale_init,
     loss_scale_update,
-    master_dtype_of,
     optimizer_state_dtype_of,
 )
-from zerostep.core.reducers import grad_accum_dtype_of, make_reduce_scatter
+from zerostep.core.reducers import make_reduce_scatter
 from zerostep.core.state import (
     FlatParams,
     Metrics,
@@ -68,6 +67,7 @@ from zerostep.core.step import (
     make_scaled_backward,
     make_sharded_update,
     make_zero3_backward,
+    plan_of_config,
 )
 from zerostep.core.step_failure import RanksOutOfStepError, RemoteStepError, StepVote
 from zerostep.core.training_schedules import TrainingSchedules
@@ -207,22 +207,12 @@ class Engine:
                 stacklevel=4,
             )
         layouts = _trainable_layouts(model, set(trainable), self.compute_dtype, self.world_size)
-        self.plan = StepPlan(
-            layouts=layouts,
-            stage=stage,
+        self.plan = plan_of_config(
+            config,
+            layouts,
             world_size=self.world_size,
             rank=self.rank,
-            accumulation_steps=int(config.gradient_accumulation_steps),
-            micro_batch_size=int(config.train_micro_batch_size_per_gpu),
-            compute_dtype=self.compute_dtype,
-            gradient_clipping=float(config.gradient_clipping),
-            predivide_factor=float(config.gradient_predivide_factor),
-            reduce_bucket_numel=int(zero.reduce_bucket_size) or None,
-            allgather_bucket_numel=int(zero.allgather_bucket_size) or None,
             overlap_comm=False,  # decided in _build_phases, once the shared-memory channel is known
-            overlap_param_gather=bool(zero.overlap_param_gather),
-            grad_accum_dtype=grad_accum_dtype_of(config.data_types.grad_accum_dtype, self.compute_dtype),
-            master_dtype=master_dtype_of(config),
             offload_optimizer=self.offload_settings is not None,
         )
         self.optimizer_state_dtype = optimizer_state_dtype_of(config)

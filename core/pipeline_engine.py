@@ -26,6 +26,7 @@ does for the plain engine), so the schedule's forward reads the live weights.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from typing import Any
 
@@ -42,9 +43,8 @@ from zerostep.core.precision import (
     compute_dtype_of,
     loss_scale_init,
     loss_scale_update,
-    master_dtype_of,
 )
-from zerostep.core.reducers import grad_accum_dtype_of, make_reduce_scatter
+from zerostep.core.reducers import make_reduce_scatter
 from zerostep.core.state import (
     FlatParams,
     Metrics,
@@ -53,7 +53,13 @@ from zerostep.core.state import (
     empty_metrics,
     mark_consumed,
 )
-from zerostep.core.step import StepPlan, gather_params, make_apply_update, make_norm_and_loss, param_rows
+from zerostep.core.step import (
+    gather_params,
+    make_apply_update,
+    make_norm_and_loss,
+    param_rows,
+    plan_of_config,
+)
 from zerostep.parallel import pipeline_schedule as schedules
 from zerostep.parallel.flat import FlatLayout
 from zerostep.parallel.groups import device_for_backend
@@ -61,6 +67,37 @@ from zerostep.parallel.pipeline import all_reduce_over_pipe
 
 # optimizers that need more than flat shards (per-parameter trust ratios, whole matrices, compression)
 _UNSUPPORTED_OPTIMIZERS = ("lamb", *optim.PER_PARAMETER_TYPES, *optim.COMPRESSED_OPTIMIZER_TYPES)
+
+
+def check_pipeline_features(cfg: Config) -> None:
+    """Config features the plain engine has and the pipeline engine does not: an error where they would
+    change the training, a warning where they only observe it."""
+    zero = cfg.zero_optimization
+    changes = {
+        "zero_optimization.offload_optimizer / offload_param": (
+            zero.offload_optimizer is not None or zero.offload_param is not None
+        ),
+        "torch_autocast": cfg.torch_autocast.enabled,
+        "progressive_layer_drop": cfg.progressive_layer_drop.enabled,
+        "curriculum_learning": cfg.curriculum_learning.enabled,
+    }
+    on = [name for name, enabled in changes.items() if enabled]
+    if on:
+        raise NotImplementedError(f"{', '.join(on)} with pipeline parallelism: not implemented by zerostep")
+    observers = {
+        "activation_checkpointing.checkpoint_units (use activation_checkpoint_interval)": (
+            cfg.activation_checkpointing.checkpoint_units
+        ),
+        "wall_clock_breakdown": cfg.wall_clock_breakdown,
+        "memory_breakdown": cfg.memory_breakdown,
+        **{name: getattr(getattr(cfg, name), "enabled", False) for name in _MONITORS},
+    }
+    for name, enabled in observers.items():
+        if enabled:
+            warnings.warn(f"{name} has no effect with pipeline parallelism in zerostep", stacklevel=4)
+
+
+_MONITORS = ("tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler", "comms_logger")
 
 
 def group_of(name: str) -> str:
@@ -116,6 +153,7 @@ class PipelineEngine:
                 "PipelineModule(loss_fn=...) is required to train: the last stage computes "
                 "loss_fn(outputs, labels)"
             )
+        check_pipeline_features(cfg)
         stage = int(cfg.zero_optimization.stage)
         if stage > 1:
             raise NotImplementedError(
@@ -144,22 +182,7 @@ class PipelineEngine:
         self.layouts = {g: FlatLayout.build(e, self.compute_dtype, mesh.dp_size) for g, e in by_group.items()}
         self._params = dict(trainable)
         self.replicated_groups = {group_of(n) for n in module.replicated_names()}
-        zero = cfg.zero_optimization
-        self.plan = StepPlan(
-            layouts=self.layouts,
-            stage=stage,
-            world_size=mesh.dp_size,
-            rank=mesh.dp_rank,
-            accumulation_steps=int(cfg.gradient_accumulation_steps),
-            micro_batch_size=int(cfg.train_micro_batch_size_per_gpu),
-            compute_dtype=self.compute_dtype,
-            gradient_clipping=float(cfg.gradient_clipping),
-            predivide_factor=float(cfg.gradient_predivide_factor),
-            reduce_bucket_numel=int(zero.reduce_bucket_size) or None,
-            allgather_bucket_numel=int(zero.allgather_bucket_size) or None,
-            grad_accum_dtype=grad_accum_dtype_of(cfg.data_types.grad_accum_dtype, self.compute_dtype),
-            master_dtype=master_dtype_of(cfg),
-        )
+        self.plan = plan_of_config(cfg, self.layouts, world_size=mesh.dp_size, rank=mesh.dp_rank)
         self.optimizer = optim.from_config(cfg.optimizer)
         self.lr_at = optim.lr_schedule(cfg.scheduler, self.optimizer.lr)
         self._reducer = make_reduce_scatter(self.plan, mesh.dp_group, False)

@@ -48,7 +48,8 @@ from zerostep.core.monitoring.timers import (
     STEP_GLOBAL_TIMER,
     WallClockTimers,
 )
-from zerostep.core.reducers import Reducer
+from zerostep.core.precision import compute_dtype_of, master_dtype_of
+from zerostep.core.reducers import Reducer, grad_accum_dtype_of
 from zerostep.core.step_failure import (
     RanksOutOfStepError,
     RemoteStepError,
@@ -139,6 +140,32 @@ class StepPlan:
         the mean gradient."""
         numerator = self.predivide_factor if 1 < self.world_size and self.stage < 3 else 1.0
         return numerator / (scale * self.world_size)
+
+
+def plan_of_config(
+    config: Any, layouts: dict[str, FlatLayout], *, world_size: int, rank: int, **fields: Any
+) -> StepPlan:
+    """The plan a DeepSpeed config decides over ``layouts`` (``fields`` set the rest, e.g.
+    ``offload_optimizer``); the plain and the pipeline engine build theirs with it."""
+    zero = config.zero_optimization
+    compute_dtype = compute_dtype_of(config)
+    return StepPlan(
+        layouts=layouts,
+        stage=int(zero.stage),
+        world_size=world_size,
+        rank=rank,
+        accumulation_steps=int(config.gradient_accumulation_steps),
+        micro_batch_size=int(config.train_micro_batch_size_per_gpu),
+        compute_dtype=compute_dtype,
+        gradient_clipping=float(config.gradient_clipping),
+        predivide_factor=float(config.gradient_predivide_factor),
+        reduce_bucket_numel=int(zero.reduce_bucket_size) or None,
+        allgather_bucket_numel=int(zero.allgather_bucket_size) or None,
+        overlap_param_gather=bool(zero.overlap_param_gather),
+        grad_accum_dtype=grad_accum_dtype_of(config.data_types.grad_accum_dtype, compute_dtype),
+        master_dtype=master_dtype_of(config),
+        **fields,
+    )
 
 
 def compose(

@@ -175,6 +175,13 @@ def test_pp1_equals_zerosteps_engine(tmp_path):
         PipelineEngine(engine.module, {**pm.config(), "pipeline": {"schedule": "bfs"}})
     with pytest.raises(ValueError, match="stages_per_rank"):
         PipelineEngine(engine.module, pm.config("zbv_zero_bubble"))
+    with pytest.raises(NotImplementedError, match="torch_autocast, progressive_layer_drop"):
+        PipelineEngine(
+            engine.module,
+            {**pm.config(), "torch_autocast": {"enabled": True}, "progressive_layer_drop": {"enabled": True}},
+        )
+    with pytest.warns(UserWarning, match="wall_clock_breakdown has no effect with pipeline"):
+        PipelineEngine(engine.module, {**pm.config(), "wall_clock_breakdown": True})
 
 
 def test_pp2_equals_one_process(tmp_path):

@@ -34,6 +34,7 @@ from zerostep.core.monitoring.profile_step import StepProfile
 from zerostep.core.monitoring.timed_reducer import TimedReducer
 from zerostep.core.monitoring.timers import format_timers
 from zerostep.core.param_groups import ParamGroup
+from zerostep.core.random_ltd import SchedulerView
 from zerostep.core.state import TrainState
 
 
@@ -200,6 +201,22 @@ class DeepSpeedEngine(nn.Module):
         """Progressive layer drop's keep probability for the next forward (None when PLD is off)."""
         schedules = self._core.schedules
         return None if schedules is None else schedules.theta(self.global_steps)
+
+    def random_ltd_enabled(self) -> bool:
+        return self._core.random_ltd is not None
+
+    @property
+    def random_ltd_scheduler(self) -> SchedulerView | None:
+        """DeepSpeed's scheduler read-outs (current kept-token count, consumed layer tokens)."""
+        ltd = self._core.random_ltd
+        return None if ltd is None else SchedulerView(ltd, lambda: self.global_steps)
+
+    def random_ltd_initialize(self) -> None:
+        raise RuntimeError(
+            "random_ltd: convert the model's layers before zerostep.initialize (convert_to_random_ltd(model, "
+            "LayerClass) on the nn.Module): converting afterwards renames the parameters the engine was "
+            "built on"
+        )
 
     def was_step_applied(self) -> bool:
         return self._step_applied

@@ -261,8 +261,11 @@ class SchedulerView:
         self._steps = global_steps  # () -> int
 
     def get_current_seq(self) -> int:
-        # after a step's forward DeepSpeed's scheduler holds that step's count
-        return self._ltd.reserved_length(max(int(self._steps()) - 1, 0))
+        """The count of the last step taken (DeepSpeed's scheduler holds it from that step's forward on;
+        min_value before the first step)."""
+        steps = int(self._steps())
+        schedule = self._ltd.config.random_ltd_schedule
+        return self._ltd.reserved_length(steps - 1) if steps else schedule.min_value
 
     def get_random_ltd_layer_num(self) -> int:
         return self._ltd.config.random_ltd_layer_num
@@ -276,7 +279,7 @@ class SchedulerView:
         return {
             "consumed_layer_tokens": self._ltd.consumed_layer_tokens(steps),
             "current_steps": steps - 1,
-            "current_value": self.get_current_seq() if steps else schedule.min_value,
+            "current_value": self.get_current_seq(),
             "min_value": schedule.min_value,
             "max_value": schedule.max_value,
         }

@@ -128,7 +128,7 @@ class Attend(nn.Module):
         self.seen.append((h.shape[1], attention_mask))
         scores = h @ h.transpose(-1, -2) / h.shape[-1] ** 0.5
         if attention_mask is not None:
-            scores = scores + attention_mask[:, 0]
+            scores = scores + attention_mask[:, 0].to(scores.dtype)
         return h + torch.tanh(self.proj(scores.softmax(-1) @ h))
 
 
@@ -266,6 +266,7 @@ def test_facade_random_ltd():
         engine, *_ = zerostep.initialize(
             model=model, config=cfg(ltd_block(low=4, high=8, steps=2)), compile=False
         )
+    assert engine.random_ltd_scheduler.get_current_seq() == 4  # min_value before the first step
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         ids = torch.randint(0, 16, (2, 11), generator=gen)

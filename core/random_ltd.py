@@ -13,6 +13,11 @@ add ``train_batch_size * (reserved(t) * random_ltd_layer_num + max_value * (tota
 random_ltd_layer_num))`` per step (``max_value`` for the layers that keep every token, whatever the
 batch's actual length).
 
+Conversion (``convert_to_random_ltd``): a plain module's layers are wrapped in RandomLayerTokenDrop
+(DeepSpeed's wrapper; their parameter names gain ``.random_ltd_layer``), which the engine binds at
+initialize; the facade engine's layers are converted in place (their ``forward`` replaced by an
+InPlaceTokenDrop), since the engine is built on the parameter names, and bound then.
+
 Differences from DeepSpeed, none visible in the distribution of what is computed: each layer draws its
 own subset (DeepSpeed draws all layers' subsets at layer 0; both are independent uniform subsets per
 layer and sample), and tokens come from the torch generator, which the functional step seeds from the
@@ -100,35 +105,61 @@ class RandomLayerTokenDrop(nn.Module):
         return None if self.router is None else self.router.reserved
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        keep = self.reserved_length
-        config = None if self.router is None else self.router.config
-        seq_dim = 0 if config is not None and config.hidden_state_order == "seq_batch_dim" else 1
-        if not self.training or keep is None or keep >= hidden_states.shape[seq_dim]:
-            return self.random_ltd_layer(hidden_states, *args, **kwargs)
-        batch_dim = 1 - seq_dim
-        index = kept_token_indices(
-            keep, hidden_states.shape[seq_dim], hidden_states.shape[batch_dim], hidden_states.device
-        )
-        name = config.model_mask_name
-        if name is not None:
-            if name not in kwargs:
-                raise TypeError(
-                    f"random_ltd: model_mask_name is {name!r} but the layer was called without that keyword "
-                    f"argument (got {sorted(kwargs)}); pass the mask as {name}=..."
-                )
-            if kwargs[name] is not None:
-                kwargs = {**kwargs, name: cut_mask(kwargs[name], index, config.model_type)}
-        part = gather_tokens(hidden_states, index, seq_dim)
-        outputs = self.random_ltd_layer(part, *args, **kwargs)
-        first = outputs[0] if isinstance(outputs, tuple) else outputs
-        if not isinstance(first, torch.Tensor) or first.shape != part.shape:
+        return drop_tokens(self.random_ltd_layer, self.router, self.training, hidden_states, args, kwargs)
+
+
+class InPlaceTokenDrop:
+    """Random-LTD on a layer without renaming it: the layer's ``forward`` is replaced by this (an
+    instance attribute), which calls the original on the kept tokens. For a model converted after the
+    engine was built on its parameter names (``convert_to_random_ltd(engine, LayerClass)``)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.original = layer.forward  # the bound method of the layer's class
+        self.router: Router | None = None
+        self.random_ltd_layer_id = -1
+
+    def init_config(self, router: Router, layer_id: int) -> None:
+        self.router = router
+        self.random_ltd_layer_id = layer_id
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return drop_tokens(self.original, self.router, self.layer.training, hidden_states, args, kwargs)
+
+
+def drop_tokens(
+    layer: Any, router: Router | None, training: bool, hidden_states: torch.Tensor, args: tuple, kwargs: dict
+) -> Any:
+    """``layer(hidden_states, *args, **kwargs)`` on this step's kept tokens (all of them outside training)."""
+    keep = None if router is None else router.reserved
+    config = None if router is None else router.config
+    seq_dim = 0 if config is not None and config.hidden_state_order == "seq_batch_dim" else 1
+    if not training or keep is None or keep >= hidden_states.shape[seq_dim]:
+        return layer(hidden_states, *args, **kwargs)
+    batch_dim = 1 - seq_dim
+    index = kept_token_indices(
+        keep, hidden_states.shape[seq_dim], hidden_states.shape[batch_dim], hidden_states.device
+    )
+    name = config.model_mask_name
+    if name is not None:
+        if name not in kwargs:
             raise TypeError(
-                "random_ltd: the wrapped layer must return a tensor shaped like its input "
-                f"{tuple(part.shape)} (or a tuple starting with one); got "
-                f"{tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}"
+                f"random_ltd: model_mask_name is {name!r} but the layer was called without that keyword "
+                f"argument (got {sorted(kwargs)}); pass the mask as {name}=..."
             )
-        merged = scatter_tokens(hidden_states, first, index, seq_dim)
-        return (merged, *outputs[1:]) if isinstance(outputs, tuple) else merged
+        if kwargs[name] is not None:
+            kwargs = {**kwargs, name: cut_mask(kwargs[name], index, config.model_type)}
+    part = gather_tokens(hidden_states, index, seq_dim)
+    outputs = layer(part, *args, **kwargs)
+    first = outputs[0] if isinstance(outputs, tuple) else outputs
+    if not isinstance(first, torch.Tensor) or first.shape != part.shape:
+        raise TypeError(
+            "random_ltd: the wrapped layer must return a tensor shaped like its input "
+            f"{tuple(part.shape)} (or a tuple starting with one); got "
+            f"{tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}"
+        )
+    merged = scatter_tokens(hidden_states, first, index, seq_dim)
+    return (merged, *outputs[1:]) if isinstance(outputs, tuple) else merged
 
 
 def kept_token_indices(keep: int, seq: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -179,20 +210,45 @@ def cut_mask(mask: torch.Tensor, index: torch.Tensor, model_type: str) -> torch.
 
 
 def convert_to_random_ltd(model: nn.Module, layer_class: type[nn.Module]) -> nn.Module:
-    """Wrap every (outermost) ``layer_class`` module of ``model`` in a RandomLayerTokenDrop, in place."""
+    """Convert every (outermost) ``layer_class`` module of ``model`` for random-LTD, in place.
+
+    An ``nn.Module`` (before ``initialize``): each layer is wrapped in a RandomLayerTokenDrop, as in
+    DeepSpeed. A zerostep facade engine (DeepSpeed's usual order, after ``deepspeed.initialize``): the
+    layers of ``engine.module`` keep their names (the engine is built on them) and get an
+    InPlaceTokenDrop forward; then ``engine.random_ltd_initialize()`` binds them to the schedule."""
     initialize = getattr(model, "random_ltd_initialize", None)
-    if callable(initialize):
-        initialize()  # the facade engine: refuses (before anything is wrapped) with what to do instead
     root = getattr(model, "module", model)
-    names = [n for n, m in root.named_modules() if isinstance(m, layer_class) and n]
+    names = [
+        n
+        for n, m in root.named_modules()
+        if isinstance(m, layer_class) and n and "random_ltd_layer" not in n.split(".")  # not converted twice
+    ]
     outermost = [n for n in names if not any(n.startswith(f"{o}.") for o in names if o != n)]
     if not outermost:
         raise ValueError(f"convert_to_random_ltd: the model has no {layer_class.__name__} module to convert")
     for name in outermost:
+        layer = root.get_submodule(name)
+        if callable(initialize):
+            if not isinstance(layer.__dict__.get("forward"), InPlaceTokenDrop):
+                layer.forward = InPlaceTokenDrop(layer)
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, child, RandomLayerTokenDrop(getattr(parent, child)))
+        setattr(parent, child, RandomLayerTokenDrop(layer))
+    if callable(initialize):
+        initialize()
     return model
+
+
+def converted_layers(model: nn.Module) -> list[RandomLayerTokenDrop | InPlaceTokenDrop]:
+    """The model's converted layers, in ``named_modules`` order."""
+    found: list[RandomLayerTokenDrop | InPlaceTokenDrop] = []
+    for module in model.modules():
+        if isinstance(module, RandomLayerTokenDrop):
+            found.append(module)
+        elif isinstance(module.__dict__.get("forward"), InPlaceTokenDrop):
+            found.append(module.__dict__["forward"])
+    return found
 
 
 def remove_random_ltd_state_dict(state_dict: Mapping[str, Any]) -> OrderedDict:
@@ -207,20 +263,20 @@ class RandomLTD:
         self.config = config
         self.train_batch_size = train_batch_size
         self.router = Router(config)
-        wrappers = [m for m in model.modules() if isinstance(m, RandomLayerTokenDrop)]
-        if not wrappers:
+        self.layers: list[RandomLayerTokenDrop | InPlaceTokenDrop] = []
+        if converted_layers(model):
+            self.bind(model)  # converted before initialize
+
+    def bind(self, model: nn.Module) -> None:
+        """Give the converted layers listed in ``random_ltd_layer_id`` this engine's schedule."""
+        converted = converted_layers(model)
+        ids = self.config.random_ltd_layer_id
+        if ids[-1] >= len(converted):
             raise ValueError(
-                "data_efficiency.data_routing.random_ltd is enabled but the model has no "
-                "RandomLayerTokenDrop layer: convert its transformer layers first, "
-                "convert_to_random_ltd(model, LayerClass) from "
-                "zerostep.runtime.data_pipeline.data_routing.helper, before initialize"
+                f"random_ltd_layer_id {list(ids)} names layer {ids[-1]} but the model has "
+                f"{len(converted)} converted layers"
             )
-        if config.random_ltd_layer_id[-1] >= len(wrappers):
-            raise ValueError(
-                f"random_ltd_layer_id {list(config.random_ltd_layer_id)} names layer "
-                f"{config.random_ltd_layer_id[-1]} but the model has {len(wrappers)} converted layers"
-            )
-        self.layers = [wrappers[i] for i in config.random_ltd_layer_id]
+        self.layers = [converted[i] for i in ids]
         for count, layer in enumerate(self.layers):
             layer.init_config(self.router, count)
 
@@ -246,6 +302,12 @@ class RandomLTD:
     @contextlib.contextmanager
     def at(self, global_steps: int) -> Iterator[None]:
         """Within: the converted layers of a training forward keep this step's count of tokens."""
+        if not self.layers:
+            raise ValueError(
+                "data_efficiency.data_routing.random_ltd is enabled but the model has no converted layer: "
+                "call convert_to_random_ltd(model, LayerClass) (zerostep.runtime.data_pipeline.data_routing"
+                ".helper) on the nn.Module before initialize, or on the facade engine after it"
+            )
         self.router.reserved = self.reserved_length(global_steps)
         try:
             yield
@@ -256,16 +318,20 @@ class RandomLTD:
 class SchedulerView:
     """DeepSpeed's ``engine.random_ltd_scheduler`` read-outs, computed from the engine's step."""
 
-    def __init__(self, ltd: RandomLTD, global_steps: Any) -> None:
+    def __init__(self, ltd: RandomLTD, steps: Any) -> None:
         self._ltd = ltd
-        self._steps = global_steps  # () -> int
+        self._steps = steps  # () -> (global_steps, whether that step's forward has run)
+
+    def _last_forward_step(self) -> int:
+        """The step of the last training forward: DeepSpeed updates its scheduler there (-1: none yet)."""
+        steps, in_step = self._steps()
+        return int(steps) if in_step else int(steps) - 1
 
     def get_current_seq(self) -> int:
-        """The count of the last step taken (DeepSpeed's scheduler holds it from that step's forward on;
-        min_value before the first step)."""
-        steps = int(self._steps())
+        """The count of the last training forward (min_value before the first)."""
+        step = self._last_forward_step()
         schedule = self._ltd.config.random_ltd_schedule
-        return self._ltd.reserved_length(steps - 1) if steps else schedule.min_value
+        return self._ltd.reserved_length(step) if step >= 0 else schedule.min_value
 
     def get_random_ltd_layer_num(self) -> int:
         return self._ltd.config.random_ltd_layer_num
@@ -274,11 +340,11 @@ class SchedulerView:
         return self._ltd.consumed_layer_tokens(train_iters)
 
     def state_dict(self) -> dict[str, int]:
-        steps = int(self._steps())
+        step = self._last_forward_step()
         schedule = self._ltd.config.random_ltd_schedule
         return {
-            "consumed_layer_tokens": self._ltd.consumed_layer_tokens(steps),
-            "current_steps": steps - 1,
+            "consumed_layer_tokens": self._ltd.consumed_layer_tokens(step + 1),
+            "current_steps": step,
             "current_value": self.get_current_seq(),
             "min_value": schedule.min_value,
             "max_value": schedule.max_value,

@@ -255,27 +255,36 @@ def test_engine_trains_with_random_ltd_functional():
     assert float(again.metrics.loss) == losses[1]
     keys = save_without_random_ltd(model).keys()
     assert "blocks.1.attend.proj.weight" in keys and not any("random_ltd_layer" in k for k in keys)
-    with pytest.raises(ValueError, match="no RandomLayerTokenDrop layer"):
-        initialize(TinyLM(), cfg(ltd_block()), loss_fn=lm_loss, compile=False)
+    plain = initialize(TinyLM(), cfg(ltd_block()), loss_fn=lm_loss, compile=False)
+    with pytest.raises(ValueError, match="no converted layer"):
+        plain.step(plain.init(seed=0), batches[0])
 
 
-def test_facade_random_ltd():
-    model = convert_to_random_ltd(TinyLM(), Block)
+def test_facade_random_ltd_converted_after_initialize():
+    model = TinyLM()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine, *_ = zerostep.initialize(
-            model=model, config=cfg(ltd_block(low=4, high=8, steps=2)), compile=False
-        )
+        config = cfg(ltd_block(low=4, high=8, steps=2))
+        engine, *_ = zerostep.initialize(model=model, config=config, compile=False)
+    names = [n for n, _ in model.named_parameters()]
     assert engine.random_ltd_scheduler.get_current_seq() == 4  # min_value before the first step
+    assert convert_to_random_ltd(engine, Block) is engine  # DeepSpeed's order: after initialize
+    assert [n for n, _ in model.named_parameters()] == names  # converted in place, names kept
     gen = torch.Generator().manual_seed(2)
+    current = []
     for _ in range(3):
         ids = torch.randint(0, 16, (2, 11), generator=gen)
         logits = engine(ids[:, :-1])
+        current.append(engine.random_ltd_scheduler.get_current_seq())  # this step's, as in DeepSpeed
         engine.backward(F.cross_entropy(logits.reshape(-1, 16), ids[:, 1:].reshape(-1)))
         engine.step()
-    assert widths(model)[1] == [4, 4, 8]  # floor(t / 2 * 4 + 4) rounded to multiples of 4
+    seen = [[w for w, _ in b.attend.seen] for b in model.blocks]
+    assert seen[0] == [10] * 3 and seen[1] == seen[2] == current == [4, 4, 8]  # floor(t / 2 * 4 + 4)
     scheduler = engine.random_ltd_scheduler
     assert engine.random_ltd_enabled() and scheduler.get_current_seq() == 8
     assert scheduler.state_dict()["consumed_layer_tokens"] == 2 * ((4 + 4 + 8) * 2 + 8 * 3)
-    with pytest.raises(RuntimeError, match="before zerostep.initialize"):
-        convert_to_random_ltd(engine, Block)
+    assert scheduler.get_total_layer_tokens(3) == 2 * ((4 + 4 + 8) * 2 + 8 * 3)
+    engine.eval()
+    model.blocks[1].attend.seen.clear()
+    engine(torch.zeros(2, 10, dtype=torch.long))
+    assert model.blocks[1].attend.seen[0][0] == 10  # no drop outside training

@@ -209,14 +209,20 @@ class DeepSpeedEngine(nn.Module):
     def random_ltd_scheduler(self) -> SchedulerView | None:
         """DeepSpeed's scheduler read-outs (current kept-token count, consumed layer tokens)."""
         ltd = self._core.random_ltd
-        return None if ltd is None else SchedulerView(ltd, lambda: self.global_steps)
+        return None if ltd is None else SchedulerView(ltd, self._random_ltd_steps)
+
+    def _random_ltd_steps(self) -> tuple[int, bool]:
+        """(global_steps, whether a forward of that step has run), for the scheduler's read-outs."""
+        stepper = self._stepper
+        return self.global_steps, bool(stepper.forward_pending or stepper.pending_backwards)
 
     def random_ltd_initialize(self) -> None:
-        raise RuntimeError(
-            "random_ltd: convert the model's layers before zerostep.initialize (convert_to_random_ltd(model, "
-            "LayerClass) on the nn.Module): converting afterwards renames the parameters the engine was "
-            "built on"
-        )
+        """Bind the converted layers of ``self.module`` (``convert_to_random_ltd(engine, ...)`` calls it)."""
+        if self._core.random_ltd is None:
+            raise RuntimeError(
+                "random_ltd_initialize: data_efficiency.data_routing.random_ltd is not enabled in the config"
+            )
+        self._core.random_ltd.bind(self.module)
 
     def was_step_applied(self) -> bool:
         return self._step_applied

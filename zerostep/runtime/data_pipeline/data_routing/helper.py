@@ -1,8 +1,9 @@
 """DeepSpeed's random-LTD helpers, at DeepSpeed's path (machinery: core/random_ltd.py).
 
-``convert_to_random_ltd(model, LayerClass)`` wraps the layers in place; call it on the model before
-``zerostep.initialize``, which binds the wrappers listed in ``random_ltd_layer_id`` to the config's
-schedule (converting after initialize would rename the parameters the engine was built on).
+``convert_to_random_ltd(model, LayerClass)``: on an ``nn.Module`` before ``initialize`` it wraps the
+layers in RandomLayerTokenDrop (DeepSpeed's wrapper); on the facade engine after ``zerostep.initialize``
+(DeepSpeed's usual order) it converts them in place, keeping the parameter names the engine was built
+on, and binds them to the config's schedule.
 """
 
 from collections import OrderedDict

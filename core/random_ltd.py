@@ -225,7 +225,10 @@ def convert_to_random_ltd(model: nn.Module, layer_class: type[nn.Module]) -> nn.
     ]
     outermost = [n for n in names if not any(n.startswith(f"{o}.") for o in names if o != n)]
     if not outermost:
-        raise ValueError(f"convert_to_random_ltd: the model has no {layer_class.__name__} module to convert")
+        raise ValueError(
+            f"convert_to_random_ltd: the model has no {layer_class.__name__} module to convert (or all of "
+            "them are converted already)"
+        )
     for name in outermost:
         layer = root.get_submodule(name)
         if callable(initialize):

@@ -113,6 +113,8 @@ def parse_data_efficiency(block: Block | None) -> DataEfficiencyConfig:
     seed = block.take("seed", DEFAULT_SEED, lambda p, v: integer(p, v, minimum=0))
     sampling = block.raw.get("data_sampling")
     block.allow("data_sampling")
+    if sampling is not None and not isinstance(sampling, Mapping):
+        raise fail(block.key_path("data_sampling"), sampling, "must be a JSON object (a dict of keys)")
     if sampling is not None and _any_on(sampling):
         raise ConfigError(
             f"{block.key_path('data_sampling')}: DeepSpeed's data sampling (the metric-based curriculum "

@@ -48,6 +48,7 @@ from zerostep.core.precision import (
     loss_scale_update,
     optimizer_state_dtype_of,
 )
+from zerostep.core.random_ltd import RandomLTD
 from zerostep.core.reducers import make_reduce_scatter
 from zerostep.core.state import (
     FlatParams,
@@ -191,10 +192,11 @@ class Engine:
         self.loss_scaling = loss_scaling_of(config)
         # progressive layer drop / legacy curriculum: forward kwargs and batch cuts per step
         self.schedules = TrainingSchedules.of(config, model)
+        self.random_ltd = RandomLTD.of(config, model)  # data_efficiency.data_routing.random_ltd
         eager_forward = self.schedules is not None and self.schedules.eager_forward
-        self.compile_forward = self.compile and not eager_forward
+        self.compile_forward = self.compile and not eager_forward and self.random_ltd is None
         if self.compile and not self.compile_forward:
-            self.schedules.warn_eager()
+            (self.schedules if eager_forward else self.random_ltd).warn_eager()
         zero = config.zero_optimization
         stage = int(zero.stage)
         # offload_optimizer: master and optimizer state in host memory (core/offload.py)
@@ -710,10 +712,14 @@ class Engine:
         return self.next_state(state, UpdateResult(applied, loss, grad_norm, gathers), lr, outcome["scaler"])
 
     def _forward_kwargs(self, global_steps: int) -> Any:
-        """The schedules' keyword arguments for the model's forward (core/training_schedules.py)."""
-        if self.schedules is None:
-            return contextlib.nullcontext()
-        return self.schedules.forward_kwargs(global_steps)
+        """The schedules' keyword arguments for the model's forward (core/training_schedules.py) and
+        random-LTD's kept-token count (core/random_ltd.py)."""
+        stack = contextlib.ExitStack()
+        if self.schedules is not None:
+            stack.enter_context(self.schedules.forward_kwargs(global_steps))
+        if self.random_ltd is not None:
+            stack.enter_context(self.random_ltd.at(global_steps))
+        return stack
 
     def _before_write(self, state: TrainState, outcome: dict[str, Any]) -> Callable[[bool], None]:
         """``sharded_update``'s ``before_write``: the loss-scale update and its checks, run once graph A

@@ -79,11 +79,12 @@ class MicroSteps:
     def forward(self, args: tuple, kwargs: dict) -> Any:
         check_not_consumed(self.state, "engine.forward")
         schedules = self.engine.schedules  # progressive layer drop, legacy curriculum
-        if schedules is None:
+        if schedules is None and self.engine.random_ltd is None:
             return self._forward(args, kwargs)
         step = int(self.state.step)
-        args, kwargs = schedules.cut(step, (args, kwargs))
-        with schedules.forward_kwargs(step):
+        if schedules is not None:
+            args, kwargs = schedules.cut(step, (args, kwargs))
+        with self.engine._forward_kwargs(step):  # and random-LTD's kept-token count
             return self._forward(args, kwargs)
 
     def _forward(self, args: tuple, kwargs: dict) -> Any:

@@ -160,6 +160,10 @@ class PipelineEngine:
                 f"zero_optimization.stage = {stage} with pipeline parallelism: zerostep (like DeepSpeed) "
                 "pipelines with ZeRO stages 0 and 1"
             )
+        if cfg.data_efficiency.data_routing.random_ltd.enabled:
+            raise NotImplementedError(
+                "data_efficiency.data_routing.random_ltd is not implemented with pipeline parallelism"
+            )
         if cfg.optimizer is None:
             raise ValueError(
                 'config has no "optimizer" block; add one, e.g. {"type": "AdamW", "params": {"lr": 1e-3}}'

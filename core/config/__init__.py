@@ -33,6 +33,7 @@ from zerostep.core.config.blocks import (
     parse_wandb,
     thaw,
 )
+from zerostep.core.config.data_efficiency import DataEfficiencyConfig, parse_data_efficiency
 from zerostep.core.config.elastic import elastic_read_batch, parse_elasticity
 from zerostep.core.config.features import check_other_keys
 from zerostep.core.config.load import merge_sources, origin_lookup, read_config_file
@@ -149,6 +150,7 @@ class Config:
     elasticity: ElasticityConfig = field(default_factory=ElasticityConfig)
     progressive_layer_drop: ProgressiveLayerDropConfig = field(default_factory=ProgressiveLayerDropConfig)
     curriculum_learning: CurriculumConfig = field(default_factory=CurriculumConfig)
+    data_efficiency: DataEfficiencyConfig = field(default_factory=DataEfficiencyConfig)
     # Dotted key path -> where its value came from ("file", "user", "override", "default", "derived",
     # "auto"); for `zerostep config check`. Not part of equality: a round trip through to_dict()
     # makes every value explicit.
@@ -288,6 +290,7 @@ def _parse(
         elasticity=parse_elasticity(top.child("elasticity")),
         progressive_layer_drop=parse_progressive_layer_drop(top.child("progressive_layer_drop")),
         curriculum_learning=parse_curriculum(top.child("curriculum_learning")),
+        data_efficiency=parse_data_efficiency(top.child("data_efficiency")),
     )
     top.allow(*BATCH_KEYS)
     check_other_keys(merged, top.known)

@@ -45,7 +45,6 @@ UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pipeline": (_non_empty, "pipeline parallelism for a model other than a zerostep.pipe.PipelineModule"),
     "sparse_attention": (_non_empty, "sparse attention (removed from DeepSpeed too)"),
     "compression_training": (_any_enabled, "compression training"),
-    "data_efficiency": (_any_enabled, "data efficiency (curriculum sampling and random-LTD)"),
     "amp": (_any_enabled, "NVIDIA Apex AMP (use fp16 or bf16)"),
     "aio": (_non_empty, "async I/O for NVMe offload"),
     "autotuning": (_any_enabled, "the autotuner"),

@@ -34,6 +34,7 @@ from zerostep.core.monitoring.profile_step import StepProfile
 from zerostep.core.monitoring.timed_reducer import TimedReducer
 from zerostep.core.monitoring.timers import format_timers
 from zerostep.core.param_groups import ParamGroup
+from zerostep.core.random_ltd import SchedulerView
 from zerostep.core.state import TrainState
 
 
@@ -200,6 +201,28 @@ class DeepSpeedEngine(nn.Module):
         """Progressive layer drop's keep probability for the next forward (None when PLD is off)."""
         schedules = self._core.schedules
         return None if schedules is None else schedules.theta(self.global_steps)
+
+    def random_ltd_enabled(self) -> bool:
+        return self._core.random_ltd is not None
+
+    @property
+    def random_ltd_scheduler(self) -> SchedulerView | None:
+        """DeepSpeed's scheduler read-outs (current kept-token count, consumed layer tokens)."""
+        ltd = self._core.random_ltd
+        return None if ltd is None else SchedulerView(ltd, self._random_ltd_steps)
+
+    def _random_ltd_steps(self) -> tuple[int, bool]:
+        """(global_steps, whether a forward of that step has run), for the scheduler's read-outs."""
+        stepper = self._stepper
+        return self.global_steps, bool(stepper.forward_pending or stepper.pending_backwards)
+
+    def random_ltd_initialize(self) -> None:
+        """Bind the converted layers of ``self.module`` (``convert_to_random_ltd(engine, ...)`` calls it)."""
+        if self._core.random_ltd is None:
+            raise RuntimeError(
+                "random_ltd_initialize: data_efficiency.data_routing.random_ltd is not enabled in the config"
+            )
+        self._core.random_ltd.bind(self.module)
 
     def was_step_applied(self) -> bool:
         return self._step_applied

@@ -196,16 +196,25 @@ def damaged_rank_load(rank, world_size, stage, path):
     return error, same_leaves(before, into), is_consumed(into)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_shard_damaged_on_one_rank_leaves_every_rank_untouched(tmp_path, stage):
-    path = str(tmp_path)
-    spawn_ranks(save_after_split, 2, stage, path, True, timeout=120)
-    flip_byte_in(tmp_path / f"global_step{SPLIT}" / "rank_00001.msgpack", "master/blocks.0")
-    (e0, whole0, consumed0), (e1, whole1, consumed1) = spawn_ranks(
-        damaged_rank_load, 2, stage, path, timeout=120
-    )
-    assert "another rank could not read its part" in e0 and "checksum mismatch" in e1
-    assert whole0 and whole1 and not consumed0 and not consumed1
+def save_stages(rank, world_size, root, stages):
+    for stage in stages:
+        save_after_split(rank, world_size, stage, os.path.join(root, f"s{stage}"), True)
+    return True
+
+
+def damaged_rank_loads(rank, world_size, root, stages):
+    return [damaged_rank_load(rank, world_size, stage, os.path.join(root, f"s{stage}")) for stage in stages]
+
+
+def test_a_shard_damaged_on_one_rank_leaves_every_rank_untouched(tmp_path):
+    stages = (2, 3)  # one spawn saves both and one loads both (each spawn costs seconds)
+    spawn_ranks(save_stages, 2, str(tmp_path), stages, timeout=120)
+    for stage in stages:
+        flip_byte_in(tmp_path / f"s{stage}" / f"global_step{SPLIT}" / "rank_00001.msgpack", "master/blocks.0")
+    rank0, rank1 = spawn_ranks(damaged_rank_loads, 2, str(tmp_path), stages, timeout=120)
+    for (e0, whole0, consumed0), (e1, whole1, consumed1) in zip(rank0, rank1):
+        assert "another rank could not read its part" in e0 and "checksum mismatch" in e1
+        assert whole0 and whole1 and not consumed0 and not consumed1
 
 
 def test_bf16_load_into_rebuilds_the_compute_copy(tmp_path):

@@ -88,9 +88,9 @@ def multi_rank_equivalence(rank, world):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_micro_steps_equal_the_functional_step_on_several_ranks(world):
-    for errors in spawn_ranks(multi_rank_equivalence, world, timeout=240):
+def test_micro_steps_equal_the_functional_step_on_several_ranks():
+    # 3 ranks (uneven shards); 2 ranks run the same micro-steps in test_deepspeed_scripts' 2-rank script
+    for errors in spawn_ranks(multi_rank_equivalence, 3, timeout=240):
         assert max(errors) <= 1e-6, errors
 
 

@@ -32,6 +32,7 @@ from zerostep.core.compressed_phase import (
     compressed_allreduce_over,
     local_update_for,
     padding_ranges,
+    parameter_ranges,
 )
 from zerostep.core.config import Config
 from zerostep.core.module_binding import bind_module, current_values
@@ -410,7 +411,13 @@ class Engine:
         group = self.group
         allreduce = compressed_allreduce_over(group) if self.world_size > 1 else None
         padding = {g: padding_ranges(lay) for g, lay in self.plan.layouts.items()}
-        return {"compressed_allreduce": allreduce, "world_size": self.world_size, "padding": padding}
+        segments = {g: parameter_ranges(lay) for g, lay in self.plan.layouts.items()}
+        return {
+            "compressed_allreduce": allreduce,
+            "world_size": self.world_size,
+            "padding": padding,
+            "segments": segments,
+        }
 
     def _per_parameter_options(self) -> dict[str, Any]:
         """Muon, mup's and torch.optim's optimizers work per parameter (zerostep.optim.per_parameter):

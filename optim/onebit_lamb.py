@@ -76,28 +76,27 @@ class OneBitLambState(NamedTuple):
 
 class Segments:
     """A flat leaf [n] as S parameter tensors: per-tensor sums and maxima, and per-tensor values spread
-    back over the leaf (0 over the gaps no parameter covers)."""
+    back over the leaf (``gap`` over the ranges no parameter covers). Python ints only, so a compiled
+    warm-up traces it into static slices."""
 
-    def __init__(self, numel: int, pieces: Sequence[tuple[int, int]], device: torch.device) -> None:
+    def __init__(self, numel: int, pieces: Sequence[tuple[int, int]]) -> None:
         pieces = sorted(pieces) or [(0, numel)]
         sizes, owner, at = [], [], 0  # a partition of [0, n): pieces and the gaps between them
         for index, (start, stop) in enumerate(pieces):
             if start > at:
                 sizes.append(start - at)
-                owner.append(len(pieces))
+                owner.append(None)
             sizes.append(stop - start)
             owner.append(index)
             at = stop
         if at < numel:
             sizes.append(numel - at)
-            owner.append(len(pieces))
-        self.count, self.sizes = len(pieces), sizes
-        self.is_piece = [o < len(pieces) for o in owner]
-        self.owner = torch.tensor(owner, device=device)
-        self.repeats = torch.tensor(sizes, device=device)
+            owner.append(None)
+        self.count, self.sizes, self.owner = len(pieces), sizes, owner
+        self.piece_sizes = [s for s, o in zip(sizes, owner) if o is not None]
 
     def _parts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [part for part, keep in zip(x.split(self.sizes), self.is_piece) if keep]
+        return [part for part, o in zip(x.split(self.sizes), self.owner) if o is not None]
 
     def sums(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([part.sum() for part in self._parts(x)])  # [S]
@@ -107,8 +106,11 @@ class Segments:
 
     def spread(self, values: torch.Tensor, gap: float = 0.0) -> torch.Tensor:
         """values [S] -> [n]: each tensor's value over its elements, ``gap`` elsewhere."""
-        table = torch.cat([values.reshape(-1), values.new_full((1,), gap)])
-        return torch.repeat_interleave(table[self.owner], self.repeats)
+        values = values.reshape(-1)
+        filler = values.new_full((1,), gap)
+        return torch.cat(
+            [(filler[0] if o is None else values[o]).expand(size) for size, o in zip(self.sizes, self.owner)]
+        )
 
 
 def onebit_lamb(
@@ -181,9 +183,9 @@ def onebit_lamb(
     cache: dict[tuple, Segments] = {}
 
     def segments_of(p: torch.Tensor, pieces: Sequence[tuple[int, int]] | None) -> Segments:
-        key = (p.numel(), tuple(pieces or ()), str(p.device))
+        key = (p.numel(), tuple(pieces or ()))
         if key not in cache:
-            cache[key] = Segments(p.numel(), pieces or (), p.device)
+            cache[key] = Segments(p.numel(), pieces or ())
         return cache[key]
 
     def per_tensor(params: PyTree, fill: float) -> PyTree:
@@ -217,7 +219,7 @@ def onebit_lamb(
         rms = []
         for p, m, seg in zip(p_leaves, m_leaves, per_leaf(segments, params, None)):
             segs = segments_of(p, seg)
-            sizes = torch.tensor([s for s, k in zip(segs.sizes, segs.is_piece) if k], device=m.device)
+            sizes = torch.tensor(segs.piece_sizes, dtype=torch.float32, device=m.device)
             rms.append(segs.sums(m * m).sqrt() / sizes.sqrt())  # [S] ||m_t|| / sqrt(numel_t)
         united = torch.cat(rms).mean()
         for v, fresh, sc, r in zip(v_leaves, f_leaves, s_leaves, rms):

@@ -444,3 +444,24 @@ def test_bad_config(block, changes, match):
 def test_zero_stages_above_0_are_refused(block):
     with pytest.raises(ConfigError, match=f"{block['type'].lower()}' needs zero_optimization.stage 0"):
         initialize(Net(), make_config(1, stage=2, optimizer=block), loss_fn=mse, compile=False)
+
+
+def test_fp16_overflow_skips_without_advancing_the_schedule():
+    """An overflowed fp16 step writes nothing: 0/1 Adam's counters and variant stay, the next step
+    runs the variant the skipped one would have (the schedule counts applied steps)."""
+    engine = initialize(Net(), make_config(1, fp16=True, optimizer=ZERO_ONE_ADAM), loss_fn=mse, compile=False)
+    state = engine.init()
+    for batch in batches(1, 6):  # up to the sync of step 6; step 7 is local
+        state = engine.step(state, batch)
+    assert int(state.skipped_steps) == 0 and engine._phases.switch.variant == "local"
+    before = {g: t.clone() for g, t in state.master.items()}
+    counters = [float(t) for t in state.opt_state[4:9]]  # lrs and the policy counters
+    x, y = batches(1, 7)[6]
+    x = x.clone()
+    x[0, 0] = float("inf")
+    state = engine.step(state, (x, y))
+    assert int(state.skipped_steps) == 1 and engine._phases.switch.variant == "local"
+    assert all(torch.equal(state.master[g], t) for g, t in before.items())
+    assert [float(t) for t in state.opt_state[4:9]] == counters
+    state = engine.step(state, batches(1, 7)[6])
+    assert float(state.opt_state.lrs) == pytest.approx(LR) and engine._phases.switch.variant == "sync"

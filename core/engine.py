@@ -597,6 +597,8 @@ class Engine:
         if self._phases is not None:
             # error feedback is rank-specific (the checkpoint holds rank 0's): restart it, as DeepSpeed does
             opt_state = optim.fresh_error_feedback(state.opt_state, state.master, self.world_size)
+            if self._phases.switch.schedule.after_load is not None:  # 0/1 Adam checks its counters
+                opt_state = self._phases.switch.schedule.after_load(opt_state)
             state = state.replace(opt_state=opt_state)
         self.bind_module(state)
         return (state, client) if return_client_state else state

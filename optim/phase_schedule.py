@@ -11,7 +11,9 @@ in the checkpoint) picks the same variant the uninterrupted run would have.
 - ``reduced``: the one variant fed the all-reduced gradient; it is the optimizer's ``apply_fn``, the one
   the engine compiles into its ordinary step;
 - ``compressed_calls``: per variant, how many compressed all-reduces it runs per leaf (byte accounting);
-- ``variant_at(k)``: the variant of the ``k``-th applied step (1-based; skipped fp16 steps do not count).
+- ``variant_at(k)``: the variant of the ``k``-th applied step (1-based; skipped fp16 steps do not count);
+- ``after_load``: optional, ``opt_state -> opt_state`` once a checkpoint is loaded (0/1 Adam checks its
+  saved policy counters against the schedule).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from zerostep.optim.base import ApplyFn, Optimizer
 
@@ -29,6 +32,7 @@ class PhaseSchedule:
     reduced: str
     compressed_calls: Mapping[str, int]
     variant_at: Callable[[int], str]
+    after_load: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.reduced not in self.variants or set(self.compressed_calls) != set(self.variants):
@@ -48,9 +52,10 @@ def with_schedule(
     reduced: str,
     compressed_calls: Mapping[str, int],
     variant_at: Callable[[int], str],
+    after_load: Callable[[Any], Any] | None = None,
 ) -> ApplyFn:
     """The reduced variant's apply function, carrying the schedule (``phase_schedule`` reads it)."""
-    schedule = PhaseSchedule(dict(apply_fns), reduced, dict(compressed_calls), variant_at)
+    schedule = PhaseSchedule(dict(apply_fns), reduced, dict(compressed_calls), variant_at, after_load)
     apply = apply_fns[reduced]
     apply.schedule = schedule  # type: ignore[attr-defined]
     return apply

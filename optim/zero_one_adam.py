@@ -27,7 +27,9 @@ with ``lr`` the step's learning rate and ``d = sqrt(v) + eps``:
 
 The schedule is a pure function of ``k`` (``ZeroOneSchedule``), so the engine picks the variant on the
 host; the same counters live in the optimizer state as 0-d tensors updated by the step (and saved with
-it), and a test checks the two agree. Differences from DeepSpeed, on purpose:
+it; a test checks the two agree), and a load checks the saved ones against the loading config's
+schedule (they differ when the policy keys changed between runs: a warning, and the config wins).
+Differences from DeepSpeed, on purpose:
 
 - a checkpoint load keeps the schedule, the accumulator ``u`` and ``lrs`` (DeepSpeed's restarts its
   counters at interval 1 and drops ``u``, so a resumed run re-runs the full-precision schedule); only
@@ -40,6 +42,7 @@ it), and a test checks the two agree. Differences from DeepSpeed, on purpose:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -296,10 +299,34 @@ def zero_one_adam(
             state.local_step_counter.copy_(torch.where(wrap, 0.0, counter))
             state.local_step_interval.copy_(torch.where(wrap, doubled, state.local_step_interval))
 
+    def after_load(state: ZeroOneAdamState) -> ZeroOneAdamState:
+        """The saved policy counters against this config's schedule at the saved step: they differ when
+        the policy keys changed between runs; the schedule (this config) wins, with a warning."""
+        counters = (
+            state.var_interval,
+            state.var_counter,
+            state.local_step_interval,
+            state.local_step_counter,
+        )
+        saved = tuple(int(t) for t in counters)
+        want = schedule.counters_at(int(state.count) + 1)
+        if saved != want:
+            warnings.warn(
+                f"ZeroOneAdam: the checkpoint's policy counters (var_interval, var_counter, "
+                f"local_step_interval, local_step_counter) = {saved} differ from this config's schedule at "
+                f"step {int(state.count) + 1}, {want} (var_freeze_step / var_update_scaler / local_step_* "
+                "changed?): continuing with this config's schedule",
+                stacklevel=2,
+            )
+            for tensor, value in zip(counters, want):
+                tensor.fill_(value)
+        return state
+
     apply = with_schedule(
         {name: run(name) for name in (FULL, ONEBIT, LOCAL, SYNC, FIRST_SYNC)},
         FULL,
         {FULL: 0, ONEBIT: 1, LOCAL: 0, SYNC: 1, FIRST_SYNC: 1},
         schedule,
+        after_load,
     )
     return Optimizer(name="zerooneadam", lr=float(lr), hyperparams=hyper, init_fn=init, apply_fn=apply)

@@ -289,8 +289,13 @@ def two_ranks(rank: int, world: int, save_dir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    return spawn_ranks(two_ranks, 2, str(tmp_path_factory.mktemp("zo_lamb")), timeout=300)
+def save_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("zo_lamb"))
+
+
+@pytest.fixture(scope="module")
+def ranks(save_dir):
+    return spawn_ranks(two_ranks, 2, save_dir, timeout=300)
 
 
 def assert_close(x: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -334,6 +339,23 @@ def test_zero_one_adam_resume_mid_interval_continues_compressed(ranks):
         assert out["zoadam"]["resumed_variant"] == "sync"
         for g, x in out["zoadam"]["resumed"].items():
             assert_close(x, want[-1][rank][g], f"rank {rank} {g}")
+
+
+def test_a_load_under_changed_policy_keys_warns_and_follows_the_config(ranks, save_dir):
+    """The saved counters are checked against the loading config's schedule (at one rank: the error
+    buffers restart sized for it)."""
+    engine = initialize(Net(), make_config(1, optimizer=ZERO_ONE_ADAM), loss_fn=mse, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same config: no warning
+        state = engine.load(f"{save_dir}/zoadam")
+    assert engine._phases.switch.variant == "sync"
+    changed = with_params(ZERO_ONE_ADAM, local_step_scaler=4)
+    engine = initialize(Net(), make_config(1, optimizer=changed), loss_fn=mse, compile=False)
+    with pytest.warns(UserWarning, match=r"policy counters .* = \(4, 0, 4, 0\) differ .* \(4, 0, 1, 3\)"):
+        state = engine.load(f"{save_dir}/zoadam")
+    # step 8 is the 4th frozen step: interval 1 under local_step_scaler 4 (a sync), counter 3
+    assert int(state.opt_state.local_step_counter) == 3 and int(state.opt_state.local_step_interval) == 1
+    assert all(t.numel() == 0 for t in state.opt_state.worker_error.values())
 
 
 def test_onebit_lamb_two_ranks_equal_deepspeeds_equations(ranks):

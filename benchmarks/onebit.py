@@ -94,6 +94,12 @@ def run_rank(rank: int, world: int, args: dict) -> dict:
     lr, betas = args["lr"], [0.9, args["beta2"]]
     optimizers = {
         "adamw": {"type": "AdamW", "params": {"lr": lr, "betas": betas, "weight_decay": 0.01}},
+        # full-precision LAMB as DeepSpeed's 1-bit LAMB warms up (no bias correction): 1-bit LAMB's
+        # loss is also reported against it, separating the compression from LAMB itself
+        "lamb": {
+            "type": "Lamb",
+            "params": {"lr": lr, "betas": betas, "weight_decay": 0.01, "bias_correction": False},
+        },
         "onebitadam": {
             "type": "OneBitAdam",
             "params": {
@@ -175,7 +181,7 @@ def main() -> None:
     parser.add_argument("--var-update-scaler", type=int, default=2)
     parser.add_argument("--local-step-scaler", type=int, default=8)
     parser.add_argument("--local-step-clipper", type=int, default=4)
-    parser.add_argument("--only", default="adamw,onebitadam,zerooneadam,onebitlamb")
+    parser.add_argument("--only", default="adamw,onebitadam,zerooneadam,lamb,onebitlamb")
     a = parser.parse_args()
     only = a.only.split(",")
     if "adamw" not in only:
@@ -216,6 +222,8 @@ def main() -> None:
             "final_loss": one["final_loss"],
             "loss_over_adamw": one["final_loss"] / base["final_loss"],
         }
+    if "lamb" in r and "onebitlamb" in r:
+        report["onebitlamb"]["loss_over_lamb"] = r["onebitlamb"]["final_loss"] / r["lamb"]["final_loss"]
     print(json.dumps(report, indent=1))
 
 

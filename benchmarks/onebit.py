@@ -1,5 +1,11 @@
-"""1-bit Adam on 2 gloo ranks: measured bytes per step before and after ``freeze_step``, step time
-against AdamW, and the small GPT's loss after the same steps.
+"""1-bit Adam, 0/1 Adam and 1-bit LAMB on 2 gloo ranks: measured bytes per step before and after the
+freeze (``freeze_step``; 0/1 Adam's ``var_freeze_step``), step time against AdamW, and the small GPT's
+loss after the same steps against AdamW.
+
+0/1 Adam's phases each mix variants (full-precision and 1-bit gradient steps before the freeze, local
+steps and syncs after), so its figures are means over each phase's steps (``--var-update-scaler``,
+``--local-step-scaler`` and ``--local-step-clipper`` shorten DeepSpeed's defaults, 16 / 32678 / 16, to
+this run's length); the others' are medians.
 
 Bytes are measured, not planned: every tensor handed to a collective during ``engine.step`` is
 counted (``all_reduce_into``, which both the TCP and the shared-memory paths go through, and the
@@ -10,6 +16,7 @@ instead of the shared-memory channel (the compressed exchange always uses the gr
 
     python benchmarks/onebit.py                      # GPT, 60 steps, freeze_step 15
     python benchmarks/onebit.py --steps 100 --freeze-step 20 --shm 0
+    python benchmarks/onebit.py --only adamw,zerooneadam   # a subset
 """
 
 from __future__ import annotations
@@ -87,6 +94,12 @@ def run_rank(rank: int, world: int, args: dict) -> dict:
     lr, betas = args["lr"], [0.9, args["beta2"]]
     optimizers = {
         "adamw": {"type": "AdamW", "params": {"lr": lr, "betas": betas, "weight_decay": 0.01}},
+        # full-precision LAMB as DeepSpeed's 1-bit LAMB warms up (no bias correction): 1-bit LAMB's
+        # loss is also reported against it, separating the compression from LAMB itself
+        "lamb": {
+            "type": "Lamb",
+            "params": {"lr": lr, "betas": betas, "weight_decay": 0.01, "bias_correction": False},
+        },
         "onebitadam": {
             "type": "OneBitAdam",
             "params": {
@@ -97,7 +110,31 @@ def run_rank(rank: int, world: int, args: dict) -> dict:
                 "comm_backend_name": "nccl",
             },
         },
+        "zerooneadam": {
+            "type": "ZeroOneAdam",
+            "params": {
+                "lr": lr,
+                "betas": betas,
+                "weight_decay": 0.01,
+                "var_freeze_step": args["freeze_step"] - 1,  # frozen from step freeze_step + 1
+                "var_update_scaler": args["var_update_scaler"],
+                "local_step_scaler": args["local_step_scaler"],
+                "local_step_clipper": args["local_step_clipper"],
+                "comm_backend_name": "nccl",
+            },
+        },
+        "onebitlamb": {
+            "type": "OneBitLamb",
+            "params": {
+                "lr": lr,
+                "betas": betas,
+                "weight_decay": 0.01,
+                "freeze_step": args["freeze_step"],
+                "comm_backend_name": "nccl",
+            },
+        },
     }
+    optimizers = {name: optimizers[name] for name in args["only"]}
     out = {}
     for name, block in optimizers.items():
         torch.manual_seed(0)
@@ -119,11 +156,12 @@ def run_rank(rank: int, world: int, args: dict) -> dict:
             sent.append(meter.bytes - before)
             losses.append(float(state.metrics.loss))
         f = args["freeze_step"]
+        mean_or_median = statistics.mean if name == "zerooneadam" else statistics.median
         out[name] = {
-            "warm_bytes": statistics.median(sent[1:f]),
-            "compressed_bytes": statistics.median(sent[f + 1 :]),
-            "warm_ms": 1e3 * statistics.median(times[2:f]),
-            "compressed_ms": 1e3 * statistics.median(times[f + 2 :]),
+            "warm_bytes": mean_or_median(sent[1:f]),
+            "compressed_bytes": mean_or_median(sent[f + 1 :]),
+            "warm_ms": 1e3 * mean_or_median(times[2:f]),
+            "compressed_ms": 1e3 * mean_or_median(times[f + 2 :]),
             "final_loss": statistics.mean(losses[-5:]),
             "params": sum(lay.padded_numel for lay in engine.plan.layouts.values()),
         }
@@ -140,28 +178,52 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta2", type=float, default=0.999)
     parser.add_argument("--shm", default="1", help="ZEROSTEP_SHM for the ranks (0: loopback TCP)")
+    parser.add_argument("--var-update-scaler", type=int, default=2)
+    parser.add_argument("--local-step-scaler", type=int, default=8)
+    parser.add_argument("--local-step-clipper", type=int, default=4)
+    parser.add_argument("--only", default="adamw,onebitadam,zerooneadam,lamb,onebitlamb")
     a = parser.parse_args()
-    args = {"steps": a.steps, "freeze_step": a.freeze_step, "batch": a.batch, "lr": a.lr, "beta2": a.beta2}
-    results = spawn_ranks(run_rank, 2, args, timeout=1800, env={"ZEROSTEP_SHM": a.shm})
+    only = a.only.split(",")
+    if "adamw" not in only:
+        only.insert(0, "adamw")  # the baseline every ratio is against
+    args = {
+        "steps": a.steps,
+        "freeze_step": a.freeze_step,
+        "batch": a.batch,
+        "lr": a.lr,
+        "beta2": a.beta2,
+        "var_update_scaler": a.var_update_scaler,
+        "local_step_scaler": a.local_step_scaler,
+        "local_step_clipper": a.local_step_clipper,
+        "only": only,
+    }
+    results = spawn_ranks(run_rank, 2, args, timeout=3600, env={"ZEROSTEP_SHM": a.shm})
     r = results[0]
-    one, base = r["onebitadam"], r["adamw"]
+    base = r["adamw"]
     report = {
-        "params": one["params"],
+        "params": base["params"],
         "shm": a.shm,
-        "adamw_bytes_per_step": base["compressed_bytes"],
-        "onebit_warmup_bytes_per_step": one["warm_bytes"],
-        "onebit_compressed_bytes_per_step": one["compressed_bytes"],
-        "compressed_over_fp32": one["compressed_bytes"] / base["compressed_bytes"],
-        "adamw_step_ms": base["compressed_ms"],
-        "onebit_warmup_step_ms": one["warm_ms"],
-        "onebit_compressed_step_ms": one["compressed_ms"],
-        "adamw_final_loss": base["final_loss"],
-        "onebit_final_loss": one["final_loss"],
-        "loss_ratio": one["final_loss"] / base["final_loss"],
         "steps": a.steps,
         "freeze_step": a.freeze_step,
         "beta2": a.beta2,
+        "adamw_bytes_per_step": base["compressed_bytes"],
+        "adamw_step_ms": base["compressed_ms"],
+        "adamw_final_loss": base["final_loss"],
     }
+    for name in only[1:]:
+        one = r[name]
+        report[name] = {
+            "warmup_bytes_per_step": one["warm_bytes"],
+            "compressed_bytes_per_step": one["compressed_bytes"],
+            "compressed_over_fp32": one["compressed_bytes"] / base["compressed_bytes"],
+            "warmup_step_ms": one["warm_ms"],
+            "compressed_step_ms": one["compressed_ms"],
+            "compressed_over_adamw_time": one["compressed_ms"] / base["compressed_ms"],
+            "final_loss": one["final_loss"],
+            "loss_over_adamw": one["final_loss"] / base["final_loss"],
+        }
+    if "lamb" in r and "onebitlamb" in r:
+        report["onebitlamb"]["loss_over_lamb"] = r["onebitlamb"]["final_loss"] / r["lamb"]["final_loss"]
     print(json.dumps(report, indent=1))
 
 

@@ -1,15 +1,17 @@
-"""The engine's side of the compressed-communication optimizers (1-bit Adam; optim/onebit_adam.py).
+"""The engine's side of the compressed-communication optimizers (1-bit Adam, 0/1 Adam, 1-bit LAMB;
+optim/onebit_adam.py, optim/zero_one_adam.py, optim/onebit_lamb.py, optim/phase_schedule.py).
 
-After ``freeze_step`` applied steps DeepSpeed stops all-reducing gradients (its engine's
-``enable_backward_allreduce = False``) and the optimizer averages its momentum itself, compressed. Here
-the engine holds both variants of phases 3 and 4, built once (at most two compiled step variants),
+Where DeepSpeed stops all-reducing gradients (its engine's ``enable_backward_allreduce = False``) the
+optimizer communicates itself, compressed. Here the engine holds every variant of phases 3 and 4 the
+optimizer's schedule names, built once (one compiled step: the all-reduced variant; the others eager),
 and a ``PhaseSwitch`` picks one per step on the host from the state's applied-step count:
 
-- warm-up: the stage-0 reducer and update, with the optimizer's warm-up (``apply_fn``);
-- compressed: an accumulate-only reducer (this rank's local gradient) and ``make_local_update``, whose
+- the reduced variant (1-bit Adam's and 1-bit LAMB's warm-up, 0/1 Adam's variance steps): the stage-0
+  reducer and update, with the optimizer's ``apply_fn``;
+- each local variant: an accumulate-only reducer (this rank's local gradient) and ``make_local_update``, whose
   graph A all-reduces the finite flag / loss / local squared norms (so every rank skips an fp16
   overflow together: the compressed exchange must run on all ranks or none) and whose graph B runs the
-  optimizer's compressed phase, eagerly: its collectives (all-to-all, all-gather of uint8 signs) are
+  optimizer's variant, eagerly: its collectives (all-to-all, all-gather of uint8 signs) are
   eager process-group calls.
 
 Gradient clipping in the compressed phase clips by the root mean square over ranks of the local
@@ -29,7 +31,7 @@ from zerostep.core.step import StepPlan, UpdateResult, make_apply_update
 from zerostep.core.step_failure import RemoteStepError, describe_remote_failure
 from zerostep.errors import ConfigError
 from zerostep.optim.base import Optimizer
-from zerostep.optim.onebit_adam import compressed_phase, freeze_step_of
+from zerostep.optim.phase_schedule import PhaseSchedule, phase_schedule, with_variant
 from zerostep.parallel import collectives
 from zerostep.parallel.collectives import CommPlan
 from zerostep.parallel.compressed import compressed_allreduce, compressed_allreduce_plan
@@ -69,21 +71,29 @@ def padding_ranges(layout: Any) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def parameter_ranges(layout: Any) -> tuple[tuple[int, int], ...]:
+    """The ``[start, stop)`` range of each parameter of a layout's buffer (1-bit LAMB's tensors)."""
+    return tuple((e.offset, e.offset + e.numel) for e in layout.entries)
+
+
 def compressed_allreduce_over(group: Any) -> Callable[..., torch.Tensor]:
     """The optimizer's injected collective: ``(m, worker_error, server_error) -> average``."""
     return lambda m, worker, server: compressed_allreduce(m, worker, server, group)
 
 
 class PhaseSwitch:
-    """Which phase the next step runs: compressed once ``freeze_step`` steps were applied."""
+    """Which update variant the next step runs (optim/phase_schedule.py), from the state's applied-step
+    count on the host; ``compressed``: a variant fed local gradients (no gradient all-reduce)."""
 
-    def __init__(self, freeze_step: int) -> None:
-        self.freeze_step = freeze_step
+    def __init__(self, schedule: PhaseSchedule) -> None:
+        self.schedule = schedule
+        self.variant = schedule.reduced
         self.compressed = False
 
     def set_from(self, state: Any) -> None:
         applied = int(state.step) - int(state.skipped_steps)
-        self.compressed = applied >= self.freeze_step
+        self.variant = self.schedule.variant_at(applied + 1)
+        self.compressed = self.variant != self.schedule.reduced
 
 
 class SwitchingReducer(Reducer):
@@ -163,17 +173,24 @@ def make_local_update(plan: StepPlan, optimizer: Optimizer, group: Any) -> Calla
 
 @dataclasses.dataclass
 class CompressedPhases:
-    """What the engine keeps for a compressed optimizer: the switch and the compressed phase's pieces."""
+    """What the engine keeps for a compressed optimizer: the switch and the local variants' pieces."""
 
     switch: PhaseSwitch
     reducer: SwitchingReducer
-    comm_applied: CommPlan  # the compressed phase's collectives of an applied step
+    comm_by_variant: dict[str, CommPlan]  # each local variant's collectives of an applied step
 
-    def wrap_update(self, warm: Callable[..., UpdateResult], local: Callable[..., UpdateResult]) -> Callable:
+    @property
+    def comm_applied(self) -> CommPlan:
+        """The collectives of an applied step of the current (local) variant."""
+        return self.comm_by_variant[self.switch.variant]
+
+    def wrap_update(
+        self, warm: Callable[..., UpdateResult], local: dict[str, Callable[..., UpdateResult]]
+    ) -> Callable:
         switch = self.switch
 
         def sharded_update(*args: Any, **kwargs: Any) -> UpdateResult:
-            return (local if switch.compressed else warm)(*args, **kwargs)
+            return (local[switch.variant] if switch.compressed else warm)(*args, **kwargs)
 
         return sharded_update
 
@@ -182,18 +199,25 @@ def build_compressed_phases(
     plan: StepPlan, optimizer: Optimizer, warm_reducer: Reducer, group: Any
 ) -> CompressedPhases | None:
     """The switch and compressed-phase reducer for ``optimizer`` (None for an ordinary optimizer)."""
-    freeze_step = freeze_step_of(optimizer)
-    if freeze_step is None:
+    schedule = phase_schedule(optimizer)
+    if schedule is None:
         return None
-    switch = PhaseSwitch(freeze_step)
+    switch = PhaseSwitch(schedule)
     reducer = SwitchingReducer(switch, warm_reducer, Reducer(plan.accumulation_dtype))
-    comm = collectives.all_reduce_plan(2, torch.float32, plan.world_size)  # graph A's [sumsq, loss]
-    for lay in plan.layouts.values():
-        comm = comm + compressed_allreduce_plan(lay.padded_numel, plan.world_size)
+    comm = {}
+    for name in schedule.local:
+        plan_of = collectives.all_reduce_plan(2, torch.float32, plan.world_size)  # graph A's [sumsq, loss]
+        for _ in range(schedule.compressed_calls[name]):
+            for lay in plan.layouts.values():
+                plan_of = plan_of + compressed_allreduce_plan(lay.padded_numel, plan.world_size)
+        comm[name] = plan_of
     return CompressedPhases(switch, reducer, comm)
 
 
-def local_update_for(plan: StepPlan, optimizer: Optimizer, group: Any) -> Callable[..., UpdateResult]:
-    phase = compressed_phase(optimizer)
-    assert phase is not None
-    return make_local_update(plan, phase, group)
+def local_update_for(
+    plan: StepPlan, optimizer: Optimizer, group: Any
+) -> dict[str, Callable[..., UpdateResult]]:
+    """Phase 4 of each local variant of the optimizer's schedule, by name."""
+    schedule = phase_schedule(optimizer)
+    assert schedule is not None
+    return {name: make_local_update(plan, with_variant(optimizer, name), group) for name in schedule.local}

@@ -35,6 +35,7 @@ from zerostep.core.compressed_phase import (
     compressed_allreduce_over,
     local_update_for,
     padding_ranges,
+    parameter_ranges,
 )
 from zerostep.core.config import Config
 from zerostep.core.module_binding import bind_module, current_values
@@ -436,7 +437,13 @@ class Engine:
         group = self.group
         allreduce = compressed_allreduce_over(group) if self.world_size > 1 else None
         padding = {g: padding_ranges(lay) for g, lay in self.plan.layouts.items()}
-        return {"compressed_allreduce": allreduce, "world_size": self.world_size, "padding": padding}
+        segments = {g: parameter_ranges(lay) for g, lay in self.plan.layouts.items()}
+        return {
+            "compressed_allreduce": allreduce,
+            "world_size": self.world_size,
+            "padding": padding,
+            "segments": segments,
+        }
 
     def _per_parameter_options(self) -> dict[str, Any]:
         """Muon, mup's and torch.optim's optimizers work per parameter (zerostep.optim.per_parameter):
@@ -620,6 +627,8 @@ class Engine:
         if self._phases is not None:
             # error feedback is rank-specific (the checkpoint holds rank 0's): restart it, as DeepSpeed does
             opt_state = optim.fresh_error_feedback(state.opt_state, state.master, self.world_size)
+            if self._phases.switch.schedule.after_load is not None:  # 0/1 Adam checks its counters
+                opt_state = self._phases.switch.schedule.after_load(opt_state)
             state = state.replace(opt_state=opt_state)
         self.bind_module(state)
         return (state, client) if return_client_state else state

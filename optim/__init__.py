@@ -6,10 +6,12 @@
     opt.update_(grads, state, params, lr, grad_scale=scale)        # in place (the engine's path)
     lr_at = zerostep.optim.lr_schedule({"type": "WarmupLR", "params": {}}, opt.lr)
 
-Besides adam, adamw, lamb, adagrad, sgd and lion: DeepSpeed's 1-bit Adam (``onebit_adam``,
-compressed momentum after ``freeze_step``; the engine supplies its collective); ``muon`` (DeepSpeed's
-MuonWithAuxAdam), mup's MuAdam/MuAdamW/MuSGD (``mu_optimizer``), and any torch.optim class or instance
-(``from_torch_optimizer(torch.optim.RMSprop, {"lr": 1e-3})``), as DeepSpeed's engine builds them.
+Besides adam, adamw, lamb, adagrad, sgd and lion: DeepSpeed's compressed-communication optimizers
+1-bit Adam, 0/1 Adam and 1-bit LAMB (``onebit_adam``, ``zero_one_adam``, ``onebit_lamb``: update
+variants the engine picks per step on the host, ``phase_schedule``; it supplies their collective);
+``muon`` (DeepSpeed's MuonWithAuxAdam), mup's MuAdam/MuAdamW/MuSGD (``mu_optimizer``), and any
+torch.optim class or instance (``from_torch_optimizer(torch.optim.RMSprop, {"lr": 1e-3})``), as
+DeepSpeed's engine builds them.
 
 triton is optional: importing this package never requires it.
 """
@@ -24,6 +26,8 @@ from zerostep.optim.muon import MuonState, muon
 from zerostep.optim.mup import WidthInfo, mu_optimizer, param_widths
 from zerostep.optim.newton_schulz import newton_schulz
 from zerostep.optim.onebit_adam import OneBitAdamState, compressed_phase, fresh_error_feedback, onebit_adam
+from zerostep.optim.onebit_lamb import OneBitLambState, onebit_lamb
+from zerostep.optim.phase_schedule import PhaseSchedule, phase_schedule
 from zerostep.optim.pieces import FlatPieces, ParamPiece, layout_pieces
 from zerostep.optim.registry import (
     COMPRESSED_OPTIMIZER_TYPES,
@@ -41,6 +45,7 @@ from zerostep.optim.torch_adapter import (
     torch_optimizer_class,
     torch_param_hyperparams,
 )
+from zerostep.optim.zero_one_adam import ZeroOneAdamState, zero_one_adam
 
 __all__ = [
     "COMPRESSED_OPTIMIZER_TYPES",
@@ -57,12 +62,15 @@ __all__ = [
     "LionState",
     "MuonState",
     "OneBitAdamState",
+    "OneBitLambState",
     "Optimizer",
     "ParamPiece",
+    "PhaseSchedule",
     "SgdState",
     "TorchOptimizerState",
     "TrustSegments",
     "WidthInfo",
+    "ZeroOneAdamState",
     "adagrad",
     "adam",
     "adamw",
@@ -79,8 +87,11 @@ __all__ = [
     "muon",
     "newton_schulz",
     "onebit_adam",
+    "onebit_lamb",
     "param_widths",
+    "phase_schedule",
     "sgd",
     "torch_optimizer_class",
     "torch_param_hyperparams",
+    "zero_one_adam",
 ]

@@ -21,6 +21,7 @@ from zerostep.optim.base import Optimizer, PerLeaf
 from zerostep.optim.lamb import lamb
 from zerostep.optim.lion import lion
 from zerostep.optim.onebit_adam import onebit_adam
+from zerostep.optim.onebit_lamb import onebit_lamb
 from zerostep.optim.per_parameter import per_parameter_from_config
 from zerostep.optim.registry import (
     COMPRESSED_OPTIMIZER_TYPES,
@@ -30,6 +31,7 @@ from zerostep.optim.registry import (
     UNSUPPORTED_OPTIMIZER_TYPES,
 )
 from zerostep.optim.sgd import sgd
+from zerostep.optim.zero_one_adam import zero_one_adam
 
 # Each type's accepted params and their defaults (DeepSpeed's FusedAdam/FusedLamb/FusedLion,
 # torch.optim's Adagrad/SGD). Adam's mode flags are handled before this table is consulted.
@@ -45,9 +47,18 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "onebitadam": dict(lr=1e-3, freeze_step=100000, bias_correction=True, betas=(0.9, 0.999), eps=1e-8,
                        eps_inside_sqrt=False, weight_decay=0.0, amsgrad=False, cuda_aware=False,
                        comm_backend_name="nccl"),
+    # DeepSpeed's ZeroOneAdam (onebit/zoadam.py) and OnebitLamb (onebit/lamb.py), removed after 0.17
+    "zerooneadam": dict(lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, eps_inside_sqrt=False,
+                        weight_decay=0.0, var_freeze_step=100000, var_update_scaler=16,
+                        local_step_scaler=32678, local_step_clipper=16, amsgrad=False, cuda_aware=False,
+                        comm_backend_name="nccl"),
+    "onebitlamb": dict(lr=1e-3, freeze_step=100000, bias_correction=True, betas=(0.9, 0.999), eps=1e-8,
+                       eps_inside_sqrt=False, weight_decay=0.0, max_coeff=10.0, min_coeff=0.01, amsgrad=False,
+                       cuda_aware=False, comm_backend_name="nccl", coeff_beta=0.9, factor_max=4.0,
+                       factor_min=0.5, factor_threshold=0.1),
 }
 _FACTORIES = {"adam": adam, "lamb": lamb, "adagrad": adagrad, "sgd": sgd, "lion": lion,
-              "onebitadam": onebit_adam}
+              "onebitadam": onebit_adam, "zerooneadam": zero_one_adam, "onebitlamb": onebit_lamb}
 
 
 def block_parts(block: Any, what: str) -> tuple[str | None, dict[str, Any]]:
@@ -81,6 +92,7 @@ def from_config(
     compressed_allreduce: Any = None,
     world_size: int = 1,
     padding: Any = None,
+    segments: Any = None,
 ) -> Optimizer:
     """Build the optimizer a DeepSpeed ``"optimizer": {"type": ..., "params": {...}}`` block names.
 
@@ -89,7 +101,7 @@ def from_config(
     ``all_gather``, ``exchange``, ``schedule_sets_lr`` and ``param_widths`` reach the per-parameter
     types (Muon, mup's, torch.optim's; see ``zerostep.optim.per_parameter``). ``compressed_allreduce``,
     ``world_size`` and ``padding`` reach the compressed-communication types
-    (``COMPRESSED_OPTIMIZER_TYPES``)."""
+    (``COMPRESSED_OPTIMIZER_TYPES``); ``segments`` (each flat leaf's parameter ranges) 1-bit LAMB."""
     kind, params = block_parts(block, "optimizer")
     if kind is None:
         raise ConfigError(f"optimizer.type: missing; supported types are {list(OPTIMIZER_TYPES)}")
@@ -127,6 +139,8 @@ def from_config(
             extra.update(use_triton=use_triton, trust_segments=trust_segments, norm_reduce=norm_reduce)
         if name in COMPRESSED_OPTIMIZER_TYPES:
             extra.update(compressed_allreduce=compressed_allreduce, world_size=world_size, padding=padding)
+            if name == "onebitlamb":
+                extra["segments"] = segments
             _warn_compressed_no_ops(kind, params)
 
     unknown = sorted(set(params) - set(defaults))

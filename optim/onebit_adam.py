@@ -30,7 +30,6 @@ not use them anyway).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -56,6 +55,7 @@ from zerostep.optim.base import (
     step_count,
     zeros_like_state,
 )
+from zerostep.optim.phase_schedule import phase_schedule, with_schedule, with_variant
 from zerostep.parallel.compressed import error_buffers
 
 # (local momentum [n], worker error [W, C], server error [1, C]) -> compressed average [n]
@@ -178,9 +178,14 @@ def onebit_adam(
 
         return apply
 
-    warm_up = run(compressed=False)
-    warm_up.compressed_phase = run(compressed=True)  # type: ignore[attr-defined]
-    return Optimizer(name="onebitadam", lr=float(lr), hyperparams=hyper, init_fn=init, apply_fn=warm_up)
+    frozen_after = int(freeze_step)
+    apply = with_schedule(
+        {"warm-up": run(compressed=False), "compressed": run(compressed=True)},
+        "warm-up",
+        {"warm-up": 0, "compressed": 1},
+        lambda k: "warm-up" if k <= frozen_after else "compressed",
+    )
+    return Optimizer(name="onebitadam", lr=float(lr), hyperparams=hyper, init_fn=init, apply_fn=apply)
 
 
 def step_leaf_(
@@ -202,17 +207,12 @@ def step_leaf_(
 
 
 def compressed_phase(optimizer: Optimizer) -> Optimizer | None:
-    """The optimizer's update after its freeze step (local gradients in, compressed momentum), or None
-    for an optimizer without one."""
-    phase = getattr(optimizer.apply_fn, "compressed_phase", None)
-    return None if phase is None else dataclasses.replace(optimizer, apply_fn=phase)
-
-
-def freeze_step_of(optimizer: Optimizer) -> int | None:
-    """After how many applied steps ``compressed_phase`` takes over (None: never)."""
-    if compressed_phase(optimizer) is None:
+    """1-bit Adam's update after its freeze step (local gradients in, compressed momentum), or None
+    for an optimizer without a ``compressed`` variant (optim/phase_schedule.py)."""
+    schedule = phase_schedule(optimizer)
+    if schedule is None or "compressed" not in schedule.variants:
         return None
-    return int(optimizer.hyperparams["freeze_step"])
+    return with_variant(optimizer, "compressed")
 
 
 def fresh_error_feedback(opt_state: OneBitAdamState, master: PyTree, world_size: int) -> OneBitAdamState:

@@ -7,8 +7,9 @@ for any other name ``getattr(torch.optim, name)``; so does zerostep (matching na
 
 import torch
 
-# DeepSpeed's compressed-communication optimizers (ZeRO stage 0 only; optim/onebit_adam.py)
-COMPRESSED_OPTIMIZER_TYPES: tuple[str, ...] = ("onebitadam",)
+# DeepSpeed's compressed-communication optimizers (ZeRO stage 0 only; optim/onebit_adam.py,
+# optim/zero_one_adam.py, optim/onebit_lamb.py)
+COMPRESSED_OPTIMIZER_TYPES: tuple[str, ...] = ("onebitadam", "zerooneadam", "onebitlamb")
 NATIVE_OPTIMIZER_TYPES: tuple[str, ...] = (
     "adam",
     "adamw",
@@ -57,8 +58,6 @@ SCHEDULER_TYPES: tuple[str, ...] = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR
 
 # Optimizers zerostep does not implement; named in errors so users see why.
 UNSUPPORTED_OPTIMIZER_TYPES: tuple[str, ...] = (
-    "onebitlamb",
-    "zerooneadam",
     "fusedadam",
     "cpuadam",
     *TORCH_REFUSED_TYPES,

@@ -10,10 +10,11 @@ ranks and a buffer padded (zeros) to ``T = compressed_numel(n, W)`` elements, sp
    ``e_s <- y - t * sign(y)``; all-gather ``sign(y)`` as bits and ``t``;
 3. every rank: ``out[k-th chunk] = t_k * sign(y_k)``: the compressed average of the ranks' ``m``.
 
-Signs travel packed 8 per byte (``pack_signs``), so the wire carries ``T / 8`` bytes each way plus one
-fp32 scale per rank, about 1/32 of an fp32 all-reduce. The collectives are the process group's own
-(``all_to_all_single``, ``all_gather_single``: gloo on CPU, NCCL on GPU); the shared-memory
-channel of ``parallel.shm`` has no all-to-all, so over it the exchange still goes through the group.
+Signs travel packed 8 per byte (``pack_signs``: a Triton kernel on CUDA, torch ops on CPU), so the
+wire carries ``T / 8`` bytes each way plus one fp32 scale per rank, about 1/32 of an fp32 all-reduce.
+The collectives are the process group's own (``all_to_all_single``, ``all_gather_single``: gloo on
+CPU, NCCL on GPU); the shared-memory channel of ``parallel.shm`` has no all-to-all, so over it the
+exchange still goes through the group.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from zerostep.parallel import sign_kernels
 from zerostep.parallel.collectives import ALL_GATHER, CommOp, CommPlan
 
 ALL_TO_ALL = "all_to_all"  # the CommOp kind: this rank's sent bytes
@@ -46,15 +48,30 @@ def signs_of(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [numel / 8]: bit ``7 - j`` of byte ``i`` is set where ``x[8 i + j] >= 0``."""
+    """uint8 [numel / 8]: bit ``7 - j`` of byte ``i`` is set where ``x[8 i + j] >= 0`` (a Triton kernel
+    on CUDA, ``parallel.sign_kernels``; torch ops elsewhere)."""
     if x.numel() % 8:
         raise ValueError(f"pack_signs: {x.numel()} elements is not a multiple of 8")
+    if sign_kernels.usable(x):
+        return sign_kernels.pack_signs(x)
+    return pack_signs_torch(x)
+
+
+def pack_signs_torch(x: torch.Tensor) -> torch.Tensor:
+    """``pack_signs`` in torch ops."""
     bits = (x.reshape(-1, 8) >= 0).to(torch.uint8)  # [numel / 8, 8]
     return (bits << _BIT_SHIFTS.to(x.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_signs(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The +1/-1 values [packed.numel() * 8] that ``pack_signs`` packed."""
+    if sign_kernels.usable(packed):
+        return sign_kernels.unpack_signs(packed, dtype)
+    return unpack_signs_torch(packed, dtype)
+
+
+def unpack_signs_torch(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``unpack_signs`` in torch ops."""
     bits = (packed.reshape(-1, 1) >> _BIT_SHIFTS.to(packed.device)) & 1  # [numel / 8, 8]
     return bits.reshape(-1).to(dtype) * 2 - 1
 

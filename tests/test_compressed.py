@@ -3,7 +3,11 @@ gloo ranks against a one-process reference written here from the paper's equatio
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,3 +109,32 @@ def test_two_ranks_equal_the_reference_over_steps():
         assert per_step == {"all_to_all": total // 8, "all_gather": total // 8 + 8 * world}
     assert C.compressed_allreduce_plan(n, world).total_bytes == 2 * (total // 8) + 8 * world
     assert chunk % 8 == 0
+
+
+SIGN_KERNELS = """
+import torch
+from zerostep.parallel import compressed as C, sign_kernels as K
+
+assert K.available()
+torch.manual_seed(0)
+for n in (8, 4096, 4096 * 3 + 40):  # one byte, one program, several programs with a masked tail
+    x = torch.randn(n)
+    x[::7] = 0.0  # sign(0) = +1
+    x[1::11] = -0.0
+    packed = K.pack_signs(x)
+    assert packed.dtype == torch.uint8 and torch.equal(packed, C.pack_signs_torch(x)), n
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(K.unpack_signs(packed, dtype), C.unpack_signs_torch(packed, dtype)), n
+assert not K.usable(x)  # CPU tensors keep the torch ops in parallel.compressed
+print("SIGNS_OK")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_sign_packing_matches_the_torch_ops_in_the_interpreter():
+    # the interpreter must be chosen before triton is first imported: a fresh process
+    env = dict(os.environ, TRITON_INTERPRET="1", ZEROSTEP_TRITON="1")
+    result = subprocess.run(
+        [sys.executable, "-c", SIGN_KERNELS], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0 and "SIGNS_OK" in result.stdout, result.stdout + result.stderr

@@ -17,6 +17,7 @@ from zerostep.core.inference import Int8Linear
 from zerostep.core.inference.quantize import quantize_weight
 from zerostep.errors import ConfigError
 from zerostep.io import CheckpointError
+from zerostep.parallel.launch import spawn_ranks
 
 SMALL = GPTConfig(n_layer=2, n_embd=128, n_head=4, block_size=64)
 
@@ -130,8 +131,14 @@ def test_config_merging_and_bad_keys(tmp_path):
         zerostep.init_inference(model, quant={"weight": {"num_bits": 4}})
     with pytest.raises(ConfigError, match="mp_size=2 and tensor_parallel.tp_size=4 disagree"):
         zerostep.init_inference(model, mp_size=2, tensor_parallel={"tp_size": 4})
-    with pytest.raises(NotImplementedError, match="tp_size=2"):
+    with pytest.raises(ConfigError, match="no tensor-parallel policy for Linear"):
         zerostep.init_inference(model, mp_size=2)
+    with pytest.raises(ConfigError, match="tp_size=3 does not divide n_head=4"):
+        zerostep.init_inference(
+            gpt(GPTConfig(n_layer=1, n_embd=48, n_head=4)), tensor_parallel={"tp_size": 3}
+        )
+    with pytest.raises(ConfigError, match="tp_size=4 does not divide n_embd=6"):
+        zerostep.init_inference(gpt(GPTConfig(n_layer=1, n_embd=6, n_head=4)), tp={"tp_size": 4})
     with pytest.warns(UserWarning, match="'use_triton' has no effect"):
         zerostep.init_inference(model, dtype="fp32", use_triton=True)
     with warnings.catch_warnings():
@@ -176,3 +183,28 @@ def test_checkpoint_from_a_training_checkpoint_and_another_model(tmp_path):
         CheckpointError, match=r"another model.*missing from the checkpoint: blocks\.1\..*shapes differ"
     ):
         zerostep.init_inference(other, dtype="fp32", checkpoint=str(tmp_path / "ck"))
+
+
+def tp_rank(rank: int, world_size: int) -> dict:
+    # lean: each DTensor forward costs ~0.3 s here, process start and imports ~15 s
+    cfg = GPTConfig(n_layer=1, n_embd=32, n_head=4, block_size=16)
+    model, x = gpt(cfg), tokens(2, 12)  # the same weights and inputs on every rank
+    with torch.no_grad():
+        ref = model(x)
+        ref_tokens = model.generate(x[0, :6], 2, seed=3)
+    engine = zerostep.init_inference(
+        copy.deepcopy(model), dtype="fp32", tensor_parallel={"tp_size": world_size}
+    )
+    qkv = engine.module.blocks[0].attn.qkv.weight
+    return {
+        "qkv_local_rows": qkv.to_local().shape[0],
+        "fc_local_rows": engine.module.blocks[0].fc.weight.to_local().shape[0],
+        "max_diff": (engine(x) - ref).abs().max().item(),
+        "same_tokens": torch.equal(engine.generate(x[0, :6], 2, seed=3), ref_tokens),
+    }
+
+
+def test_tensor_parallel_2_ranks_equals_1():
+    for out in spawn_ranks(tp_rank, 2, timeout=120):
+        assert out["qkv_local_rows"] == 3 * 32 // 2 and out["fc_local_rows"] == 4 * 32 // 2
+        assert out["max_diff"] < 1e-5 and out["same_tokens"]

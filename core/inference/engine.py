@@ -2,9 +2,10 @@
 called like the module.
 
 Order of preparation: ``checkpoint`` weights are loaded into the module as it is (fp32 masters from a
-training checkpoint), then the module is cast to ``dtype``, its ``nn.Linear`` weights quantized to int8
-when asked, moved to the accelerator (CUDA when present, unless ``keep_module_on_host``) and put in eval
-mode. DeepSpeed's "kernel injection" is, in zerostep's terms, the module's forward compiled in place with
+training checkpoint), then the module is cast to ``dtype``, moved to the accelerator (CUDA when present,
+unless ``keep_module_on_host``), sharded over the ranks when ``tp_size > 1`` (``tensor_parallel.py``),
+its ``nn.Linear`` weights quantized to int8 when asked, and put in eval mode. DeepSpeed's
+"kernel injection" is, in zerostep's terms, the module's forward compiled in place with
 ``torch.compile`` (``nn.Module.compile``), so the module's own ``generate`` decodes through the compiled
 forward too; ``enable_cuda_graph`` compiles with ``mode="reduce-overhead"`` (CUDA graphs) on CUDA.
 """
@@ -20,6 +21,8 @@ from torch import nn
 from zerostep.core.inference.config import InferenceConfig
 from zerostep.core.inference.loading import load_into
 from zerostep.core.inference.quantize import quantize_linears
+from zerostep.core.inference.tensor_parallel import apply_tensor_parallel, check_divides
+from zerostep.errors import ConfigError
 
 
 def _device(config: InferenceConfig) -> torch.device | None:
@@ -64,20 +67,22 @@ class InferenceEngine(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"init_inference: model must be a torch.nn.Module, got {type(model).__name__}")
         if config.tp_size > 1:
-            raise NotImplementedError(
-                f"init_inference: tensor_parallel.tp_size={config.tp_size}: tensor parallelism (AutoTP) is "
-                "not implemented yet in zerostep; use tp_size 1"
-            )
+            check_divides(model, config.tp_size)  # before any work: a bad tp_size fails first
+            if config.int8_weights:
+                raise ConfigError(
+                    "init_inference: int8 weights with tensor_parallel.tp_size > 1 are not supported"
+                )
         self._config = config
         self.module = model
         if config.checkpoint is not None:
             load_into(model, config.checkpoint)
         if config.dtype != torch.int8:  # int8: weight-only, computing in the module's own dtype
             model.to(config.dtype)
-        self.quantized_linears = quantize_linears(model) if config.int8_weights else 0
         device = _device(config)
         if device is not None:
             model.to(device)
+        self.mesh = apply_tensor_parallel(model, config.tp_size) if config.tp_size > 1 else None
+        self.quantized_linears = quantize_linears(model) if config.int8_weights else 0
         model.eval()
         model.requires_grad_(False)
         on_cuda = any(p.is_cuda for p in model.parameters()) or any(b.is_cuda for b in model.buffers())

@@ -146,23 +146,31 @@ def test_config_merging_and_bad_keys(tmp_path):
         zerostep.init_inference(model, dtype="fp32", triangular_masking=True, tensor_parallel={"tp_size": 1})
 
 
-def test_checkpoint_from_a_training_checkpoint_and_another_model(tmp_path):
-    cfg = GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16)
+def train_and_save(cfg: GPTConfig, batch: torch.Tensor, path, stage: int, world_size: int) -> GPT:
+    """One ZeRO step on ``batch`` (this rank's rows), saved to ``path``; a GPT with the trained weights."""
     train_cfg = {
-        "train_batch_size": 2,
-        "zero_optimization": {"stage": 3},
+        "train_micro_batch_size_per_gpu": batch.shape[0],
+        "zero_optimization": {"stage": stage},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
     }
-    engine = initialize(
-        gpt(cfg), Config.from_dict(train_cfg, world_size=1), loss_fn=lambda m, b: m(*b), compile=False
-    )
-    x = tokens(2, 16)
-    state = engine.step(engine.init(), (x, x.roll(-1, 1)))
-    engine.save(state, tmp_path / "ck")
+    config = Config.from_dict(train_cfg, world_size=world_size)
+    engine = initialize(gpt(cfg), config, loss_fn=lambda m, b: m(*b), compile=False)
+    state = engine.step(engine.init(), (batch, batch.roll(-1, 1)))
+    engine.save(state, path)
     trained = gpt(cfg)
     with torch.no_grad():
         for name, value in engine.full_params(state).items():
             trained.get_parameter(name).copy_(value)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's shard written before any rank reads
+    return trained.eval()
+
+
+def test_checkpoint_from_a_training_checkpoint_and_another_model(tmp_path):
+    cfg = GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=16)
+    x = tokens(2, 16)
+    trained = train_and_save(cfg, x, tmp_path / "ck", stage=3, world_size=1)
+    with torch.no_grad():
         ref = trained(x)
     fresh = gpt(cfg, seed=5)  # other initial weights: all of them must come from the checkpoint
     inf = zerostep.init_inference(fresh, dtype=torch.float32, checkpoint=str(tmp_path / "ck"))
@@ -185,26 +193,28 @@ def test_checkpoint_from_a_training_checkpoint_and_another_model(tmp_path):
         zerostep.init_inference(other, dtype="fp32", checkpoint=str(tmp_path / "ck"))
 
 
-def tp_rank(rank: int, world_size: int) -> dict:
-    # lean: each DTensor forward costs ~0.3 s here, process start and imports ~15 s
+def tp_rank(rank: int, world_size: int, path: str) -> dict:
+    """Train one step at ZeRO-3 on both ranks, save, then serve that checkpoint at tp_size 2; compare
+    with the trained weights on one process (tp 1). Lean: each DTensor forward costs ~0.3 s here, process
+    start and imports ~15 s."""
     cfg = GPTConfig(n_layer=1, n_embd=32, n_head=4, block_size=16)
-    model, x = gpt(cfg), tokens(2, 12)  # the same weights and inputs on every rank
+    x = tokens(2, 12)  # the same inputs on every rank
+    trained = train_and_save(cfg, x[rank : rank + 1], path, stage=3, world_size=world_size)
     with torch.no_grad():
-        ref = model(x)
-        ref_tokens = model.generate(x[0, :6], 2, seed=3)
-    engine = zerostep.init_inference(
-        copy.deepcopy(model), dtype="fp32", tensor_parallel={"tp_size": world_size}
+        ref = trained(x)
+        ref_tokens = trained.generate(x[0, :6], 2, seed=3)
+    served = zerostep.init_inference(
+        gpt(cfg, seed=5), dtype="fp32", checkpoint=path, tensor_parallel={"tp_size": world_size}
     )
-    qkv = engine.module.blocks[0].attn.qkv.weight
     return {
-        "qkv_local_rows": qkv.to_local().shape[0],
-        "fc_local_rows": engine.module.blocks[0].fc.weight.to_local().shape[0],
-        "max_diff": (engine(x) - ref).abs().max().item(),
-        "same_tokens": torch.equal(engine.generate(x[0, :6], 2, seed=3), ref_tokens),
+        "qkv_local_rows": served.module.blocks[0].attn.qkv.weight.to_local().shape[0],
+        "fc_local_rows": served.module.blocks[0].fc.weight.to_local().shape[0],
+        "max_diff": (served(x) - ref).abs().max().item(),
+        "same_tokens": torch.equal(served.generate(x[0, :6], 2, seed=3), ref_tokens),
     }
 
 
-def test_tensor_parallel_2_ranks_equals_1():
-    for out in spawn_ranks(tp_rank, 2, timeout=120):
+def test_tensor_parallel_2_ranks_from_a_2_rank_zero3_checkpoint_equals_1(tmp_path):
+    for out in spawn_ranks(tp_rank, 2, str(tmp_path / "ck"), timeout=150):
         assert out["qkv_local_rows"] == 3 * 32 // 2 and out["fc_local_rows"] == 4 * 32 // 2
         assert out["max_diff"] < 1e-5 and out["same_tokens"]

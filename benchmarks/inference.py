@@ -2,10 +2,11 @@
 
 Each variant decodes the same prompts greedily (argmax, no KV cache: core/gpt.py's model re-runs the
 whole window each token, as its own ``generate`` does). Reported per variant: tokens/s over the decode
-(batch x new tokens / wall time), the first-token latency (the prompt's forward), both medians over the
-repeats after one warm-up decode (which holds the compiles), and whether the greedy tokens equal the eager
-fp32 module's. Variants: eager fp32; the engine compiled (``replace_with_kernel_inject``) in fp32, in
-bf16 (fp16 on CUDA) and with int8 weights; on CUDA also ``enable_cuda_graph`` (reduce-overhead).
+(batch x new tokens / wall time) and the first-token latency (the prompt's forward), medians over the
+repeats (variants alternating within each repeat) after one warm-up decode each (which holds the
+compiles), and whether the greedy tokens equal the eager fp32 module's. Variants: eager fp32; the engine
+compiled (``replace_with_kernel_inject``) in fp32, in bf16 (fp16 on CUDA) and with int8 weights; on CUDA
+also ``enable_cuda_graph`` (reduce-overhead).
 
     python benchmarks/inference.py
     python benchmarks/inference.py --n-layer 6 --n-embd 384 --batch 8 --new 64 --repeats 5
@@ -97,24 +98,26 @@ def main() -> None:
         f"GPT {args.n_layer}x{args.n_embd}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
         f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, medians of {args.repeats}"
     )
-    reference = None
-    base_rate = None
-    for name, forward in variants.items():
+    warm = {}
+    for name, forward in variants.items():  # warm-up decodes: every compile happens here
         start = time.perf_counter()
-        greedy(forward, prompt, args.new, cfg.block_size)  # warm-up: compiles
-        warm = time.perf_counter() - start
-        firsts, rates = [], []
-        for _ in range(args.repeats):
-            tokens, first, total = greedy(forward, prompt, args.new, cfg.block_size)
-            firsts.append(first)
-            rates.append(args.batch * args.new / total)
-        reference = tokens if reference is None else reference
-        rate = statistics.median(rates)
-        base_rate = base_rate or rate
-        same = (tokens == reference).float().mean().item()
+        greedy(forward, prompt, args.new, cfg.block_size)
+        warm[name] = time.perf_counter() - start
+    firsts: dict[str, list[float]] = {name: [] for name in variants}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    tokens = {}
+    for _ in range(args.repeats):  # variants alternate within a repeat, so machine noise hits them all
+        for name, forward in variants.items():
+            tokens[name], first, total = greedy(forward, prompt, args.new, cfg.block_size)
+            firsts[name].append(first)
+            rates[name].append(args.batch * args.new / total)
+    base_rate = statistics.median(rates["eager fp32"])
+    for name in variants:
+        rate = statistics.median(rates[name])
+        same = (tokens[name] == tokens["eager fp32"]).float().mean().item()
         print(
             f"  {name:24s} {rate:9.1f} tok/s ({rate / base_rate:5.2f}x)  first token "
-            f"{statistics.median(firsts) * 1e3:7.2f} ms  warm-up {warm:6.2f} s  "
+            f"{statistics.median(firsts[name]) * 1e3:7.2f} ms  warm-up {warm[name]:6.2f} s  "
             f"tokens equal to eager {same:6.1%}"
         )
 

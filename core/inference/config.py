@@ -65,6 +65,8 @@ _NO_EFFECT: dict[str, Any] = {
     "ep_size": 1,
     "ep_group": None,
     "ep_mp_group": None,
+    "expert_group": None,
+    "expert_mp_group": None,
     "moe_experts": [1],
     "moe_type": "standard",
 }
@@ -245,7 +247,7 @@ def parse(config: Any = None, **kwargs: Any) -> InferenceConfig:
     if unknown:
         raise ConfigError(f"init_inference: unknown config key(s) {unknown}")
     for key, default in _NO_EFFECT.items():
-        if key in merged and merged[key] != default:
+        if key in merged and merged[key] != default and not (key == "moe" and merged[key] is False):
             warnings.warn(
                 f"init_inference: '{key}' has no effect in zerostep (DeepSpeed-kernel option)", stacklevel=2
             )

@@ -96,6 +96,13 @@ def add_config_arguments(parser: Any) -> Any:
     return add(parser)
 
 
+def init_inference(model: Any, config: dict | str | os.PathLike | None = None, **kwargs: Any) -> Any:
+    """DeepSpeed's ``deepspeed.init_inference``: an ``InferenceEngine`` (``zerostep.inference``)."""
+    from zerostep.inference import init_inference as init
+
+    return init(model, config, **kwargs)
+
+
 _SUBPACKAGES = ("accelerator", "checkpointing", "comm", "elasticity", "moe", "ops", "pipe", "runtime", "zero")
 
 
@@ -109,3 +116,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["ConfigError", "__version__", "add_config_arguments", "init_distributed", "initialize"]
+__all__ += ["init_inference"]

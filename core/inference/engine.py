@@ -1,0 +1,114 @@
+"""The inference engine: the user's module prepared once (weights, dtype, int8, device, compile), then
+called like the module.
+
+Order of preparation: ``checkpoint`` weights are loaded into the module as it is (fp32 masters from a
+training checkpoint), then the module is cast to ``dtype``, moved to the accelerator (CUDA when present,
+unless ``keep_module_on_host``), sharded over the ranks when ``tp_size > 1`` (``tensor_parallel.py``),
+its ``nn.Linear`` weights quantized to int8 when asked, and put in eval mode. DeepSpeed's
+"kernel injection" is, in zerostep's terms, the module's forward compiled in place with
+``torch.compile`` (``nn.Module.compile``), so the module's own ``generate`` decodes through the compiled
+forward too; ``enable_cuda_graph`` compiles with ``mode="reduce-overhead"`` (CUDA graphs) on CUDA.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from zerostep.core.inference.config import InferenceConfig
+from zerostep.core.inference.loading import load_into
+from zerostep.core.inference.quantize import quantize_linears
+from zerostep.core.inference.tensor_parallel import apply_tensor_parallel, check_divides
+from zerostep.errors import ConfigError
+
+
+def _device(config: InferenceConfig) -> torch.device | None:
+    if config.keep_module_on_host or not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _compile_mode(config: InferenceConfig, on_cuda: bool) -> str | None:
+    """The ``torch.compile`` mode, or None for an eager forward."""
+    if config.enable_cuda_graph:
+        if on_cuda:
+            return "reduce-overhead"
+        warnings.warn(
+            "init_inference: enable_cuda_graph has no effect off CUDA; the forward is compiled with "
+            "torch.compile (default mode) instead",
+            stacklevel=4,
+        )
+        return "default"
+    if config.kernel_inject:
+        warnings.warn(
+            "init_inference: replace_with_kernel_inject: zerostep has no DeepSpeed kernels; the module's "
+            "forward is compiled with torch.compile instead",
+            stacklevel=4,
+        )
+        return "default"
+    return None
+
+
+def _prompt_length(args: tuple, kwargs: dict) -> int | None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return int(ids.shape[-1]) if isinstance(ids, torch.Tensor) and ids.dim() >= 1 else None
+
+
+class InferenceEngine(nn.Module):
+    """DeepSpeed's ``InferenceEngine``: ``engine(*a, **kw)`` is the module's forward (without autograd),
+    ``engine.module`` the prepared module, ``engine.generate`` the module's own ``generate`` where it
+    has one."""
+
+    def __init__(self, model: nn.Module, config: InferenceConfig):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"init_inference: model must be a torch.nn.Module, got {type(model).__name__}")
+        if config.tp_size > 1:
+            check_divides(model, config.tp_size)  # before any work: a bad tp_size fails first
+            if config.int8_weights:
+                raise ConfigError(
+                    "init_inference: int8 weights with tensor_parallel.tp_size > 1 are not supported"
+                )
+        self._config = config
+        self.module = model
+        if config.checkpoint is not None:
+            load_into(model, config.checkpoint)
+        if config.dtype != torch.int8:  # int8: weight-only, computing in the module's own dtype
+            model.to(config.dtype)
+        device = _device(config)
+        if device is not None:
+            model.to(device)
+        self.mesh = apply_tensor_parallel(model, config.tp_size) if config.tp_size > 1 else None
+        self.quantized_linears = quantize_linears(model) if config.int8_weights else 0
+        model.eval()
+        model.requires_grad_(False)
+        on_cuda = any(p.is_cuda for p in model.parameters()) or any(b.is_cuda for b in model.buffers())
+        self.compile_mode = _compile_mode(config, on_cuda)
+        if self.compile_mode is not None:
+            model.compile(mode=self.compile_mode)  # in place: the module's generate uses it too
+        if hasattr(model, "generate"):
+            self.generate = self._generate
+
+    @property
+    def config(self) -> InferenceConfig:
+        return self._config
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.module(*inputs, **kwargs)
+
+    def _generate(self, *inputs: Any, **kwargs: Any) -> Any:
+        length = _prompt_length(inputs, kwargs)
+        if length is not None and length > self._config.max_out_tokens:
+            raise RuntimeError(
+                f"init_inference: input of length {length} exceeds "
+                f"max_out_tokens={self._config.max_out_tokens}; "
+                "raise max_out_tokens (max_tokens) in the inference config"
+            )
+        if hasattr(self.module, "reset_cache"):
+            self.module.reset_cache()
+        with torch.no_grad():
+            return self.module.generate(*inputs, **kwargs)

@@ -43,7 +43,7 @@ def usable(use_triton: bool | None, tensors: tuple[torch.Tensor, ...], statics: 
     if use_triton is False or not _AVAILABLE or (use_triton is None and not p.is_cuda):
         return False
     return (
-        p.is_cuda
+        (p.is_cuda or use_triton is True)
         and all(t.is_contiguous() and t.shape == p.shape for t in tensors)
         and all(t.dtype == torch.float32 for t in rest[1:])
         and not any(isinstance(s, torch.Tensor) for s in statics)

@@ -72,10 +72,28 @@ class OneBitAdamState(NamedTuple):
     server_error: PyTree  # per leaf [1, C]
 
 
-def check_onebit_common(freeze_step: int, comm_backend_name: str, amsgrad: bool, name: str) -> None:
-    """The checks 1-bit Adam, 0/1 Adam and 1-bit LAMB share."""
+def check_onebit_common(
+    optimizer: str,
+    *,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    freeze_step: int,
+    freeze_name: str,
+    comm_backend_name: str,
+    amsgrad: bool,
+    world_size: int,
+    compressed_allreduce: CompressedAllReduce | None,
+) -> None:
+    """The checks 1-bit Adam, 0/1 Adam and 1-bit LAMB share (``freeze_name``: the key that holds
+    ``freeze_step``)."""
+    check_range("lr", lr, 0.0)
+    check_range("eps", eps, 0.0)
+    check_range("weight_decay", weight_decay, 0.0)
     if isinstance(freeze_step, bool) or not float(freeze_step).is_integer() or freeze_step < 0:
-        raise ConfigError(f"optimizer.params.{name}: {freeze_step!r} is invalid; it must be an integer >= 0")
+        raise ConfigError(
+            f"optimizer.params.{freeze_name}: {freeze_step!r} is invalid; it must be an integer >= 0"
+        )
     if comm_backend_name not in COMM_BACKENDS:
         raise ConfigError(
             f"optimizer.params.comm_backend_name: {comm_backend_name!r} is not a DeepSpeed comm backend; "
@@ -85,6 +103,8 @@ def check_onebit_common(freeze_step: int, comm_backend_name: str, amsgrad: bool,
         raise ConfigError(
             "optimizer.params.amsgrad: unsupported (DeepSpeed's compressed optimizers reject it)"
         )
+    if world_size > 1 and compressed_allreduce is None:
+        raise ValueError(f"{optimizer}: world_size > 1 needs a compressed_allreduce to average the momentum")
 
 
 def init_error_buffers(params: PyTree, world_size: int) -> tuple[PyTree, PyTree]:
@@ -117,12 +137,18 @@ def onebit_adam(
     there too (sign(0) = +1), where the variance is 0, so they are zeroed after it (DeepSpeed's
     ``exp_avg_mask``, which its users set for the same reason)."""
     b1, b2 = check_betas(betas)
-    check_range("lr", lr, 0.0)
-    check_range("eps", eps, 0.0)
-    check_range("weight_decay", weight_decay, 0.0)
-    check_onebit_common(freeze_step, comm_backend_name, amsgrad, "freeze_step")
-    if world_size > 1 and compressed_allreduce is None:
-        raise ValueError("onebit_adam: world_size > 1 needs a compressed_allreduce to average the momentum")
+    check_onebit_common(
+        "onebit_adam",
+        lr=lr,
+        eps=eps,
+        weight_decay=weight_decay,
+        freeze_step=freeze_step,
+        freeze_name="freeze_step",
+        comm_backend_name=comm_backend_name,
+        amsgrad=amsgrad,
+        world_size=world_size,
+        compressed_allreduce=compressed_allreduce,
+    )
     hyper = dict(
         lr=lr,
         freeze_step=int(freeze_step),

@@ -141,10 +141,19 @@ def onebit_lamb(
     """DeepSpeed's OnebitLamb (module docstring). ``segments``: per leaf, the parameters' ``(start,
     stop)`` ranges; the other engine-supplied arguments as ``onebit_adam``'s."""
     b1, b2 = check_betas(betas)
+    check_onebit_common(
+        "onebit_lamb",
+        lr=lr,
+        eps=eps,
+        weight_decay=weight_decay,
+        freeze_step=freeze_step,
+        freeze_name="freeze_step",
+        comm_backend_name=comm_backend_name,
+        amsgrad=amsgrad,
+        world_size=world_size,
+        compressed_allreduce=compressed_allreduce,
+    )
     for name, value in (
-        ("lr", lr),
-        ("eps", eps),
-        ("weight_decay", weight_decay),
         ("min_coeff", min_coeff),
         ("factor_min", factor_min),
         ("factor_threshold", factor_threshold),
@@ -160,9 +169,6 @@ def onebit_lamb(
             f"optimizer.params.factor_max: {factor_max!r} is invalid; it must be >= "
             f"factor_min ({factor_min!r})"
         )
-    check_onebit_common(freeze_step, comm_backend_name, amsgrad, "freeze_step")
-    if world_size > 1 and compressed_allreduce is None:
-        raise ValueError("onebit_lamb: world_size > 1 needs a compressed_allreduce")
     frozen_after = int(freeze_step)
     hyper = dict(
         lr=lr,

@@ -56,7 +56,6 @@ from zerostep.optim.base import (
     Scalar,
     StepOptions,
     check_betas,
-    check_range,
     compute_view,
     finish_param,
     is_static,
@@ -164,15 +163,21 @@ def zero_one_adam(
 ) -> Optimizer:
     """DeepSpeed's ZeroOneAdam (module docstring); the engine-supplied arguments as ``onebit_adam``'s."""
     b1, b2 = check_betas(betas)
-    check_range("lr", lr, 0.0)
-    check_range("eps", eps, 0.0)
-    check_range("weight_decay", weight_decay, 0.0)
-    check_onebit_common(var_freeze_step, comm_backend_name, amsgrad, "var_freeze_step")
+    check_onebit_common(
+        "zero_one_adam",
+        lr=lr,
+        eps=eps,
+        weight_decay=weight_decay,
+        freeze_step=var_freeze_step,
+        freeze_name="var_freeze_step",
+        comm_backend_name=comm_backend_name,
+        amsgrad=amsgrad,
+        world_size=world_size,
+        compressed_allreduce=compressed_allreduce,
+    )
     kappa = _positive_int("var_update_scaler", var_update_scaler)
     scaler = _positive_int("local_step_scaler", local_step_scaler)
     clipper = _positive_int("local_step_clipper", local_step_clipper)
-    if world_size > 1 and compressed_allreduce is None:
-        raise ValueError("zero_one_adam: world_size > 1 needs a compressed_allreduce")
     schedule = ZeroOneSchedule(int(var_freeze_step), kappa, scaler, clipper)
     hyper = dict(
         lr=lr,

@@ -24,7 +24,9 @@ from zerostep.core.config.values import (
     choice,
     fail,
     integer,
+    integer_list,
     optional,
+    positive_int,
     text,
     warn,
 )
@@ -86,9 +88,7 @@ def _any_on(value: Any) -> bool:
 
 
 def _layer_ids(path: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise fail(path, value, "must be a non-empty list of layer indices")
-    ids = tuple(integer(f"{path}[{i}]", v, minimum=0) for i, v in enumerate(value))
+    ids = integer_list(0, "layer indices")(path, value)
     if len(set(ids)) != len(ids):
         raise fail(path, list(value), "must not repeat a layer index")
     return tuple(sorted(ids))  # DeepSpeed sorts them too
@@ -100,10 +100,6 @@ def _require(block: Block, *keys: str) -> None:
             raise fail(
                 block.key_path(key), None, "is required when random_ltd is enabled (DeepSpeed reads it)"
             )
-
-
-def _positive(path: str, value: Any) -> int:
-    return integer(path, value, minimum=1)
 
 
 def parse_data_efficiency(block: Block | None) -> DataEfficiencyConfig:
@@ -165,8 +161,8 @@ def parse_random_ltd(block: Block | None) -> RandomLTDConfig:
         "hidden_state_order",
         "random_ltd_schedule",
     )
-    total = block.take("total_layer_num", 0, _positive)
-    count = block.take("random_ltd_layer_num", 0, _positive)
+    total = block.take("total_layer_num", 0, positive_int)
+    count = block.take("random_ltd_layer_num", 0, positive_int)
     ids = block.take("random_ltd_layer_id", (), _layer_ids)
     if count != len(ids):
         raise fail(
@@ -221,8 +217,8 @@ def _parse_schedule(block: Block | None) -> RandomLTDScheduleConfig:
     for key in ("min_value", "max_value", "schedule_type", "schedule_config"):
         if not block.has(key):
             raise fail(block.key_path(key), None, "is required (DeepSpeed's RandomLTDScheduler reads it)")
-    low = block.take("min_value", 1, _positive)
-    high = block.take("max_value", 1, _positive)
+    low = block.take("min_value", 1, positive_int)
+    high = block.take("max_value", 1, positive_int)
     kind = block.take("schedule_type", "fixed_linear", text)
     if kind != "fixed_linear":
         raise fail(
@@ -237,8 +233,8 @@ def _parse_schedule(block: Block | None) -> RandomLTDScheduleConfig:
         if not sc.has(key):
             raise fail(sc.key_path(key), None, "is required for schedule_type fixed_linear")
     steps = RandomLTDStepConfig(
-        require_steps=sc.take("require_steps", 1, _positive),
-        seq_per_step=sc.take("seq_per_step", 1, _positive),
+        require_steps=sc.take("require_steps", 1, positive_int),
+        seq_per_step=sc.take("seq_per_step", 1, positive_int),
     )
     sc.finish()
     block.finish()

@@ -7,7 +7,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from zerostep.core.config.batch import BATCH_KEYS, Batch
-from zerostep.core.config.values import DERIVED, Block, Context, boolean, fail, integer, warn
+from zerostep.core.config.values import (
+    DERIVED,
+    Block,
+    Context,
+    boolean,
+    fail,
+    integer,
+    integer_list,
+    positive_int,
+    warn,
+)
 from zerostep.core.elasticity import (
     ElasticityConfig,
     ElasticityConfigError,
@@ -15,11 +25,7 @@ from zerostep.core.elasticity import (
     elastic_batch,
 )
 
-
-def _micro_batch_sizes(path: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise fail(path, value, "must be a non-empty list of positive integers")
-    return tuple(integer(f"{path}[{i}]", v, minimum=1) for i, v in enumerate(value))
+_MICRO_BATCH_SIZES = integer_list(1, "positive integers")
 
 
 def _version(path: str, value: Any) -> float:
@@ -45,18 +51,20 @@ def parse_elasticity(block: Block | None) -> ElasticityConfig:
                 raise ElasticityConfigError(f"elasticity.{key} is required when elasticity is enabled")
     config = ElasticityConfig(
         enabled=enabled,
-        max_train_batch_size=block.take("max_train_batch_size", d.max_train_batch_size, _positive),
-        micro_batch_sizes=block.take("micro_batch_sizes", d.micro_batch_sizes, _micro_batch_sizes),
-        min_gpus=block.take("min_gpus", d.min_gpus, _positive),
-        max_gpus=block.take("max_gpus", d.max_gpus, _positive),
+        max_train_batch_size=block.take("max_train_batch_size", d.max_train_batch_size, positive_int),
+        micro_batch_sizes=block.take(
+            "micro_batch_sizes", d.micro_batch_sizes, integer_list(1, "positive integers")
+        ),
+        min_gpus=block.take("min_gpus", d.min_gpus, positive_int),
+        max_gpus=block.take("max_gpus", d.max_gpus, positive_int),
         min_time=block.take("min_time", d.min_time, lambda p, v: integer(p, v, minimum=0)),
         version=block.take("version", d.version, _version),
         prefer_larger_batch=block.take("prefer_larger_batch", d.prefer_larger_batch, boolean),
         ignore_non_elastic_batch_info=block.take(
             "ignore_non_elastic_batch_info", d.ignore_non_elastic_batch_info, boolean
         ),
-        num_gpus_per_node=block.take("num_gpus_per_node", d.num_gpus_per_node, _positive),
-        model_parallel_size=block.take("model_parallel_size", d.model_parallel_size, _positive),
+        num_gpus_per_node=block.take("num_gpus_per_node", d.num_gpus_per_node, positive_int),
+        model_parallel_size=block.take("model_parallel_size", d.model_parallel_size, positive_int),
     )
     block.finish()
     if config.max_gpus < config.min_gpus:
@@ -75,10 +83,6 @@ def parse_elasticity(block: Block | None) -> ElasticityConfig:
             "scheduler how long to wait between rescales; the engine itself never rescales"
         )
     return config
-
-
-def _positive(path: str, value: Any) -> int:
-    return integer(path, value, minimum=1)
 
 
 def elastic_read_batch(top: Block, world_size: int, elastic: ElasticityConfig) -> Batch:

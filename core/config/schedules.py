@@ -6,9 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from zerostep.core.config.values import Block, boolean, fail, integer, number
+from zerostep.core.config.values import Block, boolean, fail, integer_list, number, positive_int, text
 
 SCHEDULE_TYPES = ("fixed_linear", "fixed_root", "fixed_discrete")
 
@@ -51,12 +50,6 @@ def parse_progressive_layer_drop(block: Block | None) -> ProgressiveLayerDropCon
     return config
 
 
-def _ints(path: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise fail(path, value, "must be a non-empty list of integers")
-    return tuple(integer(f"{path}[{i}]", v) for i, v in enumerate(value))
-
-
 def parse_curriculum(block: Block | None) -> CurriculumConfig:
     if block is None:
         return CurriculumConfig()
@@ -67,10 +60,10 @@ def parse_curriculum(block: Block | None) -> CurriculumConfig:
     for key in ("min_difficulty", "max_difficulty", "schedule_type"):
         if not block.has(key):
             raise fail(block.key_path(key), None, "is required when curriculum_learning is enabled")
-    kind = block.take("curriculum_type", "seqlen", _string)
-    low = block.take("min_difficulty", 0, lambda p, v: integer(p, v, minimum=1))
-    high = block.take("max_difficulty", 0, lambda p, v: integer(p, v, minimum=1))
-    schedule = block.take("schedule_type", "fixed_linear", _string)
+    kind = block.take("curriculum_type", "seqlen", text)
+    low = block.take("min_difficulty", 0, positive_int)
+    high = block.take("max_difficulty", 0, positive_int)
+    schedule = block.take("schedule_type", "fixed_linear", text)
     if high < low:
         raise fail(block.key_path("max_difficulty"), high, f"must be >= min_difficulty ({low})")
     if schedule == "custom":
@@ -87,8 +80,8 @@ def parse_curriculum(block: Block | None) -> CurriculumConfig:
         raise fail(block.key_path("schedule_config"), None, f"is required for schedule_type {schedule!r}")
     config = CurriculumConfig(enabled=True, curriculum_type=kind, min_difficulty=low, max_difficulty=high)
     if schedule == "fixed_discrete":
-        difficulty = sc.take("difficulty", (), _ints)
-        max_step = sc.take("max_step", (), _ints)
+        difficulty = sc.take("difficulty", (), integer_list())
+        max_step = sc.take("max_step", (), integer_list())
         sc.finish()
         if len(difficulty) != len(max_step) + 1:
             raise fail(
@@ -99,31 +92,19 @@ def parse_curriculum(block: Block | None) -> CurriculumConfig:
             )
         if list(max_step) != sorted(max_step):
             raise fail(sc.key_path("max_step"), list(max_step), "must be increasing")
-        return _replace(config, schedule_type=schedule, difficulty=difficulty, max_step=max_step)
+        return dataclasses.replace(config, schedule_type=schedule, difficulty=difficulty, max_step=max_step)
     for key in ("total_curriculum_step", "difficulty_step") + (
         ("root_degree",) if schedule == "fixed_root" else ()
     ):
         if not sc.has(key):
             raise fail(sc.key_path(key), None, f"is required for schedule_type {schedule!r}")
-    total = sc.take("total_curriculum_step", 0, lambda p, v: integer(p, v, minimum=1))
-    step = sc.take("difficulty_step", 1, lambda p, v: integer(p, v, minimum=1))
-    degree = (
-        sc.take("root_degree", 1, lambda p, v: integer(p, v, minimum=1)) if schedule == "fixed_root" else 1
-    )
+    total = sc.take("total_curriculum_step", 0, positive_int)
+    step = sc.take("difficulty_step", 1, positive_int)
+    degree = sc.take("root_degree", 1, positive_int) if schedule == "fixed_root" else 1
     sc.finish()
-    return _replace(
+    return dataclasses.replace(
         config, schedule_type=schedule, total_curriculum_step=total, difficulty_step=step, root_degree=degree
     )
-
-
-def _replace(config: CurriculumConfig, **changes: Any) -> CurriculumConfig:
-    return dataclasses.replace(config, **changes)
-
-
-def _string(path: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise fail(path, value, "must be a string")
-    return value
 
 
 def curriculum_difficulty(config: CurriculumConfig, global_steps: int) -> int:

@@ -150,6 +150,17 @@ def mapping(path: str, value: Any) -> dict[str, Any]:
     raise fail(path, value, "must be a JSON object (a dict of keys)")
 
 
+def integer_list(minimum: int | None = None, what: str = "integers") -> Callable[[str, Any], tuple[int, ...]]:
+    """A non-empty JSON list of integers (each >= ``minimum``), as a tuple; ``what`` names them."""
+
+    def convert(path: str, value: Any) -> tuple[int, ...]:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise fail(path, value, f"must be a non-empty list of {what}")
+        return tuple(integer(f"{path}[{i}]", v, minimum=minimum) for i, v in enumerate(value))
+
+    return convert
+
+
 def optional(convert: Callable[[str, Any], T]) -> Callable[[str, Any], T | None]:
     """``convert`` that also accepts JSON null (for keys whose DeepSpeed default is None)."""
 

@@ -120,14 +120,6 @@ def _v01(c: ElasticityConfig, max_batch: int, low: int | None, high: int | None)
     return _best(candidates, c.micro_batch_sizes, low, high, c.prefer_larger_batch)
 
 
-def _v02_micro(c: ElasticityConfig, per_rank: int) -> int | None:
-    # DeepSpeed's v0.2 pick: the largest size that divides, or without the preference the first listed
-    fits = [m for m in c.micro_batch_sizes if per_rank % m == 0]
-    if not fits:
-        return None
-    return max(fits) if c.prefer_larger_batch else fits[0]
-
-
 def _v02(c: ElasticityConfig, world_size: int):
     if c.num_gpus_per_node % c.model_parallel_size:
         raise ElasticityConfigError(
@@ -145,12 +137,12 @@ def _v02(c: ElasticityConfig, world_size: int):
     batch = int(batch) * dp_per_node
     valid = [n * dp_per_node for n in nodes or []]
     if world_size // c.model_parallel_size in valid:
-        return batch, valid, _v02_micro(c, batch // world_size)
+        return batch, valid
     # this world size is not in the list: the largest (or smallest) batch it can take
     dp = (world_size / c.num_gpus_per_node) * dp_per_node
     sizes = [math.floor(c.max_train_batch_size / float(m * dp)) * m * dp for m in c.micro_batch_sizes]
     batch = int(max(sizes) if c.prefer_larger_batch else min(sizes))
-    return batch, [int(dp)], _v02_micro(c, batch // world_size)
+    return batch, [int(dp)]
 
 
 def elastic_batch(c: ElasticityConfig, world_size: int = 0) -> ElasticBatch:
@@ -164,7 +156,6 @@ def elastic_batch(c: ElasticityConfig, world_size: int = 0) -> ElasticBatch:
         )
     if float(c.version) == 0.1:
         batch, valid = _v01(c, c.max_train_batch_size, c.min_gpus, c.max_gpus)
-        micro = None
     elif float(c.version) == 0.2:
         if world_size <= 0:
             env = os.environ.get("WORLD_SIZE", "")
@@ -174,10 +165,11 @@ def elastic_batch(c: ElasticityConfig, world_size: int = 0) -> ElasticBatch:
                     f"(WORLD_SIZE = {env!r})"
                 )
             world_size = int(env)
-        batch, valid, micro = _v02(c, world_size)
+        batch, valid = _v02(c, world_size)
     else:
         raise ElasticityConfigError(f"elasticity.version = {c.version}: must be 0.1 or 0.2")
     valid = list(valid or [])
+    micro = None  # version 0.1 without a world size: no micro-batch to pick
     if world_size > 0:
         if world_size not in valid:
             raise ElasticityIncompatibleWorldSize(

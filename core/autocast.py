@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from zerostep.core.config import Config, FP16Config
+from zerostep.core.precision import DTYPES
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # DeepSpeed's default lower-precision-safe classes (runtime/torch_autocast.py)
 DEFAULT_SAFE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # torch.amp.GradScaler's defaults (init_scale 2**16, growth_interval 2000, backoff 0.5) in the terms of
@@ -58,7 +58,7 @@ def autocast_plan_of(config: Config, device: torch.device) -> AutocastPlan | Non
     block = config.torch_autocast
     if not block.enabled:
         return None
-    dtype = _DTYPES[block.dtype] if block.dtype is not None else torch.get_autocast_dtype(device.type)
+    dtype = DTYPES[block.dtype] if block.dtype is not None else torch.get_autocast_dtype(device.type)
     return AutocastPlan(device_type=device.type, dtype=dtype)
 
 

@@ -17,6 +17,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+# the config's canonical dtype names (core/config/precision.py) as torch dtypes
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 class LossScaleError(RuntimeError):
     """fp16 gradients overflowed with the loss scale already at ``min_loss_scale``."""

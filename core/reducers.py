@@ -25,6 +25,7 @@ import optree
 import torch
 
 from zerostep.core.compiling import compile_private
+from zerostep.core.precision import DTYPES
 from zerostep.errors import ConfigError
 from zerostep.parallel import collectives
 from zerostep.parallel.grad_sharding import GradShardSink
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 Flats = dict[str, torch.Tensor]
 Grads = dict[str, "torch.Tensor | list[torch.Tensor]"]
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def grad_accum_dtype_of(name: str | None, compute_dtype: torch.dtype) -> torch.dtype:
     """``data_types.grad_accum_dtype`` ("fp32", "fp16", "bf16" or None) for a compute dtype: None is the
@@ -44,13 +43,13 @@ def grad_accum_dtype_of(name: str | None, compute_dtype: torch.dtype) -> torch.d
     different half dtype would lose what the compute dtype keeps, and DeepSpeed rejects those too."""
     if name is None:
         return compute_dtype
-    dtype = _DTYPES.get(name)
+    dtype = DTYPES.get(name)
     if dtype is None:
         raise ConfigError(
             f"data_types.grad_accum_dtype = {name!r}: must be one of fp32, fp16, bf16 (or null)"
         )
     if dtype not in (torch.float32, compute_dtype):
-        compute = {v: k for k, v in _DTYPES.items()}[compute_dtype]
+        compute = {v: k for k, v in DTYPES.items()}[compute_dtype]
         raise ConfigError(
             f"data_types.grad_accum_dtype = {name!r}: gradients are computed in {compute}; they can be "
             f"accumulated in fp32 or in {compute} itself (or leave the key unset)"

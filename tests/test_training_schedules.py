@@ -136,6 +136,15 @@ def test_bad_input():
         curriculum("fixed_discrete", {"difficulty": [4, 8], "max_step": [2, 4]})
     with pytest.raises(ConfigError, match="root_degree = null: is required"):
         curriculum("fixed_root", {"total_curriculum_step": 4, "difficulty_step": 4})
+    with pytest.warns(UserWarning, match="curriculum_type = 'vocab' has no effect"):
+        block = {"enabled": True, "curriculum_type": "vocab", "min_difficulty": 4, "max_difficulty": 8}
+        block |= {"schedule_type": "fixed_linear"}
+        Config.from_dict(
+            cfg(
+                curriculum_learning=block
+                | {"schedule_config": {"total_curriculum_step": 4, "difficulty_step": 4}}
+            )
+        )
     with pytest.raises(ConfigError, match="custom schedule"):
         curriculum("custom", {})
     zero = curriculum("fixed_linear", {"total_curriculum_step": 100, "difficulty_step": 8}, low=2, high=16)

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from zerostep.core.config.values import Block, boolean, fail, integer_list, number, positive_int, text
+from zerostep.core.config.values import Block, boolean, fail, integer_list, number, positive_int, text, warn
 
 SCHEDULE_TYPES = ("fixed_linear", "fixed_root", "fixed_discrete")
 
@@ -61,6 +61,11 @@ def parse_curriculum(block: Block | None) -> CurriculumConfig:
         if not block.has(key):
             raise fail(block.key_path(key), None, "is required when curriculum_learning is enabled")
     kind = block.take("curriculum_type", "seqlen", text)
+    if kind != "seqlen":
+        warn(
+            f"curriculum_learning.curriculum_type = {kind!r} has no effect: the engine acts only on "
+            '"seqlen" (cutting batches and passing curriculum_seqlen), as DeepSpeed\'s legacy engine did'
+        )
     low = block.take("min_difficulty", 0, positive_int)
     high = block.take("max_difficulty", 0, positive_int)
     schedule = block.take("schedule_type", "fixed_linear", text)

@@ -156,6 +156,9 @@ def test_opting_out_keeps_gloo_on_every_rank():
 
 def exit_mid_collective(rank: int, world_size: int) -> None:
     assert collectives.attach_shared_memory(None)
+    # both ranks past the attach (whose own handshake runs over gloo) before rank 1 dies: a peer that
+    # exits inside that handshake leaves the survivor in a gloo wait, which only gloo's timeout ends
+    dist.barrier()
     if rank == 1:
         os._exit(3)  # dies without a word, like a killed process
     start = time.monotonic()

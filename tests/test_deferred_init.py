@@ -172,8 +172,10 @@ def test_no_rank_holds_the_whole_model_at_stage_3():
     deferred = spawn_ranks(construct_and_init, 2, True, timeout=180)
     for peak, state_bytes, full in deferred:
         # measured: 0.81x the model at peak, of which 0.5x is the shard it keeps; above it a rank held
-        # about three of the 9 equal units (a unit's values, its flat buffer, the shard's copy)
-        assert peak < full and peak - state_bytes < 0.4 * full, (peak, state_bytes, full)
+        # about three of the 9 equal units (a unit's values, its flat buffer, the shard's copy), and in
+        # about 1 run of 15 a fourth (0.93x: a unit freed one allocation later), so the bound is 4 units
+        unit = full / (BLOCKS + 1)
+        assert peak < full and peak - state_bytes < 4 * unit, (peak, state_bytes, full)
     built_in_full = construct_and_init(0, 1, False)
     assert built_in_full[0] >= built_in_full[2]  # the measure: a normal build holds the whole model
     # (measured at 2 ranks: 1.67x the model's bytes at peak, against 0.81x built under Init)

@@ -103,7 +103,7 @@ def parse_data_sampling(block: Block | None, outer_enabled: bool) -> DataSamplin
     num_epochs = block.take("num_epochs", d.num_epochs, positive_int)
     num_workers = block.take("num_workers", d.num_workers, lambda p, v: integer(p, v, minimum=0))
     pin_memory = block.take("pin_memory", d.pin_memory, boolean)
-    if block.has("pin_memory"):
+    if pin_memory:
         warn(
             f"{block.key_path('pin_memory')} has no effect: the loader pins memory by deepspeed_io's "
             "pin_memory argument, as DeepSpeed's does"

@@ -139,6 +139,11 @@ class DeepSpeedDataLoader:
         from zerostep.core.data_sampler import DeepSpeedDataSampler
 
         c = self.deepspeed_dataloader_config
+        if c.get("data_efficiency") is None:
+            raise ValueError(
+                "deepspeed_dataloader_config with curriculum_learning needs its data_efficiency config "
+                "(the Config's data_efficiency, or DeepSpeed's data_efficiency dict)"
+            )
         sampler = DeepSpeedDataSampler(
             c["data_efficiency"],
             len(dataset),
@@ -234,7 +239,8 @@ def make_dataloader(
             "curriculum_learning": True,
             "data_efficiency": efficiency,
             "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "global_rank": rank,
+            # the cluster files' writer: one process of the job, not one per pipeline stage
+            "global_rank": torch.distributed.get_rank() if torch.distributed.is_initialized() else rank,
             "num_workers": efficiency.data_sampling.num_workers,
         }
     return DeepSpeedDataLoader(

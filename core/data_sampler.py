@@ -31,12 +31,17 @@ Differences from DeepSpeed, each on purpose:
   asked for, so a checkpoint after a step missed the step's last round); ``len()`` is the number of
   micro-batches this rank yields (DeepSpeed's is the number of samples of all epochs). Global batches
   are always full, so ``drop_last`` never drops anything.
+
+As with DeepSpeed's, a loader with worker processes (``data_sampling.num_workers > 0``) asks for batches
+ahead of training, so a state saved after a step is ahead by the prefetched micro-batches; with the
+default 0 it is exact.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -287,8 +292,15 @@ class DeepSpeedDataSampler:
                 f"load_state_dict: the saved curriculum metrics {sorted(state_dict['current_difficulties'])} "
                 f"differ from the config's {sorted(self.curriculum_schedulers)}"
             )
+        saved_seed = int(state_dict.get("seed", self.seed))
+        if saved_seed != self.seed:
+            warnings.warn(
+                f"load_state_dict: the saved data sampler used seed {saved_seed}, the config {self.seed}; "
+                "the saved seed is kept so that the run continues its batches",
+                stacklevel=2,
+            )
         self._reset()
-        self.seed = int(state_dict.get("seed", self.seed))
+        self.seed = saved_seed
         for bounds, shuffles, position in zip(
             state_dict["data_cluster_difficulties"],
             state_dict["data_cluster_shuffles"],

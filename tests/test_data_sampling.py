@@ -181,6 +181,37 @@ def test_analyzer_files(files):
     assert os.path.getsize(files / "len" / "len_index_to_metric.bin") == 8
 
 
+def test_analyzer_sample_indices_and_index_field(tmp_path):
+    """A dataset read in another order: ``sample_indices`` (or a dict batch's ``index``) names the samples."""
+    order = [(i * 3) % 10 for i in range(10)]  # a permutation of 0..9
+    value = lambda i: i % 3  # noqa: E731
+    permuted = torch.utils.data.TensorDataset(torch.tensor([value(i) for i in order]))
+    args = dict(metric_names=["m"], metric_types=["single_value_per_sample"], metric_dtypes=[torch.int64])
+    DataAnalyzer(
+        permuted,
+        batch_size=4,
+        metric_functions=[lambda b: b[0]],
+        save_path=tmp_path / "a",
+        sample_indices=order,
+        **args,
+    ).run_map_reduce()
+    dicts = [{"index": torch.tensor([j]), "v": torch.tensor(value(j))} for j in order]
+    DataAnalyzer(
+        dicts, batch_size=3, metric_functions=[lambda b: b["v"]], save_path=tmp_path / "b", **args
+    ).run_map_reduce()
+    for root in ("a", "b"):
+        per_sample = MMapIndexedDataset(tmp_path / root / "m" / "m_sample_to_metric")
+        assert torch.cat(per_sample[:]).tolist() == [value(i) for i in range(10)]
+        rows = MMapIndexedDataset(tmp_path / root / "m" / "m_index_to_sample")
+        assert [sorted(r.tolist()) for r in rows[:]] == [
+            [i for i in range(10) if value(i) == v] for v in range(3)
+        ]
+    with pytest.raises(TypeError, match="returned torch.int32, metric_dtypes says torch.int64"):
+        DataAnalyzer(
+            permuted, metric_functions=[lambda b: b[0].int()], save_path=tmp_path / "c", **args
+        ).run_map()
+
+
 # ---------------------------------------------------------------------------------------- sampler
 
 
@@ -259,6 +290,8 @@ def test_deterministic_resumable_and_split_over_ranks(files, tmp_path):
     halves = [[b for _, b in zip(range(9), r)] for r in ranks]
     assert [a + b for a, b in zip(*halves)] == expected
     assert len(one) == N * 1000 // 8 * 2  # num_epochs x N samples, in micro-batches of this rank
+    epoch = make(tmp_path, metrics, micro=4, gas=2, num_epochs=1)
+    assert len(list(epoch)) == len(epoch) == N // 8 * 2 and epoch.consumed_samples == N
     with pytest.raises(ValueError, match="saved curriculum metrics"):
         make(tmp_path, {"rare": metric(files, "rare", "percentile", **linear(1, 4, 4))}).load_state_dict(
             state
@@ -421,6 +454,13 @@ def test_bad_blocks_and_files(files, tmp_path):
         make(
             tmp_path, {"len": metric(files, "len", **linear(2, 8, 6))}
         ).set_custom_curriculum_learning_schedule({"len": len})
+    custom.set_custom_curriculum_learning_schedule({"len": lambda t: min(t, 8)})
+    for d, batch in global_batches(custom, 3):
+        assert all(length_of(i) <= d["len"] for i in batch)
+    assert custom.current_difficulties == {"len": 3}
+    custom = make(
+        tmp_path, {"len": metric(files, "len", min_difficulty=1, max_difficulty=8, schedule_type="custom")}
+    )
     custom.set_custom_curriculum_learning_schedule({"len": lambda t: 9})
     with pytest.raises(ValueError, match="difficulty 9, beyond max_difficulty 8"):
         next(iter(custom))

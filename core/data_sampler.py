@@ -150,6 +150,7 @@ class DeepSpeedDataSampler:
         for name, value in (
             ("micro_batch_size", micro_batch_size),
             ("data_parallel_size", data_parallel_size),
+            ("gradient_accumulation_steps", gradient_accumulation_steps),
         ):
             if value < 1:
                 raise ValueError(f"{name} = {value} must be >= 1")

@@ -129,7 +129,15 @@ class MMapIndexedDataset(torch.utils.data.Dataset):
             else torch.zeros(0, dtype=torch.int64)
         )
         itemsize = self._dtype.itemsize
-        end = int(self.pointers[-1]) + int(self.sizes[-1]) * itemsize if n_items else 0
+        if n_items and (
+            bool((self.sizes < 0).any())
+            or bool((self.pointers < 0).any() or (self.pointers % itemsize).any())
+        ):
+            raise IndexedFileError(
+                f"{idx}: negative sizes or offsets, or offsets not at {self._dtype} elements"
+            )
+        # items may lie in any order in .bin: the file must reach the furthest one's end
+        end = int((self.pointers + self.sizes.to(torch.int64) * itemsize).max()) if n_items else 0
         size = os.path.getsize(bin_)
         if size < end:
             raise IndexedFileError(f"{bin_}: {size} bytes, the index needs {end}")

@@ -181,6 +181,25 @@ def test_analyzer_files(files):
     assert os.path.getsize(files / "len" / "len_index_to_metric.bin") == 8
 
 
+def test_index_files_from_their_layout(tmp_path):
+    """A pair built byte by byte from the format (uint16 items out of order in .bin), and damaged ones."""
+    data = struct.pack("<5H", 7, 8, 9, 1, 2)  # item 0 = [1, 2] stored after item 1 = [7, 8, 9]
+    header = struct.pack("<9sQBQQ", b"MMIDIDX\x00\x00", 1, 6, 2, 2)
+    index = header + struct.pack("<2i", 2, 3) + struct.pack("<2q", 6, 0) + struct.pack("<2q", 0, 2)
+    (tmp_path / "x.bin").write_bytes(data)
+    (tmp_path / "x.idx").write_bytes(index)
+    x = MMapIndexedDataset(tmp_path / "x")
+    assert x.dtype == torch.uint16 and [t.tolist() for t in x[:]] == [[1, 2], [7, 8, 9]]
+    values, offsets = x.flat()
+    assert values.tolist() == [1, 2, 7, 8, 9] and offsets.tolist() == [0, 2, 5]
+    (tmp_path / "x.bin").write_bytes(data[:6])
+    with pytest.raises(ValueError, match="x.bin: 6 bytes, the index needs 10"):
+        MMapIndexedDataset(tmp_path / "x")
+    (tmp_path / "x.idx").write_bytes(b"TNTIDX\x00\x00" + index[8:])
+    with pytest.raises(ValueError, match="not a memory-mapped index file"):
+        MMapIndexedDataset(tmp_path / "x")
+
+
 def test_analyzer_sample_indices_and_index_field(tmp_path):
     """A dataset read in another order: ``sample_indices`` (or a dict batch's ``index``) names the samples."""
     order = [(i * 3) % 10 for i in range(10)]  # a permutation of 0..9

@@ -20,8 +20,9 @@ its memory-mapped format (zerostep.io.indexed_dataset), so its sampler and Megat
     <metric>_index_to_sample_percentile_merged   the rows merged by max(1, rows // 100)
     <metric>_metric_value                  accumulate_value_over_samples: the sum
 
-Differences: the parts of one worker run one after another in this process (DeepSpeed starts a process
-per part); a reduce that does not find every sample exactly once is an error naming the counts.
+Differences: the parts of one worker run one after another in this process, and the reduce runs in
+one process whatever ``num_threads_reduce`` says (DeepSpeed starts a process per part and per reduce
+thread); a reduce that does not find every sample exactly once is an error naming the counts.
 """
 
 from __future__ import annotations

@@ -483,7 +483,7 @@ def test_not_a_dict():
         ("pipeline", {"stages": 2, "partition": "parameters"}),
         ("sparse_attention", {"mode": "fixed", "block": 16}),
         ("compression_training", {"weight_quantization": {"shared_parameters": {"enabled": True}}}),
-        ("data_efficiency", {"enabled": True, "data_sampling": {"enabled": True}}),
+        ("data_efficiency", {"data_sampling": {"dynamic_batching": {"enabled": True, "max_tokens": 8}}}),
         ("amp", {"enabled": True, "opt_level": "O1"}),
         ("aio", {"block_size": 1048576}),
         ("autotuning", {"enabled": True}),

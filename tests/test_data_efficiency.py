@@ -1,5 +1,5 @@
 """data_efficiency: random-LTD's config, schedule (hand-computed values), layer wrapper, and training with
-it on the functional API and the facade; data_sampling refused clearly."""
+it on the functional API and the facade; data_sampling's own tests are in test_data_sampling.py."""
 
 from __future__ import annotations
 
@@ -95,10 +95,8 @@ def test_bad_schedules_and_missing_keys_and_data_sampling():
     with pytest.raises(ConfigError, match="hidden_state_order = null: is required"):
         parse(missing)
     sampling = {"enabled": True, "data_sampling": {"curriculum_learning": {"enabled": True}}}
-    with pytest.raises(
-        ConfigError, match="data_sampling.*not implemented by zerostep.*random_ltd is supported"
-    ):
-        Config.from_dict(cfg(data_efficiency=sampling))
+    with pytest.raises(ConfigError, match="data_cluster_path = null: is required"):
+        Config.from_dict(cfg(data_efficiency=sampling))  # the curriculum: tests/test_data_sampling.py
     off = {"data_sampling": {"enabled": False, "num_workers": 2}}
     assert not Config.from_dict(cfg(data_efficiency=off)).data_efficiency.enabled
 

@@ -144,7 +144,7 @@ def test_bad_inputs_are_named():
         DeepSpeedDataLoader(numbered(4), 0, False, 0, None)
     with pytest.raises(ValueError, match="num_local_io_workers"):
         DeepSpeedDataLoader(numbered(4), 2, False, 0, None, num_local_io_workers=-1)
-    with pytest.raises(NotImplementedError, match="curriculum"):
+    with pytest.raises(ValueError, match="curriculum_learning needs its data_efficiency config"):
         DeepSpeedDataLoader(
             numbered(4), 2, False, 0, None, deepspeed_dataloader_config={"curriculum_learning": True}
         )

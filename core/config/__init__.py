@@ -224,6 +224,8 @@ def _plain(value: Any) -> Any:
             for f in dataclasses.fields(value)
             if getattr(value, f.name) is not None or f.name not in ("offload_optimizer", "offload_param")
         }
+    if isinstance(value, Mapping):  # e.g. curriculum_metrics: names to dataclasses
+        return {key: _plain(item) for key, item in value.items()}
     return thaw(value)
 
 

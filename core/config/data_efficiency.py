@@ -1,8 +1,8 @@
 """The ``data_efficiency`` block (DeepSpeed 0.19's keys and defaults, deepspeed/runtime/data_pipeline/).
 
-zerostep serves ``data_routing.random_ltd`` (random layer-wise token dropping, core/random_ltd.py).
-``data_sampling`` (the metric-based curriculum and dynamic batching of DeepSpeed's dataloader) is not
-implemented: switched on, it is an error; switched off, it is not read further, as in DeepSpeed.
+zerostep serves ``data_routing.random_ltd`` (random layer-wise token dropping, core/random_ltd.py) and
+``data_sampling.curriculum_learning`` (the metric-based curriculum of DeepSpeed's dataloader,
+core/config/data_sampling.py and core/data_sampler.py); ``data_sampling.dynamic_batching`` is refused.
 
 As in DeepSpeed, random-LTD is on when ``data_routing.random_ltd.enabled`` is, whatever the outer
 ``data_efficiency.enabled`` and ``data_routing.enabled`` say (DeepSpeed's engine reads only the inner
@@ -13,10 +13,10 @@ without a default (``total_layer_num``, ``random_ltd_layer_num``, ``random_ltd_l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from zerostep.core.config.data_sampling import DataSamplingConfig, parse_data_sampling
 from zerostep.core.config.values import (
     Block,
     ConfigError,
@@ -77,14 +77,9 @@ class DataRoutingConfig:
 @dataclass(frozen=True)
 class DataEfficiencyConfig:
     enabled: bool = False
-    seed: int = DEFAULT_SEED  # DeepSpeed seeds its data sampler with it; random-LTD does not read it
+    seed: int = DEFAULT_SEED  # seeds the curriculum's data sampler; random-LTD does not read it
+    data_sampling: DataSamplingConfig = field(default_factory=DataSamplingConfig)
     data_routing: DataRoutingConfig = field(default_factory=DataRoutingConfig)
-
-
-def _any_on(value: Any) -> bool:
-    if isinstance(value, Mapping):
-        return value.get("enabled") is True or any(_any_on(v) for v in value.values())
-    return False
 
 
 def _layer_ids(path: str, value: Any) -> tuple[int, ...]:
@@ -107,17 +102,7 @@ def parse_data_efficiency(block: Block | None) -> DataEfficiencyConfig:
         return DataEfficiencyConfig()
     enabled = block.take("enabled", False, boolean)
     seed = block.take("seed", DEFAULT_SEED, lambda p, v: integer(p, v, minimum=0))
-    sampling = block.raw.get("data_sampling")
-    block.allow("data_sampling")
-    if sampling is not None and not isinstance(sampling, Mapping):
-        raise fail(block.key_path("data_sampling"), sampling, "must be a JSON object (a dict of keys)")
-    if sampling is not None and _any_on(sampling):
-        raise ConfigError(
-            f"{block.key_path('data_sampling')}: DeepSpeed's data sampling (the metric-based curriculum "
-            "and dynamic batching of its dataloader) is not implemented by zerostep; switch it off. "
-            "data_efficiency.data_routing.random_ltd is supported (and the legacy top-level "
-            "curriculum_learning block for a sequence-length curriculum)"
-        )
+    sampling = parse_data_sampling(block.child("data_sampling"), enabled)
     routing = _parse_routing(block.child("data_routing"))
     block.finish()
     if routing.random_ltd.enabled:
@@ -127,13 +112,13 @@ def parse_data_efficiency(block: Block | None) -> DataEfficiencyConfig:
                 f"{off} is false but data_routing.random_ltd.enabled is true: random-LTD runs, "
                 "as in DeepSpeed"
             )
-        if seed != DEFAULT_SEED:
+        if seed != DEFAULT_SEED and not sampling.curriculum_learning.enabled:
             warn(
                 f"data_efficiency.seed = {seed} has no effect in zerostep: it seeds DeepSpeed's data "
                 "sampler; "
                 "random-LTD draws its tokens from the engine's per-step seed"
             )
-    return DataEfficiencyConfig(enabled=enabled, seed=seed, data_routing=routing)
+    return DataEfficiencyConfig(enabled=enabled, seed=seed, data_sampling=sampling, data_routing=routing)
 
 
 def _parse_routing(block: Block | None) -> DataRoutingConfig:

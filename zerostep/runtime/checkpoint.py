@@ -33,6 +33,7 @@ from zerostep.io.deepspeed_format import is_deepspeed_checkpoint, read_deepspeed
 ENGINE_STATE_KEY = "deepspeed_engine"
 CLIENT_STATE_KEY = "deepspeed_client_state"
 FROZEN_KEY = "deepspeed_frozen_parameters"
+SAMPLER_KEY = "deepspeed_data_sampler"  # the curriculum's DeepSpeedDataSampler (DeepSpeed's data_sampler)
 
 
 def _agree_on_tag(engine: Any, tag: str) -> None:
@@ -67,6 +68,9 @@ def save_checkpoint(
             "save after engine.step() at the boundary"
         )
     packed = {CLIENT_STATE_KEY: client_state, ENGINE_STATE_KEY: engine._counters()}
+    sampler = engine.curriculum_data_sampler()
+    if sampler is not None:
+        packed[SAMPLER_KEY] = sampler.state_dict()
     if not exclude_frozen_parameters:
         frozen = _frozen_parameters(engine.module)
         if frozen:
@@ -147,6 +151,9 @@ def load_checkpoint(
     if packed.get(FROZEN_KEY):
         _restore_frozen(engine, packed[FROZEN_KEY], os.path.join(os.fspath(load_dir), resolved))
     counters = packed.get(ENGINE_STATE_KEY) or {}
+    sampler = engine.curriculum_data_sampler()
+    if sampler is not None and not load_module_only and packed.get(SAMPLER_KEY) is not None:
+        sampler.load_state_dict(packed[SAMPLER_KEY])
     if with_optimizer and counters:
         engine.global_samples = int(counters.get("global_samples", 0))
         engine.micro_steps = int(counters.get("micro_steps", 0))

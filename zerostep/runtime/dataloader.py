@@ -12,8 +12,13 @@ uses the sampler's default, 0, which is also zerostep's when the config has none
 every pass repeats the same order unless ``set_epoch(epoch)`` is called (DeepSpeed's users call
 ``loader.data_sampler.set_epoch``; both work).
 
+With ``data_efficiency.data_sampling.curriculum_learning`` on (DeepSpeed's data-efficiency curriculum),
+the loader samples with ``DeepSpeedDataSampler`` (core/data_sampler.py) as a batch sampler, with the
+config's ``data_sampling.num_workers``, and hands each batch through ``post_process_func(batch,
+sampler.state_dict())`` when one is set (``engine.set_data_post_process_func``), as DeepSpeed does.
+
 Where DeepSpeed fails, zerostep says why: an ``IterableDataset`` has no indices to sample (DeepSpeed
-raises from inside torch), and DeepSpeed's curriculum-learning sampler is not implemented here.
+raises from inside torch).
 """
 
 from __future__ import annotations
@@ -92,14 +97,14 @@ class DeepSpeedDataLoader:
         ):
             raise ValueError(f"num_local_io_workers={num_local_io_workers!r} must be an integer >= 0")
         self.deepspeed_dataloader_config = dict(deepspeed_dataloader_config or {})
-        if self.deepspeed_dataloader_config.get("curriculum_learning"):
-            raise NotImplementedError(
-                "curriculum learning's data sampler (data_efficiency.data_sampling) is not implemented in "
-                "zerostep"
-            )
-        self.curriculum_learning_enabled = False
+        self.curriculum_learning_enabled = bool(self.deepspeed_dataloader_config.get("curriculum_learning"))
         self.tput_timer = tput_timer
-        if local_rank >= 0:
+        if self.curriculum_learning_enabled:
+            data_sampler, num_local_io_workers = self._curriculum_sampler(
+                dataset, batch_size, data_parallel_rank, data_parallel_world_size, dataloader_drop_last
+            )
+            device_count = 1
+        elif local_rank >= 0:
             if data_sampler is None:
                 data_sampler = DistributedSampler(
                     dataset, num_replicas=data_parallel_world_size, rank=data_parallel_rank, seed=seed
@@ -120,11 +125,37 @@ class DeepSpeedDataLoader:
         self.batch_size = batch_size
         self.pin_memory = pin_memory
         self.dataloader_drop_last = dataloader_drop_last
-        self.post_process_func = None  # DeepSpeed's hook for curriculum learning; unused without it
+        self.post_process_func: Callable[[Any, dict], Any] | None = None  # curriculum batches only
         self.dataloader: DataLoader | None = None
         self.data: Iterator[Any] | None = None
         samples = len(self.data_sampler)
         self.len = samples // batch_size if dataloader_drop_last else math.ceil(samples / batch_size)
+        if self.curriculum_learning_enabled:
+            self.len = samples  # the curriculum sampler's len() counts this rank's micro-batches
+
+    def _curriculum_sampler(
+        self, dataset: Any, batch_size: int, rank: int | None, world: int | None, drop_last: bool
+    ) -> tuple[Sampler, int]:
+        from zerostep.core.data_sampler import DeepSpeedDataSampler
+
+        c = self.deepspeed_dataloader_config
+        if c.get("data_efficiency") is None:
+            raise ValueError(
+                "deepspeed_dataloader_config with curriculum_learning needs its data_efficiency config "
+                "(the Config's data_efficiency, or DeepSpeed's data_efficiency dict)"
+            )
+        sampler = DeepSpeedDataSampler(
+            c["data_efficiency"],
+            len(dataset),
+            batch_size,
+            0 if rank is None else rank,
+            1 if world is None else world,
+            c.get("data_parallel_group"),
+            c.get("gradient_accumulation_steps", 1),
+            c.get("global_rank", 0),
+            drop_last=drop_last,
+        )
+        return sampler, int(c.get("num_workers", 0))
 
     def __len__(self) -> int:
         return self.len
@@ -138,7 +169,10 @@ class DeepSpeedDataLoader:
             self._create_dataloader()  # next() before iter(), as DeepSpeed's engine never does
         if self.tput_timer:
             self.tput_timer.start()
-        return next(self.data)
+        data = next(self.data)
+        if self.curriculum_learning_enabled and self.post_process_func is not None:
+            data = self.post_process_func(data, self.data_sampler.state_dict())
+        return data
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` from the next pass on (the sampler's ``set_epoch``)."""
@@ -150,14 +184,14 @@ class DeepSpeedDataLoader:
         kwargs: dict[str, Any] = {}
         if self.collate_fn is not None:
             kwargs["collate_fn"] = self.collate_fn
+        if self.curriculum_learning_enabled:  # the sampler yields whole micro-batches of indices
+            kwargs["batch_sampler"] = self.data_sampler
+        else:
+            kwargs.update(
+                batch_size=self.batch_size, sampler=self.data_sampler, drop_last=self.dataloader_drop_last
+            )
         self.dataloader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            pin_memory=self.pin_memory,
-            sampler=self.data_sampler,
-            num_workers=self.num_local_io_workers,
-            drop_last=self.dataloader_drop_last,
-            **kwargs,
+            self.dataset, pin_memory=self.pin_memory, num_workers=self.num_local_io_workers, **kwargs
         )
         self.data = iter(self.dataloader)
         return self.dataloader
@@ -176,13 +210,15 @@ def make_dataloader(
     num_local_io_workers: int | None = None,
     data_sampler: Sampler | None = None,
     tput_timer: Any = None,
+    curriculum: bool = True,
 ) -> DeepSpeedDataLoader:
     """The loader ``initialize(training_data=dataset)`` returns (DeepSpeed's ``engine.deepspeed_io``).
 
     ``config``: a ``zerostep.core.Config`` (``train_micro_batch_size_per_gpu``, ``dataloader_drop_last``,
     ``seed``). ``rank`` / ``world_size``: the data-parallel rank and size. ``seed``: None takes
     ``config.seed``, else 0. ``pin_memory``: None pins when CUDA is available (DeepSpeed always asks
-    to pin; without a GPU torch warns and pins nothing).
+    to pin; without a GPU torch warns and pins nothing). ``curriculum``: False keeps the ordinary sampler
+    even when the config's data-sampling curriculum is on (DeepSpeed's eval and predict loaders).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -191,6 +227,22 @@ def make_dataloader(
         seed = 0 if seed is None else seed
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    loader_config = None
+    efficiency = getattr(config, "data_efficiency", None)
+    if curriculum and efficiency is not None and efficiency.data_sampling.curriculum_learning.enabled:
+        if data_sampler is not None:
+            raise ValueError(
+                "deepspeed_io(data_sampler=...) with data_efficiency.data_sampling.curriculum_learning on: "
+                "the curriculum's DeepSpeedDataSampler decides the order; pass no sampler"
+            )
+        loader_config = {
+            "curriculum_learning": True,
+            "data_efficiency": efficiency,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            # the cluster files' writer: one process of the job, not one per pipeline stage
+            "global_rank": torch.distributed.get_rank() if torch.distributed.is_initialized() else rank,
+            "num_workers": efficiency.data_sampling.num_workers,
+        }
     return DeepSpeedDataLoader(
         dataset,
         batch_size=config.train_micro_batch_size_per_gpu,
@@ -203,5 +255,6 @@ def make_dataloader(
         data_parallel_world_size=world_size,
         data_parallel_rank=rank,
         dataloader_drop_last=config.dataloader_drop_last,
+        deepspeed_dataloader_config=loader_config,
         seed=seed,
     )

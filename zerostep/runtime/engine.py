@@ -36,9 +36,10 @@ from zerostep.core.monitoring.timers import format_timers
 from zerostep.core.param_groups import ParamGroup
 from zerostep.core.random_ltd import SchedulerView
 from zerostep.core.state import TrainState
+from zerostep.runtime.data_pipeline.data_sampling.engine_api import DataSamplingMethods
 
 
-class DeepSpeedEngine(nn.Module):
+class DeepSpeedEngine(DataSamplingMethods, nn.Module):
     """``engine(*args, **kwargs)``, ``backward(loss)``, ``step()`` and DeepSpeed's engine surface."""
 
     def __init__(
@@ -417,6 +418,7 @@ class DeepSpeedEngine(nn.Module):
             num_local_io_workers=num_local_io_workers,
             data_sampler=data_sampler,
             tput_timer=self.tput_timer,
+            curriculum=route == "train",
         )
         if route == "train":
             self.training_dataloader = loader

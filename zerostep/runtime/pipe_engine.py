@@ -16,6 +16,7 @@ import torch
 
 from zerostep.core.pipeline_engine import PipelineEngine as CorePipelineEngine
 from zerostep.core.state import TrainState
+from zerostep.runtime.data_pipeline.data_sampling.engine_api import DataSamplingMethods
 
 
 class PipelineError(RuntimeError):
@@ -34,7 +35,7 @@ def _concat(parts: list[Any]) -> Any:
     raise TypeError(f"a micro-batch part must be a tensor or a tuple of tensors, got {type(first).__name__}")
 
 
-class PipelineEngine:
+class PipelineEngine(DataSamplingMethods):
     def __init__(self, core: CorePipelineEngine, state: TrainState) -> None:
         self._core, self.state = core, state
         self.module = core.module

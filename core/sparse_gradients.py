@@ -169,7 +169,10 @@ class SparseGradients:
                 f"sparse_gradients with the {optimizer} optimizer: its compressed all-reduce replaces the "
                 "gradient reduction; use one or the other"
             )
-        tables, sink = [], _Sink()
+        tables = []
+        # one sink per model, shared by every engine built on it: whichever engine runs a backward takes
+        # the rows right after it (reducer.add), so a later engine's taps never starve an earlier one
+        sink = model.__dict__.setdefault("_zerostep_sparse_sink", _Sink())
         appearances: dict[int, int] = {}
         for _, p in model.named_parameters(remove_duplicate=False):
             appearances[id(p)] = appearances.get(id(p), 0) + 1
@@ -233,6 +236,7 @@ class SparseGradients:
 def _make_dense(modules: dict[str, nn.Module]) -> None:
     for module in modules.values():
         module.sparse = False  # the same values; a dense gradient the flat buffers can hold
+        module.__dict__.pop("forward", None)  # an earlier engine's tap: the last engine built decides
 
 
 class SparseReducer(Reducer):

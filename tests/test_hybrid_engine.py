@@ -28,7 +28,7 @@ def _config(stage: int, world: int = 1, **hybrid) -> dict:
     }
 
 
-def _trained(stage: int, world: int = 1, rank: int = 0, steps: int = 3, **hybrid):
+def _trained(stage: int, world: int = 1, rank: int = 0, steps: int = 2, **hybrid):
     torch.manual_seed(0)
     engine, *_ = zerostep.initialize(
         model=GPT(GPT_CFG), config=_config(stage, world, **hybrid), compile=False
@@ -56,17 +56,17 @@ PROMPT = torch.tensor([1, 2, 3, 4])
 def test_generate_equals_the_trained_modules(stage):
     engine = _trained(stage)
     assert engine.module.training
-    out = engine.generate(PROMPT, 8, seed=3)
-    assert out.shape == (12,)
-    assert torch.equal(out, _reference_tokens(engine, PROMPT, 8))
+    out = engine.generate(PROMPT, 6, seed=3)
+    assert out.shape == (10,)
+    assert torch.equal(out, _reference_tokens(engine, PROMPT, 6))
     assert engine.module.training  # put back
     # DeepSpeed-Chat calls the module's generate: rerouted through the hybrid engine
-    assert torch.equal(engine.module.generate(PROMPT, 8, seed=3), out)
+    assert torch.equal(engine.module.generate(PROMPT, 6, seed=3), out)
     # training goes on after generating, and generation follows the new weights
     idx = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(7))
     engine.backward(engine(idx[:, :-1], idx[:, 1:]))
     engine.step()
-    assert torch.equal(engine.generate(PROMPT, 8, seed=3), _reference_tokens(engine, PROMPT, 8))
+    assert torch.equal(engine.generate(PROMPT, 6, seed=3), _reference_tokens(engine, PROMPT, 6))
 
 
 @pytest.mark.filterwarnings("ignore:hybrid_engine.max_out_tokens is not checked")  # the spy's signature

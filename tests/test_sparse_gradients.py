@@ -161,14 +161,23 @@ def test_facade_equals_core():
     _close(engine._core.full_params(engine.state), core)
 
 
+_ONE_TABLE: list = []
+
+
+def _one_table_engine():
+    """One engine for every hypothesis example (building one per example costs more than the check)."""
+    if not _ONE_TABLE:
+        model = nn.Embedding(10, 3, sparse=True)
+        config = {"train_batch_size": 1, "sparse_gradients": True, "optimizer": {"type": "SGD"}}
+        engine = zc.initialize(nn.Sequential(model), config, loss_fn=lambda m, b: m(b).sum(), compile=False)
+        _ONE_TABLE.extend([model, engine])
+    return _ONE_TABLE
+
+
 @given(st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=6), min_size=1, max_size=3))
 def test_rows_summed_over_micro_batches_equal_the_dense_gradient(lookups):
     """Whatever rows repeat within and across micro-batches, the reducer's slot is the dense gradient."""
-    model = nn.Embedding(10, 3, sparse=True)
-    engine = zc.initialize(
-        nn.Sequential(model), {"train_batch_size": 1, "sparse_gradients": True, "optimizer": {"type": "SGD"}},
-        loss_fn=lambda m, b: m(b).sum(), compile=False,
-    )  # fmt: skip
+    model, engine = _one_table_engine()
     reducer, table = engine._reducer, engine._sparse.tables[0]
     weight = torch.randn(10, 3)
     dense = torch.zeros(10, 3)

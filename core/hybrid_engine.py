@@ -175,11 +175,12 @@ def _release_cache(device: torch.device) -> None:
 
 
 def _warn_no_effect(core: Any) -> None:
-    settings, config = core.config.hybrid_engine, core.config
+    settings = core.config.hybrid_engine
     notes = []
-    if core.plan.stage < 3 and config.source("hybrid_engine.pin_parameters") != "default":
+    if core.plan.stage < 3 and not settings.pin_parameters:
         notes.append(
-            "pin_parameters has no effect below ZeRO stage 3 (the module's parameters are always whole)"
+            "pin_parameters = false has no effect below ZeRO stage 3 (the module's parameters are always "
+            "whole)"
         )
     if settings.tp_gather_partition_size != 8:
         notes.append("tp_gather_partition_size has no effect (it applies to inference_tp_size > 1)")

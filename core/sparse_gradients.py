@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerostep import optim
 from zerostep.core.reducers import Reducer, _in_dtype, _predivide
 from zerostep.parallel import collectives, sparse_rows
 from zerostep.parallel.collectives import ALL_GATHER, CommCounter, CommPlan
@@ -164,7 +165,7 @@ class SparseGradients:
             _make_dense(modules)
             return None
         optimizer = getattr(config.optimizer, "type", None)
-        if optimizer in ("onebitadam", "zerooneadam", "onebitlamb"):
+        if optimizer in optim.COMPRESSED_OPTIMIZER_TYPES:
             raise ValueError(
                 f"sparse_gradients with the {optimizer} optimizer: its compressed all-reduce replaces the "
                 "gradient reduction; use one or the other"

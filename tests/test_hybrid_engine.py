@@ -140,10 +140,37 @@ def test_bad_input():
         Config.from_dict(_config(0, max_out_token=8))
     with pytest.raises(ConfigError, match="pin_parameters = 1: must be true or false"):
         Config.from_dict(_config(0, pin_parameters=1))
-    with pytest.warns(UserWarning, match="pin_parameters has no effect below ZeRO stage 3"):
+    with pytest.warns(UserWarning, match="pin_parameters = false has no effect below ZeRO stage 3"):
         _trained(0, steps=0, pin_parameters=False)
     with pytest.warns(UserWarning, match="enable_cuda_graph has no effect"):
         _trained(0, steps=0, enable_cuda_graph=True)
+
+
+@pytest.mark.parametrize("stage, pin", [(3, False)])  # unpinned: HF generate under the ZeRO-3 hooks
+def test_hugging_face_generate(stage, pin):
+    transformers = pytest.importorskip("transformers")
+
+    def gpt2() -> nn.Module:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+        return transformers.GPT2LMHeadModel(config)
+
+    cfg = _config(stage, pin_parameters=pin)
+    engine, *_ = zerostep.initialize(model=gpt2(), config=cfg, compile=False)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    prompt = ids[:1, :4]
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    out = engine.generate(input_ids=prompt, **kwargs)
+    ref = gpt2()
+    ref.load_state_dict(engine._core.full_params(engine.state), strict=False)
+    ref.eval()
+    with torch.no_grad():
+        assert torch.equal(out, ref.generate(input_ids=prompt, **kwargs))
+    with pytest.raises(ValueError, match="asks for up to 44 tokens"):
+        engine.generate(input_ids=prompt, max_new_tokens=40)
 
 
 def test_disabled_passes_through():

@@ -203,14 +203,6 @@ def _two_ranks(rank: int, world: int) -> dict:
     for sparse in (False, True):
         params, engine = _train(EmbNet(sparse=sparse), _config(sparse, world=world), batches)
         out[sparse] = (params, engine.comm.total_bytes, engine.comm.steps)
-    engine, *_ = zerostep.initialize(
-        model=EmbNet(sparse=True), config=_config(True, world=world), compile=False
-    )
-    for x, y in batches:
-        for i in range(2):
-            engine.backward(F.mse_loss(engine(x[2 * i : 2 * i + 2]), y[2 * i : 2 * i + 2]))
-            engine.step()
-    out["facade"] = engine._core.full_params(engine.state)
     return out
 
 
@@ -218,7 +210,6 @@ def test_two_ranks_sparse_equals_dense_with_fewer_bytes():
     for report in spawn_ranks(_two_ranks, 2, timeout=120):
         (dense, dense_bytes, steps), (sparse, sparse_bytes, sparse_steps) = report[False], report[True]
         _close(sparse, dense)
-        _close(report["facade"], dense)
         assert steps == sparse_steps == 3
         # 2 tables of 64 x 8 all-reduced (2 x 2 x 2 KiB per step) against at most 2 x 20 gathered rows each
         assert sparse_bytes < 0.7 * dense_bytes, (sparse_bytes, dense_bytes)

@@ -107,6 +107,20 @@ def test_eval_train_round_trip_and_eval_mode_kept():
     assert engine.module.training and engine.module.blocks[0].drop.training
 
 
+def test_release_inference_cache_after_each_call(monkeypatch):
+    import zerostep.core.hybrid_engine as hybrid
+
+    released = []
+    monkeypatch.setattr(hybrid, "_release_cache", lambda device: released.append(device))
+    engine = _trained(0, steps=0, release_inference_cache=True)
+    engine.generate(PROMPT, 1)
+    with pytest.raises(ValueError):
+        engine.generate(PROMPT, 40)  # refused before generating: nothing cached
+    assert released == [engine.device]
+    _trained(0, steps=0).generate(PROMPT, 1)  # off by default
+    assert len(released) == 1
+
+
 def test_max_out_tokens_is_a_bound():
     engine = _trained(0, steps=1)
     with pytest.raises(

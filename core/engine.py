@@ -51,6 +51,7 @@ from zerostep.core.precision import (
 )
 from zerostep.core.random_ltd import RandomLTD
 from zerostep.core.reducers import make_reduce_scatter
+from zerostep.core.sparse_gradients import SparseGradients
 from zerostep.core.state import (
     FlatParams,
     Metrics,
@@ -281,6 +282,9 @@ class Engine:
                 step_forward = self._wait_gathers_around(model, step_forward)
         self._step_forward = step_forward
         self._reducer = make_reduce_scatter(plan, self.group, self.compile)
+        self._sparse = SparseGradients.of(self.config, model, plan, self.group, self.compile)
+        if self._sparse is not None:
+            self._reducer = self._sparse.reducer()
         # 1-bit Adam: after freeze_step, local gradients and a compressed momentum (core/compressed_phase.py)
         self._phases = build_compressed_phases(plan, self.optimizer, self._reducer, self.group)
         if self._phases is not None:
@@ -292,6 +296,8 @@ class Engine:
         self.comm = CommCounter()  # host-side byte totals, for benchmarks and monitors
         self._comm_applied = step_comm_plan(plan, applied=True, optimizer=self.optimizer)
         self._comm_skipped = step_comm_plan(plan, applied=False)
+        if self._sparse is not None:  # the tables' rows are counted as they are gathered
+            self._comm_applied, self._comm_skipped = self._sparse.comm_plans(self.optimizer, self.comm)
         self._eval_forward = compile_private(self._forward, dynamic=False) if self.compile else self._forward
 
     def _checkpoint_activations(self, model: nn.Module, plan: StepPlan) -> None:

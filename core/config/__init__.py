@@ -36,6 +36,7 @@ from zerostep.core.config.blocks import (
 from zerostep.core.config.data_efficiency import DataEfficiencyConfig, parse_data_efficiency
 from zerostep.core.config.elastic import elastic_read_batch, parse_elasticity
 from zerostep.core.config.features import check_other_keys
+from zerostep.core.config.hybrid import HybridEngineConfig, parse_hybrid_engine
 from zerostep.core.config.load import merge_sources, origin_lookup, read_config_file
 from zerostep.core.config.memory import ActivationCheckpointingConfig, parse_activation_checkpointing
 from zerostep.core.config.observe import (
@@ -104,6 +105,7 @@ __all__ = [
     "DataTypesConfig",
     "FP16Config",
     "FlopsProfilerConfig",
+    "HybridEngineConfig",
     "OffloadOptimizerConfig",
     "OffloadParamConfig",
     "OptimizerConfig",
@@ -130,6 +132,7 @@ class Config:
     memory_breakdown: bool = False  # per-rank memory lines every steps_per_print
     dataloader_drop_last: bool = False
     seed: int | None = None
+    sparse_gradients: bool = False  # stage 0: sparse embedding gradients (core/sparse_gradients.py)
     fp16: FP16Config = field(default_factory=FP16Config)
     bf16: BF16Config = field(default_factory=BF16Config)
     zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
@@ -151,6 +154,7 @@ class Config:
     progressive_layer_drop: ProgressiveLayerDropConfig = field(default_factory=ProgressiveLayerDropConfig)
     curriculum_learning: CurriculumConfig = field(default_factory=CurriculumConfig)
     data_efficiency: DataEfficiencyConfig = field(default_factory=DataEfficiencyConfig)
+    hybrid_engine: HybridEngineConfig = field(default_factory=HybridEngineConfig)
     # Dotted key path -> where its value came from ("file", "user", "override", "default", "derived",
     # "auto"); for `zerostep config check`. Not part of equality: a round trip through to_dict()
     # makes every value explicit.
@@ -274,6 +278,7 @@ def _parse(
         memory_breakdown=top.take("memory_breakdown", False, boolean),
         dataloader_drop_last=top.take("dataloader_drop_last", False, boolean),
         seed=top.take("seed", None, optional(_seed)),
+        sparse_gradients=top.take("sparse_gradients", False, boolean),
         fp16=fp16,
         bf16=bf16,
         zero_optimization=zero,
@@ -293,6 +298,7 @@ def _parse(
         progressive_layer_drop=parse_progressive_layer_drop(top.child("progressive_layer_drop")),
         curriculum_learning=parse_curriculum(top.child("curriculum_learning")),
         data_efficiency=parse_data_efficiency(top.child("data_efficiency")),
+        hybrid_engine=parse_hybrid_engine(top.child("hybrid_engine")),
     )
     top.allow(*BATCH_KEYS)
     check_other_keys(merged, top.known)

@@ -36,10 +36,6 @@ def _deepcompile(value: Any) -> bool:
     return isinstance(value, Mapping) and value.get("deepcompile") is True
 
 
-def _true(value: Any) -> bool:
-    return value is True
-
-
 # key -> (is the feature on?, what it is / what to use instead)
 UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pipeline": (_non_empty, "pipeline parallelism for a model other than a zerostep.pipe.PipelineModule"),
@@ -49,14 +45,12 @@ UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "aio": (_non_empty, "async I/O for NVMe offload"),
     "autotuning": (_any_enabled, "the autotuner"),
     "eigenvalue": (_any_enabled, "eigenvalue computation"),
-    "hybrid_engine": (_any_enabled, "the RLHF hybrid engine"),
     "nebula": (_any_enabled, "Nebula checkpointing"),
     "quantize_training": (_any_enabled, "quantized training (MoQ)"),
     "weight_quantization": (_non_empty, "weight quantization"),
     "tensor_parallel": (_non_empty, "tensor parallelism (AutoTP)"),
     "expert_parallel": (_non_empty, "expert parallelism configuration"),
     "compile": (_deepcompile, "DeepCompile (zerostep compiles its own step: initialize(compile=True))"),
-    "sparse_gradients": (_true, "sparse gradients"),
 }
 
 # Keys that tune DeepSpeed internals zerostep does not have: key -> (DeepSpeed default, why inert).

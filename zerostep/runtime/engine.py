@@ -25,6 +25,7 @@ from torch import nn
 
 from zerostep.core.autocast import facade_autocast
 from zerostep.core.batching import to_device
+from zerostep.core.hybrid_engine import HybridEngine
 from zerostep.core.micro_steps import MicroSteps
 from zerostep.core.monitoring import EngineTimers, MonitorMaster, ThroughputTimer, log_rank0, progress_line
 from zerostep.core.monitoring.comms_logger import note_comms_logger
@@ -67,6 +68,7 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
         self._step_applied = False
         self._gas = int(core.plan.accumulation_steps)
         self._init_monitoring()
+        self._hybrid = HybridEngine.of(core, self._generation_state)  # hybrid_engine.enabled, else None
 
     def _init_monitoring(self) -> None:
         """DeepSpeed's ``tput_timer``, ``timers`` (None unless ``wall_clock_breakdown``: then no timer
@@ -253,6 +255,22 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
             return self._stepper.forward(inputs, kwargs)
         finally:
             timers.stop(timers.FORWARD)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's ``generate`` on the engine's current weights, in eval mode under no_grad, with
+        ZeRO-3 shards gathered for the call (``hybrid_engine``, core/hybrid_engine.py); without the
+        hybrid engine, the module's own ``generate`` as it is."""
+        if self._hybrid is None:
+            return self.module.generate(*args, **kwargs)
+        return self._hybrid.generate(*args, **kwargs)
+
+    def _generation_state(self) -> TrainState:
+        if self.zero_optimization_stage() == 3 and self._stepper.forward_pending:
+            raise RuntimeError(
+                "generate() between engine(x) and engine.backward(loss) at ZeRO stage 3: the forward's "
+                "gathered parameters are still in use; generate before the forward or after the backward"
+            )
+        return self._stepper.state
 
     def is_gradient_accumulation_boundary(self) -> bool:
         if self._boundary_override is not None:

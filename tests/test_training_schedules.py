@@ -154,3 +154,30 @@ def test_bad_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an off block is accepted silently, as DeepSpeed accepts it
         Config.from_dict(cfg(curriculum_learning={"enabled": False, "min_difficulty": 8}))
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {
+            "schedule_type": "fixed_linear",
+            "schedule_config": {"total_curriculum_step": 10, "difficulty_step": 4},
+        },
+        {
+            "schedule_type": "fixed_root",
+            "schedule_config": {"total_curriculum_step": 10, "difficulty_step": 4, "root_degree": 2},
+        },
+        {"schedule_type": "fixed_discrete", "schedule_config": {"difficulty": [4, 8], "max_step": [3]}},
+    ],
+)
+def test_curriculum_config_round_trips_through_to_dict(schedule):
+    block = {
+        "enabled": True,
+        "curriculum_type": "seqlen",
+        "min_difficulty": 4,
+        "max_difficulty": 16,
+        **schedule,
+    }
+    cfg = Config.from_dict({"train_micro_batch_size_per_gpu": 2, "curriculum_learning": block})
+    assert cfg.to_dict()["curriculum_learning"] == block
+    assert Config.from_dict(cfg.to_dict()) == cfg

@@ -222,6 +222,8 @@ class Config:
 
 
 def _plain(value: Any) -> Any:
+    if hasattr(value, "deepspeed_dict"):  # a block whose DeepSpeed form nests differently from its fields
+        return value.deepspeed_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             f.name: _plain(getattr(value, f.name))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from zerostep.core.config.values import Block, boolean, fail, integer_list, number, positive_int, text, warn
 
@@ -33,6 +34,29 @@ class CurriculumConfig:
     root_degree: int = 1  # fixed_root
     difficulty: tuple[int, ...] = ()  # fixed_discrete: one more than max_step
     max_step: tuple[int, ...] = ()
+
+    def deepspeed_dict(self) -> dict[str, Any]:
+        """The block as DeepSpeed writes it (schedule keys nested under ``schedule_config``), so that
+        ``Config.to_dict`` round-trips."""
+        if not self.enabled:
+            return {"enabled": False}
+        if self.schedule_type == "fixed_discrete":
+            schedule = {"difficulty": list(self.difficulty), "max_step": list(self.max_step)}
+        else:
+            schedule = {
+                "total_curriculum_step": self.total_curriculum_step,
+                "difficulty_step": self.difficulty_step,
+            }
+            if self.schedule_type == "fixed_root":
+                schedule["root_degree"] = self.root_degree
+        return {
+            "enabled": True,
+            "curriculum_type": self.curriculum_type,
+            "min_difficulty": self.min_difficulty,
+            "max_difficulty": self.max_difficulty,
+            "schedule_type": self.schedule_type,
+            "schedule_config": schedule,
+        }
 
 
 def parse_progressive_layer_drop(block: Block | None) -> ProgressiveLayerDropConfig:

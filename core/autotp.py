@@ -246,6 +246,6 @@ def tp_plan(model: nn.Module, tp_size: int, injection_policy: Mapping | None = N
         return _hf_plan(model, tp_size)
     described = f"{type(model).__name__}" + (f" (model_type {model_type!r})" if model_type else "")
     raise ConfigError(
-        f"tensor parallelism: no policy for {described}; known: {', '.join(known_architectures())}; "
+        f"no tensor-parallel policy for {described}; known: {', '.join(known_architectures())}; "
         "or pass injection_policy={BlockClass: ('names of', 'row-parallel linears')}"
     )

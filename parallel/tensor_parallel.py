@@ -33,9 +33,11 @@ reassemble the full tensor from all shards, at any TP size (checkpoints saved at
 another).
 
 Collectives: small ``autograd.Function``s over c10d (gloo and NCCL) in eager mode and over functional
-collectives while ``torch.compile`` traces. ``torch.distributed.nn.functional.all_reduce`` is not used:
-its backward all-reduces the gradient too, which for Megatron's replicated-loss convention multiplies
-the gradient by ``tp``; the functional collectives' ``all_reduce`` has no autograd formula at all.
+collectives while ``torch.compile`` traces (both checked on 2 gloo ranks, compiled with
+``fullgraph=True`` too). Neither ``torch.distributed.nn.functional.all_reduce`` nor the functional
+collectives' ``all_reduce`` fits: both differentiate as an all-reduce of the gradient (torch 2.13,
+measured), which is right for a loss summed over ranks but multiplies Megatron's gradients (one loss,
+replicated on every TP rank) by ``tp``.
 """
 
 from __future__ import annotations
@@ -324,7 +326,9 @@ def plan_specs(model: nn.Module, plan: TPPlan, tp_size: int) -> dict[str, ShardS
         for attr in attrs:
             value = getattr(modules[path], attr, None)
             if isinstance(value, int) and value % tp_size:
-                raise TPPlanError(f"tp_size={tp_size} does not divide {path}.{attr}={value}")
+                raise TPPlanError(
+                    f"tp_size={tp_size} does not divide {path + '.' if path else ''}{attr}={value}"
+                )
     specs: dict[str, ShardSpec] = {}
     for path, style in plan.layers.items():
         _check_module(path, modules[path], style)

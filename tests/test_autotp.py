@@ -114,13 +114,16 @@ def test_errors_name_what_does_not_divide_or_fit():
     with pytest.raises(ConfigError, match="tp_size=2 does not divide intermediate_size=63"):
         tp_plan(hf("llama", intermediate_size=63), 2)
     with pytest.raises(
-        ConfigError, match=r"no policy for Sequential; known: zerostep.core.gpt.GPT, .*'llama'"
+        ConfigError,
+        match=r"no tensor-parallel policy for Sequential; known: zerostep.core.gpt.GPT, .*'llama'",
     ):
         tp_plan(torch.nn.Sequential(torch.nn.Linear(2, 2)), 2)
     bert = transformers.BertConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
     )
-    with pytest.raises(ConfigError, match=r"no policy for BertModel \(model_type 'bert'\).*injection_policy"):
+    with pytest.raises(
+        ConfigError, match=r"no tensor-parallel policy for BertModel \(model_type 'bert'\).*injection_policy"
+    ):
         tp_plan(transformers.BertModel(bert), 2)
 
 

@@ -137,6 +137,16 @@ def full_from_shards(shards: Sequence[torch.Tensor], spec: ShardSpec) -> torch.T
     return torch.cat([torch.cat([pr[i] for pr in per_rank], dim) for i in range(len(parts))], dim)
 
 
+def gather_full(local: torch.Tensor, spec: ShardSpec, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The full tensor on every rank of ``group`` from each rank's ``local`` shard (no autograd): a
+    checkpoint's or a consolidated state dict's value of a sharded parameter."""
+    if not spec.sharded:
+        return local
+    pieces = [torch.empty_like(local) for _ in range(spec.tp_size)]
+    dist.all_gather(pieces, local.detach().contiguous(), group=group)
+    return full_from_shards(pieces, spec)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Collectives with Megatron's autograd
 # ---------------------------------------------------------------------------------------------------------
@@ -218,6 +228,17 @@ def gather_from_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class _Group:
+    """A process group held by a module: ``copy.deepcopy(model)`` shares it (a ``ProcessGroup`` cannot be
+    copied, and a copy of a sharded module runs over the same ranks)."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def __deepcopy__(self, memo: dict) -> _Group:
+        return self
+
+
 class ParallelLinear(nn.Module):
     """A Linear (``W [out, in]``) or Conv1D (``transposed``: ``W [in, out]``) holding this rank's shard.
 
@@ -236,7 +257,12 @@ class ParallelLinear(nn.Module):
     ):
         super().__init__()
         self.weight, self.bias = weight, bias
-        self.style, self.transposed, self.group, self.replaced = style, transposed, group, replaced
+        self.style, self.transposed, self.replaced = style, transposed, replaced
+        self._group = _Group(group)
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self._group.group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.style != "rowwise":
@@ -258,13 +284,17 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, weight: nn.Parameter, embedding: nn.Embedding, start: int, group: dist.ProcessGroup):
         super().__init__()
-        self.weight, self.start, self.group = weight, start, group
+        self.weight, self.start, self._group = weight, start, _Group(group)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx, self.max_norm = embedding.padding_idx, embedding.max_norm
         if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
             raise TPPlanError(
                 "vocab-parallel embedding: max_norm, scale_grad_by_freq and sparse are unsupported"
             )
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self._group.group
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight.shape[0]
@@ -420,6 +450,7 @@ __all__ = [
     "copy_to_tp",
     "full_from_shards",
     "gather_from_tp",
+    "gather_full",
     "plan_specs",
     "reduce_from_tp",
     "shard_module",

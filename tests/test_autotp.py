@@ -139,32 +139,24 @@ def _logits(model, ids):
 
 def _compare(ref: torch.nn.Module, ids: torch.Tensor, group, injection_policy=None) -> dict:
     """Shard a copy of ``ref``; max abs differences of logits and of every gradient (reassembled)."""
-    import torch.distributed as dist
-
-    from zerostep.parallel.tensor_parallel import full_from_shards, shard_module
+    from zerostep.parallel.tensor_parallel import gather_full, shard_module
 
     model = copy.deepcopy(ref)
     specs = shard_module(model, tp_plan(model, 2, injection_policy), group)
-    weight = torch.randn(_logits(ref, ids).shape, generator=torch.Generator().manual_seed(7))
-    (_logits(ref, ids) * weight).sum().backward()
+    want = _logits(ref, ids)
+    weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(7))
+    (want * weight).sum().backward()
     logits = _logits(model, ids)
     (logits * weight).sum().backward()
     ref_params = dict(ref.named_parameters())
-    grad_diff, sharded = 0.0, 0
-    for name, p in model.named_parameters():
-        spec = specs[name]
-        if spec.sharded:
-            sharded += 1
-            pieces = [torch.empty_like(p.grad) for _ in range(2)]
-            dist.all_gather(pieces, p.grad.contiguous(), group=group)
-            full = full_from_shards(pieces, spec)
-        else:
-            full = p.grad
-        grad_diff = max(grad_diff, (full - ref_params[name].grad).abs().max().item())
+    grads = {n: gather_full(p.grad, specs[n], group) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        copied = _logits(copy.deepcopy(model), ids)  # a copy of a sharded model shares its group
     return {
-        "logits": (logits - _logits(ref, ids)).abs().max().item(),
-        "grads": grad_diff,
-        "sharded": sharded,
+        "logits": (logits - want).abs().max().item(),
+        "copy": (copied - want).abs().max().item(),
+        "grads": max((g - ref_params[n].grad).abs().max().item() for n, g in grads.items()),
+        "sharded": sum(specs[n].sharded for n in grads),
         "ref_grad_scale": max(p.grad.abs().max().item() for p in ref.parameters()),
     }
 
@@ -203,6 +195,6 @@ def test_tp2_forward_gradients_and_generate_equal_unsharded():
         for kind in ("gpt", "gpt2", "opt", "llama", "gpt2_user_policy"):
             r = out[kind]
             assert r["sharded"] >= 8, (kind, r)
-            assert r["logits"] < 1e-5, (kind, r)
+            assert r["logits"] < 1e-5 and r["copy"] < 1e-5, (kind, r)
             assert r["grads"] < 1e-5 * max(1.0, r["ref_grad_scale"]), (kind, r)
         assert out["generate"] == {"gpt2": True, "llama": True}

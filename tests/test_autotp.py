@@ -80,6 +80,13 @@ def test_known_policies_split_blocks_and_tie_embeddings_consistently():
     assert llama.layers["model.layers.0.mlp.gate_proj"] == "colwise"
     assert llama.layers["model.layers.0.self_attn.o_proj"] == "rowwise"
     assert llama.layers["model.embed_tokens"] == "vocab"
+    tied = hf("llama", tie_word_embeddings=True)
+    tied_specs = plan_specs(tied, tp_plan(tied, 2), 2)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert (
+        tied_specs["lm_head.weight"] == tied_specs["model.embed_tokens.weight"]
+        and tied_specs["lm_head.weight"].sharded
+    )
 
     # a vocabulary tp does not divide (GPT-2's 50257): embedding and tied head both stay replicated
     with pytest.warns(UserWarning, match=r"does not divide the vocabulary \(63\).*tied"):
@@ -198,3 +205,22 @@ def test_tp2_forward_gradients_and_generate_equal_unsharded():
             assert r["logits"] < 1e-5 and r["copy"] < 1e-5, (kind, r)
             assert r["grads"] < 1e-5 * max(1.0, r["ref_grad_scale"]), (kind, r)
         assert out["generate"] == {"gpt2": True, "llama": True}
+
+
+def test_init_inference_checks_before_any_work():
+    import zerostep
+
+    with pytest.raises(
+        ConfigError, match="init_inference: .*tp_size=4 does not divide num_key_value_heads=2"
+    ):
+        zerostep.init_inference(hf("llama"), dtype="fp32", tensor_parallel={"tp_size": 4})
+    with pytest.raises(
+        ConfigError, match=r"init_inference: injection_policy: no Nope module in GPT2LMHeadModel"
+    ):
+        zerostep.init_inference(hf("gpt2"), dtype="fp32", mp_size=2, injection_policy={"Nope": ("c_proj",)})
+    with pytest.raises(ConfigError, match="injection_policy maps a block class"):
+        zerostep.init_inference(hf("gpt2"), dtype="fp32", mp_size=2, injection_policy={"GPT2Block": 3})
+    with pytest.warns(UserWarning, match="injection_policy has no effect with tp_size 1"):
+        zerostep.init_inference(gpt(), dtype="fp32", injection_policy={"Block": ("out",)})
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialized on 2 ranks"):
+        zerostep.init_inference(hf("opt"), dtype="fp32", tensor_parallel={"tp_size": 2})

@@ -144,12 +144,12 @@ def _logits(model, ids):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def _compare(ref: torch.nn.Module, ids: torch.Tensor, group, injection_policy=None) -> dict:
+def _compare(ref: torch.nn.Module, ids: torch.Tensor, group) -> dict:
     """Shard a copy of ``ref``; max abs differences of logits and of every gradient (reassembled)."""
     from zerostep.parallel.tensor_parallel import gather_full, shard_module
 
     model = copy.deepcopy(ref)
-    specs = shard_module(model, tp_plan(model, 2, injection_policy), group)
+    specs = shard_module(model, tp_plan(model, 2), group)
     want = _logits(ref, ids)
     weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(7))
     (want * weight).sum().backward()
@@ -173,25 +173,26 @@ def tp_rank(rank: int, world_size: int) -> dict:
 
     import zerostep
 
-    torch.use_deterministic_algorithms(True)
     group = dist.group.WORLD
     ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(1))
     out = {"gpt": _compare(gpt(), ids, group)}
     for kind in ("gpt2", "opt", "llama"):
         out[kind] = _compare(hf(kind), ids, group)
-    block = transformers.models.gpt2.modeling_gpt2.GPT2Block
-    out["gpt2_user_policy"] = _compare(hf("gpt2"), ids, group, {block: ("attn.c_proj", "mlp.c_proj")})
-    # inference: init_inference shards a copy, greedy generate through the HF model's own generate
+    # inference: init_inference shards a copy (GPT-2 through DeepSpeed's injection_policy spelling, LLaMA
+    # through its known policy); greedy decoding through the HF model's own generate
     prompt = ids[:1, :5]
+    block = transformers.models.gpt2.modeling_gpt2.GPT2Block
     same = {}
-    for kind in ("gpt2", "llama"):
+    for kind, policy in (("gpt2", {block: ("attn.c_proj", "mlp.c_proj")}), ("llama", None)):
         ref = hf(kind)
         with torch.no_grad():
-            want = ref.generate(prompt, max_new_tokens=6, do_sample=False)
+            want = ref.generate(prompt, max_new_tokens=5, do_sample=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine = zerostep.init_inference(copy.deepcopy(ref), dtype="fp32", tensor_parallel={"tp_size": 2})
-        got = engine.generate(prompt, max_new_tokens=6, do_sample=False)
+            engine = zerostep.init_inference(
+                copy.deepcopy(ref), dtype="fp32", tensor_parallel={"tp_size": 2}, injection_policy=policy
+            )
+        got = engine.generate(prompt, max_new_tokens=5, do_sample=False)
         same[kind] = torch.equal(got, want) and engine.module.lm_head.weight.shape[0] == 32
     out["generate"] = same
     return out
@@ -199,7 +200,7 @@ def tp_rank(rank: int, world_size: int) -> dict:
 
 def test_tp2_forward_gradients_and_generate_equal_unsharded():
     for out in spawn_ranks(tp_rank, 2, timeout=120):
-        for kind in ("gpt", "gpt2", "opt", "llama", "gpt2_user_policy"):
+        for kind in ("gpt", "gpt2", "opt", "llama"):
             r = out[kind]
             assert r["sharded"] >= 8, (kind, r)
             assert r["logits"] < 1e-5 and r["copy"] < 1e-5, (kind, r)

@@ -2,10 +2,11 @@
 ``zerostep.parallel.tensor_parallel.shard_module``. Shared by inference and training.
 
 Known architectures: zerostep's GPT (``core/gpt.py``) and Hugging Face GPT-2, OPT and LLaMA-style
-models (``config.model_type`` in ``HF_POLICIES``), found by their block classes wherever they sit
-(``GPT2LMHeadModel`` or ``GPT2Model`` alike). In every block the attention's q/k/v (GPT-2's fused
-``c_attn``, split head by head) and the MLP's up projections are column-wise, the attention output and
-the MLP's down projection row-wise; head counts on the attention modules are divided by tp.
+models (LLaMA, Mistral, Qwen2, Qwen3: ``config.model_type`` in ``HF_POLICIES``), found by their block
+classes wherever they sit (``GPT2LMHeadModel`` or ``GPT2Model`` alike). In every block the attention's
+q/k/v (GPT-2's fused ``c_attn``, split head by head) and the MLP's up projections are column-wise, the
+attention output and the MLP's down projection row-wise; head counts on the attention modules are
+divided by tp.
 
 Embeddings and LM head: the token embedding is vocab-parallel and the LM head column-parallel with its
 logits gathered, when tp divides the vocabulary. Tied weights (GPT, GPT-2, OPT tie the head to the token
@@ -41,6 +42,8 @@ class BlockPolicy:
     rowwise: tuple[str, ...]
     fused: tuple[str, ...] = ()  # colwise paths holding [q; k; v] (three equal parts)
     fixups: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # modules (where the block has them) whose replicated parameters act on the local heads only
+    grad_reduce: tuple[str, ...] = ()
 
 
 HF_POLICIES: dict[str, BlockPolicy] = {
@@ -57,14 +60,30 @@ HF_POLICIES: dict[str, BlockPolicy] = {
         rowwise=("self_attn.out_proj", "fc2"),
         fixups={"self_attn": ("num_heads",)},
     ),
-    "llama": BlockPolicy(
-        "LlamaDecoderLayer",
+}
+
+
+def _llama_style(block: str) -> BlockPolicy:
+    return BlockPolicy(
+        block,
         colwise=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
         rowwise=("self_attn.o_proj", "mlp.down_proj"),
         # transformers 5 reads the local head count from the shapes; 4.x keeps these attributes
         fixups={"self_attn": ("num_heads", "num_key_value_heads", "hidden_size")},
-    ),
-}
+        grad_reduce=("self_attn.q_norm", "self_attn.k_norm"),  # Qwen3's per-head RMSNorms
+    )
+
+
+# LLaMA-style: the same block layout (Qwen2's q/k/v biases split with them, Qwen3's per-head q/k norms
+# and Mistral's sliding window are per head, untouched)
+HF_POLICIES.update(
+    {
+        "llama": _llama_style("LlamaDecoderLayer"),
+        "mistral": _llama_style("MistralDecoderLayer"),
+        "qwen2": _llama_style("Qwen2DecoderLayer"),
+        "qwen3": _llama_style("Qwen3DecoderLayer"),
+    }
+)
 
 USER_POLICY_FIXUPS = (
     "num_heads",
@@ -173,7 +192,8 @@ def _hf_sizes(config) -> dict[str, int | None]:
     return {
         "num_attention_heads": heads,
         "num_key_value_heads": getattr(config, "num_key_value_heads", None),
-        "hidden_size": getattr(config, "hidden_size", None) if config.model_type != "llama" else None,
+        # LLaMA-style blocks split heads * head_dim, not hidden_size
+        "hidden_size": getattr(config, "hidden_size", None) if config.model_type in ("gpt2", "opt") else None,
         "intermediate_size": getattr(config, "intermediate_size", None)
         or getattr(config, "ffn_dim", None)
         or getattr(config, "n_inner", None),
@@ -193,7 +213,22 @@ def _hf_plan(model: nn.Module, tp: int) -> TPPlan:
             f"{policy.block} blocks; pass injection_policy= for this architecture"
         )
     _vocab_layers(model, model.get_input_embeddings(), model.get_output_embeddings(), tp, layers)
-    return TPPlan(layers, frozenset(transposed), fused, fixups)
+    per_head = {
+        f"{path}.{rel}" if path else rel
+        for path, block in model.named_modules()
+        if type(block).__name__ == policy.block
+        for rel in policy.grad_reduce
+        if _has_submodule(block, rel)
+    }
+    return TPPlan(layers, frozenset(transposed), fused, fixups, frozenset(per_head))
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _user_plan(model: nn.Module, tp: int, injection_policy: Mapping) -> TPPlan:

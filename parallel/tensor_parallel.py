@@ -25,6 +25,10 @@ its gradients over the data-parallel group only, and counts its squared norm onc
 rowwise dim 0. ``fused`` paths hold several tensors concatenated along the split dim (a fused qkv
 ``[q; k; v]``): each part is split separately and rank ``r``'s shard is ``[q_r; k_r; v_r]``, so it holds
 its own heads' q, k and v. ``fixups`` divide module attributes (head counts, split sizes) by ``tp``.
+``grad_reduce`` paths hold replicated parameters applied to this rank's heads only (Qwen3's per-head
+q/k norms): each rank's gradient is a partial sum, so reading such a parameter goes through
+``copy_to_tp`` (identity forward, all-reduce backward) and every rank gets the full gradient; their
+specs say replicated.
 
 ``shard_module`` returns a ``ShardSpec`` per parameter name (tied aliases included): replicated, or split
 along ``dim`` into ``tp_size`` shards with the ``fused`` part sizes; ``shard_of_full`` /
@@ -63,18 +67,23 @@ class TPPlan:
 
     ``transposed``: paths whose weight is ``[in, out]``; ``fused``: path -> the full sizes of the parts
     concatenated along the split dim (each divisible by tp); ``fixups``: path -> attribute names of that
-    module divided by tp (an attribute the module lacks is skipped: names differ across versions).
+    module divided by tp (an attribute the module lacks is skipped: names differ across versions);
+    ``grad_reduce``: paths of modules with replicated parameters whose gradients are summed over TP.
     """
 
     layers: Mapping[str, str]
     transposed: frozenset[str] = frozenset()
     fused: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     fixups: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    grad_reduce: frozenset[str] = frozenset()  # modules whose parameters see only the local heads
 
     def __post_init__(self) -> None:
         bad = {p: s for p, s in self.layers.items() if s not in STYLES}
         if bad:
             raise TPPlanError(f"TPPlan: unknown style(s) {bad}; known: {list(STYLES)}")
+        overlap = sorted(set(self.grad_reduce) & set(self.layers))
+        if overlap:
+            raise TPPlanError(f"TPPlan: grad_reduce paths {overlap} are also sharded layers")
         for what, paths in (("transposed", self.transposed), ("fused", self.fused)):
             stray = sorted(set(paths) - set(self.layers))
             if stray:
@@ -310,6 +319,42 @@ class VocabParallelEmbedding(nn.Module):
         return f"vocab {self.num_embeddings}, rows [{self.start}, {self.start + self.weight.shape[0]})"
 
 
+class _GradReduced:
+    """Mixed into a module's class by ``shard_module`` for ``grad_reduce`` paths: inside its forward, its
+    own parameters read through ``copy_to_tp``. Parameter access goes through ``nn.Module.__getattr__``
+    (parameters live in ``_parameters``), also for the tensors ``functional_call`` swaps in, so names
+    stay the model's; outside the forward ``module.weight`` (and its ``.grad``) is the parameter.
+    The forward runs outside ``torch.compile`` (a graph break): traced, dynamo reads the parameters
+    without ``__getattr__`` and the gradient would silently stay partial (measured)."""
+
+    def _forward(self, *args, **kwargs):
+        self.__dict__["_tp_in_forward"] = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.__dict__["_tp_in_forward"] = False
+
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        if self.__dict__.get("_tp_in_forward") and name in self.__dict__["_tp_reduced_names"]:
+            return copy_to_tp(value, self.__dict__["_tp_reduced_group"].group)
+        return value
+
+
+_REDUCED_CLASSES: dict[type, type] = {}
+
+
+def _reduce_grads_of(module: nn.Module, group: dist.ProcessGroup) -> None:
+    cls = type(module)
+    if cls not in _REDUCED_CLASSES:
+        forward = torch.compiler.disable(_GradReduced._forward)  # here: importing dynamo costs 1.8 s
+        attrs = {"__module__": cls.__module__, "forward": forward}
+        _REDUCED_CLASSES[cls] = type(cls.__name__, (_GradReduced, cls), attrs)
+    module.__class__ = _REDUCED_CLASSES[cls]
+    module._tp_reduced_names = frozenset(n for n, _ in module.named_parameters(recurse=False))
+    module._tp_reduced_group = _Group(group)
+
+
 def _split_dim(style: str, transposed: bool, param: str) -> int | None:
     """The dim of ``param`` ("weight"/"bias") that ``style`` splits, None when replicated."""
     if style == "vocab":
@@ -347,7 +392,7 @@ def plan_specs(model: nn.Module, plan: TPPlan, tp_size: int) -> dict[str, ShardS
     """Check ``plan`` against ``model`` at ``tp_size`` (no process group needed) and return the
     ``ShardSpec`` of every parameter name, tied aliases included. Raises ``TPPlanError``."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    missing = sorted(set(plan.layers) - set(modules))
+    missing = sorted((set(plan.layers) | set(plan.grad_reduce)) - set(modules))
     if missing:
         raise TPPlanError(f"TPPlan: no module(s) {missing[:8]} in {type(model).__name__}")
     for path, attrs in plan.fixups.items():
@@ -436,6 +481,8 @@ def shard_module(model: nn.Module, plan: TPPlan, tp_group: dist.ProcessGroup | N
         setattr(model.get_submodule(parent) if parent else model, child, new)
     for path, attrs in plan.fixups.items():
         _divide_fixups(model.get_submodule(path) if path else model, attrs, tp)
+    for path in plan.grad_reduce:
+        _reduce_grads_of(model.get_submodule(path) if path else model, tp_group)
     return specs
 
 

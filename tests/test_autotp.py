@@ -18,6 +18,7 @@ from zerostep.parallel.tensor_parallel import plan_specs
 
 transformers = pytest.importorskip("transformers")
 
+HF_KINDS = ("gpt2", "opt", "llama", "mistral", "qwen2", "qwen3")
 TINY = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
@@ -40,17 +41,11 @@ def hf(kind: str, seed: int = 0, **kw) -> torch.nn.Module:
             **{"num_hidden_layers": 2, "max_position_embeddings": 32, **sizes, **TINY, **kw}
         )
         model = transformers.OPTForCausalLM(cfg)
-    else:
-        sizes = {
-            "hidden_size": 32,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "intermediate_size": 64,
-        }
-        cfg = transformers.LlamaConfig(
-            **{"num_hidden_layers": 2, "max_position_embeddings": 32, **sizes, **TINY, **kw}
-        )
-        model = transformers.LlamaForCausalLM(cfg)
+    else:  # LLaMA-style: llama, mistral, qwen2, qwen3
+        sizes = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+        shape = {"num_hidden_layers": 2, "intermediate_size": 64, "max_position_embeddings": 32}
+        cfg = transformers.AutoConfig.for_model(kind, **{**shape, **sizes, **TINY, **kw})
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
     return model.eval()
 
 
@@ -80,6 +75,10 @@ def test_known_policies_split_blocks_and_tie_embeddings_consistently():
     assert llama.layers["model.layers.0.mlp.gate_proj"] == "colwise"
     assert llama.layers["model.layers.0.self_attn.o_proj"] == "rowwise"
     assert llama.layers["model.embed_tokens"] == "vocab"
+    assert not llama.grad_reduce  # no per-head parameters; Qwen3's q/k norms act on the local heads
+    assert tp_plan(hf("qwen3"), 2).grad_reduce == {
+        f"model.layers.{i}.self_attn.{n}_norm" for i in range(2) for n in "qk"
+    }
     tied = hf("llama", tie_word_embeddings=True)
     tied_specs = plan_specs(tied, tp_plan(tied, 2), 2)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
@@ -177,7 +176,7 @@ def tp_rank(rank: int, world_size: int) -> dict:
     group = dist.group.WORLD
     ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(1))
     out = {"gpt": _compare(gpt(), ids, group)}
-    for kind in ("gpt2", "opt", "llama"):
+    for kind in HF_KINDS:
         out[kind] = _compare(hf(kind), ids, group)
     # inference: init_inference shards a copy (GPT-2 through DeepSpeed's injection_policy spelling, LLaMA
     # through its known policy); greedy decoding through the HF model's own generate
@@ -201,7 +200,7 @@ def tp_rank(rank: int, world_size: int) -> dict:
 
 def test_tp2_forward_gradients_and_generate_equal_unsharded():
     for out in spawn_ranks(tp_rank, 2, timeout=120):
-        for kind in ("gpt", "gpt2", "opt", "llama"):
+        for kind in ("gpt", *HF_KINDS):
             r = out[kind]
             assert r["sharded"] >= 8, (kind, r)
             assert r["logits"] < 1e-5 and r["copy"] < 1e-5, (kind, r)

@@ -104,6 +104,10 @@ def test_plan_specs_every_name_and_checks():
         plan_specs(Tiny(), TPPlan({"up": "vocab"}), 2)
     with pytest.raises(TPPlanError, match=r"no module\(s\) \['nope'\] in Tiny"):
         plan_specs(Tiny(), TPPlan({"nope": "colwise"}), 2)
+    with pytest.raises(TPPlanError, match=r"grad_reduce paths \['up'\] are also sharded layers"):
+        TPPlan({"up": "colwise"}, grad_reduce=frozenset({"up"}))
+    with pytest.raises(TPPlanError, match=r"no module\(s\) \['gone'\]"):
+        plan_specs(Tiny(), TPPlan({}, grad_reduce=frozenset({"gone"})), 2)
     with pytest.raises(TPPlanError, match="unknown style"):
         TPPlan({"up": "diagonal"})
     with pytest.raises(TPPlanError, match=r"transposed paths \['down'\] are not in layers"):
@@ -135,7 +139,25 @@ def compiled_rank(rank: int, world_size: int) -> dict:
     f(x).backward()
     eager, x.grad = x.grad.clone(), None
     torch.compile(f, fullgraph=True)(x).backward()
-    return {"eager": eager.tolist(), "compiled": x.grad.tolist()}
+    out = {"eager": eager.tolist(), "compiled": x.grad.tolist()}
+
+    # a grad_reduce module (per-head norm): its weight's gradient summed over the ranks
+    norm = nn.LayerNorm(3)
+    shard_module(norm, TPPlan({}, grad_reduce=frozenset({""})), group)
+
+    def g(x):
+        return (norm(x.detach() * (rank + 1) + torch.arange(3.0)) * torch.arange(3.0)).sum()
+
+    g(x).backward()
+    eager_w, norm.weight.grad = norm.weight.grad.clone(), None
+    torch.compile(g)(x).backward()  # the norm's forward is a graph break
+    local = nn.LayerNorm(3)  # this rank's own partial gradient
+    g_local = (local(x.detach() * (rank + 1) + torch.arange(3.0)) * torch.arange(3.0)).sum()
+    g_local.backward()
+    total = local.weight.grad.clone()
+    dist.all_reduce(total, group=group)
+    out["norm"] = [torch.allclose(eager_w, total), torch.allclose(norm.weight.grad, total)]
+    return out
 
 
 @pytest.mark.skipif(
@@ -145,4 +167,4 @@ def test_collectives_autograd_eager_and_compiled():
     # dL/dy = arange(6) on both ranks; rank r keeps slice r of the gathered gradient, scaled by (r + 1)
     # (rank 0: [0, 1, 2], rank 1: [6, 8, 10]), and copy_to_tp's backward sums them: [6, 9, 12]
     for out in spawn_ranks(compiled_rank, 2, timeout=240):
-        assert out == {"eager": [6.0, 9.0, 12.0], "compiled": [6.0, 9.0, 12.0]}
+        assert out == {"eager": [6.0, 9.0, 12.0], "compiled": [6.0, 9.0, 12.0], "norm": [True, True]}

@@ -36,12 +36,12 @@ along ``dim`` into ``tp_size`` shards with the ``fused`` part sizes; ``shard_of_
 reassemble the full tensor from all shards, at any TP size (checkpoints saved at one size load at
 another).
 
-Collectives: small ``autograd.Function``s over c10d (gloo and NCCL) in eager mode and over functional
-collectives while ``torch.compile`` traces (both checked on 2 gloo ranks, compiled with
-``fullgraph=True`` too). Neither ``torch.distributed.nn.functional.all_reduce`` nor the functional
-collectives' ``all_reduce`` fits: both differentiate as an all-reduce of the gradient (torch 2.13,
-measured), which is right for a loss summed over ranks but multiplies Megatron's gradients (one loss,
-replicated on every TP rank) by ``tp``.
+Collectives: small ``autograd.Function``s over c10d (any backend; run on gloo) in eager mode and over
+functional collectives while ``torch.compile`` traces (both checked on 2 gloo ranks, compiled with
+``fullgraph=True`` too, ZEROSTEP_SLOW_TESTS=1). Neither ``torch.distributed.nn.functional.all_reduce``
+nor the functional collectives' ``all_reduce`` fits: both differentiate as an all-reduce of the
+gradient (torch 2.13, measured), which is right for a loss summed over ranks but multiplies Megatron's
+gradients (one loss, replicated on every TP rank) by ``tp``.
 """
 
 from __future__ import annotations

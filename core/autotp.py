@@ -52,13 +52,13 @@ HF_POLICIES: dict[str, BlockPolicy] = {
         colwise=("attn.c_attn", "mlp.c_fc"),
         rowwise=("attn.c_proj", "mlp.c_proj"),
         fused=("attn.c_attn",),
-        fixups={"attn": ("num_heads", "split_size")},
+        fixups={"attn": ("num_heads", "split_size", "embed_dim")},  # embed_dim: 4.45 views the output to it
     ),
     "opt": BlockPolicy(
         "OPTDecoderLayer",
         colwise=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1"),
         rowwise=("self_attn.out_proj", "fc2"),
-        fixups={"self_attn": ("num_heads",)},
+        fixups={"self_attn": ("num_heads", "embed_dim")},  # embed_dim: older 4.x reshape to it
     ),
 }
 
@@ -93,6 +93,8 @@ USER_POLICY_FIXUPS = (
     "num_key_value_heads",
     "num_kv_heads",
     "split_size",
+    "embed_dim",
+    "all_head_size",
 )
 _FUSED_NAMES = ("c_attn", "qkv", "qkv_proj", "Wqkv")
 

@@ -58,7 +58,7 @@ HF_POLICIES: dict[str, BlockPolicy] = {
         "OPTDecoderLayer",
         colwise=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1"),
         rowwise=("self_attn.out_proj", "fc2"),
-        fixups={"self_attn": ("num_heads", "embed_dim")},  # embed_dim: older 4.x reshape to it
+        fixups={"self_attn": ("num_heads", "embed_dim")},  # embed_dim: unread by 4.45-5.x forwards
     ),
 }
 

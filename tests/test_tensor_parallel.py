@@ -161,7 +161,7 @@ def compiled_rank(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.skipif(
-    os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="compiles: ~30 s; ZEROSTEP_SLOW_TESTS=1"
+    os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="compiles: ~10 s; ZEROSTEP_SLOW_TESTS=1"
 )
 def test_collectives_autograd_eager_and_compiled():
     # dL/dy = arange(6) on both ranks; rank r keeps slice r of the gathered gradient, scaled by (r + 1)

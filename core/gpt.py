@@ -40,9 +40,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x [B, T, C]
-        # [B, T, C] -> [B, n_head, T, C // n_head]
+        B, T, _ = x.shape
+        qkv = self.qkv(x)  # [B, T, 3C]; under tensor parallelism this rank's heads: [B, T, 3C / tp]
+        C = qkv.shape[-1] // 3
+        q, k, v = qkv.split(C, dim=2)  # 3 x [B, T, C]
+        # [B, T, C] -> [B, n_head, T, C // n_head] (n_head: this rank's heads under tensor parallelism)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0

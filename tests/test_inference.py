@@ -207,8 +207,8 @@ def tp_rank(rank: int, world_size: int, path: str) -> dict:
         gpt(cfg, seed=5), dtype="fp32", checkpoint=path, tensor_parallel={"tp_size": world_size}
     )
     return {
-        "qkv_local_rows": served.module.blocks[0].attn.qkv.weight.to_local().shape[0],
-        "fc_local_rows": served.module.blocks[0].fc.weight.to_local().shape[0],
+        "qkv_local_rows": served.module.blocks[0].attn.qkv.weight.shape[0],
+        "fc_local_rows": served.module.blocks[0].fc.weight.shape[0],
         "max_diff": (served(x) - ref).abs().max().item(),
         "same_tokens": torch.equal(served.generate(x[0, :6], 2, seed=3), ref_tokens),
     }

@@ -4,8 +4,9 @@ DeepSpeed merges a config (dict or JSON path) with keyword arguments (kwargs win
 with different values is an error) and validates it with ``extra="forbid"``. The same happens here, into
 a frozen ``InferenceConfig``. Each DeepSpeed key is in one of two sets:
 
-- ``_ACTED_ON``: keys this engine implements (dtype, tensor_parallel/mp_size, replace_with_kernel_inject,
-  enable_cuda_graph, checkpoint, max_out_tokens, quant, keep_module_on_host, return_tuple);
+- ``_ACTED_ON``: keys this engine implements (dtype, tensor_parallel/mp_size, injection_policy,
+  replace_with_kernel_inject, enable_cuda_graph, checkpoint, max_out_tokens, quant, keep_module_on_host,
+  return_tuple);
 - ``_NO_EFFECT``: keys that configure DeepSpeed's own CUDA kernels, MoE inference or checkpoint resharding
   tools; given with a value other than DeepSpeed's default they warn that they have no effect here.
 
@@ -53,7 +54,6 @@ _NO_EFFECT: dict[str, Any] = {
     "base_dir": "",
     "training_mp_size": 1,
     "replace_method": "auto",
-    "injection_policy": None,
     "injection_dict": None,
     "injection_policy_tuple": None,
     "config": None,
@@ -82,6 +82,7 @@ _ACTED_ON = {
     "quant",
     "keep_module_on_host",
     "return_tuple",
+    "injection_policy",
 }
 
 _TP_KEYS = {"enabled", "tp_size", "tp_grain_size", "mpu", "tp_group"}
@@ -106,6 +107,8 @@ class InferenceConfig:
     max_out_tokens: int = 1024
     int8_weights: bool = False  # nn.Linear weights int8, per-output-channel symmetric scales
     keep_module_on_host: bool = False
+    # DeepSpeed's injection_policy: {block class or class name: row-parallel linear paths in the block}
+    injection_policy: dict | None = None
 
 
 def _load(config: Any) -> dict:
@@ -240,6 +243,32 @@ def _checkpoint(value: Any) -> str | None:
     )
 
 
+def _injection_policy(value: Any, tp_size: int) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(
+            "init_inference: injection_policy must be a non-empty dict {BlockClass: ('attn.c_proj', ...)}, "
+            f"got {value!r}"
+        )
+    policy = {}
+    for key, names in value.items():
+        names = (names,) if isinstance(names, str) else names
+        if (
+            not (isinstance(key, (str, type)))
+            or not isinstance(names, (tuple, list))
+            or not all(isinstance(n, str) for n in names)
+        ):
+            raise ConfigError(
+                "init_inference: injection_policy maps a block class (or its name) to the names of its "
+                f"row-parallel linears, got {key!r}: {names!r}"
+            )
+        policy[key] = tuple(names)
+    if tp_size == 1:
+        warnings.warn("init_inference: injection_policy has no effect with tp_size 1", stacklevel=3)
+    return policy
+
+
 def parse(config: Any = None, **kwargs: Any) -> InferenceConfig:
     """``init_inference(model, config, **kwargs)``'s configuration, merged and checked."""
     merged = merge(config, kwargs)
@@ -259,13 +288,15 @@ def parse(config: Any = None, **kwargs: Any) -> InferenceConfig:
     max_out = int(merged.get("max_out_tokens", 1024))
     if max_out <= 0:
         raise ConfigError(f"init_inference: max_out_tokens must be > 0, got {max_out}")
+    tp_size = _tp_size(merged)
     return InferenceConfig(
         dtype=dtype,
-        tp_size=_tp_size(merged),
+        tp_size=tp_size,
         kernel_inject=bool(merged.get("replace_with_kernel_inject", False)),
         enable_cuda_graph=bool(merged.get("enable_cuda_graph", False)),
         checkpoint=_checkpoint(merged.get("checkpoint")),
         max_out_tokens=max_out,
         int8_weights=_int8_weights(merged, dtype),
         keep_module_on_host=bool(merged.get("keep_module_on_host", False)),
+        injection_policy=_injection_policy(merged.get("injection_policy"), tp_size),
     )

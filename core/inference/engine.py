@@ -21,7 +21,7 @@ from torch import nn
 from zerostep.core.inference.config import InferenceConfig
 from zerostep.core.inference.loading import load_into
 from zerostep.core.inference.quantize import quantize_linears
-from zerostep.core.inference.tensor_parallel import apply_tensor_parallel, check_divides
+from zerostep.core.inference.tensor_parallel import apply_tensor_parallel, checked_plan
 from zerostep.errors import ConfigError
 
 
@@ -67,7 +67,7 @@ class InferenceEngine(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"init_inference: model must be a torch.nn.Module, got {type(model).__name__}")
         if config.tp_size > 1:
-            check_divides(model, config.tp_size)  # before any work: a bad tp_size fails first
+            checked_plan(model, config.tp_size, config.injection_policy)  # a bad tp_size fails first
             if config.int8_weights:
                 raise ConfigError(
                     "init_inference: int8 weights with tensor_parallel.tp_size > 1 are not supported"
@@ -81,7 +81,12 @@ class InferenceEngine(nn.Module):
         device = _device(config)
         if device is not None:
             model.to(device)
-        self.mesh = apply_tensor_parallel(model, config.tp_size) if config.tp_size > 1 else None
+        # name -> ShardSpec (which parameters hold a shard, and of what), None without tensor parallelism
+        self.tp_specs = (
+            apply_tensor_parallel(model, config.tp_size, config.injection_policy)
+            if config.tp_size > 1
+            else None
+        )
         self.quantized_linears = quantize_linears(model) if config.int8_weights else 0
         model.eval()
         model.requires_grad_(False)

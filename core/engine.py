@@ -159,6 +159,7 @@ class Engine:
         self.world_size, self.rank = self.mesh.dp_size, self.mesh.dp_rank
         # tensor_parallel.autotp_size: the model's planned weights sharded in place (core/model_parallel.py)
         self.tp_specs = model_parallel.shard_model(model, config, self.mesh)
+        self._batch_unchecked = True  # the first step checks that the TP ranks got the same batch
         self._batch_spec: BatchSpec | None = None  # the first step's batch (compiled engines)
         self._out_of_step: str | None = None  # why a failed step left the ranks out of step, if it did
         # Everything up to the vote is local: a rank that fails here still votes (with its error), so
@@ -674,6 +675,9 @@ class Engine:
             batch = to_device(batch, self.device, self.compute_dtype)
             spec = self._check_batch_spec(batch)
             pieces = micro_batches(batch, plan.micro_batch_size, plan.accumulation_steps)
+            if self.tp_specs is not None and self._batch_unchecked:  # once: TP ranks share the batch
+                model_parallel.check_same_batch(self.mesh, batch, self.device)
+                self._batch_unchecked = False
         except Exception as error:
             if self.world_size == 1:
                 raise

@@ -171,12 +171,6 @@ def shard_model(model: nn.Module, config: Any, mesh: ParallelMesh) -> dict[str, 
             f"tensor_parallel.autotp_size = {tp} needs the engine's mesh to be its tensor-parallel mesh "
             f"(parallel.mesh.tensor_parallel_mesh({tp})), got {mesh.describe()}"
         )
-    stage = int(config.zero_optimization.stage)
-    if stage == 3:
-        raise ValueError(
-            f"tensor_parallel.autotp_size = {tp} with zero_optimization.stage = 3: not supported (as in "
-            "DeepSpeed, AutoTP training combines with ZeRO stages 0-2); use stage 2 for sharded gradients"
-        )
     from zerostep.core.autotp import tp_plan
     from zerostep.parallel.tensor_parallel import shard_module
 
@@ -251,3 +245,33 @@ def full_shapes(specs: dict[str, Any], layouts: dict[str, FlatLayout]) -> dict[s
                 shape[spec.dim] *= spec.tp_size
             out[e.name] = tuple(shape)
     return out
+
+
+def check_same_batch(mesh: ParallelMesh, batch: Any, device: torch.device) -> None:
+    """Tensor parallelism: every rank of a tensor-parallel group must get the same batch (its ranks
+    compute one replica's forward together; DeepSpeed checks this on the first forward too). Compares a
+    signature of the batch's tensors (count, sum, position-weighted sum, in float64) over the TP group;
+    a ``ValueError`` on every rank of the group when they differ. Collective over the TP group."""
+    import optree
+    import torch.distributed as dist
+
+    leaves = [t for t in optree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    parts = []
+    for t in leaves:
+        flat = t.detach().reshape(-1).to(device=device, dtype=torch.float64)
+        weights = torch.arange(1, flat.numel() + 1, device=device, dtype=torch.float64)
+        parts.append(torch.stack([flat.new_tensor(float(flat.numel())), flat.sum(), (flat * weights).sum()]))
+    sig = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(mesh.tp_size)]
+    dist.all_gather(sizes, torch.tensor([sig.numel()], device=device), group=mesh.tp_group)
+    same = len({int(s.item()) for s in sizes}) == 1
+    if same:
+        sigs = [torch.empty_like(sig) for _ in range(mesh.tp_size)]
+        dist.all_gather(sigs, sig, group=mesh.tp_group)
+        same = all(torch.equal(s, sigs[0]) for s in sigs)
+    if not same:
+        raise ValueError(
+            f"tensor parallelism: the ranks of a tensor-parallel group got different batches "
+            f"({mesh.describe()}); they compute one model replica together, so give each data-parallel "
+            "replica's ranks the same samples (shard the data by the data-parallel rank, engine.rank)"
+        )

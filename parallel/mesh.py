@@ -204,10 +204,11 @@ def mesh_from_mpu(mpu: Any) -> ParallelMesh:
             f"mpu={name}: data-parallel rank {dp_rank} of {dp_size}, model-parallel rank {mp_rank} of "
             f"{mp_size}: a rank must lie in [0, size)"
         )
-    if world % (dp_size * mp_size):
+    if dp_size * mp_size != world:
         raise ValueError(
-            f"mpu={name}: data-parallel size {dp_size} x model-parallel size {mp_size} does not divide "
-            f"the world size {world}"
+            f"mpu={name}: data-parallel size {dp_size} x model-parallel size {mp_size} != world size "
+            f"{world}; every rank must be one model-parallel rank of one data-parallel replica "
+            "(pipeline parallelism through an mpu is not supported)"
         )
     dp_group = mpu.get_data_parallel_group() if dp_size > 1 else None
     mp_group = mpu.get_model_parallel_group() if mp_size > 1 else None

@@ -65,6 +65,7 @@ from zerostep.core.config.schedules import (
 )
 from zerostep.core.config.tensor_parallel import (
     TensorParallelConfig,
+    check_zero_stage,
     data_parallel_size,
     parse_tensor_parallel,
 )
@@ -268,6 +269,7 @@ def _parse(
     else:
         zero = parse_zero(top.child("zero_optimization"))
     check_low_precision_master(fp16, bf16, zero.stage)
+    check_zero_stage(tensor_parallel, int(zero.stage))
     optimizer = parse_optimizer(top.child("optimizer"))
     scheduler = parse_scheduler(top.child("scheduler"), optimizer)
     config = dict(

@@ -53,6 +53,15 @@ def parse_tensor_parallel(block: Block | None) -> TensorParallelConfig:
     return TensorParallelConfig(autotp_size=size)
 
 
+def check_zero_stage(tp: TensorParallelConfig, stage: int) -> None:
+    """AutoTP trains with ZeRO stages 0-2 (DeepSpeed asserts the same): stage 3 is refused."""
+    if tp.size > 1 and stage == 3:
+        raise ConfigError(
+            f"tensor_parallel.autotp_size = {tp.size} with zero_optimization.stage = 3: not supported (as "
+            "in DeepSpeed, AutoTP training combines with ZeRO stages 0-2); use stage 2 to shard gradients"
+        )
+
+
 def data_parallel_size(world_size: int | None, resolved: int, tp: TensorParallelConfig) -> int:
     """The batch triple's world size: ``world_size`` when given (it counts data-parallel ranks), else
     the process group's size ``resolved`` over the tensor-parallel size, which must divide it."""

@@ -179,7 +179,7 @@ def test_tensor_parallel_and_an_mpu_train_like_one_process_and_checkpoints_cross
     ref_engine.save(ref_state, tmp_path / "tp1")
     net_params, net_norms = reference_net()
     results = spawn_ranks(two_ranks, 2, str(tmp_path / "tp1"), str(tmp_path), timeout=240)
-    for rank, out in enumerate(results):
+    for out in results:
         assert_close(out["tp_params"], ref_params)
         assert out["tp_norms"] == pytest.approx(ref_norms, rel=1e-5)
         assert_close(out["tp1_loaded"], ref_params, atol=0)  # exact: shards of the saved tensors

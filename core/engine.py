@@ -157,19 +157,21 @@ class Engine:
         self.mesh = mesh if mesh is not None else model_parallel.mesh_for(config)
         self.group = self.mesh.dp_group
         self.world_size, self.rank = self.mesh.dp_size, self.mesh.dp_rank
-        # tensor_parallel.autotp_size: the model's planned weights sharded in place (core/model_parallel.py)
-        self.tp_specs = model_parallel.shard_model(model, config, self.mesh)
-        self._batch_unchecked = True  # the first step checks that the TP ranks got the same batch
+        self.tp_specs = None
+        self._batch_unchecked = True  # AutoTP: the first step checks that the TP ranks got the same batch
         self._batch_spec: BatchSpec | None = None  # the first step's batch (compiled engines)
         self._out_of_step: str | None = None  # why a failed step left the ranks out of step, if it did
         # Everything up to the vote is local: a rank that fails here still votes (with its error), so
         # the others raise at once instead of waiting for it in a collective (core/agreement.py).
+        agree_over = model_parallel.agreement_group(self.mesh)  # AutoTP: every rank alike
         try:
+            # tensor_parallel.autotp_size: the planned weights sharded in place (core/model_parallel.py)
+            self.tp_specs = model_parallel.shard_model(model, config, self.mesh)
             self._plan_locally(model, config, param_groups)
         except Exception as error:
-            agreement.agree_after_failure(error, self.group)
+            agreement.agree_after_failure(error, agree_over)
             raise
-        agreement.agree(self._facts(param_groups), self.group)
+        agreement.agree(self._facts(param_groups), agree_over)
         # Gloo ranks on one host exchange through /dev/shm instead of loopback TCP (parallel/shm.py).
         self.shared_memory = self.world_size > 1 and attach_shared_memory(self.group)  # False for one rank
         self._build_phases()

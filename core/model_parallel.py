@@ -49,6 +49,16 @@ def mesh_for(config: Any, mpu: Any = None, mesh: ParallelMesh | None = None) -> 
     return world_mesh()
 
 
+def agreement_group(mesh: ParallelMesh) -> Any:
+    """The ranks that must build identical engines: every rank under AutoTP (one model, equal shards,
+    one config), else the data-parallel group (an mpu's model-parallel ranks hold different parts)."""
+    import torch.distributed as dist
+
+    if mesh.source == "tensor_parallel" and mesh.world_size > 1:
+        return dist.group.WORLD
+    return mesh.dp_group
+
+
 def model_parallel_names(model: nn.Module) -> set[str]:
     """Parameters a Megatron model marks as split over the model-parallel group (``model_parallel`` or
     ``tensor_model_parallel`` true, as DeepSpeed's ``is_model_parallel_parameter`` reads them)."""

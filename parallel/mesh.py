@@ -169,9 +169,20 @@ def tensor_parallel_mesh(tp_size: int) -> ParallelMesh:
     )
 
 
+def _method(mpu: Any, name: str) -> Any:
+    """``mpu.<name>``, or its ``get_tensor_model_parallel_*`` twin (Megatron-core's spelling, which
+    DeepSpeed's bwc helpers accept too) for a model-parallel method the mpu lacks; None if neither."""
+    for candidate in (name, name.replace("get_model_parallel_", "get_tensor_model_parallel_")):
+        method = getattr(mpu, candidate, None)
+        if callable(method):
+            return method
+    return None
+
+
 def check_mpu(mpu: Any) -> None:
-    """``mpu`` has Megatron's model-parallel-unit methods: a ``TypeError`` naming the missing ones."""
-    missing = [m for m in MPU_METHODS if not callable(getattr(mpu, m, None))]
+    """``mpu`` has Megatron's model-parallel-unit methods (a model-parallel one may be spelled
+    ``get_tensor_model_parallel_*``): a ``TypeError`` naming the missing ones."""
+    missing = [m for m in MPU_METHODS if _method(mpu, m) is None]
     if missing:
         raise TypeError(
             f"mpu={type(mpu).__name__} lacks the model-parallel-unit method(s) {', '.join(missing)}; "
@@ -182,11 +193,11 @@ def check_mpu(mpu: Any) -> None:
 def _mpu_tp_rank(mpu: Any) -> int:
     """The rank that decides who counts replicated parameters: the tensor-model-parallel rank where the
     mpu has one (DeepSpeed's bwc_tensor_model_parallel_rank), else the model-parallel rank."""
-    for name in ("get_tensor_model_parallel_rank", "get_slice_parallel_rank", "get_model_parallel_rank"):
+    for name in ("get_tensor_model_parallel_rank", "get_slice_parallel_rank"):
         method = getattr(mpu, name, None)
         if callable(method):
             return int(method())
-    raise AssertionError("unreachable: check_mpu requires get_model_parallel_rank")
+    return int(_method(mpu, "get_model_parallel_rank")())
 
 
 def mesh_from_mpu(mpu: Any) -> ParallelMesh:
@@ -197,7 +208,8 @@ def mesh_from_mpu(mpu: Any) -> ParallelMesh:
     check_mpu(mpu)
     rank, world = _world()
     dp_size, dp_rank = int(mpu.get_data_parallel_world_size()), int(mpu.get_data_parallel_rank())
-    mp_size, mp_rank = int(mpu.get_model_parallel_world_size()), int(mpu.get_model_parallel_rank())
+    mp_size = int(_method(mpu, "get_model_parallel_world_size")())
+    mp_rank = int(_method(mpu, "get_model_parallel_rank")())
     name = type(mpu).__name__
     if not (0 <= dp_rank < dp_size and 0 <= mp_rank < mp_size):
         raise ValueError(
@@ -211,7 +223,7 @@ def mesh_from_mpu(mpu: Any) -> ParallelMesh:
             "(pipeline parallelism through an mpu is not supported)"
         )
     dp_group = mpu.get_data_parallel_group() if dp_size > 1 else None
-    mp_group = mpu.get_model_parallel_group() if mp_size > 1 else None
+    mp_group = _method(mpu, "get_model_parallel_group")() if mp_size > 1 else None
     dp_ranks: tuple[int, ...] = (rank,)
     if dp_group is not None:
         if dist.get_world_size(dp_group) != dp_size or dist.get_rank(dp_group) != dp_rank:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zerostep.parallel.mesh import MPU_METHODS, check_mpu, check_tp_size, layout, world_mesh
+from zerostep.parallel.mesh import MPU_METHODS, check_mpu, check_tp_size, layout, mesh_from_mpu, world_mesh
 
 
 @given(st.integers(1, 8), st.integers(1, 6))
@@ -57,3 +57,39 @@ def test_one_process_is_a_world_mesh_of_one_data_parallel_rank():
     mesh = world_mesh()
     assert (mesh.dp_group, mesh.dp_rank, mesh.dp_size, mesh.tp_size, mesh.tp_group) == (None, 0, 1, 1, None)
     assert mesh.is_world and mesh.counts_replicated
+
+
+class OneRankMPU:
+    """Megatron-core's spelling of the model-parallel methods, for one process."""
+
+    def __init__(self, dp: int = 1, mp: int = 1):
+        self.dp, self.mp = dp, mp
+
+    def get_tensor_model_parallel_rank(self):
+        return 0
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.mp
+
+    def get_tensor_model_parallel_group(self):
+        return None
+
+    def get_data_parallel_group(self):
+        return None
+
+    def get_data_parallel_rank(self):
+        return 0
+
+    def get_data_parallel_world_size(self):
+        return self.dp
+
+
+def test_an_mpu_may_spell_its_model_parallel_methods_tensor_model_parallel():
+    mesh = mesh_from_mpu(OneRankMPU())
+    assert (mesh.dp_size, mesh.tp_size, mesh.source, mesh.counts_replicated) == (1, 1, "mpu", True)
+    assert mesh.is_world
+
+
+def test_an_mpu_whose_sizes_do_not_cover_the_world_is_refused():
+    with pytest.raises(ValueError, match=r"data-parallel size 2 x model-parallel size 1 != world size 1"):
+        mesh_from_mpu(OneRankMPU(dp=2))

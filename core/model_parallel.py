@@ -37,8 +37,8 @@ def mesh_for(config: Any, mpu: Any = None, mesh: ParallelMesh | None = None) -> 
         raise ValueError("pass either mesh= or mpu=, not both")
     if given and tp > 1:
         raise ValueError(
-            f"tensor_parallel.autotp_size = {tp} builds its own mesh; it cannot be combined with "
-            f"{given[0]}= (give the groups one way)"
+            f"tensor_parallel.autotp_size = {tp} builds its own mesh; it cannot be combined with an "
+            "mpu= or mesh= (give the groups one way)"
         )
     if mesh is not None:
         return mesh

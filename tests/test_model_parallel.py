@@ -11,6 +11,7 @@ back. The 4-rank meshes (an mpu of DP=2 x MP=2, TP=2 x DP=2) run with ``ZEROSTEP
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -148,8 +149,18 @@ def two_ranks(rank, world, tp1_dir, root):
     except ValueError as e:
         out["mismatch"] = str(e)
     # DeepSpeed facade, an mpu of DP=1 x MP=2
-    out["mpu"] = facade_mpu_run(2, os.path.join(root, "mpu"))
+    mpu_root = os.path.join(root, "mpu")
+    out["mpu"] = facade_mpu_run(2, mpu_root)
+    # functional API with an mpu: a parameter marked tensor_model_parallel counts on every MP rank
+    model = Net()
+    model.inp.weight.tensor_model_parallel = True
+    engine = initialize(model, net_config(), loss_fn=net_loss, compile=False, mpu=GridMPU(2))
+    out["marked_norm"] = float(engine.step(engine.init(), net_batches()[0]).metrics.grad_norm)
     return out
+
+
+def net_loss(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
 
 
 def reference_gpt(stage: int = 0):
@@ -159,7 +170,7 @@ def reference_gpt(stage: int = 0):
 
 
 def reference_net():
-    engine = initialize(Net(), net_config(), loss_fn=lambda m, b: F.mse_loss(m(b[0]), b[1]), compile=False)
+    engine = initialize(Net(), net_config(), loss_fn=net_loss, compile=False)
     state, norms = engine.init(), []
     for b in net_batches():
         state = engine.step(state, b)
@@ -178,6 +189,9 @@ def test_tensor_parallel_and_an_mpu_train_like_one_process_and_checkpoints_cross
     ref_params = ref_engine.full_params(ref_state)
     ref_engine.save(ref_state, tmp_path / "tp1")
     net_params, net_norms = reference_net()
+    model = Net()
+    net_loss(model, net_batches()[0]).backward()
+    marked = float(model.inp.weight.grad.norm())
     results = spawn_ranks(two_ranks, 2, str(tmp_path / "tp1"), str(tmp_path), timeout=240)
     for out in results:
         assert_close(out["tp_params"], ref_params)
@@ -188,6 +202,8 @@ def test_tensor_parallel_and_an_mpu_train_like_one_process_and_checkpoints_cross
         assert_close(trained, net_params)
         assert norms == pytest.approx(net_norms, rel=1e-5)  # replicated parameters counted once
         assert listing == ["latest", "mp_rank_00", "mp_rank_01"] and back and tag == f"global_step{STEPS}"
+        # both MP ranks add the marked weight's (here equal) gradient: its square counts twice
+        assert out["marked_norm"] == pytest.approx(math.sqrt(net_norms[0] ** 2 + marked**2), rel=1e-5)
     # the TP=2 checkpoint holds full tensors under the model's names: a one-process engine loads it
     one = initialize(gpt(), gpt_config(0), loss_fn=lm_loss, compile=False)
     assert_close(one.full_params(one.load(tmp_path / "tp2")), results[0]["tp_params"], atol=0)

@@ -75,7 +75,9 @@ def save(
     async_save: bool = False,
     fsync: bool = True,
     update_latest: bool = True,
+    group: Any = None,
 ) -> SaveHandle:
+    """``group``: the saving ranks' own gloo group when they are not the world (core/mp_checkpoint.py)."""
     plan = engine.plan
     step = int(state.step)
     tag = tag or f"global_step{step}"
@@ -130,6 +132,7 @@ def save(
         fsync=fsync,
         async_save=async_save,
         update_latest=update_latest,
+        group=group,
     )
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerostep import optim
-from zerostep.core import activation_checkpointing, agreement, deferred_init
+from zerostep.core import activation_checkpointing, agreement, deferred_init, model_parallel
 from zerostep.core import offload as offloading
 from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.autocast import autocast_plan_of, check_autocast_model, loss_scaling_of, under_autocast
@@ -83,6 +83,7 @@ from zerostep.parallel.collectives import (
     attach_shared_memory,
 )
 from zerostep.parallel.flat import FlatLayout
+from zerostep.parallel.mesh import ParallelMesh
 from zerostep.parallel.zero3 import ROOT_UNIT, Unit, Zero3Runner, plan_units, unit_module_paths
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -95,6 +96,8 @@ def initialize(
     loss_fn: LossFn | None = None,
     compile: bool = True,
     param_groups: list[ParamGroup] | None = None,
+    mpu: Any = None,
+    mesh: ParallelMesh | None = None,
 ) -> Engine | Any:
     """Build an ``Engine`` for ``model`` from a ``Config``, a DeepSpeed config dict or a JSON path.
 
@@ -102,6 +105,9 @@ def initialize(
     exists yet; otherwise runs as one process. ``param_groups``: torch-style parameter groups with their
     own ``lr`` / ``weight_decay`` (core/param_groups.py); every trainable parameter in one group.
     A ``zerostep.pipe.PipelineModule`` gets a ``core.pipeline_engine.PipelineEngine`` instead.
+    ``mpu``: a Megatron model-parallel unit, or ``mesh``: a ``parallel.mesh.ParallelMesh``, whose
+    data-parallel group the engine trains over (core/model_parallel.py); the config's
+    ``tensor_parallel.autotp_size`` builds such a mesh itself.
     """
     dist_groups.maybe_init_distributed()
     from zerostep.core.pipeline_module import PipelineModule
@@ -109,20 +115,26 @@ def initialize(
     if isinstance(model, PipelineModule):  # its own engine: core/pipeline_engine.py
         from zerostep.core.pipeline_engine import PipelineEngine
 
+        if mpu is not None or mesh is not None:
+            raise ValueError("a PipelineModule builds its own mesh (PipelineModule(num_stages=...)); no mpu")
         if loss_fn is not None or param_groups is not None:
             raise ValueError(
                 "a PipelineModule has its own loss (PipelineModule(loss_fn=...)) and no param_groups"
             )
         return PipelineEngine(model, config, compile=compile)
+    if mpu is not None:  # the batch triple needs the mpu's data-parallel size
+        mesh, mpu = model_parallel.mesh_for(None, mpu, mesh), None
+    dp_size = mesh.dp_size if mesh is not None else None
     if isinstance(config, Config):
         cfg = config
     elif isinstance(config, dict):
-        cfg = Config.from_dict(config)
+        cfg = Config.from_dict(config, world_size=dp_size)
     elif isinstance(config, (str, os.PathLike)):
-        cfg = Config.from_file(config)
+        cfg = Config.from_file(config, world_size=dp_size)
     else:
         raise TypeError(f"config must be a Config, a dict or a path, got {type(config).__name__}")
-    return Engine(model, cfg, loss_fn=loss_fn, compile=compile, param_groups=param_groups)
+    mesh = model_parallel.mesh_for(cfg, None, mesh)
+    return Engine(model, cfg, loss_fn=loss_fn, compile=compile, param_groups=param_groups, mesh=mesh)
 
 
 class Engine:
@@ -136,26 +148,33 @@ class Engine:
         loss_fn: LossFn | None = None,
         compile: bool = True,
         param_groups: list[ParamGroup] | None = None,
+        mesh: ParallelMesh | None = None,
     ):
         self.model = model
         self.config = config
         self.loss_fn = loss_fn
         self.compile = compile
-        self.group = dist_groups.dp_group() if dist.is_initialized() else None
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        # data-parallel group, rank and size: the world, or one axis of a model-parallel mesh
+        self.mesh = mesh if mesh is not None else model_parallel.mesh_for(config)
+        self.group = self.mesh.dp_group
+        self.world_size, self.rank = self.mesh.dp_size, self.mesh.dp_rank
+        self.tp_specs = None
+        self._batch_unchecked = True  # AutoTP: the first step checks that the TP ranks got the same batch
         self._batch_spec: BatchSpec | None = None  # the first step's batch (compiled engines)
         self._out_of_step: str | None = None  # why a failed step left the ranks out of step, if it did
         # Everything up to the vote is local: a rank that fails here still votes (with its error), so
         # the others raise at once instead of waiting for it in a collective (core/agreement.py).
+        agree_over = model_parallel.agreement_group(self.mesh)  # AutoTP: every rank alike
         try:
+            # tensor_parallel.autotp_size: the planned weights sharded in place (core/model_parallel.py)
+            self.tp_specs = model_parallel.shard_model(model, config, self.mesh)
             self._plan_locally(model, config, param_groups)
         except Exception as error:
-            agreement.agree_after_failure(error, self.group)
+            agreement.agree_after_failure(error, agree_over)
             raise
-        agreement.agree(self._facts(param_groups), self.group)
+        agreement.agree(self._facts(param_groups), agree_over)
         # Gloo ranks on one host exchange through /dev/shm instead of loopback TCP (parallel/shm.py).
-        self.shared_memory = attach_shared_memory(self.group)  # False for one rank
+        self.shared_memory = self.world_size > 1 and attach_shared_memory(self.group)  # False for one rank
         self._build_phases()
 
     def _plan_locally(self, model: nn.Module, config: Config, param_groups: list[ParamGroup] | None) -> None:
@@ -218,6 +237,7 @@ class Engine:
             rank=self.rank,
             overlap_comm=False,  # decided in _build_phases, once the shared-memory channel is known
             offload_optimizer=self.offload_settings is not None,
+            model_parallel=model_parallel.norm_share(self.mesh, model, layouts, self.tp_specs, stage),
         )
         self.optimizer_state_dtype = optimizer_state_dtype_of(config)
         if config.optimizer is None:
@@ -227,6 +247,7 @@ class Engine:
             )
         self.group_options = self._group_options(param_groups, set(trainable))
         self.optimizer = self._build_optimizer()
+        model_parallel.check_optimizer(self.mesh, self.optimizer.name, config.optimizer.type)
         if self.offload_settings is not None:  # before the ranks' first collective
             offloading.check_optimizer(self.optimizer.name)
         self.lr_at = optim.lr_schedule(config.scheduler, self.optimizer.lr)
@@ -500,7 +521,7 @@ class Engine:
             full = layout.flatten({n: values[n].detach() for n in layout.names}, dtype=plan.master_dtype)
             full = full.to(self.device)  # [padded_numel]
             if broadcast:
-                dist.broadcast(full, src=0, group=self.group)
+                dist.broadcast(full, group_src=0, group=self.group)
             shard = layout.shard(full, self.rank).clone() if plan.sharded_master else full
             master[g] = shard if self._offload is None else self._offload.transfer.host_copy(shard)
             if plan.params_alias_master:
@@ -591,10 +612,10 @@ class Engine:
         manifest, atomically; ``latest`` is updated last (``update_latest=False``: left as it is). Every
         rank calls it. With ``async_save`` the tensors are snapshotted now and written by a thread: the
         returned handle's ``wait()`` joins it."""
-        from zerostep.core import checkpointing
+        from zerostep.core import mp_checkpoint  # core/checkpointing.py for the world mesh
 
         check_not_consumed(state, "engine.save")
-        return checkpointing.save(
+        return mp_checkpoint.save(
             self,
             state,
             save_dir,
@@ -623,9 +644,9 @@ class Engine:
         reused, so a resume holds one copy of the model state instead of two. It is donated as
         ``engine.step``'s input is (consumed once the load succeeds); a checkpoint that fails a check
         raises before any of its buffers is written."""
-        from zerostep.core import checkpointing
+        from zerostep.core import mp_checkpoint
 
-        state, client = checkpointing.load(
+        state, client = mp_checkpoint.load(
             self, load_dir, tag, load_optimizer_states=load_optimizer_states, into=into
         )
         if self._offload is not None:  # read onto the device; master and optimizer state go to the host
@@ -662,6 +683,9 @@ class Engine:
             batch = to_device(batch, self.device, self.compute_dtype)
             spec = self._check_batch_spec(batch)
             pieces = micro_batches(batch, plan.micro_batch_size, plan.accumulation_steps)
+            if self.tp_specs is not None and self._batch_unchecked:  # once: TP ranks share the batch
+                model_parallel.check_same_batch(self.mesh, batch, self.device)
+                self._batch_unchecked = False
         except Exception as error:
             if self.world_size == 1:
                 raise

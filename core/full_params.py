@@ -28,5 +28,9 @@ def full_params(engine: Any, state: TrainState) -> dict[str, torch.Tensor]:
     for g, full in gathered_flats(engine, state).items():
         for name, view in engine.plan.layouts[g].unflatten(full).items():
             by_name[name] = view.to(torch.float32, copy=True)  # a low-precision master, widened
+    if getattr(engine, "tp_specs", None) is not None:  # AutoTP shards -> full tensors (model_parallel.py)
+        from zerostep.core.model_parallel import full_tensors
+
+        by_name = full_tensors(engine.mesh, engine.tp_specs, by_name)
     order = [n for n, _ in engine.model.named_parameters() if n in by_name]
     return {n: by_name[n] for n in order}

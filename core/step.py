@@ -88,6 +88,8 @@ class StepPlan:
     grad_accum_dtype: torch.dtype | None = None  # data_types.grad_accum_dtype; None: the compute dtype
     master_dtype: torch.dtype = torch.float32  # *_master_weights_and_grads: the compute dtype
     offload_optimizer: bool = False  # master and optimizer state in host memory (core/offload.py)
+    # model parallelism: the norm's share and its sum over the MP group (core/model_parallel.ReplicaNorm)
+    model_parallel: Any = None
 
     @property
     def accumulation_dtype(self) -> torch.dtype:
@@ -444,7 +446,7 @@ def make_norm_and_loss(
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """Graph A: (global squared norm of the scaled, summed gradients, mean loss, and with ``failed``
     the count and rank sum of ranks whose step failed), one all-reduce."""
-    world = plan.world_size
+    world, mp = plan.world_size, plan.model_parallel
 
     def norm_and_loss(
         grads: Grads, loss_sum: torch.Tensor, failed: torch.Tensor | None = None
@@ -454,14 +456,19 @@ def make_norm_and_loss(
             if plan.stage == 0 and world > 1:
                 # Every rank holds the same full gradient: each sums only its own slice.
                 grad = plan.layouts[g].shard(grad, plan.rank)
+            if mp is not None:  # the parameters this rank counts (core/model_parallel.py)
+                sumsq = sumsq + mp.sumsq(g, grad)
+                continue
             for part in grad if isinstance(grad, list) else [grad]:
                 sumsq = sumsq + part.float().pow(2).sum()
         parts = [sumsq, loss_sum.float() / plan.accumulation_steps]
         if failed is not None:  # [failed ranks, sum of their ranks] (core/step_failure.py)
-            parts += [failed, failed * plan.rank]
+            parts += [failed, failed * (plan.rank if mp is None else mp.world_rank)]
         packed = torch.stack(parts)
         if world > 1:
             packed = collectives.all_reduce_flat(packed, group, None)
+        if mp is not None:
+            packed = mp.complete(packed)
         return packed[0], packed[1] / world, packed[2:] if failed is not None else None
 
     return compile_private(norm_and_loss, dynamic=False, fullgraph=True) if compile else norm_and_loss

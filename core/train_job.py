@@ -103,7 +103,7 @@ def train(
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     if config_path:
-        config = Config.from_file(config_path, world_size=world)
+        config = Config.from_file(config_path)  # the group's size, over tensor_parallel.autotp_size
     else:
         config = Config.from_dict(default_config(steps, world), world_size=world)
     model_cfg = GPTConfig(n_experts=experts, ep_size=ep_size)
@@ -137,7 +137,8 @@ def train(
     start = time.perf_counter()
     for i in range(steps):
         batch = window_batch(train_data, config.train_batch_size, model_cfg.block_size, seed, i)
-        batch = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
+        # by data-parallel rank: a tensor-parallel group's ranks share their replica's rows
+        batch = {k: v[engine.rank * per_rank : (engine.rank + 1) * per_rank] for k, v in batch.items()}
         t0 = time.perf_counter()
         with watch.timing(i):
             state = engine.step(state, batch)

@@ -159,10 +159,16 @@ class _Coordinator:
     of their own with the default group's timeout (or ``timeout``). A failed collective raises
     ``LostContact`` and drops the group, which a dead peer has broken for good."""
 
-    def __init__(self, world_size: int, timeout: float | None, where: str):
-        self.group, self.where = None, where
-        self.timeout = timeout if timeout is not None else group_timeout_s()
-        if world_size > 1:
+    def __init__(self, world_size: int, timeout: float | None, where: str, group: Any = None):
+        self.group, self.where, self.given = None, where, group is not None
+        self.timeout = timeout if timeout is not None else group_timeout_s(group)
+        if world_size > 1 and group is not None:  # the caller's dedicated group over the saving ranks
+            if dist.get_world_size(group) != world_size:
+                raise ValueError(
+                    f"saving from {world_size} ranks over a group of {dist.get_world_size(group)} ranks"
+                )
+            self.group = group
+        elif world_size > 1:
             if not dist.is_initialized() or dist.get_world_size() != world_size:
                 raise ValueError(
                     f"saving from {world_size} ranks needs torch.distributed initialized with them"
@@ -188,7 +194,7 @@ class _Coordinator:
 
     def _drop(self) -> None:
         group, self.group = self.group, None
-        if group is None:
+        if group is None or self.given:  # the caller's group is the caller's to drop
             return
         _groups.pop(self.key, None)
         try:
@@ -200,14 +206,14 @@ class _Coordinator:
         if self.group is None:
             return obj
         box = [obj]
-        self._collective(what, lambda: dist.broadcast_object_list(box, src=0, group=self.group))
+        self._collective(what, lambda: dist.broadcast_object_list(box, group_src=0, group=self.group))
         return box[0]
 
     def gather(self, obj: Any, rank: int, what: str) -> list[Any] | None:
         if self.group is None:
             return [obj]
         out = [None] * dist.get_world_size(self.group) if rank == 0 else None
-        self._collective(what, lambda: dist.gather_object(obj, out, dst=0, group=self.group))
+        self._collective(what, lambda: dist.gather_object(obj, out, group_dst=0, group=self.group))
         return out
 
 
@@ -246,6 +252,7 @@ def save_checkpoint(
     async_save: bool = False,
     timeout: float | None = None,
     update_latest: bool = True,
+    group: Any = None,
 ) -> SaveHandle:
     """Save this rank's ``tree`` as part of checkpoint ``<save_dir>/<tag>``; every rank calls it.
 
@@ -260,6 +267,9 @@ def save_checkpoint(
     Raises ``CheckpointError`` on every rank if any rank's write fails. The ranks coordinate with the
     default process group's timeout (``timeout`` seconds if given); a rank that dies or stops answering
     makes the others raise ``LostContact`` (a ``CheckpointError``) saying what became of the save.
+    ``group``: a gloo group of exactly the saving ranks, reserved for checkpoints, when they are not the
+    whole world (one data-parallel replica of a model-parallel mesh); ``rank`` / ``world_size`` are then
+    within it.
     """
     wait_for_pending_save()
     save_dir = os.fspath(save_dir)
@@ -269,7 +279,7 @@ def save_checkpoint(
     rank, world_size = _rank_and_size(rank, world_size)
     table = mf.describe_leaves(tree, flat_numel or {}, world_size)
     own = mf.rank_tree(tree, table, rank)
-    coord = _Coordinator(world_size, timeout, os.path.join(save_dir, tag))
+    coord = _Coordinator(world_size, timeout, os.path.join(save_dir, tag), group)
     new_id = leftovers.new_save_id() if rank == 0 else None
     ckpt_id = coord.broadcast(new_id, "save failed before anything was written, agreeing on its id")
     handle = SaveHandle(os.path.join(save_dir, tag))

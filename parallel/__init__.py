@@ -1,6 +1,8 @@
 """zerostep.parallel: process groups, flat-buffer sharding plans, collectives, ZeRO-3 unit gathering.
 
 - ``groups``: ``maybe_init_distributed`` from torchrun's environment, the data-parallel group, ``Mesh``.
+- ``mesh``: ``ParallelMesh``, the data-parallel x model-parallel grid the engine trains over (the world,
+  ``tensor_parallel_mesh(N)`` for AutoTP, or ``mesh_from_mpu(mpu)``).
 - ``flat``: ``FlatLayout``, many named tensors packed in one buffer padded to shard evenly.
 - ``collectives``: all-reduce / reduce-scatter / all-gather over flat buffers (functional collectives
   under ``torch.compile``), the same into preallocated outputs, sync or async (``Pending``), with

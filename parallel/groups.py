@@ -6,9 +6,8 @@ CPU or NCCL on CUDA (binding the process to ``LOCAL_RANK``'s device, which must 
 that a dead peer makes every collective fail instead of hanging. Without those variables the process runs
 alone. ``check_model_devices`` tells a model on the wrong GPU apart before anything runs on it.
 
-``Mesh`` describes which ranks a tensor's gradients are reduced over. Today that is one data-parallel
-group (the default group); expert- and pipeline-parallel groups would be further fields, so code asks the
-mesh for ``dp_group`` instead of assuming the world.
+``Mesh`` describes the default group as one data-parallel group; the engine's data-parallel x
+model-parallel grid (AutoTP, an mpu) is ``parallel/mesh.py``'s ``ParallelMesh``.
 """
 
 from __future__ import annotations

@@ -46,18 +46,17 @@ def initialize(
     ``save_checkpoint``, ...) over ``zerostep.core``'s functional engine. ``compile`` (zerostep's own
     keyword) compiles the module's forward and the update with ``torch.compile``.
     """
-    import torch.distributed as dist
-
     from zerostep.parallel import groups
     from zerostep.runtime.config_sources import resolve_config_sources
     from zerostep.runtime.initialize import build
 
     if model is None:
         raise ValueError("zerostep.initialize requires a model")
-    if mpu is not None or mesh_param is not None:
+    if mesh_param is not None:
         raise NotImplementedError(
-            "initialize(mpu=..., mesh_param=...): model/sequence parallel groups are not supported yet; "
-            "zerostep trains data-parallel over every rank"
+            f"initialize(mesh_param={mesh_param!r}): DeepSpeed's (data, sequence) device mesh is not "
+            "supported; "
+            "pass mpu= (a Megatron model-parallel unit) or set tensor_parallel.autotp_size in the config"
         )
     if dist_init_required:
         from zerostep.comm import init_distributed
@@ -66,15 +65,20 @@ def initialize(
     else:
         groups.maybe_init_distributed()
     config_dict = resolve_config_sources(args=args, config=config, config_params=config_params)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    mesh = None
+    if mpu is not None:  # its data-parallel group and size (zerostep/core/model_parallel.py)
+        from zerostep.core.model_parallel import mesh_for
+
+        mesh = mesh_for(None, mpu)
     engine, zero_optimizer, scheduler = build(
         model=model,
         config_dict=config_dict,
         optimizer=optimizer,
         model_parameters=model_parameters,
         lr_scheduler=lr_scheduler,
-        world_size=world_size,
+        world_size=mesh.dp_size if mesh is not None else None,  # None: the group's / autotp_size
         compile=compile,
+        mesh=mesh,
     )
     loader = None
     if training_data is not None:

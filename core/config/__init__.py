@@ -64,6 +64,12 @@ from zerostep.core.config.schedules import (
     parse_curriculum,
     parse_progressive_layer_drop,
 )
+from zerostep.core.config.tensor_parallel import (
+    TensorParallelConfig,
+    check_zero_stage,
+    data_parallel_size,
+    parse_tensor_parallel,
+)
 from zerostep.core.config.values import (
     FLOAT32_TINY,
     Block,
@@ -155,6 +161,7 @@ class Config:
     curriculum_learning: CurriculumConfig = field(default_factory=CurriculumConfig)
     data_efficiency: DataEfficiencyConfig = field(default_factory=DataEfficiencyConfig)
     hybrid_engine: HybridEngineConfig = field(default_factory=HybridEngineConfig)
+    tensor_parallel: TensorParallelConfig = field(default_factory=TensorParallelConfig)
     # Dotted key path -> where its value came from ("file", "user", "override", "default", "derived",
     # "auto"); for `zerostep config check`. Not part of equality: a round trip through to_dict()
     # makes every value explicit.
@@ -252,7 +259,9 @@ def _parse(
     merged, labels = merge_sources(sources)
     ctx = Context(origin_lookup(labels, "default"))
     top = Block(merged, "", ctx)
-    ws = resolve_world_size(world_size)
+    tensor_parallel = parse_tensor_parallel(top.child("tensor_parallel"))
+    # the batch triple's world size counts data-parallel ranks (DeepSpeed's dp_world_size)
+    ws = data_parallel_size(world_size, resolve_world_size(world_size), tensor_parallel)
 
     fp16 = parse_fp16(top.child("fp16"))
     bf16 = parse_bf16(top.child("bf16", aliases=("bfloat16",)))
@@ -268,6 +277,7 @@ def _parse(
     else:
         zero = parse_zero(top.child("zero_optimization"))
     check_low_precision_master(fp16, bf16, zero.stage)
+    check_zero_stage(tensor_parallel, int(zero.stage))
     optimizer = parse_optimizer(top.child("optimizer"))
     scheduler = parse_scheduler(top.child("scheduler"), optimizer)
     config = dict(
@@ -301,6 +311,7 @@ def _parse(
         curriculum_learning=parse_curriculum(top.child("curriculum_learning")),
         data_efficiency=parse_data_efficiency(top.child("data_efficiency")),
         hybrid_engine=parse_hybrid_engine(top.child("hybrid_engine")),
+        tensor_parallel=tensor_parallel,
     )
     top.allow(*BATCH_KEYS)
     check_other_keys(merged, top.known)

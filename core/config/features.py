@@ -48,7 +48,6 @@ UNSUPPORTED_FEATURES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "nebula": (_any_enabled, "Nebula checkpointing"),
     "quantize_training": (_any_enabled, "quantized training (MoQ)"),
     "weight_quantization": (_non_empty, "weight quantization"),
-    "tensor_parallel": (_non_empty, "tensor parallelism (AutoTP)"),
     "expert_parallel": (_non_empty, "expert parallelism configuration"),
     "compile": (_deepcompile, "DeepCompile (zerostep compiles its own step: initialize(compile=True))"),
 }

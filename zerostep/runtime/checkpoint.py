@@ -39,9 +39,9 @@ SAMPLER_KEY = "deepspeed_data_sampler"  # the curriculum's DeepSpeedDataSampler 
 def _agree_on_tag(engine: Any, tag: str) -> None:
     """``checkpoint.tag_validation``: every rank must save under the same tag (Warn / Ignore / Fail)."""
     mode = engine._core.config.checkpoint.tag_validation
-    if mode == "Ignore" or engine.world_size == 1:
+    if mode == "Ignore" or engine.dp_world_size == 1:
         return
-    tags: list[Any] = [None] * engine.world_size
+    tags: list[Any] = [None] * engine.dp_world_size
     dist.all_gather_object(tags, tag, group=engine._core.group)
     if len(set(tags)) > 1:
         message = f"checkpoint tags differ across ranks: {tags}"

@@ -77,14 +77,14 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
         self.tput_timer = ThroughputTimer(
             self.train_batch_size(),
             steps_per_output=self.steps_per_print(),
-            logging_fn=lambda line: log_rank0(line, core.rank),
+            logging_fn=lambda line: log_rank0(line, core.mesh.world_rank),
             synchronize=breakdown,
             device=core.device,
         )
         self.timers = EngineTimers(core.device) if breakdown else None
         if self.timers is not None:
             core._reducer = TimedReducer(core._reducer, self.timers)
-        self.monitor = MonitorMaster(core.config, core.rank)
+        self.monitor = MonitorMaster(core.config, core.mesh.world_rank)
         flops = core.config.flops_profiler  # DeepSpeed's engine.flops_profiler; None when off
         self._profile = StepProfile(flops, self.module, self, core.rank) if flops.enabled else None
         self.flops_profiler = None if self._profile is None else self._profile.profiler
@@ -128,11 +128,12 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
 
     @property
     def global_rank(self) -> int:
-        return self._core.rank
+        return self._core.mesh.world_rank
 
     @property
     def world_size(self) -> int:
-        return self._core.world_size
+        """Every rank, as DeepSpeed's; ``dp_world_size`` counts the data-parallel ones."""
+        return self._core.mesh.world_size
 
     @property
     def dp_world_size(self) -> int:
@@ -152,7 +153,7 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
         return int(self._stepper.state.skipped_steps)
 
     def train_batch_size(self) -> int:
-        return self.train_micro_batch_size_per_gpu() * self._gas * self.world_size
+        return self.train_micro_batch_size_per_gpu() * self._gas * self.dp_world_size
 
     def train_micro_batch_size_per_gpu(self) -> int:
         return int(self._core.plan.micro_batch_size)
@@ -162,7 +163,7 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
 
     def set_train_batch_size(self, train_batch_size: int) -> None:
         """Change the global batch by changing gradient accumulation (micro-batch stays), as DeepSpeed."""
-        per_step = self.train_micro_batch_size_per_gpu() * self.world_size
+        per_step = self.train_micro_batch_size_per_gpu() * self.dp_world_size
         if train_batch_size % per_step != 0 or train_batch_size <= 0:
             raise ValueError(
                 f"train_batch_size {train_batch_size} is not a positive multiple of "
@@ -415,10 +416,11 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
         from zerostep.runtime.dataloader import make_dataloader
 
         config = self._core.config
-        if route != "train" and data_sampler is None and self.world_size > 1:
+        dp_rank = self._core.rank  # model-parallel ranks of one replica read the same samples
+        if route != "train" and data_sampler is None and self.dp_world_size > 1:
             # evaluation and prediction read in order, as DeepSpeed's loader does off the train route
             data_sampler = torch.utils.data.DistributedSampler(
-                dataset, num_replicas=self.world_size, rank=self.global_rank, shuffle=False
+                dataset, num_replicas=self.dp_world_size, rank=dp_rank, shuffle=False
             )
         if batch_size is not None and batch_size != config.train_micro_batch_size_per_gpu:
             raise ValueError(
@@ -429,8 +431,8 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
             dataset,
             config,
             collate_fn,
-            rank=self.global_rank,
-            world_size=self.world_size,
+            rank=dp_rank,
+            world_size=self.dp_world_size,
             local_rank=self.local_rank,
             pin_memory=pin_memory,
             num_local_io_workers=num_local_io_workers,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from zerostep import optim
+from zerostep.core import model_parallel
 from zerostep.core.config import Config
 from zerostep.core.engine import Engine
 from zerostep.core.monitoring.comms_logger import eager_for_comms_logger
@@ -53,13 +54,18 @@ def build(
     optimizer: Any,
     model_parameters: Iterable | None,
     lr_scheduler: Any,
-    world_size: int,
+    world_size: int | None,
     compile: bool,
+    mesh: Any = None,
 ) -> tuple[DeepSpeedEngine, ZeroOptimizer, Any]:
-    """(engine, optimizer, lr_scheduler) for an already merged config dict."""
+    """(engine, optimizer, lr_scheduler) for an already merged config dict. ``world_size``: the
+    data-parallel size (None: the process group's over ``tensor_parallel.autotp_size``); ``mesh``: an
+    mpu's (core/model_parallel.py)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"initialize(model=...) must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, PipelineModule):  # zerostep/runtime/pipe_engine.py
+        if mesh is not None:
+            raise ValueError("initialize(mpu=...) with a PipelineModule: the pipeline builds its own groups")
         return build_pipeline(model, dict(config_dict), optimizer, model_parameters, lr_scheduler, compile)
     config_dict = dict(config_dict)
     basic = None
@@ -97,7 +103,8 @@ def build(
         groups = [*groups, frozen_group_spec(unnamed)]
     needs_groups = len(groups) > 1
     compile = eager_for_comms_logger(cfg, compile)  # the comms logger measures eager collectives only
-    core = Engine(model, cfg, compile=compile, param_groups=groups if needs_groups else None)
+    mesh = model_parallel.mesh_for(cfg, None, mesh)  # the world, the mpu's or the AutoTP mesh
+    core = Engine(model, cfg, compile=compile, param_groups=groups if needs_groups else None, mesh=mesh)
     state = core.init(seed=int(cfg.seed or 0))
     wrapper = ZeroOptimizer(None, group_dicts if basic is None else [], basic)
     scheduler = _scheduler(lr_scheduler, basic if basic is not None else wrapper, cfg)

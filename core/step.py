@@ -88,6 +88,9 @@ class StepPlan:
     grad_accum_dtype: torch.dtype | None = None  # data_types.grad_accum_dtype; None: the compute dtype
     master_dtype: torch.dtype = torch.float32  # *_master_weights_and_grads: the compute dtype
     offload_optimizer: bool = False  # master and optimizer state in host memory (core/offload.py)
+    # Ulysses (parallel/ulysses.py): gradients are summed over each sequence-parallel group and averaged
+    # over the world_size / sequence_parallel_size data-parallel replicas, as DeepSpeed divides them
+    sequence_parallel_size: int = 1
 
     @property
     def accumulation_dtype(self) -> torch.dtype:
@@ -139,7 +142,7 @@ class StepPlan:
         ``gradient_predivide_factor`` before a collective (stages 0-2); times this factor they are
         the mean gradient."""
         numerator = self.predivide_factor if 1 < self.world_size and self.stage < 3 else 1.0
-        return numerator / (scale * self.world_size)
+        return numerator * self.sequence_parallel_size / (scale * self.world_size)
 
 
 def plan_of_config(
@@ -164,6 +167,7 @@ def plan_of_config(
         overlap_param_gather=bool(zero.overlap_param_gather),
         grad_accum_dtype=grad_accum_dtype_of(config.data_types.grad_accum_dtype, compute_dtype),
         master_dtype=master_dtype_of(config),
+        sequence_parallel_size=int(getattr(config, "sequence_parallel_size", 1)),
         **fields,
     )
 

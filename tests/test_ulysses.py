@@ -19,7 +19,7 @@ from zerostep.parallel.launch import spawn_ranks
 
 SP = 2
 B, T, H, D = 2, 6, 4, 3  # attention checks: T / SP positions and H / SP heads per rank
-GPT_CFG = GPTConfig(block_size=16, n_layer=2, n_head=4, n_embd=32)
+GPT_CFG = GPTConfig(block_size=16, n_layer=1, n_head=4, n_embd=32)
 SEQ, SAMPLES, MICRO, STEPS = 16, 12, 4, 3
 
 
@@ -159,7 +159,7 @@ def _facade_run(rank: int) -> tuple:
         loss = engine(mine["idx"], mine["targets"])
         engine.backward(loss)
         engine.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return facts, batches, losses, engine._core.full_params(engine.state)
 
 

@@ -97,8 +97,8 @@ def _exchange_checks(rank: int, groups: ulysses.SequenceGroups) -> list[str]:
 
 def _attention_results(rank: int, groups: ulysses.SequenceGroups) -> dict:
     """DistributedAttention's output and input gradients on this rank's chunk, in both conventions."""
-    from zerostep.sequence.layer import DistributedAttention
     from zerostep.sequence.cross_entropy import vocab_sequence_parallel_cross_entropy
+    from zerostep.sequence.layer import DistributedAttention
 
     q, k, v = (_rand(B, T, H, D, seed=s) for s in (10, 11, 12))
     grad_out = _rand(B, T, H, D, seed=13)
@@ -121,6 +121,8 @@ def _attention_results(rank: int, groups: ulysses.SequenceGroups) -> dict:
     y = attn(*leaves)
     (y * ulysses.sequence_chunk(grad_out.transpose(0, 1), groups, 0)).sum().backward()
     out["seq_first"] = (y.detach(), [t.grad for t in leaves])
+    y = DistributedAttention(seq_first_attention, groups.sp_group)(*(t.detach() for t in leaves), 1)
+    out["seq_first_batch_dim_1"] = y  # DeepSpeed >= 0.15 on [T/P, B, H, D]
 
     logits = ulysses.sequence_chunk(_rand(T, B, 7, seed=14), groups, 0).clone().requires_grad_(True)
     target = ulysses.sequence_chunk(torch.arange(T * B).reshape(T, B) % 7, groups, 0)
@@ -207,6 +209,7 @@ def test_sequence_parallel_on_two_ranks_equals_one_process():
         torch.testing.assert_close(y, y_full[:, chunk].transpose(0, 1), rtol=1e-5, atol=1e-5)
         for got, want in zip(grads, grads_full):
             torch.testing.assert_close(got, want[:, chunk].transpose(0, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result["attention"]["seq_first_batch_dim_1"], y, rtol=1e-6, atol=1e-6)
         losses, (logit_grad,) = result["attention"]["cross_entropy"]
         torch.testing.assert_close(losses, ref["cross_entropy"][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(logit_grad, ref["cross_entropy"][1][chunk], rtol=1e-5, atol=1e-6)

@@ -20,7 +20,6 @@ over the world), pipelines (core/pipeline_engine.py).
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 from zerostep import optim
 from zerostep.core.config import Config
@@ -55,14 +54,3 @@ def setup(config: Config) -> ulysses.SequenceGroups | None:
         return None
     return ulysses.initialize_sequence_parallel(config.sequence_parallel_size)
 
-
-def accessors(groups: ulysses.SequenceGroups | None, world_size: int, rank: int) -> dict[str, Any]:
-    """DeepSpeedEngine's attributes for sequence parallelism (the facade exposes them)."""
-    sp = 1 if groups is None else groups.sp_size
-    return {
-        "sequence_parallel_size": sp,
-        "seq_parallel_group": None if groups is None else groups.sp_group,
-        "seq_dp_world_size": world_size,
-        "dp_world_size": world_size // sp,
-        "dp_rank": rank // sp,
-    }

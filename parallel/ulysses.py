@@ -280,6 +280,9 @@ def attention_over_heads(
 ) -> torch.Tensor:
     """Ulysses attention: q, k, v [.., T/P, .., H, ..] to the head split, ``local_attention`` over whole
     sequences of ``H / P`` heads, its output back to the sequence split."""
-    q, k, v = (sequence_to_heads(t, group, seq_dim, head_dim) for t in (q, k, v))
+    # three calls, not a generator: dynamo skips a whole frame whose generator hits a graph break
+    q = sequence_to_heads(q, group, seq_dim, head_dim)
+    k = sequence_to_heads(k, group, seq_dim, head_dim)
+    v = sequence_to_heads(v, group, seq_dim, head_dim)
     out = local_attention(q, k, v, *args, **(kwargs or {}))
     return heads_to_sequence(out, group, seq_dim, head_dim)

@@ -4,6 +4,7 @@ training at SP=2 (functional API and facade) against one process; bad input is c
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -27,9 +28,9 @@ def _rand(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _gpt_config(sp: int, stage: int) -> dict:
+def _gpt_config(sp: int, stage: int, micro: int = MICRO) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": MICRO,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
         "sequence_parallel_size": sp,
         "zero_optimization": {"stage": stage},
@@ -137,13 +138,13 @@ def _attention_results(rank: int, groups: ulysses.SequenceGroups) -> dict:
     return out
 
 
-def _facade_run(rank: int) -> tuple:
+def _facade_run(rank: int, stage: int = 2) -> tuple:
     import zerostep
     import zerostep.utils.groups as ds_groups
     from zerostep.sequence import split_sequence
 
     model = _gpt(SP)
-    engine, _, _, _ = zerostep.initialize(model=model, config=_gpt_config(SP, 2), compile=False)
+    engine, _, _, _ = zerostep.initialize(model=model, config=_gpt_config(SP, stage), compile=False)
     loader = engine.deepspeed_io(_dataset(), num_local_io_workers=0)  # no worker processes in a spawned rank
     facts = (
         engine.dp_world_size,
@@ -302,3 +303,38 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(KeyError, match="No sequence parallel group found"):
         ds_groups._get_sequence_parallel_group()
     assert ds_groups._get_sequence_parallel_world_size() == 1
+
+
+def ranks_sp2_dp2(rank: int, world: int) -> dict:
+    groups = ulysses.initialize_sequence_parallel(SP)
+    facts, batches, losses, params = _facade_run(rank, stage=0)
+    split = lambda batch: ulysses.split_sequence(batch, groups)  # noqa: E731
+    return {
+        "facade": (facts, batches, losses, params),
+        "zero3": _functional_run(_gpt(SP), _gpt_config(SP, 3), batches, split),
+    }
+
+
+@pytest.mark.skipif(
+    os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~2 min; ZEROSTEP_SLOW_TESTS=1"
+)
+def test_sp2_dp2_on_four_ranks_equals_one_process():
+    out = spawn_ranks(ranks_sp2_dp2, 2 * SP, timeout=600)
+    facts = out[0]["facade"][0]
+    assert facts[:4] == (2, 4, 2, 2 * MICRO)  # dp 2 x sp 2; the batch triple counts two replicas
+    (b0, b1, b2, b3) = (result["facade"][1] for result in out)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(b0, b1)) and all(
+        torch.equal(x[0], y[0]) for x, y in zip(b2, b3)
+    )
+    assert not torch.equal(b0[0][0], b2[0][0])  # the replicas read different samples
+    whole = [(torch.cat([x[0], y[0]]), torch.cat([x[1], y[1]])) for x, y in zip(b0, b2)]
+    want_losses, want_params = _functional_run(_gpt(1), _gpt_config(1, 0, 2 * MICRO), whole, lambda b: b)
+    for rank, result in enumerate(out):
+        for name, (losses, params) in [("facade", result["facade"][2:]), ("zero3", result["zero3"])]:
+            if name == "facade":  # engine(x)'s loss is this replica's; the engine's metric averages replicas
+                losses = [(a + b) / 2 for a, b in zip(out[0]["facade"][2], out[2]["facade"][2])]
+            assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-5), (rank, name)
+            for key, value in want_params.items():
+                torch.testing.assert_close(
+                    params[key], value, rtol=1e-5, atol=1e-5, msg=f"{rank} {name} {key}"
+                )

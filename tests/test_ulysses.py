@@ -44,8 +44,8 @@ def _gpt(sp: int) -> GPT:
     return GPT(GPTConfig(**{**GPT_CFG.__dict__, "sequence_parallel_size": sp}))
 
 
-def _dataset() -> torch.utils.data.TensorDataset:
-    tokens = torch.randint(0, 256, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(5))
+def _dataset(samples: int = SAMPLES) -> torch.utils.data.TensorDataset:
+    tokens = torch.randint(0, 256, (samples, SEQ + 1), generator=torch.Generator().manual_seed(5))
     return torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
 
 
@@ -138,14 +138,16 @@ def _attention_results(rank: int, groups: ulysses.SequenceGroups) -> dict:
     return out
 
 
-def _facade_run(rank: int, stage: int = 2) -> tuple:
+def _facade_run(rank: int, stage: int = 2, samples: int = SAMPLES) -> tuple:
     import zerostep
     import zerostep.utils.groups as ds_groups
     from zerostep.sequence import split_sequence
 
     model = _gpt(SP)
     engine, _, _, _ = zerostep.initialize(model=model, config=_gpt_config(SP, stage), compile=False)
-    loader = engine.deepspeed_io(_dataset(), num_local_io_workers=0)  # no worker processes in a spawned rank
+    loader = engine.deepspeed_io(
+        _dataset(samples), num_local_io_workers=0
+    )  # no worker processes in a spawned rank
     facts = (
         engine.dp_world_size,
         engine.seq_dp_world_size,
@@ -307,7 +309,7 @@ def test_bad_input_is_refused_clearly():
 
 def ranks_sp2_dp2(rank: int, world: int) -> dict:
     groups = ulysses.initialize_sequence_parallel(SP)
-    facts, batches, losses, params = _facade_run(rank, stage=0)
+    facts, batches, losses, params = _facade_run(rank, stage=0, samples=2 * SAMPLES)  # 3 steps per replica
     split = lambda batch: ulysses.split_sequence(batch, groups)  # noqa: E731
     return {
         "facade": (facts, batches, losses, params),
@@ -316,7 +318,7 @@ def ranks_sp2_dp2(rank: int, world: int) -> dict:
 
 
 @pytest.mark.skipif(
-    os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~2 min; ZEROSTEP_SLOW_TESTS=1"
+    os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~35 s; ZEROSTEP_SLOW_TESTS=1"
 )
 def test_sp2_dp2_on_four_ranks_equals_one_process():
     out = spawn_ranks(ranks_sp2_dp2, 2 * SP, timeout=600)

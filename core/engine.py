@@ -23,7 +23,13 @@ import torch.distributed as dist
 from torch import nn
 
 from zerostep import optim
-from zerostep.core import activation_checkpointing, agreement, deferred_init, model_parallel
+from zerostep.core import (
+    activation_checkpointing,
+    agreement,
+    deferred_init,
+    model_parallel,
+    sequence_parallel,
+)
 from zerostep.core import offload as offloading
 from zerostep.core.accounting import memory_report, step_comm_plan
 from zerostep.core.autocast import autocast_plan_of, check_autocast_model, loss_scaling_of, under_autocast
@@ -173,6 +179,7 @@ class Engine:
             agreement.agree_after_failure(error, agree_over)
             raise
         agreement.agree(self._facts(param_groups), agree_over)
+        self.sequence = sequence_parallel.setup(config)  # Ulysses groups (core/sequence_parallel.py)
         # Gloo ranks on one host exchange through /dev/shm instead of loopback TCP (parallel/shm.py).
         self.shared_memory = self.world_size > 1 and attach_shared_memory(self.group)  # False for one rank
         self._build_phases()
@@ -248,6 +255,7 @@ class Engine:
         self.group_options = self._group_options(param_groups, set(trainable))
         self.optimizer = self._build_optimizer()
         model_parallel.check_optimizer(self.mesh, self.optimizer.name, config.optimizer.type)
+        sequence_parallel.check(config, self.optimizer.name, self.mesh.is_world)
         if self.offload_settings is not None:  # before the ranks' first collective
             offloading.check_optimizer(self.optimizer.name)
         self.lr_at = optim.lr_schedule(config.scheduler, self.optimizer.lr)

@@ -80,6 +80,7 @@ def check_pipeline_features(cfg: Config) -> None:
         "torch_autocast": cfg.torch_autocast.enabled,
         "progressive_layer_drop": cfg.progressive_layer_drop.enabled,
         "curriculum_learning": cfg.curriculum_learning.enabled,
+        "sequence_parallel_size > 1": cfg.sequence_parallel_size > 1,
     }
     on = [name for name, enabled in changes.items() if enabled]
     if on:

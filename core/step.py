@@ -90,6 +90,9 @@ class StepPlan:
     offload_optimizer: bool = False  # master and optimizer state in host memory (core/offload.py)
     # model parallelism: the norm's share and its sum over the MP group (core/model_parallel.ReplicaNorm)
     model_parallel: Any = None
+    # Ulysses (parallel/ulysses.py): gradients are summed over each sequence-parallel group and averaged
+    # over the world_size / sequence_parallel_size data-parallel replicas, as DeepSpeed divides them
+    sequence_parallel_size: int = 1
 
     @property
     def accumulation_dtype(self) -> torch.dtype:
@@ -141,7 +144,7 @@ class StepPlan:
         ``gradient_predivide_factor`` before a collective (stages 0-2); times this factor they are
         the mean gradient."""
         numerator = self.predivide_factor if 1 < self.world_size and self.stage < 3 else 1.0
-        return numerator / (scale * self.world_size)
+        return numerator * self.sequence_parallel_size / (scale * self.world_size)
 
 
 def plan_of_config(
@@ -166,6 +169,7 @@ def plan_of_config(
         overlap_param_gather=bool(zero.overlap_param_gather),
         grad_accum_dtype=grad_accum_dtype_of(config.data_types.grad_accum_dtype, compute_dtype),
         master_dtype=master_dtype_of(config),
+        sequence_parallel_size=int(getattr(config, "sequence_parallel_size", 1)),
         **fields,
     )
 

@@ -81,6 +81,7 @@ from zerostep.core.config.values import (
     non_negative,
     number,
     optional,
+    positive_int,
 )
 from zerostep.core.config.zero import (
     OffloadOptimizerConfig,
@@ -129,7 +130,8 @@ class Config:
     train_batch_size: int
     train_micro_batch_size_per_gpu: int
     gradient_accumulation_steps: int
-    world_size: int = 1
+    world_size: int = 1  # ranks; the batch triple is resolved for world_size // sequence_parallel_size
+    sequence_parallel_size: int = 1  # DeepSpeed-Ulysses: ranks that split each sequence (parallel/ulysses.py)
     gradient_clipping: float = 1.0  # clipping happens only when > 0 (DeepSpeed >= 0.19.5 default)
     gradient_predivide_factor: float = 1.0
     prescale_gradients: bool = False
@@ -177,6 +179,12 @@ class Config:
                 return self.sources[path]
             path = path.rpartition(".")[0]  # a key inside a block given (or defaulted) as a whole
         return "default"
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that read different samples: ``world_size / sequence_parallel_size`` (the batch triple's
+        world size, as DeepSpeed's config computes it)."""
+        return self.world_size // self.sequence_parallel_size
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -280,8 +288,10 @@ def _parse(
     check_zero_stage(tensor_parallel, int(zero.stage))
     optimizer = parse_optimizer(top.child("optimizer"))
     scheduler = parse_scheduler(top.child("scheduler"), optimizer)
+    sp = _sequence_parallel_size(top, ws)
     config = dict(
         world_size=ws,
+        sequence_parallel_size=sp,
         gradient_clipping=top.take("gradient_clipping", 1.0, non_negative, auto=True),
         gradient_predivide_factor=top.take("gradient_predivide_factor", 1.0, _positive),
         prescale_gradients=top.take("prescale_gradients", False, boolean),
@@ -317,7 +327,8 @@ def _parse(
     check_other_keys(merged, top.known)
     elastic = config["elasticity"]
     # last: its "auto"s are reported with all the others
-    batch = elastic_read_batch(top, ws, elastic) if elastic.enabled else read_batch(top, ws)
+    dp = ws // sp  # the batch triple counts data-parallel replicas (DeepSpeed: world / sp)
+    batch = elastic_read_batch(top, dp, elastic) if elastic.enabled else read_batch(top, dp)
     ctx.raise_unresolved()
     return Config(**batch._asdict(), **config, sources=MappingProxyType(dict(ctx.sources)))
 
@@ -329,6 +340,28 @@ def _positive(path: str, value: Any) -> float:
     if result < FLOAT32_TINY:  # 1 / factor would be infinite in float32
         raise fail(path, value, "must be >= 1.2e-38 (float32's smallest normal; gradients are divided by it)")
     return result
+
+
+def _sequence_parallel_size(top: Block, world_size: int) -> int:
+    """``sequence_parallel_size`` (Ulysses), which must divide the world; DeepSpeed's mesh key
+    ``data_parallel_size``, when given, must be the rest of it."""
+    sp = top.take("sequence_parallel_size", 1, positive_int)
+    if world_size % sp:
+        raise fail(
+            "sequence_parallel_size",
+            sp,
+            f"must divide the world size {world_size} (each sequence-parallel group is "
+            "sequence_parallel_size consecutive ranks)",
+        )
+    dp = top.take("data_parallel_size", None, optional(positive_int))
+    if dp is not None and dp * sp != world_size:
+        raise fail(
+            "data_parallel_size",
+            dp,
+            f"data_parallel_size x sequence_parallel_size = {dp} x {sp} must equal the world size "
+            f"{world_size}",
+        )
+    return sp
 
 
 def _steps_per_print(path: str, value: Any) -> int:

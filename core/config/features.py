@@ -69,7 +69,10 @@ NO_EFFECT_KEYS: dict[str, tuple[Any, str]] = {
     # DeepSpeed reads "moe" only in its inference config; training MoE is zerostep.moe.layer.MoE in the model
     "moe": ({}, "it configures DeepSpeed's inference engine; training takes MoE from zerostep.moe.layer.MoE"),
     "communication_data_type": (None, "zerostep communicates gradients in their own dtype"),
-    "seq_parallel_communication_data_type": ("fp32", "zerostep has no sequence parallelism"),
+    "seq_parallel_communication_data_type": (
+        "fp32",
+        "zerostep reduces sequence-parallel gradients in their own dtype, like all gradients",
+    ),
     "timers": (None, "zerostep's timers follow wall_clock_breakdown"),
 }
 

@@ -137,7 +137,30 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
 
     @property
     def dp_world_size(self) -> int:
+        """Ranks reading different samples: the world over ``sequence_parallel_size``."""
+        return self._core.config.data_parallel_size
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        return self._core.config.sequence_parallel_size
+
+    @property
+    def seq_parallel_group(self) -> Any:
+        """This rank's sequence-parallel group (None without sequence parallelism)."""
+        return None if self._core.sequence is None else self._core.sequence.sp_group
+
+    def get_sequence_parallel_group(self) -> Any:
+        return self.seq_parallel_group
+
+    @property
+    def seq_dp_world_size(self) -> int:
+        """The sequence-and-data-parallel group gradients are reduced over: every rank."""
         return self._core.world_size
+
+    @property
+    def _dp_rank(self) -> int:
+        # the engine's rank counts data-parallel replicas under AutoTP / mpu, every rank otherwise
+        return self._core.rank // self.sequence_parallel_size
 
     @property
     def state(self) -> TrainState:
@@ -167,7 +190,7 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
         if train_batch_size % per_step != 0 or train_batch_size <= 0:
             raise ValueError(
                 f"train_batch_size {train_batch_size} is not a positive multiple of "
-                f"micro_batch x world_size = {per_step}"
+                f"micro_batch x data-parallel world size = {per_step}"
             )
         if self._stepper.pending_backwards:
             raise RuntimeError("set_train_batch_size() inside an accumulation window; call it after step()")
@@ -416,11 +439,11 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
         from zerostep.runtime.dataloader import make_dataloader
 
         config = self._core.config
-        dp_rank = self._core.rank  # model-parallel ranks of one replica read the same samples
+        # the ranks of one sequence-parallel group read the same samples (each keeps its part of the sequence)
         if route != "train" and data_sampler is None and self.dp_world_size > 1:
             # evaluation and prediction read in order, as DeepSpeed's loader does off the train route
             data_sampler = torch.utils.data.DistributedSampler(
-                dataset, num_replicas=self.dp_world_size, rank=dp_rank, shuffle=False
+                dataset, num_replicas=self.dp_world_size, rank=self._dp_rank, shuffle=False
             )
         if batch_size is not None and batch_size != config.train_micro_batch_size_per_gpu:
             raise ValueError(
@@ -431,7 +454,7 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
             dataset,
             config,
             collate_fn,
-            rank=dp_rank,
+            rank=self._dp_rank,
             world_size=self.dp_world_size,
             local_rank=self.local_rank,
             pin_memory=pin_memory,

@@ -1,0 +1,62 @@
+"""The engine's side of ``sequence_parallel_size`` (DeepSpeed-Ulysses; the machinery is parallel/ulysses.py).
+
+What the config key changes, and where:
+
+- the batch triple counts ``world / sequence_parallel_size`` data-parallel replicas (core/config);
+- gradients are still reduced, and ZeRO still shards, over every rank (DeepSpeed's
+  ``seq_data_parallel_group`` is the world without tensor or pipeline parallelism), but the update divides
+  their sum by the data-parallel size instead of the world (``StepPlan.unscale``), as DeepSpeed does:
+  each rank's loss is its sequence group's loss, whose gradient reaches only this rank's positions, so
+  the sum over a group is that loss's gradient and the average over replicas the batch's;
+- the reported loss is the mean over ranks of those group losses, i.e. over replicas;
+- the sequence-parallel groups exist (the model usually made them already, to build its attention;
+  ``setup`` finds them again or makes them), for the facade's ``seq_parallel_group`` and DeepSpeed's
+  ``groups._get_sequence_parallel_group``.
+
+What it cannot combine with, each a clear error: 1-bit optimizers (their compressed momentum is averaged
+over the world), pipelines (core/pipeline_engine.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from zerostep import optim
+from zerostep.core.config import Config
+from zerostep.parallel import ulysses
+
+
+def check(config: Config, optimizer_name: str | None, over_the_world: bool = True) -> None:
+    """Local checks (no collective): raises where the config's sequence parallelism cannot run.
+    ``over_the_world``: the engine's data-parallel group is every rank (no AutoTP, no mpu)."""
+    sp = config.sequence_parallel_size
+    if sp == 1:
+        return
+    if not over_the_world:
+        raise NotImplementedError(
+            f"sequence_parallel_size={sp} with model parallelism (tensor_parallel.autotp_size or mpu=): "
+            "not implemented by zerostep; the sequence-parallel groups split every rank of the world"
+        )
+    ulysses.check_sp_size(sp, config.world_size)  # Config checked it too; a hand-built one may not be
+    if optimizer_name is not None and optimizer_name.lower() in optim.COMPRESSED_OPTIMIZER_TYPES:
+        raise NotImplementedError(
+            f"sequence_parallel_size={sp} with the {optimizer_name} optimizer: not implemented by zerostep "
+            "(its compressed momentum is averaged over every rank, not over the data-parallel replicas)"
+        )
+    if str(config.compute_dtype) != "torch.float32":
+        # seq_parallel_communication_data_type other than its default fp32 warns in core/config/features.py
+        warnings.warn(
+            f"sequence_parallel_size={sp}: DeepSpeed reduces sequence-parallel gradients in "
+            "seq_parallel_communication_data_type (default fp32); zerostep reduces them in the compute "
+            f"dtype {config.compute_dtype}, like all gradients",
+            stacklevel=4,
+        )
+
+
+def setup(config: Config) -> ulysses.SequenceGroups | None:
+    """This rank's sequence-parallel groups for the config (collective on first creation: every rank
+    calls it, after the ranks agreed on the config), or None without sequence parallelism."""
+    if config.sequence_parallel_size == 1:
+        return None
+    return ulysses.initialize_sequence_parallel(config.sequence_parallel_size)
+

@@ -13,11 +13,4 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("zerostep")
-# Two pytest-xdist workers (pyproject's addopts) share the cores, and multi-rank tests spawn ranks
-# beside them: one intra-op thread per process (OMP_NUM_THREADS reaches the spawned ranks), else the
-# processes' thread pools spin against each other on a 2-core machine.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-else:
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

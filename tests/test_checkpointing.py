@@ -102,17 +102,22 @@ def test_round_trip_in_one_process(tmp_path):
     assert "latest" in saved and f"global_step{SPLIT}" in saved
 
 
+def save_then_resume(rank, world_size, root, stages, loads):
+    save_all(rank, world_size, root, stages)
+    return resume_all(rank, world_size, loads)
+
+
 def test_reshard_matrix_across_world_sizes_and_stages(tmp_path):
     root = str(tmp_path)
     want = reference_params()
-    # world size 1 saves stages 0 and 2; world size 2 saves stages 1 and 3; world size 3 saves stage 2
+    # world size 1 saves stages 0 and 2; world size 3 saves stage 2; world size 2 saves stages 1 and 3;
+    # each is loaded at another world size and stage, into new memory or in place (True). Two spawns:
+    # a spawn saves, then loads what the earlier ones saved.
     save_all(0, 1, root, (0, 2))
-    spawn_ranks(save_all, 2, root, (1, 3), timeout=180)
-    spawn_ranks(save_all, 3, root, (2,), timeout=180)
-    # ... and each is loaded at another world size and stage, into new memory or in place (True)
-    at2 = spawn_ranks(resume_all, 2, [(3, f"{root}/w1s0", True), (0, f"{root}/w3s2")], timeout=180)
-    at3 = spawn_ranks(resume_all, 3, [(1, f"{root}/w1s2", True), (3, f"{root}/w2s1", True)], timeout=180)
-    at1 = resume_all(0, 1, [(2, f"{root}/w2s3", True), (0, f"{root}/w3s2")])
+    at3 = spawn_ranks(save_then_resume, 3, root, (2,), [(1, f"{root}/w1s2", True)], timeout=180)
+    loads = [(3, f"{root}/w1s0", True), (0, f"{root}/w3s2")]
+    at2 = spawn_ranks(save_then_resume, 2, root, (1, 3), loads, timeout=180)
+    at1 = resume_all(0, 1, [(2, f"{root}/w2s3", True), (0, f"{root}/w3s2"), (3, f"{root}/w2s1", True)])
     for per_rank in (at2, at3, [at1]):
         for results in per_rank:
             for params in results:

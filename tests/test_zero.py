@@ -97,13 +97,16 @@ def check_equal(results, world_size, stages, optimizer=None):
 
 @pytest.fixture(scope="module")
 def eager_runs():
-    stages = (0, 1, 2, 3)
-    return {ws: spawn_ranks(all_stages, ws, False, stages, timeout=240) for ws in (2, 3)}
+    return {ws: spawn_ranks(all_stages, ws, False, EAGER_STAGES[ws], timeout=240) for ws in (2, 3)}
+
+
+# at 3 ranks the shards are uneven: the sharded stages (stage 0's all-reduce is the same at 2)
+EAGER_STAGES = {2: (0, 1, 2, 3), 3: (1, 2, 3)}
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_stage_equals_one_process_eager(world_size, eager_runs):
-    check_equal(eager_runs[world_size], world_size, (0, 1, 2, 3))
+    check_equal(eager_runs[world_size], world_size, EAGER_STAGES[world_size])
 
 
 def test_overlapped_communication_equals_one_process():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from zerostep.core.config.schedules import CurriculumConfig
+from zerostep.core.config.schedules import CurriculumConfig, read_stepped_schedule
 from zerostep.core.config.values import (
     Block,
     ConfigError,
@@ -271,16 +271,7 @@ def parse_metric_schedule(block: Block, kind: str) -> dict[str, Any]:
             **config,
             "schedule_config": MappingProxyType({"difficulty": difficulty, "max_step": max_step}),
         }
-    keys = ("total_curriculum_step", "difficulty_step") + (
-        ("root_degree",) if schedule == "fixed_root" else ()
-    )
-    for key in keys:
-        if not sc.has(key):
-            raise fail(sc.key_path(key), None, f"is required for schedule_type {schedule!r}")
-    total = sc.take("total_curriculum_step", 1, positive_int)
-    step = sc.take("difficulty_step", 1, positive_int)
-    degree = sc.take("root_degree", 1, positive_int) if schedule == "fixed_root" else 1
-    sc.finish()
+    total, step, degree = read_stepped_schedule(sc, schedule)
     sc_values = {"total_curriculum_step": total, "difficulty_step": step}
     if schedule == "fixed_root":
         sc_values["root_degree"] = degree

@@ -74,6 +74,22 @@ def parse_progressive_layer_drop(block: Block | None) -> ProgressiveLayerDropCon
     return config
 
 
+def read_stepped_schedule(sc: Block, schedule: str) -> tuple[int, int, int]:
+    """A fixed_linear / fixed_root ``schedule_config`` (every key required, as DeepSpeed reads them):
+    ``(total_curriculum_step, difficulty_step, root_degree)``, root_degree 1 for fixed_linear."""
+    keys = ("total_curriculum_step", "difficulty_step") + (
+        ("root_degree",) if schedule == "fixed_root" else ()
+    )
+    for key in keys:
+        if not sc.has(key):
+            raise fail(sc.key_path(key), None, f"is required for schedule_type {schedule!r}")
+    total = sc.take("total_curriculum_step", 1, positive_int)
+    step = sc.take("difficulty_step", 1, positive_int)
+    degree = sc.take("root_degree", 1, positive_int) if schedule == "fixed_root" else 1
+    sc.finish()
+    return total, step, degree
+
+
 def parse_curriculum(block: Block | None) -> CurriculumConfig:
     if block is None:
         return CurriculumConfig()
@@ -122,15 +138,7 @@ def parse_curriculum(block: Block | None) -> CurriculumConfig:
         if list(max_step) != sorted(max_step):
             raise fail(sc.key_path("max_step"), list(max_step), "must be increasing")
         return dataclasses.replace(config, schedule_type=schedule, difficulty=difficulty, max_step=max_step)
-    for key in ("total_curriculum_step", "difficulty_step") + (
-        ("root_degree",) if schedule == "fixed_root" else ()
-    ):
-        if not sc.has(key):
-            raise fail(sc.key_path(key), None, f"is required for schedule_type {schedule!r}")
-    total = sc.take("total_curriculum_step", 0, positive_int)
-    step = sc.take("difficulty_step", 1, positive_int)
-    degree = sc.take("root_degree", 1, positive_int) if schedule == "fixed_root" else 1
-    sc.finish()
+    total, step, degree = read_stepped_schedule(sc, schedule)
     return dataclasses.replace(
         config, schedule_type=schedule, total_curriculum_step=total, difficulty_step=step, root_degree=degree
     )

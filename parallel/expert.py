@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from zerostep.parallel.groups import block_layout
 from zerostep.parallel.moe_gate import Routes, TopKGate
 
 
@@ -54,9 +55,7 @@ def group_name(ep_size: int) -> str:
 def expert_rank_layout(world_size: int, ep_size: int) -> tuple[list[list[int]], list[list[int]]]:
     """(expert-parallel groups, expert-data-parallel groups) as rank lists for ``world_size`` ranks."""
     check_ep_size(ep_size, world_size)
-    ep = [list(range(i * ep_size, (i + 1) * ep_size)) for i in range(world_size // ep_size)]
-    edp = [list(range(i, world_size, ep_size)) for i in range(ep_size)]
-    return ep, edp
+    return block_layout(world_size, ep_size)
 
 
 def check_ep_size(ep_size: int, world_size: int) -> None:

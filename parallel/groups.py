@@ -136,6 +136,15 @@ def check_model_devices(devices: dict[str, torch.device], backend: str | None) -
     return device
 
 
+def block_layout(world_size: int, size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(consecutive blocks of ``size`` ranks, the strided groups across them) for ``world_size`` ranks:
+    Megatron's and DeepSpeed's layout of tensor-, sequence- and expert-parallel groups (the blocks) and
+    their data-parallel groups (rank ``i`` of every block). ``size`` must divide ``world_size``."""
+    blocks = [list(range(start, start + size)) for start in range(0, world_size, size)]
+    strided = [list(range(i, world_size, size)) for i in range(size)]
+    return blocks, strided
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from zerostep.parallel.groups import block_layout
+
 # Megatron's model-parallel unit, as DeepSpeed's engine and ZeRO call it (utils/groups.py, bwc.py).
 MPU_METHODS = (
     "get_model_parallel_rank",
@@ -102,9 +104,7 @@ def check_tp_size(tp_size: int, world_size: int, what: str = "tensor_parallel.au
 def layout(tp_size: int, world_size: int) -> tuple[list[list[int]], list[list[int]]]:
     """(TP groups, DP groups) as lists of global ranks: TP ranks consecutive, DP ranks strided."""
     check_tp_size(tp_size, world_size)
-    tp_groups = [list(range(s, s + tp_size)) for s in range(0, world_size, tp_size)]
-    dp_groups = [list(range(t, world_size, tp_size)) for t in range(tp_size)]
-    return tp_groups, dp_groups
+    return block_layout(world_size, tp_size)
 
 
 def _timeout() -> datetime.timedelta:

@@ -35,6 +35,8 @@ import optree
 import torch
 import torch.distributed as dist
 
+from zerostep.parallel.groups import block_layout
+
 Group = Any  # a torch.distributed.ProcessGroup (None: one process, no collective)
 
 
@@ -65,7 +67,7 @@ def check_sp_size(sp_size: Any, world_size: int) -> int:
 def sequence_rank_layout(world_size: int, sp_size: int) -> list[list[int]]:
     """The sequence-parallel groups of ``world_size`` ranks as rank lists (consecutive blocks)."""
     check_sp_size(sp_size, world_size)
-    return [list(range(i * sp_size, (i + 1) * sp_size)) for i in range(world_size // sp_size)]
+    return block_layout(world_size, sp_size)[0]
 
 
 # sp_size -> groups, per default group (a new init_process_group starts over); the latest one is what

@@ -169,7 +169,7 @@ def plan_of_config(
         overlap_param_gather=bool(zero.overlap_param_gather),
         grad_accum_dtype=grad_accum_dtype_of(config.data_types.grad_accum_dtype, compute_dtype),
         master_dtype=master_dtype_of(config),
-        sequence_parallel_size=int(getattr(config, "sequence_parallel_size", 1)),
+        sequence_parallel_size=config.sequence_parallel_size,
         **fields,
     )
 

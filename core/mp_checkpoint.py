@@ -36,6 +36,7 @@ from zerostep.core import checkpointing
 from zerostep.core.model_parallel import full_layout, full_shapes, full_tensors, local_tensors
 from zerostep.core.state import TrainState, mark_consumed
 from zerostep.io import CheckpointError, load_checkpoint
+from zerostep.io.checkpoint import write_latest
 from zerostep.io.manifest import LATEST
 from zerostep.parallel.collectives import all_gather_flat
 
@@ -120,7 +121,7 @@ def save(
         ),
     )
     if update_latest:
-        _vote(engine, where, lambda: _write_latest(save_dir, tag) if mesh.world_rank == 0 else None)
+        _vote(engine, where, lambda: write_latest(save_dir, tag) if mesh.world_rank == 0 else None)
     return _Done(where)
 
 
@@ -132,16 +133,6 @@ class _Done:
 
     def wait(self) -> str:
         return self.path
-
-
-def _write_latest(save_dir: str | os.PathLike, tag: str) -> None:
-    path = os.path.join(os.fspath(save_dir), LATEST)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _full_view_state(engine: Any, state: TrainState) -> tuple[_FullView, TrainState]:

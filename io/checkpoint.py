@@ -390,6 +390,23 @@ def _reason(e: BaseException) -> str:
     return e.reason if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
 
 
+def write_latest(save_dir: str | os.PathLike, tag: str, fsync: bool = True) -> None:
+    """Point ``<save_dir>/latest`` at ``tag`` as a save's commit does: the new content in a
+    ``.latest-<id>`` file (a leftover the next save removes, if this dies), then an atomic replace and,
+    with ``fsync``, the folder synced. For a ``latest`` above several committed checkpoints (one per
+    model-parallel rank, core/mp_checkpoint.py)."""
+    save_dir = os.fspath(save_dir)
+    tmp = os.path.join(save_dir, f".{mf.LATEST}-{leftovers.new_save_id()}")
+    try:
+        _write_small(tmp, tag, fsync)
+        os.replace(tmp, os.path.join(save_dir, mf.LATEST))
+    except BaseException:
+        _remove(tmp)
+        raise
+    if fsync:
+        _fsync_dir(save_dir)
+
+
 def _write_small(path: str, text: str, fsync: bool) -> None:
     """A new file ``path`` holding ``text`` (``write_all``, so tests can fill the disk here too)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

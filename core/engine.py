@@ -46,11 +46,13 @@ from zerostep.core.compressed_phase import (
 from zerostep.core.config import Config
 from zerostep.core.module_binding import bind_module, current_values
 from zerostep.core.monitoring.timers import WallClockTimers
+from zerostep.core.one_region import OneRegionStep
 from zerostep.core.param_groups import GroupOptions, ParamGroup, check_groups
 from zerostep.core.precision import (
     LossScaleError,
     ScalerState,
     compute_dtype_of,
+    is_dynamic,
     loss_scale_init,
     loss_scale_update,
     optimizer_state_dtype_of,
@@ -77,6 +79,7 @@ from zerostep.core.step import (
     make_sharded_update,
     make_zero3_backward,
     plan_of_config,
+    step_seed,
 )
 from zerostep.core.step_failure import RanksOutOfStepError, RemoteStepError, StepVote
 from zerostep.core.training_schedules import TrainingSchedules
@@ -145,6 +148,7 @@ def initialize(
 
 class Engine:
     _phases = None  # CompressedPhases for 1-bit Adam (core/compressed_phase.py), else None
+    _split_only = False  # True once the one-region step failed to compile (core/one_region.py)
 
     def __init__(
         self,
@@ -407,6 +411,8 @@ class Engine:
             local = local_update_for(self.plan, self.optimizer, self.group)
             self._sharded_update = self._phases.wrap_update(self._sharded_update, local)
         self._step = compose(self._step_forward, self._scaled_backward, self._reducer, self._sharded_update)
+        # one process: forward, backward and update as one compiled graph where that qualifies
+        self._one_region = None if self._split_only else OneRegionStep.of(self)
 
     def _group_options(
         self, param_groups: list[ParamGroup] | None, trainable: set[str]
@@ -698,16 +704,27 @@ class Engine:
             if self.world_size == 1:
                 raise
             failure = error  # the other ranks must hear of it: the step runs without this rank's work
+        if self._one_region is not None and failure is None:
+            try:
+                successor = self._one_region.step(self, state, pieces)
+            except Exception as error:  # raised before any write: ``state`` is still valid
+                if spec is not None:
+                    self._explain_batch_failure(spec, error)
+                raise
+            if successor is not None:
+                if self._batch_spec is None:
+                    self._batch_spec = spec
+                return successor
+            self._one_region, self._split_only = None, True  # it did not compile: the split step
         step, skipped, seed = int(state.step), int(state.skipped_steps), int(state.seed)
         applied_before = step - skipped
         if self._phases is not None:
             self._phases.switch.set_from(state)  # warm-up or compressed (1-bit Adam)
-        lr = torch.as_tensor(self.lr_at(applied_before - 1), dtype=torch.float32, device=self.device)
+        # torch.full launches a fill: no blocking host-to-device copy
+        lr = torch.full((), self.lr_at(applied_before - 1), dtype=torch.float32, device=self.device)
         beta1 = None
         if self.beta1_at is not None:
-            beta1 = torch.as_tensor(
-                self.beta1_at(applied_before - 1), dtype=torch.float32, device=self.device
-            )
+            beta1 = torch.full((), self.beta1_at(applied_before - 1), dtype=torch.float32, device=self.device)
         scale = state.scaler.scale.to(self.device)
         outcome: dict[str, Any] = {}  # set once graph A has decided, before the first write
 
@@ -723,7 +740,7 @@ class Engine:
                     in_flight.wait(ROOT_UNIT)  # the root unit's parameters may be used anywhere in forward
                 self._in_flight = in_flight
                 with torch.random.fork_rng(devices=self._rng_devices), self._forward_kwargs(step):
-                    self._seed_rng(_step_seed(seed, step, self.rank))
+                    self._seed_rng(step_seed(seed, step, self.rank))
                     # The same flats are read by backward and written in place by the update (donation).
                     applied, loss, grad_norm, gathers = self._step(
                         flats,
@@ -773,9 +790,11 @@ class Engine:
         has decided and before anything is written, so an error there (LossScaleError, or a config value
         that cannot be used) leaves ``state`` valid. Records ``scaler`` and ``writing`` in ``outcome``."""
 
+        dynamic = is_dynamic(self.loss_scaling)  # a static scale never reaches min_loss_scale
+
         def before_write(applied: bool) -> None:
             scaler = loss_scale_update(state.scaler, not applied, self.loss_scaling)
-            if int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
+            if dynamic and int(scaler.min_scale_overflows) > int(state.scaler.min_scale_overflows):
                 raise LossScaleError(
                     f"step {int(state.step)}: fp16 gradients overflowed with the loss scale already at "
                     f"min_loss_scale={self.loss_scaling.min_loss_scale}; the state passed in is unchanged "
@@ -795,10 +814,11 @@ class Engine:
         if self._phases is not None and self._phases.switch.compressed:
             comm_applied = self._phases.comm_applied
         self.comm.record(comm_applied if applied else self._comm_skipped)
+        # on the device: reading them is the caller's host sync, not the engine's
         metrics = Metrics(
-            loss=loss.detach().float().cpu(),
-            grad_norm=grad_norm.detach().float().cpu(),
-            lr=lr.detach().float().cpu(),
+            loss=loss.detach().float(),
+            grad_norm=grad_norm.detach().float(),
+            lr=lr.detach().float(),
             loss_scale=state.scaler.scale.clone(),
             skipped=torch.tensor(0 if applied else 1, dtype=torch.int64),
         )
@@ -959,7 +979,3 @@ def _trainable_layouts(
             out[unit.name] = FlatLayout.build(entries, dtype, world_size)
     return out
 
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    # Distinct, reproducible RNG streams per (seed, step, rank) for dropout and friends.
-    return (seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1)

@@ -174,6 +174,12 @@ def plan_of_config(
     )
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one rank's step (dropout and friends): distinct, reproducible streams per
+    (seed, step, rank)."""
+    return (seed * 1_000_003 + step * 7_919 + rank) % (2**63 - 1)
+
+
 def compose(
     forward: Callable[[Flats, Any], torch.Tensor],
     scaled_backward: Callable[..., tuple[torch.Tensor, Flats]],

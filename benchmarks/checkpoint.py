@@ -16,6 +16,12 @@ go round-robin over the methods of each row group (the machine may be shared).
 
 Part 3, resume memory: how much memory ``engine.load`` adds while it loads, into new buffers or into an
 existing state's (``into=``).
+
+``--device cuda`` (a GPU machine): the state lives on the GPU; saves (device-to-host copy included) and
+loads in place into GPU tensors (``load_pytree(out=)`` against ``torch.load(map_location=)`` +
+``copy_``), absolute seconds and GiB/s; parts 2-3 are CPU-only and are skipped.
+
+    python benchmarks/checkpoint.py --device cuda --gib 1 --repeats 5
 """
 
 from __future__ import annotations
@@ -290,6 +296,56 @@ def resume_memory(args, root: str) -> list[str]:
     return [f"resume of a {state_mib:.0f} MiB AdamW state (ZeRO-2, one rank):"] + lines
 
 
+def gpu_resident(args, root: str, rows: list, device: str = "cuda") -> None:
+    """Part 1 for a state on the GPU: save from it and load in place into it."""
+    n = int(args.gib * 2**30 / 4 / args.tensors)
+    state = {f"layer{i}.weight": torch.randn(n, device=device) for i in range(args.tensors)}
+    nbytes = sum(t.numel() * 4 for t in state.values())
+    paths = {k: os.path.join(root, f"gpu.{k}") for k in ("zs", "pt")}
+    existing = {k: torch.empty_like(v) for k, v in state.items()}
+
+    def synced(fn):
+        def run():
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        return run
+
+    for fsync in (False, True):
+        cases = [
+            (
+                "zerostep save_pytree",
+                lambda f=fsync: zio.save_pytree(paths["zs"], state, fsync=f),
+                paths["zs"],
+            ),
+            (
+                "torch.save",
+                lambda f=fsync: (torch.save(state, paths["pt"]), f and fsync_file(paths["pt"])),
+                paths["pt"],
+            ),
+        ]
+        medians = timed([(synced(fn), clean(path)) for _, fn, path in cases], args.repeats)
+        for (name, _, _), seconds in zip(cases, medians):
+            rows.append((f"GPU save ({'fsync' if fsync else 'no fsync'})", name, nbytes, seconds))
+
+    def torch_into():
+        for k, t in torch.load(paths["pt"], map_location=device).items():
+            existing[k].copy_(t)
+
+    loads = [
+        ("zerostep load_pytree(out=) (verify)", lambda: zio.load_pytree(paths["zs"], out=existing)),
+        (
+            "zerostep load_pytree(out=) (no verify)",
+            lambda: zio.load_pytree(paths["zs"], out=existing, verify=False),
+        ),
+        ("torch.load(map_location) + copy_", torch_into),
+    ]
+    for (name, _), seconds in zip(loads, timed([(synced(fn), None) for _, fn in loads], args.repeats)):
+        rows.append(("GPU load in place", name, nbytes, seconds))
+    assert all(torch.equal(existing[k], state[k]) for k in state)
+
+
 def report(rows: list) -> None:
     print(f"\n{'operation':<26} {'method':<40} {'GiB':>6} {'seconds':>8} {'GiB/s':>7} {'vs zerostep':>12}")
     ours = {}
@@ -316,16 +372,25 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/zerostep-bench-checkpoint")
     parser.add_argument("--skip-dcp", action="store_true")
     parser.add_argument("--skip-reshard", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "checkpoint.py: --device cuda, but CUDA is not available on this machine\n")
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
     rows: list = []
+    memory: list[str] = []
     try:
-        single_process(args, args.dir, rows)
+        if args.device == "cuda":
+            gpu_resident(args, args.dir, rows)
+            args.skip_reshard = True
+        else:
+            single_process(args, args.dir, rows)
         if not args.skip_reshard:
             resharding(args, os.path.join(args.dir, "reshard"), rows)
-        memory = resume_memory(args, args.dir)
+        if args.device == "cpu":
+            memory = resume_memory(args, args.dir)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     from zerostep.io.native import CRC32_IMPL

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -160,6 +161,77 @@ def check_engine() -> str:
     return "; ".join(out)
 
 
+def _small_gpt_engine(config_extra: dict):
+    from zerostep.core import initialize
+    from zerostep.core.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=_size(4, 2), n_head=4, n_embd=_size(256, 64))).to(DEVICE)
+    config = {
+        "train_micro_batch_size_per_gpu": 8,
+        "bf16": {"enabled": True},
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}},
+        **config_extra,
+    }
+    engine = initialize(model, config, loss_fn=lambda m, b: m(b[0], b[1]))
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randint(0, 256, (8, 129), device=DEVICE, generator=gen)
+    return engine, (x[:, :-1], x[:, 1:])
+
+
+def check_host_syncs() -> str:
+    """Device synchronisations per step of the one-region step (core/one_region.py): none at a constant
+    lr, one (the last step's skip flag) under a schedule; counted by torch.cuda.set_sync_debug_mode."""
+    schedule = {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}
+    out = []
+    for name, extra, most in (("constant lr", {}, 0), ("WarmupLR", schedule, 1)):
+        engine, batch = _small_gpt_engine(extra)
+        state = engine.init(seed=0)
+        for _ in range(3):
+            state = engine.step(state, batch)
+        _sync()
+        if DEVICE != "cuda":
+            out.append(f"{name}: one region {engine._one_region is not None} (syncs counted on CUDA only)")
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(5):
+                    state = engine.step(state, batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        per_step = len(syncs) / 5
+        assert per_step <= most, f"{name}: {per_step} syncs per step (at most {most}): {syncs[:3]}"
+        out.append(f"{name}: {per_step:g} syncs/step")
+    return "; ".join(out)
+
+
+def check_cuda_graphs() -> str:
+    """The one region as one CUDA graph (one_region.use_cuda_graphs) against the plain one region."""
+    from zerostep.core.one_region import use_cuda_graphs
+
+    times = {}
+    for graphs in (False, True):
+        engine, batch = _small_gpt_engine({})
+        if graphs:
+            if DEVICE != "cuda":
+                return "needs CUDA (skipped in the dry run)"
+            use_cuda_graphs(engine)
+        state = engine.init(seed=0)
+        for _ in range(4):
+            state = engine.step(state, batch)
+        _sync()
+        start = time.perf_counter()
+        for _ in range(20):
+            state = engine.step(state, batch)
+        float(state.metrics.loss)
+        times[graphs] = (time.perf_counter() - start) / 20 * 1e3
+    return f"one region {times[False]:.2f} ms/step, as a CUDA graph {times[True]:.2f} ms/step"
+
+
 CHECKS = {
     "matmul": check_matmul,
     "copy": check_copy,
@@ -168,6 +240,8 @@ CHECKS = {
     "triton_signs": check_triton_signs,
     "nccl": check_nccl,
     "engine": check_engine,
+    "host_syncs": check_host_syncs,
+    "cuda_graphs": check_cuda_graphs,
 }
 
 

@@ -31,6 +31,8 @@ if [[ $DRY == 1 ]]; then
     step zero_step 300 $PY benchmarks/zero_step.py --model mlp --world-size 1 --steps 4 --warmup 1 --no-compile
     step offload 200 $PY benchmarks/offload.py --device cpu --steps 4 --warmup 1 --layers 2 --embd 64
     step inference 200 $PY benchmarks/inference.py --n-layer 2 --n-embd 64 --new 8 --repeats 1
+    step train_step 300 $PY benchmarks/train_step.py --model tiny --steps 10 --warmup 2 --no-compile-time
+    step checkpoint 120 $PY benchmarks/checkpoint.py --gib 0.05 --repeats 2 --skip-dcp --skip-reshard
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
     step checks 180 $PY benchmarks/gpu_check.py
@@ -39,6 +41,8 @@ else
     step zero_step 150 $PY benchmarks/zero_step.py --device cuda --world-size 1
     step offload 60 $PY benchmarks/offload.py --device cuda --steps 10
     step inference 60 $PY benchmarks/inference.py
+    step train_step 150 $PY benchmarks/train_step.py --device cuda --steps 20 --warmup 3
+    step checkpoint 60 $PY benchmarks/checkpoint.py --device cuda --gib 1 --repeats 3
 fi
 echo "=== summary (log: $LOG)"
 printf '%s\n' "${SUMMARY[@]}"

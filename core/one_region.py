@@ -33,6 +33,7 @@ that fails to compile falls back to the split step for good, with a warning.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -84,8 +85,26 @@ def use_split_step(engine: Any) -> Any:
     return engine
 
 
+def use_cuda_graphs(engine: Any) -> Any:
+    """Experimental, CUDA only: compile ``engine``'s one region with ``mode="reduce-overhead"``, so the
+    whole step replays as one CUDA graph. Every state buffer is updated in place, so they are marked as
+    static addresses at the first step (a state from elsewhere, e.g. a load, is marked in turn);
+    the batch must keep its shapes. Untested until a GPU runs ``benchmarks/gpu_check.sh``. Returns
+    ``engine``."""
+    if engine.device.type != "cuda":
+        raise ValueError(f"use_cuda_graphs: the engine trains on {engine.device}, CUDA graphs need a GPU")
+    if engine._one_region is None:
+        why = reason_not_to_fuse(engine) or "it failed to compile"
+        raise ValueError(f"use_cuda_graphs: this engine's step is not one region ({why})")
+    engine._one_region = OneRegionStep(engine, cuda_graphs=True)
+    return engine
+
+
 def make_one_region(
-    plan: StepPlan, forward: Callable[[Flats, Any], torch.Tensor], optimizer: Any
+    plan: StepPlan,
+    forward: Callable[[Flats, Any], torch.Tensor],
+    optimizer: Any,
+    cuda_graphs: bool = False,
 ) -> Callable[..., RegionResult]:
     """``region(params, master, opt_state, micro_batches, scale, lr, beta1) -> RegionResult``, compiled.
 
@@ -149,7 +168,8 @@ def make_one_region(
             _write_where(finite, params, new_params)
         return RegionResult(loss_sum / gas, torch.sqrt(sumsq) * unscale, finite)
 
-    return compile_private(region, dynamic=False, fullgraph=True)
+    mode = "reduce-overhead" if cuda_graphs else None
+    return compile_private(region, dynamic=False, fullgraph=True, mode=mode)
 
 
 def _clone(x: Any) -> Any:
@@ -167,9 +187,11 @@ class OneRegionStep:
     """``Engine.step``'s body when the step runs as one region: the schedule's lr, the call, the
     successor state. Built by ``of`` (None when the engine does not qualify)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, cuda_graphs: bool = False) -> None:
         plan = engine.plan
-        self.region = make_one_region(plan, engine._forward, engine.optimizer)
+        self.region = make_one_region(plan, engine._forward, engine.optimizer, cuda_graphs)
+        self.cuda_graphs = cuda_graphs
+        self._static: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()  # marked as static addresses
         self.separate_params = not plan.params_alias_master
         # the lr depends on the count of applied steps only under a schedule: without one the engine
         # never reads the device's skip flag on the host
@@ -199,6 +221,8 @@ class OneRegionStep:
         flats, _ = state.params.take_in_flight()  # one process: nothing is ever in flight
         master = state.master
         params = flats if self.separate_params else None
+        if self.cuda_graphs:
+            self._mark_static(params, master, state.opt_state)
         with torch.random.fork_rng(devices=engine._rng_devices):
             engine._seed_rng(step_seed(int(state.seed), step, engine.rank))
             try:
@@ -229,6 +253,12 @@ class OneRegionStep:
             scaler=_static_scaler_update(state.scaler, skipped),
             metrics=metrics,
         )
+
+    def _mark_static(self, *trees: Any) -> None:
+        for t in optree.tree_leaves(trees, none_is_leaf=False):
+            if isinstance(t, torch.Tensor) and t not in self._static:
+                torch._dynamo.mark_static_address(t)
+                self._static.add(t)
 
     def _device_scale(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
         # a static scale never changes: copy it to the device once per scaler tensor

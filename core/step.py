@@ -28,6 +28,10 @@ Between graph A and graph B the host reads one flag (finite or not): a skipped s
 parameters, master and optimizer state untouched, and deciding that on the host costs one sync instead
 of a ``torch.where`` pass over every buffer. Collectives stay out of the autograd graph because one
 graph holding both failed in AOTAutograd (DESIGN.md); they live in their own compiled graphs.
+
+In one process, where nothing communicates, the same four phases run as one compiled region
+(``core/one_region.py``): backward is ``torch.func.grad`` traced into the graph and the skip is a
+``torch.where`` fused into the update, so a step costs one compiled call and no host read.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def make_one_region(
     ``params``: the compute-dtype flats the forward reads; ``master``: the fp32 (or master-dtype) flats
     the optimizer updates. They are the same tensors when ``plan.params_alias_master`` (then ``params``
     is None). Updates ``master``, ``opt_state`` and (when they are separate) ``params`` in place."""
-    gas, clip = plan.accumulation_steps, plan.gradient_clipping
+    gas, clip, layouts = plan.accumulation_steps, plan.gradient_clipping, plan.layouts
     accumulate_in = plan.accumulation_dtype
 
     def region(
@@ -124,23 +124,27 @@ def make_one_region(
         beta1: torch.Tensor | None,
     ) -> RegionResult:
         inputs = master if params is None else params
+        # per-parameter views: backward writes each parameter's gradient once, where a flat input
+        # would copy them into its buffer (4x1024 MLP: 0.83-0.92x eager against 0.99-1.01x); the
+        # update's concatenation fuses into the optimizer's pass
+        leaves = {g: list(layouts[g].split(f)) for g, f in inputs.items()}
 
-        def objective(flats: Flats, micro_batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            loss = forward(flats, micro_batch).float()
+        def objective(views: dict[str, list[torch.Tensor]], micro_batch: Any) -> tuple[torch.Tensor, ...]:
+            loss = forward(views, micro_batch).float()
             return loss * (scale / gas), loss.detach()
 
-        grads: Flats = {}
+        grads: dict[str, list[torch.Tensor]] = {}
         loss_sum = torch.zeros((), dtype=torch.float32, device=scale.device)
         for micro_batch in micro_batches:
-            # d(loss * scale / GAS)/d(flat): the split views' backward concatenates into one flat
-            step_grads, loss = torch.func.grad(objective, has_aux=True)(inputs, micro_batch)
-            for g, d in step_grads.items():
-                d = d.to(accumulate_in)
-                grads[g] = d if g not in grads else grads[g] + d
+            step_grads, loss = torch.func.grad(objective, has_aux=True)(leaves, micro_batch)
+            for g, parts in step_grads.items():
+                parts = [d.to(accumulate_in) for d in parts]
+                grads[g] = parts if g not in grads else [a + d for a, d in zip(grads[g], parts)]
             loss_sum = loss_sum + loss
         sumsq = torch.zeros((), dtype=torch.float32, device=scale.device)
-        for d in grads.values():
-            sumsq = sumsq + d.float().pow(2).sum()
+        for parts in grads.values():
+            for d in parts:
+                sumsq = sumsq + d.float().pow(2).sum()
         finite = torch.isfinite(sumsq)
         unscale = plan.unscale(scale)
         grad_scale = unscale
@@ -153,7 +157,7 @@ def make_one_region(
         new_state = optree.tree_map(_clone, opt_state)
         new_params = None if params is None else {g: t.clone() for g, t in params.items()}
         optimizer.update_(
-            {g: d.float() for g, d in grads.items()},
+            {g: layouts[g].concat(parts).float() for g, parts in grads.items()},  # [padded_numel]
             new_state,
             new_master,
             lr,

@@ -70,7 +70,7 @@ def _prompt_length(args: tuple, kwargs: dict) -> int | None:
 class InferenceEngine(nn.Module):
     """DeepSpeed's ``InferenceEngine``: ``engine(*a, **kw)`` is the module's forward (without autograd),
     ``engine.module`` the prepared module, ``engine.generate`` the module's own ``generate`` where it
-    has one."""
+    has one (zerostep's GPT: ``StaticCacheGenerator.generate``, the same contract through a KV cache)."""
 
     def __init__(self, model: nn.Module, config: InferenceConfig):
         super().__init__()

@@ -40,7 +40,7 @@ else
     step optimizer_update 90 $PY benchmarks/optimizer_update.py --device cuda
     step zero_step 150 $PY benchmarks/zero_step.py --device cuda --world-size 1
     step offload 60 $PY benchmarks/offload.py --device cuda --steps 10
-    step inference 60 $PY benchmarks/inference.py
+    step inference 240 $PY benchmarks/inference.py  # 5 GPT + 1 HF compiles
     step train_step 150 $PY benchmarks/train_step.py --device cuda --steps 20 --warmup 3
     step checkpoint 60 $PY benchmarks/checkpoint.py --device cuda --gib 1 --repeats 3
 fi

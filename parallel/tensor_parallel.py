@@ -276,12 +276,17 @@ class ParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.style != "rowwise":
             x = copy_to_tp(x, self.group)
-        y = x @ self.weight if self.transposed else F.linear(x, self.weight)  # [..., out_local or out]
+        y = self.local_matmul(x)  # [..., out_local or out]
         if self.style == "rowwise":
             y = reduce_from_tp(y, self.group)
         if self.bias is not None:
             y = y + self.bias
         return gather_from_tp(y, self.group) if self.style == "colwise_gather" else y
+
+    def local_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's product with its shard, before any collective (a subclass may hold the shard
+        otherwise, e.g. int8)."""
+        return x @ self.weight if self.transposed else F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"{self.replaced}, {self.style}, local weight {list(self.weight.shape)}"

@@ -1,4 +1,5 @@
-"""Inference: ``init_inference``'s machinery (config, checkpoint loading, int8 weights, the engine)."""
+"""Inference: ``init_inference``'s machinery (config, shard-by-shard checkpoint loading, int8 weights, the
+static KV cache and compiled decode, the engine)."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ class InferenceConfig:
     kernel_inject: bool = False  # zerostep: the forward compiled with torch.compile
     enable_cuda_graph: bool = False  # zerostep: torch.compile(mode="reduce-overhead") on CUDA
     checkpoint: str | None = None  # a zerostep checkpoint directory or a .safetensors/.pt/.bin file
-    max_out_tokens: int = 1024
+    max_out_tokens: int = 1024  # prompt + new tokens; for zerostep's GPT the KV cache's length too
     int8_weights: bool = False  # nn.Linear weights int8, per-output-channel symmetric scales
     keep_module_on_host: bool = False
     # DeepSpeed's injection_policy: {block class or class name: row-parallel linear paths in the block}

@@ -1,13 +1,18 @@
-"""The inference engine: the user's module prepared once (weights, dtype, int8, device, compile), then
-called like the module.
+"""The inference engine: the user's module prepared once (weights, shards, dtype, int8, device, compile),
+then called like the module.
 
-Order of preparation: ``checkpoint`` weights are loaded into the module as it is (fp32 masters from a
-training checkpoint), then the module is cast to ``dtype``, moved to the accelerator (CUDA when present,
-unless ``keep_module_on_host``), sharded over the ranks when ``tp_size > 1`` (``tensor_parallel.py``),
-its ``nn.Linear`` weights quantized to int8 when asked, and put in eval mode. DeepSpeed's
-"kernel injection" is, in zerostep's terms, the module's forward compiled in place with
-``torch.compile`` (``nn.Module.compile``), so the module's own ``generate`` decodes through the compiled
-forward too; ``enable_cuda_graph`` compiles with ``mode="reduce-overhead"`` (CUDA graphs) on CUDA.
+Order of preparation: with ``checkpoint`` the source is opened and checked against the module's full
+names and shapes (another model's checkpoint fails before any work); the module is sharded over the
+ranks when ``tp_size > 1`` (``tensor_parallel.py``; a module built on the meta device or under
+``zerostep.zero.Init`` shards without memory); each rank reads just its shards from the checkpoint
+(``loading.py``); the module is cast to ``dtype``, moved to the accelerator (CUDA when present, unless
+``keep_module_on_host``), its linears quantized to int8 per output channel of each shard when asked,
+and put in eval mode. DeepSpeed's "kernel injection" is, in zerostep's terms, the module's forward
+compiled in place with ``torch.compile`` (``nn.Module.compile``), so the module's own ``generate``
+decodes through the compiled forward too, with Hugging Face's static cache where the model supports it;
+zerostep's GPT generates through a static KV cache with its decode step compiled once
+(``static_cache.py``). ``enable_cuda_graph`` compiles with ``mode="reduce-overhead"`` (CUDA graphs) on
+CUDA, and warns off CUDA.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from zerostep.core.inference import loading
 from zerostep.core.inference.config import InferenceConfig
-from zerostep.core.inference.loading import load_into
 from zerostep.core.inference.quantize import quantize_linears
+from zerostep.core.inference.static_cache import StaticCacheGenerator, hf_static_cache_kwargs, supports
 from zerostep.core.inference.tensor_parallel import apply_tensor_parallel, checked_plan
-from zerostep.errors import ConfigError
+
+# torch.compile's backend for the forward and the decode step; tests swap in "eager" (dynamo's graphs
+# and guards without inductor's code generation, which costs ~10 s per graph on this machine)
+COMPILE_BACKEND = "inductor"
 
 
 def _device(config: InferenceConfig) -> torch.device | None:
@@ -60,7 +70,7 @@ def _prompt_length(args: tuple, kwargs: dict) -> int | None:
 class InferenceEngine(nn.Module):
     """DeepSpeed's ``InferenceEngine``: ``engine(*a, **kw)`` is the module's forward (without autograd),
     ``engine.module`` the prepared module, ``engine.generate`` the module's own ``generate`` where it
-    has one."""
+    has one (zerostep's GPT: ``StaticCacheGenerator.generate``, the same contract through a KV cache)."""
 
     def __init__(self, model: nn.Module, config: InferenceConfig):
         super().__init__()
@@ -68,34 +78,53 @@ class InferenceEngine(nn.Module):
             raise TypeError(f"init_inference: model must be a torch.nn.Module, got {type(model).__name__}")
         if config.tp_size > 1:
             checked_plan(model, config.tp_size, config.injection_policy)  # a bad tp_size fails first
-            if config.int8_weights:
-                raise ConfigError(
-                    "init_inference: int8 weights with tensor_parallel.tp_size > 1 are not supported"
-                )
         self._config = config
         self.module = model
-        if config.checkpoint is not None:
-            load_into(model, config.checkpoint)
+        self.tp_specs = self._load_and_shard(model, config)
         if config.dtype != torch.int8:  # int8: weight-only, computing in the module's own dtype
             model.to(config.dtype)
         device = _device(config)
         if device is not None:
             model.to(device)
-        # name -> ShardSpec (which parameters hold a shard, and of what), None without tensor parallelism
-        self.tp_specs = (
-            apply_tensor_parallel(model, config.tp_size, config.injection_policy)
-            if config.tp_size > 1
-            else None
-        )
         self.quantized_linears = quantize_linears(model) if config.int8_weights else 0
         model.eval()
         model.requires_grad_(False)
         on_cuda = any(p.is_cuda for p in model.parameters()) or any(b.is_cuda for b in model.buffers())
         self.compile_mode = _compile_mode(config, on_cuda)
         if self.compile_mode is not None:
-            model.compile(mode=self.compile_mode)  # in place: the module's generate uses it too
-        if hasattr(model, "generate"):
+            model.compile(mode=self.compile_mode, backend=COMPILE_BACKEND)  # in place: generate uses it
+        # zerostep's GPT: a static KV cache, the decode step compiled once when the forward is
+        self.static_cache = (
+            StaticCacheGenerator(model, config.max_out_tokens, self.compile_mode, COMPILE_BACKEND)
+            if supports(model)
+            else None
+        )
+        if self.static_cache is not None:
+            self.generate = self.static_cache.generate
+        elif hasattr(model, "generate"):
             self.generate = self._generate
+
+    @staticmethod
+    def _load_and_shard(model: nn.Module, config: InferenceConfig) -> dict | None:
+        """Weights (each rank reading only its shards) and tensor parallelism; name -> ShardSpec, or
+        None without tensor parallelism."""
+        groups = loading.alias_groups(model)
+        source = None if config.checkpoint is None else loading.open_weights(config.checkpoint)
+        try:
+            if source is not None:
+                loading.check_matches(source, loading.full_shapes(model), groups)
+            else:
+                loading.materialize_parameters(model)  # a zero.Init model without checkpoint: whole
+            loading.materialize_buffers(model)
+            specs = None
+            if config.tp_size > 1:
+                specs = apply_tensor_parallel(model, config.tp_size, config.injection_policy)
+            if source is not None:
+                loading.load_weights(model, source, groups, specs, dist.get_rank() if specs else 0)
+            return specs
+        finally:
+            if source is not None:
+                source.close()
 
     @property
     def config(self) -> InferenceConfig:
@@ -115,5 +144,7 @@ class InferenceEngine(nn.Module):
             )
         if hasattr(self.module, "reset_cache"):
             self.module.reset_cache()
+        if self.compile_mode is not None and hasattr(self.module, "generation_config"):
+            kwargs = hf_static_cache_kwargs(self.module, kwargs)
         with torch.no_grad():
             return self.module.generate(*inputs, **kwargs)

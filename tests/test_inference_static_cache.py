@@ -75,6 +75,9 @@ def test_the_decode_step_compiles_once_and_never_recompiles(monkeypatch):
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(engine_module, "COMPILE_BACKEND", "eager")
+    # dynamo's code cache is per process: an earlier compile of the decode step (another backend, dtype
+    # or batch size) would make this test's first compile a recompile
+    torch._dynamo.reset()
     model, x = gpt(), prompts()
     served = engine(model, kernel_inject=True)
     assert served.compile_mode == "default"
@@ -89,6 +92,7 @@ def test_the_decode_step_compiles_once_and_never_recompiles(monkeypatch):
 
 @slow
 def test_inductor_compiled_decode_gives_the_uncached_tokens():
+    torch._dynamo.reset()  # the eager-backend compile above is cached for the same code: BACKEND_MATCH
     model, x = gpt(), prompts()
     served = engine(model, kernel_inject=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -115,6 +119,9 @@ def _hf_check(monkeypatch, compiled: bool) -> None:
 
     from zerostep.core.inference.static_cache import hf_static_cache_kwargs
 
+    # a frame first run with dynamo disabled stays skipped in this process (the compiled=False test
+    # before would make this one compile nothing): start from empty code caches
+    torch._dynamo.reset()
     model = hf_gpt2()
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
@@ -125,11 +132,14 @@ def _hf_check(monkeypatch, compiled: bool) -> None:
     calls = []
     original = served.module.generate
     monkeypatch.setattr(served.module, "generate", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    before = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(disable=not compiled):
         got = served.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
         graphs = counters["stats"]["unique_graphs"]
-        with torch._dynamo.config.patch(error_on_recompile=True):  # the same lengths: no new graph
-            again = served.generate(ids.flip(1), attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert (graphs > before) == compiled  # compiled: the forward's graphs (prefill, decode) were made
+    # the same lengths: no new graph
+    with torch._dynamo.config.patch(disable=not compiled, error_on_recompile=True):
+        again = served.generate(ids.flip(1), attention_mask=mask, max_new_tokens=10, do_sample=False)
     assert counters["stats"]["unique_graphs"] == graphs
     assert torch.equal(got, want) and torch.equal(again, want_again)
     assert calls[0]["cache_implementation"] == "static" and calls[0]["disable_compile"] is True
@@ -140,7 +150,11 @@ def _hf_check(monkeypatch, compiled: bool) -> None:
 
 
 def test_hf_generate_asks_for_the_static_cache_behind_the_compiled_forward(monkeypatch):
-    _hf_check(monkeypatch, compiled=False)
+    try:
+        _hf_check(monkeypatch, compiled=False)
+    finally:
+        torch._dynamo.reset()  # GPT-2's frames run with dynamo disabled stay skipped: later compiles in
+        # this process (other tests) would run them eager
 
 
 @slow

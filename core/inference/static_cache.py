@@ -9,7 +9,11 @@ causal attention's. Every decode step has the same shapes (tokens ``[B, 1]``, po
 buffers), so ``torch.compile(dynamic=False)`` compiles it once and never again for that batch size; the
 position enters as a tensor, not a Python int, so its value is no guard. The prompt (prefill) runs
 uncompiled through the same code: its length varies per call, and one forward per call is not worth a
-compile per length.
+compile per length. Every decoder in the process shares one code object, so each batch size, dtype or
+layer kind (int8, tensor-parallel) compiled is one more entry in dynamo's cache for it: past
+``torch._dynamo.config.recompile_limit`` (8) entries dynamo logs a warning and runs the new ones eager
+(the same tokens, uncompiled). Marking the batch dim dynamic (``mark_dynamic`` on the tokens and the
+buffers) does not help as written: the trace specializes it (dynamo's ConstraintViolationError).
 
 The decoder reads the GPT's own submodules (``wte``, ``wpe``, each block's ``ln1``, ``attn.qkv``,
 ``attn.proj``, ``ln2``, ``fc``, ``out``, then ``ln_f``, ``head``), so whatever the engine did to them

@@ -147,6 +147,12 @@ def _hf_check(monkeypatch, compiled: bool) -> None:
     assert hf_static_cache_kwargs(model, {"use_cache": False}) == {"use_cache": False}
     assert hf_static_cache_kwargs(model, {"past_key_values": None}) == {"past_key_values": None}
     assert hf_static_cache_kwargs(torch.nn.Linear(1, 1), {}) == {}
+    from transformers import GenerationConfig
+
+    offloaded = {"generation_config": GenerationConfig(cache_implementation="offloaded")}
+    assert hf_static_cache_kwargs(model, offloaded) == offloaded  # the caller's generation_config's cache
+    model.generation_config.cache_implementation = "dynamic"  # as a hub generation_config.json may say
+    assert hf_static_cache_kwargs(model, {}) == {}
 
 
 def test_hf_generate_asks_for_the_static_cache_behind_the_compiled_forward(monkeypatch):

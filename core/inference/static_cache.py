@@ -9,7 +9,11 @@ causal attention's. Every decode step has the same shapes (tokens ``[B, 1]``, po
 buffers), so ``torch.compile(dynamic=False)`` compiles it once and never again for that batch size; the
 position enters as a tensor, not a Python int, so its value is no guard. The prompt (prefill) runs
 uncompiled through the same code: its length varies per call, and one forward per call is not worth a
-compile per length.
+compile per length. Every decoder in the process shares one code object, so each batch size, dtype or
+layer kind (int8, tensor-parallel) compiled is one more entry in dynamo's cache for it: past
+``torch._dynamo.config.recompile_limit`` (8) entries dynamo logs a warning and runs the new ones eager
+(the same tokens, uncompiled). Marking the batch dim dynamic (``mark_dynamic`` on the tokens and the
+buffers) does not help as written: the trace specializes it (dynamo's ConstraintViolationError).
 
 The decoder reads the GPT's own submodules (``wte``, ``wpe``, each block's ``ln1``, ``attn.qkv``,
 ``attn.proj``, ``ln2``, ``fc``, ``out``, then ``ln_f``, ``head``), so whatever the engine did to them
@@ -194,10 +198,15 @@ class StaticCacheGenerator:
 def hf_static_cache_kwargs(model: nn.Module, kwargs: dict) -> dict:
     """``generate`` kwargs for a Hugging Face model whose forward the engine compiled: a static cache
     (``cache_implementation="static"``: fixed shapes, so the compiled decode step is one graph) where the
-    model supports one (``_can_compile_fullgraph``) and the caller chose no cache; Hugging Face's own
-    compile of the forward off (``disable_compile``): the engine's in-place compile is already there."""
-    chosen = {"past_key_values", "cache_implementation"} & set(kwargs)
-    if chosen or kwargs.get("use_cache") is False or not getattr(model, "_can_compile_fullgraph", False):
+    model supports one (``_can_compile_fullgraph``) and neither the caller (kwargs, or a
+    ``generation_config`` passed) nor the model's own ``generation_config`` (a hub file may name one, e.g.
+    Gemma-2's "hybrid") chose a cache or turned it off; Hugging Face's own compile of the forward off
+    (``disable_compile``): the engine's in-place compile is already there."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    chosen = bool({"past_key_values", "cache_implementation"} & set(kwargs))
+    chosen = chosen or getattr(config, "cache_implementation", None) is not None
+    no_cache = kwargs.get("use_cache") is False or getattr(config, "use_cache", True) is False
+    if chosen or no_cache or not getattr(model, "_can_compile_fullgraph", False):
         return kwargs
     return {
         **kwargs,

@@ -332,7 +332,7 @@ def test_tensor_parallel_config_block_sizes_and_keys():
         Config.from_dict({**gpt_config(), "tensor_parallel": {"autotp_size": 0, "tp_overlap_comm": False}})
 
 
-def test_initialize_refuses_a_bad_mpu_and_an_unsupported_mesh_param():
+def test_initialize_refuses_a_bad_mpu_and_a_bad_mesh_param():
     class NoGroups:
         def get_model_parallel_rank(self):
             return 0
@@ -346,5 +346,17 @@ def test_initialize_refuses_a_bad_mpu_and_an_unsupported_mesh_param():
     ):
         with pytest.raises(TypeError, match="lacks the model-parallel-unit method.*get_data_parallel_group"):
             build(NoGroups())
-    with pytest.raises(NotImplementedError, match="mesh_param"):
-        zerostep.initialize(model=Net(), config=net_config(), mesh_param=(1, 1))
+    # DeepSpeed's (data, sequence) device mesh: the config's data_parallel_size / sequence_parallel_size
+    # (2 ranks: tests/test_ulysses.py's facade run)
+    engine, *_ = zerostep.initialize(model=Net(), config=net_config(), mesh_param=(1, 1), compile=False)
+    assert (engine.sequence_parallel_size, engine.dp_world_size) == (1, 1)
+    with pytest.raises(ConfigError, match=r"data_parallel_size x sequence_parallel_size = 2 x 1 must equal"):
+        zerostep.initialize(model=Net(), config=net_config(), mesh_param=(2, 1))
+    for bad in ((1,), (1, 0), "1x1", (1.0, 1)):
+        with pytest.raises(ValueError, match=r"must be a \(data_parallel_size, sequence_parallel_si"):
+            zerostep.initialize(model=Net(), config=net_config(), mesh_param=bad)
+    with pytest.raises(ValueError, match="says sequence_parallel_size = 1 but the config says 2"):
+        config = {**net_config(), "sequence_parallel_size": 2}
+        zerostep.initialize(model=Net(), config=config, mesh_param=(1, 1))
+    with pytest.raises(ValueError, match="either mpu= or mesh_param="):
+        zerostep.initialize(model=Net(), config=net_config(), mesh_param=(1, 1), mpu=NoGroups())

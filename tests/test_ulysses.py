@@ -144,7 +144,10 @@ def _facade_run(rank: int, stage: int = 2, samples: int = SAMPLES) -> tuple:
     from zerostep.sequence import split_sequence
 
     model = _gpt(SP)
-    engine, _, _, _ = zerostep.initialize(model=model, config=_gpt_config(SP, stage), compile=False)
+    config = _gpt_config(SP, stage)
+    del config["sequence_parallel_size"]  # given as DeepSpeed's (data, sequence) device mesh instead
+    mesh_param = (torch.distributed.get_world_size() // SP, SP)
+    engine, _, _, _ = zerostep.initialize(model=model, config=config, mesh_param=mesh_param, compile=False)
     loader = engine.deepspeed_io(
         _dataset(samples), num_local_io_workers=0
     )  # no worker processes in a spawned rank

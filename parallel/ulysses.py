@@ -35,7 +35,7 @@ import optree
 import torch
 import torch.distributed as dist
 
-from zerostep.parallel.groups import block_layout
+from zerostep.parallel.mesh import sequence_tensor_layout
 
 Group = Any  # a torch.distributed.ProcessGroup (None: one process, no collective)
 
@@ -65,9 +65,10 @@ def check_sp_size(sp_size: Any, world_size: int) -> int:
 
 
 def sequence_rank_layout(world_size: int, sp_size: int) -> list[list[int]]:
-    """The sequence-parallel groups of ``world_size`` ranks as rank lists (consecutive blocks)."""
+    """The sequence-parallel groups of ``world_size`` ranks as rank lists (consecutive blocks: the
+    tensor-parallel size 1 case of ``parallel/mesh.sequence_tensor_layout``)."""
     check_sp_size(sp_size, world_size)
-    return block_layout(world_size, sp_size)[0]
+    return sequence_tensor_layout(world_size, 1, sp_size).sequence
 
 
 # sp_size -> groups, per default group (a new init_process_group starts over); the latest one is what

@@ -212,6 +212,19 @@ def two_ranks(rank, world, tp1_dir, root):
     model.inp.weight.tensor_model_parallel = True
     engine = initialize(model, net_config(), loss_fn=net_loss, compile=False, mpu=GridMPU(2))
     out["marked_norm"] = float(engine.step(engine.init(), net_batches()[0]).metrics.grad_norm)
+    # what stays refused: a marked matrix without Megatron's partition_dim for Muon, torch.optim classes
+    refused = []
+    muon = {**net_config(), "optimizer": {"type": "Muon", "params": {"lr": 0.02}}}
+    rmsprop = {**gpt_config(0, tp=2), "optimizer": {"type": "RMSprop", "params": {"lr": 1e-3}}}
+    for build in (
+        lambda: initialize(model, muon, loss_fn=net_loss, compile=False, mpu=GridMPU(2)),
+        lambda: initialize(gpt(), rmsprop, loss_fn=lm_loss, compile=False),
+    ):
+        try:
+            build()
+        except ValueError as e:
+            refused.append(str(e))
+    out["refused"] = refused
     return out
 
 
@@ -266,6 +279,9 @@ def test_tensor_parallel_and_an_mpu_train_like_one_process_and_checkpoints_cross
         assert listing == ["latest", "mp_rank_00", "mp_rank_01"] and back and tag == f"global_step{STEPS}"
         # both MP ranks add the marked weight's (here equal) gradient: its square counts twice
         assert out["marked_norm"] == pytest.approx(math.sqrt(net_norms[0] ** 2 + marked**2), rel=1e-5)
+        muon, rmsprop = out["refused"]
+        assert "'inp.weight' is marked model-parallel but its partition_dim=None" in muon
+        assert "optimizer 'rmsprop' with model parallelism" in rmsprop.lower() and "torch.optim" in rmsprop
     # the TP=2 checkpoint holds full tensors under the model's names: a one-process engine loads it
     one = initialize(gpt(), gpt_config(0), loss_fn=lm_loss, compile=False)
     assert_close(one.full_params(one.load(tmp_path / "tp2")), results[0]["tp_params"], atol=0)

@@ -19,6 +19,12 @@ same layout: ``mesh_param_config`` writes it into the config as ``data_parallel_
 ``sequence_parallel_size`` (DeepSpeed's engine reads its mesh the same way from those two keys), and the
 config checks that ``dp x sp`` is the world.
 
+With AutoTP (``tensor_parallel.autotp_size = N``) the sequence groups are strided by N inside each
+block of ``N x P`` ranks (``parallel/mesh.sequence_tensor_layout``, Megatron's tp-cp-dp order), so the
+TP mesh's data-parallel group (all ranks of one TP rank) is the sequence-and-data group: the engine
+reduces, shards and divides over it unchanged, and a model that builds its own groups must be told N
+(``GPTConfig(tensor_parallel_size=N)``). An ``mpu`` with sequence parallelism is refused.
+
 What it cannot combine with, each a clear error: 1-bit optimizers (their compressed momentum is averaged
 over the world), pipelines (core/pipeline_engine.py).
 """
@@ -40,10 +46,12 @@ def check(config: Config, optimizer_name: str | None, over_the_world: bool = Tru
     sp = config.sequence_parallel_size
     if sp == 1:
         return
-    if not over_the_world:
+    tp = config.tensor_parallel.size
+    if not over_the_world and tp == 1:
         raise NotImplementedError(
-            f"sequence_parallel_size={sp} with model parallelism (tensor_parallel.autotp_size or mpu=): "
-            "not implemented by zerostep; the sequence-parallel groups split every rank of the world"
+            f"sequence_parallel_size={sp} with mpu=: not implemented by zerostep (the sequence groups "
+            "would have to be laid out inside the mpu's data-parallel groups); AutoTP "
+            "(tensor_parallel.autotp_size) combines with it"
         )
     ulysses.check_sp_size(sp, config.world_size)  # Config checked it too; a hand-built one may not be
     if optimizer_name is not None and optimizer_name.lower() in optim.COMPRESSED_OPTIMIZER_TYPES:
@@ -66,7 +74,7 @@ def setup(config: Config) -> ulysses.SequenceGroups | None:
     calls it, after the ranks agreed on the config), or None without sequence parallelism."""
     if config.sequence_parallel_size == 1:
         return None
-    return ulysses.initialize_sequence_parallel(config.sequence_parallel_size)
+    return ulysses.initialize_sequence_parallel(config.sequence_parallel_size, config.tensor_parallel.size)
 
 
 

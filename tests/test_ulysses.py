@@ -305,6 +305,18 @@ def test_bad_input_is_refused_clearly():
     )
     with pytest.warns(UserWarning, match="DeepSpeed reduces sequence-parallel gradients in"):
         sequence_parallel.check(bf16, "adamw")
+    # with AutoTP the sequence groups are strided by tp (slow 4-rank test); with an mpu: refused
+    sp_tp = Config.from_dict(
+        {"train_batch_size": 4, "sequence_parallel_size": 2, "tensor_parallel": {"autotp_size": 2}},
+        world_size=2,
+    )
+    sequence_parallel.check(sp_tp, "adamw", over_the_world=False)
+    with pytest.raises(NotImplementedError, match="sequence_parallel_size=2 with mpu=: not implemented"):
+        sequence_parallel.check(cfg, "adamw", over_the_world=False)
+    with pytest.raises(ValueError, match="n_head=2 is not divisible by sequence_parallel_size=2 x tensor_"):
+        GPT(GPTConfig(n_head=2, n_embd=12, sequence_parallel_size=2, tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="tensor-parallel size 2 needs torch.distributed"):
+        ulysses.initialize_sequence_parallel(1, 2)
     with pytest.raises(KeyError, match="No sequence parallel group found"):
         ds_groups._get_sequence_parallel_group()
     assert ds_groups._get_sequence_parallel_world_size() == 1
@@ -343,3 +355,33 @@ def test_sp2_dp2_on_four_ranks_equals_one_process():
                 torch.testing.assert_close(
                     params[key], value, rtol=1e-5, atol=1e-5, msg=f"{rank} {name} {key}"
                 )
+
+
+TP = 2
+
+
+def _sp_tp_ranks(rank: int, world: int, batches: list) -> tuple[tuple, list[float], dict]:
+    """TP=2 x SP=2 on 4 ranks (one data-parallel replica): the groups, and the functional API's GPT
+    training at ZeRO-1 on the batches every rank reads whole and cuts to its sequence chunk."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**GPT_CFG.__dict__, "sequence_parallel_size": SP, "tensor_parallel_size": TP})
+    model = GPT(cfg)
+    config = {**_gpt_config(SP, 1), "tensor_parallel": {"autotp_size": TP}}
+    groups = ulysses.initialize_sequence_parallel(SP)
+    split = lambda batch: ulysses.split_sequence(batch, groups)  # noqa: E731
+    layout = (groups.sp_ranks, groups.sp_rank, groups.dp_size, groups.tp_size)
+    return (layout, *_functional_run(model, config, batches, split))
+
+
+@pytest.mark.skipif(os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~40 s")
+def test_sequence_parallel_with_tensor_parallel_on_four_ranks_equals_one_process():
+    tokens = _dataset(MICRO * STEPS).tensors
+    batches = [(tokens[0][i : i + MICRO], tokens[1][i : i + MICRO]) for i in range(0, MICRO * STEPS, MICRO)]
+    results = spawn_ranks(_sp_tp_ranks, 4, batches, timeout=400)
+    want_losses, want_params = _functional_run(_gpt(1), _gpt_config(1, 0), batches, lambda b: b)
+    for rank, (layout, losses, params) in enumerate(results):
+        # sequence groups {0, 2} {1, 3}: strided by TP inside the one replica
+        assert layout == ((rank % TP, rank % TP + TP), rank // TP, 1, TP)
+        assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-5), rank
+        for key, value in want_params.items():
+            torch.testing.assert_close(params[key], value, rtol=1e-5, atol=1e-5, msg=f"{rank} {key}")

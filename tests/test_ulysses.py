@@ -360,28 +360,62 @@ def test_sp2_dp2_on_four_ranks_equals_one_process():
 TP = 2
 
 
-def _sp_tp_ranks(rank: int, world: int, batches: list) -> tuple[tuple, list[float], dict]:
-    """TP=2 x SP=2 on 4 ranks (one data-parallel replica): the groups, and the functional API's GPT
-    training at ZeRO-1 on the batches every rank reads whole and cuts to its sequence chunk."""
+def _sp_tp_gpt() -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(**{**GPT_CFG.__dict__, "sequence_parallel_size": SP, "tensor_parallel_size": TP})
-    model = GPT(cfg)
+    return GPT(GPTConfig(**{**GPT_CFG.__dict__, "sequence_parallel_size": SP, "tensor_parallel_size": TP}))
+
+
+def _sp_tp_ranks(rank: int, world: int, batches: list) -> dict:
+    """TP=2 x SP=2 on 4 ranks (one data-parallel replica): the groups, the functional API's GPT training
+    at ZeRO-1 on the batches every rank reads whole and cuts to its sequence chunk, and the facade's
+    (mesh_param=(1, 2), its own loader) at ZeRO-2."""
+    import zerostep
+    from zerostep.sequence import split_sequence
+
     config = {**_gpt_config(SP, 1), "tensor_parallel": {"autotp_size": TP}}
+    model = _sp_tp_gpt()
     groups = ulysses.initialize_sequence_parallel(SP)
     split = lambda batch: ulysses.split_sequence(batch, groups)  # noqa: E731
-    layout = (groups.sp_ranks, groups.sp_rank, groups.dp_size, groups.tp_size)
-    return (layout, *_functional_run(model, config, batches, split))
+    out = {"layout": (groups.sp_ranks, groups.sp_rank, groups.dp_size, groups.tp_size)}
+    out["functional"] = _functional_run(model, config, batches, split)
+    config = {**_gpt_config(SP, 2), "tensor_parallel": {"autotp_size": TP}}
+    del config["sequence_parallel_size"]
+    engine, *_ = zerostep.initialize(model=_sp_tp_gpt(), config=config, mesh_param=(1, SP), compile=False)
+    out["facade_sizes"] = (engine.dp_world_size, engine.seq_dp_world_size, engine.train_batch_size())
+    losses, read = [], []
+    for idx, targets in engine.deepspeed_io(_dataset(MICRO * STEPS), num_local_io_workers=0):
+        read.append((idx, targets))
+        mine = split_sequence({"idx": idx, "targets": targets})
+        loss = engine(mine["idx"], mine["targets"])
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    out["facade"] = (read, losses, engine._core.full_params(engine.state))
+    return out
 
 
-@pytest.mark.skipif(os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~40 s")
+@pytest.mark.skipif(os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~25 s")
 def test_sequence_parallel_with_tensor_parallel_on_four_ranks_equals_one_process():
     tokens = _dataset(MICRO * STEPS).tensors
     batches = [(tokens[0][i : i + MICRO], tokens[1][i : i + MICRO]) for i in range(0, MICRO * STEPS, MICRO)]
     results = spawn_ranks(_sp_tp_ranks, 4, batches, timeout=400)
     want_losses, want_params = _functional_run(_gpt(1), _gpt_config(1, 0), batches, lambda b: b)
-    for rank, (layout, losses, params) in enumerate(results):
+    facade_read = results[0]["facade"][0]
+    facade_want = _functional_run(_gpt(1), _gpt_config(1, 0), facade_read, lambda b: b)
+    for rank, out in enumerate(results):
         # sequence groups {0, 2} {1, 3}: strided by TP inside the one replica
-        assert layout == ((rank % TP, rank % TP + TP), rank // TP, 1, TP)
-        assert losses == pytest.approx(want_losses, rel=1e-5, abs=1e-5), rank
-        for key, value in want_params.items():
-            torch.testing.assert_close(params[key], value, rtol=1e-5, atol=1e-5, msg=f"{rank} {key}")
+        assert out["layout"] == ((rank % TP, rank % TP + TP), rank // TP, 1, TP)
+        # one replica reads every sample; gradients reduce over the SP x DP group of 2 ranks
+        assert out["facade_sizes"] == (1, SP, MICRO)
+        read, facade_losses, facade_params = out["facade"]
+        assert len(read) == STEPS and all(  # the loader's (shuffled) samples: the same on every rank
+            torch.equal(a, b) for got, first in zip(read, facade_read) for a, b in zip(got, first)
+        )
+        for name, (losses, params), (ref_losses, ref_params) in (
+            ("functional", out["functional"], (want_losses, want_params)),
+            ("facade", (facade_losses, facade_params), facade_want),
+        ):
+            assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5), (rank, name)
+            for key, value in ref_params.items():
+                msg = f"{rank} {name} {key}"
+                torch.testing.assert_close(params[key], value, rtol=1e-5, atol=1e-5, msg=msg)

@@ -16,6 +16,9 @@ and a ``PhaseSwitch`` picks one per step on the host from the state's applied-st
 
 Gradient clipping in the compressed phase clips by the root mean square over ranks of the local
 gradient norms (there is no global gradient there); the reported ``grad_norm`` is that value too.
+Under tensor parallelism each replica's local norm is completed over the tensor-parallel group as the
+global norm is (``core/model_parallel.ReplicaNorm``: split parameters on every rank, replicated ones
+once), while the compressed exchange itself stays over the data-parallel group.
 """
 
 from __future__ import annotations
@@ -132,6 +135,8 @@ def make_local_update(plan: StepPlan, optimizer: Optimizer, group: Any) -> Calla
     local = dataclasses.replace(plan, world_size=1, rank=0)
     apply_update = make_apply_update(local, optimizer, group, compile=False)
     world = plan.world_size
+    mp = plan.model_parallel  # tensor parallelism: the norm's share over whole local buffers
+    whole = None if mp is None else (mp.whole or mp)
 
     def local_update(
         grads: dict[str, Any],
@@ -147,16 +152,21 @@ def make_local_update(plan: StepPlan, optimizer: Optimizer, group: Any) -> Calla
         before_write: Callable[[bool], None] | None = None,
     ) -> UpdateResult:
         sumsq = torch.zeros((), dtype=torch.float32, device=loss_sum.device)
-        for grad in grads.values():
+        for g, grad in grads.items():
+            if whole is not None:
+                sumsq = sumsq + whole.sumsq(g, grad)
+                continue
             for part in grad if isinstance(grad, list) else [grad]:
                 sumsq = sumsq + part.float().pow(2).sum()
         parts = [sumsq, loss_sum.float() / plan.accumulation_steps]
         if failed is not None:
             flag = torch.tensor(float(failed), device=loss_sum.device)
-            parts += [flag, flag * plan.rank]
+            parts += [flag, flag * (plan.rank if mp is None else mp.world_rank)]
         packed = torch.stack(parts)
         if world > 1:
             packed = collectives.all_reduce_flat(packed, group, None)
+        if mp is not None:
+            packed = mp.complete(packed)
         mean_sumsq, loss = packed[0] / world, packed[1] / world
         finite, *failures = torch.cat([torch.isfinite(packed[:1]).float(), packed[2:]]).tolist()
         if failures and failures[0]:

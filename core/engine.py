@@ -28,6 +28,7 @@ from zerostep.core import (
     agreement,
     deferred_init,
     model_parallel,
+    model_parallel_optim,
     sequence_parallel,
 )
 from zerostep.core import offload as offloading
@@ -258,7 +259,7 @@ class Engine:
             )
         self.group_options = self._group_options(param_groups, set(trainable))
         self.optimizer = self._build_optimizer()
-        model_parallel.check_optimizer(self.mesh, self.optimizer.name, config.optimizer.type)
+        model_parallel_optim.check_optimizer(self.mesh, self.optimizer.name, config.optimizer.type)
         sequence_parallel.check(config, self.optimizer.name, self.mesh.is_world)
         if self.offload_settings is not None:  # before the ranks' first collective
             offloading.check_optimizer(self.optimizer.name)
@@ -431,6 +432,12 @@ class Engine:
     def _build_optimizer(self, lrs: list[float] | None = None) -> optim.Optimizer:
         options = {**self._lamb_options(), **self._per_parameter_options(), **self._compressed_options()}
         block = self.config.optimizer
+        # LAMB's norms, Muon's matrices over the tensor-parallel group (core/model_parallel_optim.py)
+        options.update(
+            model_parallel_optim.optimizer_options(
+                self.mesh, block.type, self.plan.layouts, self.tp_specs, self.model
+            )
+        )
         if self.group_options is not None:
             options.update(self.group_options.optimizer_options(lrs))
             params = dict(block.params or {})

@@ -36,6 +36,9 @@ class GPTConfig:
     ep_size: int = 1
     aux_loss_coef: float = 0.01
     sequence_parallel_size: int = 1  # > 1: Ulysses over groups of this many consecutive ranks
+    # with sequence_parallel_size > 1 and AutoTP training: the config's tensor_parallel.autotp_size (the
+    # sequence groups are strided by it, parallel/mesh.sequence_tensor_layout); otherwise unused
+    tensor_parallel_size: int = 1
 
 
 class LocalAttention(nn.Module):
@@ -210,8 +213,10 @@ def _sequence_groups(cfg: GPTConfig):
         return None
     from zerostep.parallel import ulysses
 
-    if cfg.n_head % sp:
-        raise ValueError(f"n_head={cfg.n_head} is not divisible by sequence_parallel_size={sp}")
+    tp = cfg.tensor_parallel_size
+    if cfg.n_head % (sp * tp):
+        what = f"sequence_parallel_size={sp}" + (f" x tensor_parallel_size={tp}" if tp > 1 else "")
+        raise ValueError(f"n_head={cfg.n_head} is not divisible by {what}")
     if cfg.n_experts > 0:
         raise ValueError("a MoE GPT (n_experts > 0) with sequence_parallel_size > 1 is not implemented")
-    return ulysses.initialize_sequence_parallel(sp)
+    return ulysses.initialize_sequence_parallel(sp, tp)

@@ -20,8 +20,10 @@ The other keys: ``max_out_tokens`` bounds prompt + new tokens per call (a ValueE
 when the call asks for more; a warning when the call's arguments do not say how many); with
 ``release_inference_cache`` the memory the call cached (KV caches and activations held by the device's
 caching allocator) is returned after it (``gc.collect`` and ``empty_cache``). ``inference_tp_size > 1``
-is refused by the config (tensor-parallel generation is not implemented); ``tp_gather_partition_size``
-and ``enable_cuda_graph`` have no effect and say so, as ``pin_parameters`` does below stage 3. As in
+regroups the ranks into inference tensor-parallel groups and generates on the weights split over them
+(core/hybrid_tp.py; at stage 3 the whole model is gathered once per call to cut the shards, so
+``pin_parameters`` and ``tp_gather_partition_size`` have no effect there and say so);
+``enable_cuda_graph`` has no effect and says so, as ``pin_parameters`` does below stage 3. As in
 DeepSpeed, the ranks' random generators are made equal once (rank 0's), so that sampling agrees.
 """
 
@@ -53,6 +55,12 @@ class HybridEngine:
         self._generate = core.model.generate  # the module's own, bound before it is rerouted
         self._warned_unknown_length = False
         self.last_peak_gathered_bytes = 0  # stage 3, pin_parameters false: the runner's high-water mark
+        self.tensor_parallel = None  # inference_tp_size > 1: core/hybrid_tp.py
+        if self.settings.inference_tp_size > 1:
+            from zerostep.core.hybrid_tp import TensorParallelGeneration
+
+            tp = self.settings.inference_tp_size
+            self.tensor_parallel = TensorParallelGeneration(core, self._generate, tp)
 
     @staticmethod
     def of(core: Any, state_of: Callable[[], TrainState]) -> HybridEngine | None:
@@ -86,6 +94,10 @@ class HybridEngine:
         call = under_autocast(self._generate, core.autocast)  # torch_autocast, as in the forward
         try:
             with torch.no_grad():
+                if self.tensor_parallel is not None:
+                    self.tensor_parallel.skeleton.eval()
+                    wrap = lambda f: under_autocast(f, core.autocast)  # noqa: E731
+                    return self.tensor_parallel.generate(args, kwargs, wrap)
                 if core.plan.stage < 3:
                     return call(*args, **kwargs)
                 if self.settings.pin_parameters:
@@ -177,13 +189,26 @@ def _release_cache(device: torch.device) -> None:
 def _warn_no_effect(core: Any) -> None:
     settings = core.config.hybrid_engine
     notes = []
+    tp = settings.inference_tp_size > 1
     if core.plan.stage < 3 and not settings.pin_parameters:
         notes.append(
             "pin_parameters = false has no effect below ZeRO stage 3 (the module's parameters are always "
             "whole)"
         )
     if settings.tp_gather_partition_size != 8:
-        notes.append("tp_gather_partition_size has no effect (it applies to inference_tp_size > 1)")
+        notes.append(
+            "tp_gather_partition_size has no effect ("
+            + (
+                "zerostep gathers the whole model once per call to cut the inference shards)"
+                if tp
+                else "it applies to inference_tp_size > 1)"
+            )
+        )
+    if tp and core.plan.stage == 3 and not settings.pin_parameters:
+        notes.append(
+            "pin_parameters = false has no effect with inference_tp_size > 1 (the whole model is "
+            "gathered once per call to cut the inference shards, then released)"
+        )
     if settings.enable_cuda_graph:
         notes.append(
             "enable_cuda_graph has no effect (zerostep does not capture decode steps as CUDA graphs)"

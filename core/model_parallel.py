@@ -90,6 +90,9 @@ class ReplicaNorm:
     counted: dict[str, Ranges]
     uncounted: dict[str, Ranges]
     entry_counted: dict[str, tuple[bool, ...]]
+    # the same over whole (unsharded) buffers: a rank's local gradients in 1-bit optimizers' compressed
+    # phase (core/compressed_phase.py); None when this one already is
+    whole: ReplicaNorm | None = None
 
     def __hash__(self) -> int:
         return id(self)
@@ -130,6 +133,9 @@ def replica_norm(
     ``world_size``: data-parallel, deciding which part of each flat gradient this rank sums."""
     if mesh.tp_size == 1:
         return None
+    whole = None
+    if world_size > 1:
+        whole = replica_norm(mesh, layouts, sharded, stage=stage, rank=0, world_size=1)
     counted, uncounted, flags = {}, {}, {}
     for g, lay in layouts.items():
         lo, hi = (0, lay.padded_numel) if world_size == 1 else lay.shard_range(rank)
@@ -141,31 +147,7 @@ def replica_norm(
                 (yes if counts else no).append((a - lo, b - lo))
         counted[g], uncounted[g] = _merge(yes), _merge(no)
         flags[g] = tuple(mesh.counts_replicated or e.name in sharded for e in lay.entries)
-    return ReplicaNorm(mesh.tp_group, mesh.world_rank, counted, uncounted, flags)
-
-
-def check_optimizer(mesh: ParallelMesh, name: str, block_type: str) -> None:
-    """Optimizers whose update is not elementwise would treat a model-parallel shard as a whole
-    parameter (LAMB's trust ratio, Muon's matrices, torch optimizers), and 1-bit optimizers compute
-    their own norm: refused with model parallelism. ``name``: the built optimizer's, ``block_type``:
-    the config's ``optimizer.type`` (lower-cased as the registry keys it)."""
-    if mesh.tp_size == 1:
-        return
-    from zerostep import optim
-
-    kind = block_type.lower()
-    why = None
-    if name.startswith("lamb") or kind == "lamb":
-        why = "its trust ratio is a per-parameter norm, which a model-parallel shard does not have"
-    elif kind in optim.PER_PARAMETER_TYPES:
-        why = "it works on whole parameters (matrices), and model parallelism splits them"
-    elif kind in optim.COMPRESSED_OPTIMIZER_TYPES:
-        why = "its compressed phase computes the gradient norm over the data-parallel group alone"
-    if why:
-        raise ValueError(
-            f"optimizer {block_type!r} with model parallelism ({mesh.describe()}): not supported, "
-            f"{why}; use an elementwise optimizer (Adam, AdamW, SGD, Lion, Adagrad)"
-        )
+    return ReplicaNorm(mesh.tp_group, mesh.world_rank, counted, uncounted, flags, whole)
 
 
 def shard_model(model: nn.Module, config: Any, mesh: ParallelMesh) -> dict[str, Any] | None:

@@ -93,6 +93,8 @@ def from_config(
     world_size: int = 1,
     padding: Any = None,
     segments: Any = None,
+    model_parallel: PerLeaf = None,
+    split_matrices: Any = None,
 ) -> Optimizer:
     """Build the optimizer a DeepSpeed ``"optimizer": {"type": ..., "params": {...}}`` block names.
 
@@ -101,7 +103,9 @@ def from_config(
     ``all_gather``, ``exchange``, ``schedule_sets_lr`` and ``param_widths`` reach the per-parameter
     types (Muon, mup's, torch.optim's; see ``zerostep.optim.per_parameter``). ``compressed_allreduce``,
     ``world_size`` and ``padding`` reach the compressed-communication types
-    (``COMPRESSED_OPTIMIZER_TYPES``); ``segments`` (each flat leaf's parameter ranges) 1-bit LAMB."""
+    (``COMPRESSED_OPTIMIZER_TYPES``); ``segments`` (each flat leaf's parameter ranges) 1-bit LAMB.
+    Under model parallelism (``zerostep.optim.model_parallel``): ``model_parallel`` (per leaf, which
+    parameter segments are split) reaches LAMB and 1-bit LAMB, ``split_matrices`` Muon."""
     kind, params = block_parts(block, "optimizer")
     if kind is None:
         raise ConfigError(f"optimizer.type: missing; supported types are {list(OPTIMIZER_TYPES)}")
@@ -120,7 +124,7 @@ def from_config(
                                          exchange=exchange,
                                          schedule_sets_lr=schedule_sets_lr, param_widths=param_widths,
                                          use_triton=use_triton, lr_multipliers=lr_multipliers,
-                                         weight_decay_mask=weight_decay_mask)
+                                         weight_decay_mask=weight_decay_mask, split_matrices=split_matrices)
 
     extra: dict[str, Any] = dict(weight_decay_mask=weight_decay_mask, lr_multipliers=lr_multipliers)
     base = name
@@ -136,11 +140,12 @@ def from_config(
     else:
         defaults = dict(_DEFAULTS[name])
         if name == "lamb":
-            extra.update(use_triton=use_triton, trust_segments=trust_segments, norm_reduce=norm_reduce)
+            extra.update(use_triton=use_triton, trust_segments=trust_segments, norm_reduce=norm_reduce,
+                         model_parallel=model_parallel)
         if name in COMPRESSED_OPTIMIZER_TYPES:
             extra.update(compressed_allreduce=compressed_allreduce, world_size=world_size, padding=padding)
             if name == "onebitlamb":
-                extra["segments"] = segments
+                extra.update(segments=segments, model_parallel=model_parallel)
             _warn_compressed_no_ops(kind, params)
 
     unknown = sorted(set(params) - set(defaults))

@@ -5,7 +5,9 @@ Per tensor: Adam moments with bias correction applied to ``m`` and ``v`` themsel
 clamped to ``[min_coeff, max_coeff]`` (1 when either norm is 0), then ``p -= lr * ratio * update``.
 Both norms use ``p`` before the step. Like FusedLamb, the trust ratio is per tensor the optimizer
 is handed: over a flat shard that is the whole shard; ``norm_reduce`` (e.g. an all-reduce sum)
-lets a sharded caller make it the norm of the full buffer.
+lets a sharded caller make it the norm of the full buffer. Under model parallelism ``model_parallel``
+(per leaf, an ``optim.model_parallel.SplitSegments``) completes the norms of parameters split over the
+model-parallel group by a sum over it, after ``norm_reduce``; replicated parameters keep their own.
 
 On CUDA with triton, each leaf takes two fused passes: moments + partial norms, then the apply.
 """
@@ -38,6 +40,7 @@ from zerostep.optim.base import (
     step_count,
     zeros_like_state,
 )
+from zerostep.optim.model_parallel import SplitSegments, complete_sums
 
 
 class TrustSegments(NamedTuple):
@@ -71,13 +74,16 @@ def lamb(
     norm_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     use_triton: bool | None = None,
     trust_segments: PerLeaf = None,
+    model_parallel: PerLeaf = None,
 ) -> Optimizer:
     """DeepSpeed's FusedLamb. ``norm_reduce`` maps a leaf's local ``[sum p^2, sum update^2]`` (or, with
     segments, ``[2, n_segments]``) to the global sums (identity when None).
 
     ``trust_segments``: per leaf, None or a ``TrustSegments`` saying which element ranges of a flat leaf
     belong to which parameter, so that each parameter gets its own trust ratio as with unflattened
-    tensors (the engine passes this for its flat ZeRO shards)."""
+    tensors (the engine passes this for its flat ZeRO shards). ``model_parallel``: per leaf, None or a
+    ``SplitSegments`` over the same segment indices (needs ``trust_segments``): which parameters are
+    shards of a tensor-parallel split, whose norms are summed over the model-parallel group."""
     b1, b2 = check_betas(betas)
     check_range("lr", lr, 0.0)
     check_range("eps", eps, 0.0)
@@ -94,10 +100,11 @@ def lamb(
     def init(params: PyTree) -> LambState:
         return LambState(step_count(params), zeros_like_state(params), zeros_like_state(params))
 
-    def trust_ratio(sums: torch.Tensor) -> torch.Tensor:
+    def trust_ratio(sums: torch.Tensor, mp: SplitSegments | None = None) -> torch.Tensor:
         """[2] -> [] or [2, k] -> [k]: the clamped ratio ||p|| / ||update|| (1 where either is 0)."""
         if norm_reduce is not None:
             sums = norm_reduce(sums)
+        sums = complete_sums(sums, mp)
         norms = sums.sqrt()
         w_norm, u_norm = norms[0], norms[1]
         ratio = (w_norm / u_norm).clamp(min_coeff, max_coeff)
@@ -115,8 +122,11 @@ def lamb(
         masks = per_leaf(weight_decay_mask, params, True)
         mults = per_leaf(lr_multipliers, params, 1.0)
         segments = per_leaf(trust_segments, params, None)
-        leaves = zip(p_leaves, g_leaves, m_leaves, v_leaves, c_leaves, masks, mults, segments)
-        for p, g, m, v, copy, mask, mult, seg in leaves:
+        splits = per_leaf(model_parallel, params, None)
+        leaves = zip(p_leaves, g_leaves, m_leaves, v_leaves, c_leaves, masks, mults, segments, splits)
+        for p, g, m, v, copy, mask, mult, seg, mp in leaves:
+            if mp is not None and seg is None:
+                raise ValueError("lamb: model_parallel needs trust_segments (which parameter each is)")
             leaf_lr = lr if is_static(mult, 1) else lr * mult
             wd = masked_weight_decay(weight_decay, mask)
             if seg is None and triton_kernels.usable(use_triton, (p, g, m, v), (wd, mult)):
@@ -141,10 +151,12 @@ def lamb(
                 sums = torch.stack([(pw * pw).sum(), (update * update).sum()])
                 pw.sub_(update * (leaf_lr * trust_ratio(sums)))
             else:
-                apply_segmented(pw, update, leaf_lr, seg)
+                apply_segmented(pw, update, leaf_lr, seg, mp)
             finish_param(p, pw, copy)
 
-    def apply_segmented(pw: torch.Tensor, update: torch.Tensor, leaf_lr: Scalar, seg: TrustSegments) -> None:
+    def apply_segmented(
+        pw: torch.Tensor, update: torch.Tensor, leaf_lr: Scalar, seg: TrustSegments, mp: SplitSegments | None
+    ) -> None:
         # Partial sums per piece, scattered into per-parameter sums [2, n_segments] (a piece is the part
         # of one parameter inside this flat leaf; static, so the loop unrolls in a compiled graph).
         columns = [torch.zeros((), dtype=torch.float32, device=pw.device)] * seg.n_segments
@@ -152,7 +164,8 @@ def lamb(
         for start, stop, index in seg.pieces:
             columns[0][index] = columns[0][index] + (pw[start:stop] * pw[start:stop]).sum()
             columns[1][index] = columns[1][index] + (update[start:stop] * update[start:stop]).sum()
-        ratio = trust_ratio(torch.stack([torch.stack(columns[0]), torch.stack(columns[1])]))  # [n_segments]
+        sums = torch.stack([torch.stack(columns[0]), torch.stack(columns[1])])  # [2, n_segments]
+        ratio = trust_ratio(sums, mp)  # [n_segments]
         for start, stop, index in seg.pieces:
             pw[start:stop].sub_(update[start:stop] * (leaf_lr * ratio[index]))
 

@@ -32,12 +32,17 @@ gives each matrix to the rank holding most of it, sends the owner the other hold
 and returns the orthogonalized slices (two all-to-alls per unit, only for units with a cut matrix);
 ``"allgather"`` all-gathers the unit's ``u`` (shard [S] -> full [N * S]) and orthogonalizes every
 matrix touching the shard on each rank. Matrices of one shape are orthogonalized as one batch.
+
+Under tensor parallelism (``split_matrices``: parameter name -> ``optim.model_parallel.MatrixSplit``) a
+matrix split over the model-parallel group is gathered whole (its shards from every model-parallel
+rank), orthogonalized at its full shape and scaled by it, and this rank keeps its shard: the update is
+the one-process update of the whole matrix. Replicated matrices need nothing (every rank holds them).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -60,6 +65,7 @@ from zerostep.optim.base import (
     step_count,
     zeros_like_state,
 )
+from zerostep.optim.model_parallel import MatrixSplit
 from zerostep.optim.muon_shards import (
     Exchange,
     Matrix,
@@ -116,7 +122,21 @@ class _LeafPlan(NamedTuple):
     collective: bool = False
 
 
-def unit_matrices(pieces: FlatPieces, adjust_lr_fn: str) -> list[Matrix]:
+def _matrix(
+    name: str, shape: tuple[int, ...], offset: int, adjust_lr_fn: str, splits: Mapping[str, MatrixSplit]
+) -> Matrix:
+    """A Muon matrix; one split over the model-parallel group is scaled by its full shape."""
+    split = splits.get(name)
+    if split is not None and len(shape) != 2:
+        raise ValueError(f"Muon over a model-parallel split: {name} {list(shape)} is not a 2-D matrix")
+    scale_shape = split.full_shape if split is not None else shape
+    scale = update_scale(scale_shape, adjust_lr_fn)
+    return Matrix(offset, math.prod(shape), matrix_shape(shape), scale, name)
+
+
+def unit_matrices(
+    pieces: FlatPieces, adjust_lr_fn: str, splits: Mapping[str, MatrixSplit] | None = None
+) -> list[Matrix]:
     """Every Muon matrix of the leaf's whole unit (all ranks' shards), by offset in the full buffer
     (in the leaf, for a leaf that is not a shard)."""
     if not pieces.sharded:  # the leaf holds whole parameters
@@ -127,7 +147,7 @@ def unit_matrices(pieces: FlatPieces, adjust_lr_fn: str) -> list[Matrix]:
         raise ValueError("Muon's owner strategy over a sharded leaf needs FlatPieces.param_offsets")
     return sorted(
         (
-            Matrix(offset, math.prod(shape), matrix_shape(shape), update_scale(shape, adjust_lr_fn))
+            _matrix(name, shape, offset, adjust_lr_fn, splits or {})
             for name, shape, offset in named
             if uses_muon(name, shape)
         ),
@@ -135,7 +155,9 @@ def unit_matrices(pieces: FlatPieces, adjust_lr_fn: str) -> list[Matrix]:
     )
 
 
-def _leaf_plan(pieces: FlatPieces, n: int, adjust_lr_fn: str, distributed: str) -> _LeafPlan:
+def _leaf_plan(
+    pieces: FlatPieces, n: int, adjust_lr_fn: str, distributed: str, splits: Mapping[str, MatrixSplit]
+) -> _LeafPlan:
     muon = [p for p in pieces.pieces if uses_muon(p.name, p.shape)]
     runs = tuple((p.start, p.stop) for p in muon)
     kind = "adam" if not muon else "muon" if sum(p.numel for p in muon) == n else "mixed"
@@ -149,7 +171,7 @@ def _leaf_plan(pieces: FlatPieces, n: int, adjust_lr_fn: str, distributed: str) 
             )
         if not muon and not pieces.sharded:
             return _LeafPlan("adam", (), (), (), False)
-        plan = owner_plan(unit_matrices(pieces, adjust_lr_fn), rank, n, world_size)
+        plan = owner_plan(unit_matrices(pieces, adjust_lr_fn, splits), rank, n, world_size)
         return _LeafPlan(kind, runs, (), (), pieces.sharded, plan, plan.exchanges)
     # all-gather: every rank of a unit holding any Muon matrix joins its all-gather
     collective = pieces.sharded and any(uses_muon(name, shape) for name, shape in pieces.params or ())
@@ -161,14 +183,10 @@ def _leaf_plan(pieces: FlatPieces, n: int, adjust_lr_fn: str, distributed: str) 
         by_shape.setdefault(matrix_shape(p.shape), []).append(p)
     where: dict[int, tuple[int, int]] = {}  # piece.start -> (batch, member)
     batches = []
-    for b, (ns_shape, members) in enumerate(by_shape.items()):
+    for b, members in enumerate(by_shape.values()):
         batch = []
         for m, p in enumerate(members):
-            batch.append(
-                Matrix(
-                    pieces.param_offset(p), math.prod(p.shape), ns_shape, update_scale(p.shape, adjust_lr_fn)
-                )
-            )
+            batch.append(_matrix(p.name, p.shape, pieces.param_offset(p), adjust_lr_fn, splits))
             where[p.start] = (b, m)
         batches.append(tuple(batch))
     segments, at = [], 0
@@ -203,6 +221,7 @@ def muon(
     all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     distributed: str = "owner",
     exchange: Exchange | None = None,
+    split_matrices: Mapping[str, MatrixSplit] | None = None,
 ) -> Optimizer:
     """DeepSpeed's MuonWithAuxAdam over a pytree (or the engine's flat shards, with ``param_pieces``).
 
@@ -215,8 +234,10 @@ def muon(
     received``) or ``"allgather"`` (needs ``all_gather``: shard -> full buffer over the ranks); see
     ``zerostep.optim.muon_shards``. ``lr_multipliers`` / ``weight_decay_mask``: per-leaf factors
     (numbers, or tensors shaped like the leaf) on both groups' lr and weight decay (the engine's param
-    groups)."""
+    groups). ``split_matrices``: parameter name -> ``MatrixSplit`` for matrices split over a
+    model-parallel group (see the module docstring)."""
     b1, b2 = check_betas(betas)
+    splits = dict(split_matrices or {})
     for key, value in (
         ("lr", lr),
         ("adam_lr", adam_lr),
@@ -268,7 +289,8 @@ def muon(
         if key not in plans:
             resolved = resolve_pieces(param_pieces, params)
             plans[key] = [
-                _leaf_plan(fp, leaf.numel(), adjust_lr_fn, distributed) for leaf, fp in zip(leaves, resolved)
+                _leaf_plan(fp, leaf.numel(), adjust_lr_fn, distributed, splits)
+                for leaf, fp in zip(leaves, resolved)
             ]
             check_has_matrices(resolved)
         return plans[key]
@@ -332,13 +354,27 @@ def muon(
 
     def _orthogonalized(direction, plan: _LeafPlan, steps: int, method: str, dtype_name: str) -> torch.Tensor:
         dtype = NS_DTYPES[dtype_name] or auto_dtype(method, direction.device)
+
+        def ns(batch: torch.Tensor) -> torch.Tensor:
+            return newton_schulz(batch, steps, method, dtype).to(direction.dtype)
+
+        def orthogonalize(stacked: torch.Tensor, members: tuple[Matrix, ...]) -> torch.Tensor:
+            """[B, *ns_shape] -> the same, Newton-Schulz per matrix; a model-parallel split one at its
+            full shape (gathered, then this rank's shard kept), in batch order on every rank."""
+            if not any(mx.name in splits for mx in members):
+                return ns(stacked)
+            out = []
+            for local, mx in zip(stacked.unbind(0), members):
+                split = splits.get(mx.name)
+                if split is None:
+                    out.append(ns(local[None])[0])
+                    continue
+                full = split.gather(local)  # [*full_shape], collective over the model-parallel group
+                out.append(split.shard(ns(full[None])[0]).reshape(local.shape))
+            return torch.stack(out)
+
         if plan.owner is not None:
-            return owner_orthogonalized(
-                direction,
-                plan.owner,
-                lambda batch: newton_schulz(batch, steps, method, dtype).to(direction.dtype),
-                exchange,
-            )
+            return owner_orthogonalized(direction, plan.owner, orthogonalize, exchange)
         if plan.sharded:
             if all_gather is None:
                 raise ValueError("Muon over sharded flat leaves needs all_gather (shard -> full buffer)")
@@ -348,7 +384,7 @@ def muon(
         results = []
         for batch in plan.batches:
             stacked = torch.stack([full[mx.offset : mx.offset + mx.numel].view(mx.ns_shape) for mx in batch])
-            ortho = newton_schulz(stacked, steps, method, dtype).to(direction.dtype)
+            ortho = orthogonalize(stacked, batch)
             results.append([o.reshape(-1) * mx.scale for o, mx in zip(ortho.unbind(0), batch)])
         parts = []
         for seg in plan.segments:

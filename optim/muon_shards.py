@@ -42,6 +42,7 @@ class Matrix(NamedTuple):
     numel: int
     ns_shape: tuple[int, ...]  # what Newton-Schulz sees (leading dimensions are a batch)
     scale: float  # the factor on its orthogonalized update
+    name: str = ""  # the parameter's (a model-parallel split is looked up by it)
 
 
 class OwnerPlan(NamedTuple):
@@ -143,11 +144,12 @@ def owner_plan(matrices: Sequence[Matrix], rank: int, shard: int, world_size: in
 def owner_orthogonalized(
     direction: torch.Tensor,
     plan: OwnerPlan,
-    orthogonalize: Callable[[torch.Tensor], torch.Tensor],
+    orthogonalize: Callable[[torch.Tensor, tuple[Matrix, ...]], torch.Tensor],
     exchange: Exchange | None,
 ) -> torch.Tensor:
     """The shard's Muon update [S] from its direction [S]: gather cut matrices to their owners,
-    ``orthogonalize`` (a batch [B, *ns_shape] -> same) the owned ones, return the holders' slices."""
+    ``orthogonalize`` (a batch [B, *ns_shape] and its B matrices -> [B, *ns_shape]) the owned ones,
+    return the holders' slices."""
     received = None
     if plan.exchanges:
         if exchange is None:
@@ -160,7 +162,7 @@ def owner_orthogonalized(
         for k in batch:
             pieces = [(direction if src == "local" else received)[lo:hi] for src, lo, hi in plan.parts[k]]
             fulls.append(_cat(pieces, direction).view(plan.owned[k].ns_shape))
-        ortho = orthogonalize(torch.stack(fulls))
+        ortho = orthogonalize(torch.stack(fulls), tuple(plan.owned[k] for k in batch))
         for k, o in zip(batch, ortho.unbind(0)):
             results[k] = o.reshape(-1) * plan.owned[k].scale
     back = None

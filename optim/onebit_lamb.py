@@ -27,6 +27,11 @@ Per-tensor values are ``[1, S]`` state leaves (2-D: not flat shards; S tensors o
 the state. As for 1-bit Adam, a checkpoint load restarts the error feedback; at world size 1 the
 compressed average is the identity (DeepSpeed skips it too). ``bias_correction`` and ``eps_inside_sqrt``
 are read and ignored (as DeepSpeed's); ``optim.config`` warns when a config sets them.
+
+Under tensor parallelism (``model_parallel``: per leaf an ``optim.model_parallel.SplitSegments``) every
+per-tensor value is the whole parameter's: the norms and the momentum RMS of a split parameter are summed
+over the model-parallel group (its size the full one), the factor's maximum taken over it; the compressed
+exchange stays over the data-parallel ranks (``compressed_allreduce``), each rank compressing its shard.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from zerostep.optim.base import (
     step_count,
     zeros_like_state,
 )
+from zerostep.optim.model_parallel import SplitSegments, complete_maxima, complete_sums, full_sizes
 from zerostep.optim.onebit_adam import CompressedAllReduce, check_onebit_common, init_error_buffers
 from zerostep.optim.phase_schedule import with_schedule
 
@@ -137,9 +143,11 @@ def onebit_lamb(
     lr_multipliers: PerLeaf = None,
     padding: PerLeaf = None,
     segments: PerLeaf = None,
+    model_parallel: PerLeaf = None,
 ) -> Optimizer:
     """DeepSpeed's OnebitLamb (module docstring). ``segments``: per leaf, the parameters' ``(start,
-    stop)`` ranges; the other engine-supplied arguments as ``onebit_adam``'s."""
+    stop)`` ranges (in offset order); ``model_parallel``: per leaf, None or the ``SplitSegments`` of those
+    parameters; the other engine-supplied arguments as ``onebit_adam``'s."""
     b1, b2 = check_betas(betas)
     check_onebit_common(
         "onebit_lamb",
@@ -223,10 +231,12 @@ def onebit_lamb(
             params, state.exp_avg, state.exp_avg_sq, state.exp_avg_sq_fresh, state.scaling_coeff
         )
         rms = []
-        for p, m, seg in zip(p_leaves, m_leaves, per_leaf(segments, params, None)):
+        splits = per_leaf(model_parallel, params, None)
+        for p, m, seg, mp in zip(p_leaves, m_leaves, per_leaf(segments, params, None), splits):
             segs = segments_of(p, seg)
-            sizes = torch.tensor(segs.piece_sizes, dtype=torch.float32, device=m.device)
-            rms.append(segs.sums(m * m).sqrt() / sizes.sqrt())  # [S] ||m_t|| / sqrt(numel_t)
+            sizes = full_sizes(torch.tensor(segs.piece_sizes, dtype=torch.float32, device=m.device), mp)
+            # [S] ||m_t|| / sqrt(numel_t), over the whole parameters
+            rms.append(complete_sums(segs.sums(m * m), mp).sqrt() / sizes.sqrt())
         united = torch.cat(rms).mean()
         for v, fresh, sc, r in zip(v_leaves, f_leaves, s_leaves, rms):
             fresh.copy_(v)
@@ -240,6 +250,7 @@ def onebit_lamb(
         cf: torch.Tensor,
         wd: Scalar,
         segs: Segments,
+        mp: SplitSegments | None,
         beta1: Scalar,
         beta2: Scalar,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,7 +260,8 @@ def onebit_lamb(
         update = m / (v.sqrt() + eps)
         if not is_static(wd, 0):
             update = update + wd * pw
-        w_norm, u_norm = segs.sums(pw * pw).sqrt(), segs.sums(update * update).sqrt()
+        sums = complete_sums(torch.stack([segs.sums(pw * pw), segs.sums(update * update)]), mp)  # [2, S]
+        w_norm, u_norm = sums[0].sqrt(), sums[1].sqrt()
         ratio = torch.where(
             (w_norm > 0) & (u_norm > 0),
             (w_norm / u_norm).clamp(min_coeff, max_coeff),
@@ -273,6 +285,7 @@ def onebit_lamb(
         wd: Scalar,
         pad: tuple,
         segs: Segments,
+        mp: SplitSegments | None,
         beta1: Scalar,
         beta2: Scalar,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,12 +302,11 @@ def onebit_lamb(
         denom = v.sqrt() + eps
         prelim = m / denom
         update = prelim if is_static(wd, 0) else prelim + wd * pw
-        factor = segs.maxima(denom / (fresh.sqrt() + eps))
+        factor = complete_maxima(segs.maxima(denom / (fresh.sqrt() + eps)), mp)
         if not is_static(wd, 0):
-            u_norm = segs.sums(update * update).sqrt()
-            kept = torch.where(
-                u_norm > 0, segs.sums(prelim * prelim).sqrt() / u_norm, torch.ones_like(u_norm)
-            )
+            sums = complete_sums(torch.stack([segs.sums(update * update), segs.sums(prelim * prelim)]), mp)
+            u_norm = sums[0].sqrt()
+            kept = torch.where(u_norm > 0, sums[1].sqrt() / u_norm, torch.ones_like(u_norm))
             kept = kept.clamp(max=1.0)
             factor = factor * kept + (1 - kept)
         previous = last.reshape(-1)
@@ -332,8 +344,9 @@ def onebit_lamb(
                 per_leaf(lr_multipliers, params, 1.0),
                 per_leaf(padding, params, ()),
                 per_leaf(segments, params, None),
+                per_leaf(model_parallel, params, None),
             )
-            for p, g, m, v, fresh, cf, last, sc, we, se, copy, mask, mult, pad, seg in zip(
+            for p, g, m, v, fresh, cf, last, sc, we, se, copy, mask, mult, pad, seg, mp in zip(
                 p_leaves, *trees, *extra
             ):
                 segs = segments_of(p, seg)
@@ -341,10 +354,10 @@ def onebit_lamb(
                 g = prepared_grad(g, opts.grad_scale, m.dtype)
                 wd = masked_weight_decay(weight_decay, mask)
                 if variant == WARM_UP:
-                    coeff, update = warm_up_coeff(pw, g, m, v, cf, wd, segs, beta1, beta2)
+                    coeff, update = warm_up_coeff(pw, g, m, v, cf, wd, segs, mp, beta1, beta2)
                 else:
                     coeff, update = compressed_coeff(
-                        pw, g, m, v, fresh, cf, last, sc, we, se, wd, pad, segs, beta1, beta2
+                        pw, g, m, v, fresh, cf, last, sc, we, se, wd, pad, segs, mp, beta1, beta2
                     )
                 leaf_lr = lr if is_static(mult, 1) else lr * mult
                 pw.sub_(update * segs.spread(coeff) * leaf_lr)

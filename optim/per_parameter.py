@@ -15,6 +15,7 @@ import torch
 
 from zerostep.errors import ConfigError
 from zerostep.optim.base import Optimizer, PerLeaf
+from zerostep.optim.model_parallel import MatrixSplit
 from zerostep.optim.muon import muon
 from zerostep.optim.muon_shards import Exchange
 from zerostep.optim.mup import MUP_TYPES, WidthInfo, mu_optimizer, require_mup
@@ -44,9 +45,11 @@ def per_parameter_from_config(
     use_triton: bool | None = None,
     lr_multipliers: PerLeaf = None,
     weight_decay_mask: PerLeaf = None,
+    split_matrices: Mapping[str, MatrixSplit] | None = None,
 ) -> Optimizer:
     """The optimizer for type ``kind`` (any case) with the block's ``params``. ``lr_multipliers`` and
-    ``weight_decay_mask`` (the engine's param groups) reach every type."""
+    ``weight_decay_mask`` (the engine's param groups) reach every type; ``split_matrices`` (the
+    matrices a model-parallel group splits, ``optim.model_parallel``) Muon only."""
     factors = dict(lr_multipliers=lr_multipliers, weight_decay_mask=weight_decay_mask)
     name = kind.lower()
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}  # JSON lists -> tuples
@@ -65,6 +68,7 @@ def per_parameter_from_config(
             param_pieces=param_pieces,
             all_gather=all_gather,
             exchange=exchange,
+            split_matrices=split_matrices,
         )
     if name in MUP_TYPES:
         require_mup(kind)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch.distributed as dist
 
@@ -105,6 +105,53 @@ def layout(tp_size: int, world_size: int) -> tuple[list[list[int]], list[list[in
     """(TP groups, DP groups) as lists of global ranks: TP ranks consecutive, DP ranks strided."""
     check_tp_size(tp_size, world_size)
     return block_layout(world_size, tp_size)
+
+
+class SequenceTensorLayout(NamedTuple):
+    """The groups of ``world = dp x sp x tp`` ranks with both Ulysses sequence parallelism and tensor
+    parallelism, as lists of global ranks, in Megatron's ``tp-cp-dp`` order (DeepSpeed builds no mesh
+    of both; its AutoTP mesh keeps TP ranks consecutive and its Ulysses mesh makes a sequence group of
+    the ranks of one data-parallel replica, which this order keeps for both):
+
+    - ``tensor``: ``tp`` consecutive ranks (one model replica's shards of one sequence chunk);
+    - ``sequence``: in each block of ``tp x sp`` consecutive ranks, those of one TP rank (strided by
+      ``tp``): the ranks that all-to-all a head shard's sequence chunks;
+    - ``data``: the ranks at one (TP rank, SP rank), strided by ``tp x sp``: data-parallel replicas;
+    - ``sequence_data``: all ranks of one TP rank (strided by ``tp``), the group gradients of this
+      rank's shards are reduced and ZeRO-sharded over (DeepSpeed's sequence-and-data group); it is
+      ``layout(tp, world)``'s data-parallel group, so the TP mesh's DP group serves unchanged.
+
+    world 8, tp 2, sp 2: tensor {0,1} {2,3} {4,5} {6,7}; sequence {0,2} {1,3} {4,6} {5,7};
+    data {0,4} {1,5} {2,6} {3,7}; sequence_data {0,2,4,6} {1,3,5,7}.
+    """
+
+    tensor: list[list[int]]
+    sequence: list[list[int]]
+    data: list[list[int]]
+    sequence_data: list[list[int]]
+
+
+def sequence_tensor_layout(world_size: int, tp_size: int, sp_size: int) -> SequenceTensorLayout:
+    """The groups of ``SequenceTensorLayout`` for ``world_size`` ranks; ``tp_size x sp_size`` must
+    divide the world (a clear error naming the sizes otherwise)."""
+    check_tp_size(tp_size, world_size)
+    if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
+        raise ValueError(f"sequence_parallel_size = {sp_size!r}: must be a positive integer")
+    if world_size % (tp_size * sp_size):
+        raise ValueError(
+            f"tensor_parallel.autotp_size x sequence_parallel_size = {tp_size} x {sp_size} does not "
+            f"divide the world size {world_size}: the ranks form world / (tp x sp) data-parallel "
+            "replicas of tp x sp ranks each"
+        )
+    tensor, sequence_data = block_layout(world_size, tp_size)
+    model = tp_size * sp_size  # ranks of one data-parallel replica
+    sequence = [
+        list(range(start + t, start + model, tp_size))
+        for start in range(0, world_size, model)
+        for t in range(tp_size)
+    ]
+    data = block_layout(world_size, model)[1]
+    return SequenceTensorLayout(tensor, sequence, data, sequence_data)
 
 
 def _timeout() -> datetime.timedelta:

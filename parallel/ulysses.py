@@ -35,7 +35,7 @@ import optree
 import torch
 import torch.distributed as dist
 
-from zerostep.parallel.groups import block_layout
+from zerostep.parallel.mesh import sequence_tensor_layout
 
 Group = Any  # a torch.distributed.ProcessGroup (None: one process, no collective)
 
@@ -48,8 +48,9 @@ class SequenceGroups:
     sp_rank: int  # this rank's index in its sequence-parallel group: which chunk of the sequence it holds
     sp_group: Group  # None at sp_size 1 in one process
     sp_ranks: tuple[int, ...]
-    dp_size: int  # world // sp_size: the batch triple's world size
+    dp_size: int  # world // sp_size (// tp_size): the data-parallel replicas
     dp_rank: int  # rank // sp_size: the data-parallel replica, i.e. which samples this rank reads
+    tp_size: int = 1  # > 1: laid out with tensor parallelism (sizes above then count tp x sp ranks)
 
 
 def check_sp_size(sp_size: Any, world_size: int) -> int:
@@ -65,9 +66,10 @@ def check_sp_size(sp_size: Any, world_size: int) -> int:
 
 
 def sequence_rank_layout(world_size: int, sp_size: int) -> list[list[int]]:
-    """The sequence-parallel groups of ``world_size`` ranks as rank lists (consecutive blocks)."""
+    """The sequence-parallel groups of ``world_size`` ranks as rank lists (consecutive blocks: the
+    tensor-parallel size 1 case of ``parallel/mesh.sequence_tensor_layout``)."""
     check_sp_size(sp_size, world_size)
-    return block_layout(world_size, sp_size)[0]
+    return sequence_tensor_layout(world_size, 1, sp_size).sequence
 
 
 # sp_size -> groups, per default group (a new init_process_group starts over); the latest one is what
@@ -76,29 +78,45 @@ _GROUPS: weakref.WeakKeyDictionary[Any, dict[int, SequenceGroups]] = weakref.Wea
 _LATEST: weakref.WeakKeyDictionary[Any, SequenceGroups] = weakref.WeakKeyDictionary()
 
 
-def initialize_sequence_parallel(sp_size: int) -> SequenceGroups:
+def initialize_sequence_parallel(sp_size: int, tp_size: int | None = None) -> SequenceGroups:
     """This rank's groups for ``sp_size``, created on the first call (collectively: every rank of the
     default group calls it with the same sizes in the same order; the model does it at construction,
-    the engine finds them again). Without ``torch.distributed`` only ``sp_size`` 1 exists."""
+    the engine finds them again). Without ``torch.distributed`` only ``sp_size`` 1 exists.
+
+    ``tp_size`` > 1: with tensor parallelism too, the groups of ``parallel/mesh.sequence_tensor_layout``
+    (each sequence group strided by ``tp_size``; ``dp_size`` / ``dp_rank`` count replicas of
+    ``tp x sp`` ranks). ``None``: whatever the groups of this ``sp_size`` were made with, else 1. A
+    second call with another ``tp_size`` for the same ``sp_size`` is an error (one layout per world)."""
     if not (dist.is_available() and dist.is_initialized()):
         check_sp_size(sp_size, 1)
+        if tp_size not in (None, 1):
+            raise ValueError(f"tensor-parallel size {tp_size} needs torch.distributed initialized")
         return SequenceGroups(1, 0, None, (0,), 1, 0)
     world, rank = dist.get_world_size(), dist.get_rank()
     check_sp_size(sp_size, world)
     cache = _GROUPS.setdefault(dist.group.WORLD, {})
-    if sp_size not in cache:
+    made = cache.get(sp_size)
+    if made is None:
+        tp = 1 if tp_size is None else tp_size
         mine = None
-        for ranks in sequence_rank_layout(world, sp_size):
+        for ranks in sequence_tensor_layout(world, tp, sp_size).sequence:
             # every rank takes part in every new_group call; sp_size 1 needs no collective at all
             group = dist.new_group(ranks) if sp_size > 1 else None
             if rank in ranks:
                 mine = (group, tuple(ranks))
         group, ranks = mine
-        cache[sp_size] = SequenceGroups(
-            sp_size, ranks.index(rank), group, ranks, world // sp_size, rank // sp_size
+        replica = tp * sp_size  # ranks of one data-parallel replica
+        cache[sp_size] = made = SequenceGroups(
+            sp_size, ranks.index(rank), group, ranks, world // replica, rank // replica, tp
         )
-    _LATEST[dist.group.WORLD] = cache[sp_size]
-    return cache[sp_size]
+    elif tp_size is not None and tp_size != made.tp_size:
+        raise ValueError(
+            f"sequence_parallel_size={sp_size}: its groups were made for tensor-parallel size "
+            f"{made.tp_size}, not {tp_size} (build the model with the training config's "
+            "tensor_parallel.autotp_size, e.g. GPTConfig(tensor_parallel_size=...))"
+        )
+    _LATEST[dist.group.WORLD] = made
+    return made
 
 
 def current_sequence_groups() -> SequenceGroups | None:

@@ -1,5 +1,7 @@
 """The hybrid engine (core/hybrid_engine.py, core/config/hybrid.py): engine.generate on the trained
-weights equals the trained module's generate, at ZeRO stages 0 and 3; stage 3 releases what it gathered."""
+weights equals the trained module's generate, at ZeRO stages 0 and 3; stage 3 releases what it gathered.
+With ``inference_tp_size = 2`` (core/hybrid_tp.py, one 2-rank spawn) each rank's tokens, generated
+tensor-parallel over both ranks, equal a plain generate of its own prompt, at stages 0 and 3."""
 
 from __future__ import annotations
 
@@ -148,8 +150,10 @@ def test_bad_input():
 
     with pytest.raises(ValueError, match="NoGenerate has no generate"):
         zerostep.initialize(model=NoGenerate(), config=_config(0), compile=False)
-    with pytest.raises(ConfigError, match="inference_tp_size = 2: tensor-parallel generation"):
-        Config.from_dict(_config(0, inference_tp_size=2))
+    with pytest.raises(ValueError, match="inference_tp_size = 2 needs torch.distributed"):
+        zerostep.initialize(model=GPT(GPT_CFG), config=_config(0, inference_tp_size=2), compile=False)
+    with pytest.raises(ConfigError, match="inference_tp_size = 0"):
+        Config.from_dict(_config(0, inference_tp_size=0))
     with pytest.raises(ConfigError, match="did you mean 'max_out_tokens'"):
         Config.from_dict(_config(0, max_out_token=8))
     with pytest.raises(ConfigError, match="pin_parameters = 1: must be true or false"):
@@ -206,3 +210,41 @@ def _two_ranks(rank: int, world: int) -> list[torch.Tensor]:
 def test_two_ranks_stage3():
     (a, ref_a), (b, ref_b) = spawn_ranks(_two_ranks, 2, timeout=120)
     assert torch.equal(a, ref_a) and torch.equal(b, ref_b) and torch.equal(a, b)
+
+
+def _inference_tp_ranks(rank: int, world: int) -> dict:
+    out = {}
+    for stage in (0, 3):
+        engine = _trained(stage, world=world, rank=rank, steps=1, inference_tp_size=2)
+        tp = engine._hybrid.tensor_parallel
+        prompt = PROMPT + rank  # each rank its own prompt: the members' calls run in turn
+        tokens = engine.generate(prompt, 3, seed=3)
+        out[stage] = {
+            "tokens": tokens,
+            "reference": _reference_tokens(engine, prompt, 3),
+            "sharded": sorted(n for n, s in tp.specs.items() if s.sharded),
+            "shard_bytes": tp.last_shard_bytes,
+            "full_bytes": sum(p.numel() * 4 for p in GPT(GPT_CFG).parameters()),
+            "released": all(p.is_meta for p in tp.skeleton.parameters()),
+            "stage3_released": stage < 3 or all(is_released(p) for p in engine.module.parameters()),
+        }
+    if world == 2:
+        try:
+            _trained(0, world=world, rank=rank, steps=0, inference_tp_size=4)
+        except ValueError as e:
+            out["bad_size"] = str(e)
+    return out
+
+
+def test_two_ranks_inference_tp2_generates_each_ranks_prompt_on_shards():
+    results = spawn_ranks(_inference_tp_ranks, 2, timeout=180)
+    for rank, out in enumerate(results):
+        for stage in (0, 3):
+            got = out[stage]
+            assert torch.equal(got["tokens"], got["reference"]), (rank, stage)
+            assert got["tokens"][:4].tolist() == (PROMPT + rank).tolist()
+            assert "blocks.0.attn.qkv.weight" in got["sharded"] and "wte.weight" in got["sharded"]
+            assert got["shard_bytes"] < 0.75 * got["full_bytes"]  # the blocks' and embedding's halves
+            assert got["released"] and got["stage3_released"]
+        assert "inference_tp_size = 4 does not divide the world size 2" in out["bad_size"]
+    assert not torch.equal(results[0][0]["tokens"], results[1][0]["tokens"])

@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from zerostep.parallel.mesh import MPU_METHODS, check_mpu, check_tp_size, layout, mesh_from_mpu, world_mesh
+from zerostep.parallel import ulysses
+from zerostep.parallel.mesh import (
+    MPU_METHODS,
+    check_mpu,
+    check_tp_size,
+    layout,
+    mesh_from_mpu,
+    sequence_tensor_layout,
+    world_mesh,
+)
 
 
 @given(st.integers(1, 8), st.integers(1, 6))
@@ -93,3 +102,39 @@ def test_an_mpu_may_spell_its_model_parallel_methods_tensor_model_parallel():
 def test_an_mpu_whose_sizes_do_not_cover_the_world_is_refused():
     with pytest.raises(ValueError, match=r"data-parallel size 2 x model-parallel size 1 != world size 1"):
         mesh_from_mpu(OneRankMPU(dp=2))
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3))
+def test_sequence_tensor_layout_is_megatrons_tp_sp_dp_order(tp, sp, dp):
+    world = tp * sp * dp
+    groups = sequence_tensor_layout(world, tp, sp)
+    sizes = {"tensor": tp, "sequence": sp, "data": dp, "sequence_data": sp * dp}
+    for name, size in sizes.items():
+        kind = getattr(groups, name)
+        assert len(kind) == world // size and all(len(g) == size for g in kind), name
+        assert sorted(r for g in kind for r in g) == list(range(world)), name  # each rank once
+
+    def coords(r):  # (dp, sp, tp) position of rank r: tp fastest
+        return r // (tp * sp), (r // tp) % sp, r % tp
+
+    for name, varying in {"tensor": 2, "sequence": 1, "data": 0}.items():
+        for g in getattr(groups, name):  # only the named coordinate changes inside a group, in order
+            fixed = {tuple(c for i, c in enumerate(coords(r)) if i != varying) for r in g}
+            assert len(fixed) == 1 and [coords(r)[varying] for r in g] == list(range(len(g)))
+    # gradients of a shard reduce over its TP rank's ranks: the TP mesh's data-parallel group
+    assert groups.sequence_data == layout(tp, world)[1]
+    assert sequence_tensor_layout(world, 1, sp).sequence == ulysses.sequence_rank_layout(world, sp)
+
+
+def test_sequence_tensor_layout_example_and_sizes_that_do_not_divide():
+    groups = sequence_tensor_layout(8, 2, 2)
+    assert groups.tensor == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups.sequence == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups.data == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert groups.sequence_data == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    with pytest.raises(ValueError, match=r"autotp_size x sequence_parallel_size = 2 x 3 does not divide"):
+        sequence_tensor_layout(8, 2, 3)
+    with pytest.raises(ValueError, match="autotp_size = 3 does not divide the world size 8"):
+        sequence_tensor_layout(8, 3, 1)
+    with pytest.raises(ValueError, match="sequence_parallel_size = 0: must be a positive integer"):
+        sequence_tensor_layout(8, 2, 0)

@@ -6,7 +6,10 @@ GPT like one process (fp32, several steps, gradient clipping on, so the global n
 its checkpoint (full tensors) loads at TP=1 here, a TP=1 checkpoint loads at TP=2 there, and TP ranks
 fed different batches are refused; on the DeepSpeed facade: an ``mpu`` of DP=1 x MP=2 trains like one
 process, with replicated parameters counted once in the norm, and its ``mp_rank_XX`` checkpoints load
-back. The 4-rank meshes (an mpu of DP=2 x MP=2, TP=2 x DP=2) run with ``ZEROSTEP_SLOW_TESTS=1``.
+back; LAMB, Muon and 1-bit Adam (past freeze_step: the compressed phase) at TP=2 train like one
+process (core/model_parallel_optim.py: per-parameter norms over the TP group, Muon's whole matrices).
+With ``ZEROSTEP_SLOW_TESTS=1``: 1-bit LAMB and 0/1 Adam at TP=2 (2 ranks), and the 4-rank meshes (an mpu
+of DP=2 x MP=2, TP=2 x DP=2 with AdamW, LAMB and Muon at ZeRO-1).
 """
 
 from __future__ import annotations
@@ -51,6 +54,34 @@ def gpt_config(stage: int = 0, tp: int = 0) -> dict:
     if tp:
         d["tensor_parallel"] = {"autotp_size": tp}
     return d
+
+
+# Not elementwise, so a TP shard is not a parameter. eps large enough that the near-zero gradients of the
+# attention's k bias (0 in exact arithmetic) do not turn rounding noise into 1e-4 steps in either run.
+OPTIMIZER_PARAMS = {
+    "Lamb": {"lr": 3e-3, "weight_decay": 0.1},
+    "Muon": {"lr": 2e-2, "weight_decay": 0.1, "ns_dtype": "float32", "eps": 1e-6},
+    "OneBitAdam": {"lr": 3e-3, "freeze_step": 1, "eps": 1e-5},
+    "OneBitLamb": {"lr": 3e-3, "freeze_step": 1, "eps": 1e-5, "weight_decay": 0.1},
+    "ZeroOneAdam": {"lr": 3e-3, "var_freeze_step": 1, "eps": 1e-5},
+}
+MP_OPTIMIZERS = ("Lamb", "Muon", "OneBitAdam")  # the default 2-rank run; the others with the slow tests
+
+
+def optimizer_run(kind: str, tp: int, stage: int = 0, steps: int = 2):
+    """(full params, grad norms) after ``steps`` (past 1-bit's freeze_step: the compressed phase)."""
+    cfg = {**gpt_config(stage, tp=tp), "optimizer": {"type": kind, "params": OPTIMIZER_PARAMS[kind]}}
+    engine = initialize(gpt(), cfg, loss_fn=lm_loss, compile=False)
+    state, norms = tp_run(engine, token_batches(steps))
+    return engine.full_params(state), norms
+
+
+def assert_optimizers_match(results: list[dict], kinds, stage: int = 0) -> None:
+    for kind in kinds:  # measured: <= 1e-6
+        want_params, want_norms = optimizer_run(kind, 0, stage)
+        for out in results:
+            assert_close(out["optimizers"][kind][0], want_params)
+            assert out["optimizers"][kind][1] == pytest.approx(want_norms, rel=1e-5)
 
 
 def token_batches(steps: int = STEPS) -> list[torch.Tensor]:
@@ -158,6 +189,7 @@ def two_ranks(rank, world, tp1_dir, root):
     out = {}
     if HAVE_HF:  # AutoTP training of a Hugging Face model through its policy (core/autotp.py)
         out["hf"] = hf_run(2)
+    out["optimizers"] = {kind: optimizer_run(kind, 2) for kind in MP_OPTIMIZERS}
     # functional API, AutoTP over both ranks (one data-parallel replica)
     engine = initialize(gpt(), gpt_config(0, tp=2), loss_fn=lm_loss, compile=False)
     assert (engine.world_size, engine.mesh.tp_size, engine.mesh.tp_rank) == (1, 2, rank)
@@ -180,6 +212,19 @@ def two_ranks(rank, world, tp1_dir, root):
     model.inp.weight.tensor_model_parallel = True
     engine = initialize(model, net_config(), loss_fn=net_loss, compile=False, mpu=GridMPU(2))
     out["marked_norm"] = float(engine.step(engine.init(), net_batches()[0]).metrics.grad_norm)
+    # what stays refused: a marked matrix without Megatron's partition_dim for Muon, torch.optim classes
+    refused = []
+    muon = {**net_config(), "optimizer": {"type": "Muon", "params": {"lr": 0.02}}}
+    rmsprop = {**gpt_config(0, tp=2), "optimizer": {"type": "RMSprop", "params": {"lr": 1e-3}}}
+    for build in (
+        lambda: initialize(model, muon, loss_fn=net_loss, compile=False, mpu=GridMPU(2)),
+        lambda: initialize(gpt(), rmsprop, loss_fn=lm_loss, compile=False),
+    ):
+        try:
+            build()
+        except ValueError as e:
+            refused.append(str(e))
+    out["refused"] = refused
     return out
 
 
@@ -219,6 +264,7 @@ def test_tensor_parallel_and_an_mpu_train_like_one_process_and_checkpoints_cross
     results = spawn_ranks(two_ranks, 2, str(tmp_path / "tp1"), str(tmp_path), timeout=240)
     if HAVE_HF:
         hf_params, hf_norms = hf_run(0)
+    assert_optimizers_match(results, MP_OPTIMIZERS)
     for out in results:
         if HAVE_HF:  # measured: 1.6e-6 after 3 clipped AdamW steps
             assert_close(out["hf"][0], hf_params)
@@ -233,6 +279,9 @@ def test_tensor_parallel_and_an_mpu_train_like_one_process_and_checkpoints_cross
         assert listing == ["latest", "mp_rank_00", "mp_rank_01"] and back and tag == f"global_step{STEPS}"
         # both MP ranks add the marked weight's (here equal) gradient: its square counts twice
         assert out["marked_norm"] == pytest.approx(math.sqrt(net_norms[0] ** 2 + marked**2), rel=1e-5)
+        muon, rmsprop = out["refused"]
+        assert "'inp.weight' is marked model-parallel but its partition_dim=None" in muon
+        assert "optimizer 'rmsprop' with model parallelism" in rmsprop.lower() and "torch.optim" in rmsprop
     # the TP=2 checkpoint holds full tensors under the model's names: a one-process engine loads it
     one = initialize(gpt(), gpt_config(0), loss_fn=lm_loss, compile=False)
     assert_close(one.full_params(one.load(tmp_path / "tp2")), results[0]["tp_params"], atol=0)
@@ -247,6 +296,8 @@ def four_ranks(rank, world, root):
     engine.save(state, os.path.join(root, "tp2dp2"))
     out["round_trip"] = engine.full_params(engine.load(os.path.join(root, "tp2dp2")))
     out["mpu"] = facade_mpu_run(2, os.path.join(root, "mpu"))  # DP=2 x MP=2
+    # ZeRO-1 over DP=2: LAMB's partial norms over DP then TP, Muon's owner strategy then TP gathers
+    out["optimizers"] = {kind: optimizer_run(kind, 2, stage=1) for kind in ("Lamb", "Muon")}
     return out
 
 
@@ -255,7 +306,8 @@ def test_four_ranks_tp2_x_dp2_and_an_mpu_of_dp2_x_mp2_train_like_one_process(tmp
     ref_engine, ref_state, ref_norms = reference_gpt(stage=1)
     ref_params = ref_engine.full_params(ref_state)
     net_params, net_norms = reference_net()
-    for out in spawn_ranks(four_ranks, 4, str(tmp_path), timeout=400):
+    results = spawn_ranks(four_ranks, 4, str(tmp_path), timeout=400)
+    for out in results:
         assert_close(out["tp_params"], ref_params)
         assert out["tp_norms"] == pytest.approx(ref_norms, rel=1e-5)
         assert_close(out["round_trip"], out["tp_params"], atol=0)
@@ -267,6 +319,17 @@ def test_four_ranks_tp2_x_dp2_and_an_mpu_of_dp2_x_mp2_train_like_one_process(tmp
     one = initialize(gpt(), gpt_config(0), loss_fn=lm_loss, compile=False)
     loaded = one.full_params(one.load(tmp_path / "tp2dp2"))
     assert_close(loaded, out["tp_params"], atol=0)
+    assert_optimizers_match(results, ("Lamb", "Muon"), stage=1)
+
+
+def compressed_optimizers_two_ranks(rank, world):
+    return {"optimizers": {kind: optimizer_run(kind, 2) for kind in ("OneBitLamb", "ZeroOneAdam")}}
+
+
+@pytest.mark.skipif(os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="2 ranks: ~8 s")
+def test_one_bit_lamb_and_zero_one_adam_at_tp2_train_like_one_process():
+    results = spawn_ranks(compressed_optimizers_two_ranks, 2, timeout=240)
+    assert_optimizers_match(results, ("OneBitLamb", "ZeroOneAdam"))
 
 
 def test_tensor_parallel_config_block_sizes_and_keys():
@@ -285,7 +348,7 @@ def test_tensor_parallel_config_block_sizes_and_keys():
         Config.from_dict({**gpt_config(), "tensor_parallel": {"autotp_size": 0, "tp_overlap_comm": False}})
 
 
-def test_initialize_refuses_a_bad_mpu_and_an_unsupported_mesh_param():
+def test_initialize_refuses_a_bad_mpu_and_a_bad_mesh_param():
     class NoGroups:
         def get_model_parallel_rank(self):
             return 0
@@ -299,5 +362,17 @@ def test_initialize_refuses_a_bad_mpu_and_an_unsupported_mesh_param():
     ):
         with pytest.raises(TypeError, match="lacks the model-parallel-unit method.*get_data_parallel_group"):
             build(NoGroups())
-    with pytest.raises(NotImplementedError, match="mesh_param"):
-        zerostep.initialize(model=Net(), config=net_config(), mesh_param=(1, 1))
+    # DeepSpeed's (data, sequence) device mesh: the config's data_parallel_size / sequence_parallel_size
+    # (2 ranks: tests/test_ulysses.py's facade run)
+    engine, *_ = zerostep.initialize(model=Net(), config=net_config(), mesh_param=(1, 1), compile=False)
+    assert (engine.sequence_parallel_size, engine.dp_world_size) == (1, 1)
+    with pytest.raises(ConfigError, match=r"data_parallel_size x sequence_parallel_size = 2 x 1 must equal"):
+        zerostep.initialize(model=Net(), config=net_config(), mesh_param=(2, 1))
+    for bad in ((1,), (1, 0), "1x1", (1.0, 1)):
+        with pytest.raises(ValueError, match=r"must be a \(data_parallel_size, sequence_parallel_si"):
+            zerostep.initialize(model=Net(), config=net_config(), mesh_param=bad)
+    with pytest.raises(ValueError, match="says sequence_parallel_size = 1 but the config says 2"):
+        config = {**net_config(), "sequence_parallel_size": 2}
+        zerostep.initialize(model=Net(), config=config, mesh_param=(1, 1))
+    with pytest.raises(ValueError, match="either mpu= or mesh_param="):
+        zerostep.initialize(model=Net(), config=net_config(), mesh_param=(1, 1), mpu=NoGroups())

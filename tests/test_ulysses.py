@@ -144,7 +144,10 @@ def _facade_run(rank: int, stage: int = 2, samples: int = SAMPLES) -> tuple:
     from zerostep.sequence import split_sequence
 
     model = _gpt(SP)
-    engine, _, _, _ = zerostep.initialize(model=model, config=_gpt_config(SP, stage), compile=False)
+    config = _gpt_config(SP, stage)
+    del config["sequence_parallel_size"]  # given as DeepSpeed's (data, sequence) device mesh instead
+    mesh_param = (torch.distributed.get_world_size() // SP, SP)
+    engine, _, _, _ = zerostep.initialize(model=model, config=config, mesh_param=mesh_param, compile=False)
     loader = engine.deepspeed_io(
         _dataset(samples), num_local_io_workers=0
     )  # no worker processes in a spawned rank
@@ -302,6 +305,18 @@ def test_bad_input_is_refused_clearly():
     )
     with pytest.warns(UserWarning, match="DeepSpeed reduces sequence-parallel gradients in"):
         sequence_parallel.check(bf16, "adamw")
+    # with AutoTP the sequence groups are strided by tp (slow 4-rank test); with an mpu: refused
+    sp_tp = Config.from_dict(
+        {"train_batch_size": 4, "sequence_parallel_size": 2, "tensor_parallel": {"autotp_size": 2}},
+        world_size=2,
+    )
+    sequence_parallel.check(sp_tp, "adamw", over_the_world=False)
+    with pytest.raises(NotImplementedError, match="sequence_parallel_size=2 with mpu=: not implemented"):
+        sequence_parallel.check(cfg, "adamw", over_the_world=False)
+    with pytest.raises(ValueError, match="n_head=2 is not divisible by sequence_parallel_size=2 x tensor_"):
+        GPT(GPTConfig(n_head=2, n_embd=12, sequence_parallel_size=2, tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="tensor-parallel size 2 needs torch.distributed"):
+        ulysses.initialize_sequence_parallel(1, 2)
     with pytest.raises(KeyError, match="No sequence parallel group found"):
         ds_groups._get_sequence_parallel_group()
     assert ds_groups._get_sequence_parallel_world_size() == 1
@@ -340,3 +355,67 @@ def test_sp2_dp2_on_four_ranks_equals_one_process():
                 torch.testing.assert_close(
                     params[key], value, rtol=1e-5, atol=1e-5, msg=f"{rank} {name} {key}"
                 )
+
+
+TP = 2
+
+
+def _sp_tp_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**GPT_CFG.__dict__, "sequence_parallel_size": SP, "tensor_parallel_size": TP}))
+
+
+def _sp_tp_ranks(rank: int, world: int, batches: list) -> dict:
+    """TP=2 x SP=2 on 4 ranks (one data-parallel replica): the groups, the functional API's GPT training
+    at ZeRO-1 on the batches every rank reads whole and cuts to its sequence chunk, and the facade's
+    (mesh_param=(1, 2), its own loader) at ZeRO-2."""
+    import zerostep
+    from zerostep.sequence import split_sequence
+
+    config = {**_gpt_config(SP, 1), "tensor_parallel": {"autotp_size": TP}}
+    model = _sp_tp_gpt()
+    groups = ulysses.initialize_sequence_parallel(SP)
+    split = lambda batch: ulysses.split_sequence(batch, groups)  # noqa: E731
+    out = {"layout": (groups.sp_ranks, groups.sp_rank, groups.dp_size, groups.tp_size)}
+    out["functional"] = _functional_run(model, config, batches, split)
+    config = {**_gpt_config(SP, 2), "tensor_parallel": {"autotp_size": TP}}
+    del config["sequence_parallel_size"]
+    engine, *_ = zerostep.initialize(model=_sp_tp_gpt(), config=config, mesh_param=(1, SP), compile=False)
+    out["facade_sizes"] = (engine.dp_world_size, engine.seq_dp_world_size, engine.train_batch_size())
+    losses, read = [], []
+    for idx, targets in engine.deepspeed_io(_dataset(MICRO * STEPS), num_local_io_workers=0):
+        read.append((idx, targets))
+        mine = split_sequence({"idx": idx, "targets": targets})
+        loss = engine(mine["idx"], mine["targets"])
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    out["facade"] = (read, losses, engine._core.full_params(engine.state))
+    return out
+
+
+@pytest.mark.skipif(os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~25 s")
+def test_sequence_parallel_with_tensor_parallel_on_four_ranks_equals_one_process():
+    tokens = _dataset(MICRO * STEPS).tensors
+    batches = [(tokens[0][i : i + MICRO], tokens[1][i : i + MICRO]) for i in range(0, MICRO * STEPS, MICRO)]
+    results = spawn_ranks(_sp_tp_ranks, 4, batches, timeout=400)
+    want_losses, want_params = _functional_run(_gpt(1), _gpt_config(1, 0), batches, lambda b: b)
+    facade_read = results[0]["facade"][0]
+    facade_want = _functional_run(_gpt(1), _gpt_config(1, 0), facade_read, lambda b: b)
+    for rank, out in enumerate(results):
+        # sequence groups {0, 2} {1, 3}: strided by TP inside the one replica
+        assert out["layout"] == ((rank % TP, rank % TP + TP), rank // TP, 1, TP)
+        # one replica reads every sample; gradients reduce over the SP x DP group of 2 ranks
+        assert out["facade_sizes"] == (1, SP, MICRO)
+        read, facade_losses, facade_params = out["facade"]
+        assert len(read) == STEPS and all(  # the loader's (shuffled) samples: the same on every rank
+            torch.equal(a, b) for got, first in zip(read, facade_read) for a, b in zip(got, first)
+        )
+        for name, (losses, params), (ref_losses, ref_params) in (
+            ("functional", out["functional"], (want_losses, want_params)),
+            ("facade", (facade_losses, facade_params), facade_want),
+        ):
+            assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-5), (rank, name)
+            for key, value in ref_params.items():
+                msg = f"{rank} {name} {key}"
+                torch.testing.assert_close(params[key], value, rtol=1e-5, atol=1e-5, msg=msg)

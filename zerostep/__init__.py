@@ -52,12 +52,6 @@ def initialize(
 
     if model is None:
         raise ValueError("zerostep.initialize requires a model")
-    if mesh_param is not None:
-        raise NotImplementedError(
-            f"initialize(mesh_param={mesh_param!r}): DeepSpeed's (data, sequence) device mesh is not "
-            "supported; "
-            "pass mpu= (a Megatron model-parallel unit) or set tensor_parallel.autotp_size in the config"
-        )
     if dist_init_required:
         from zerostep.comm import init_distributed
 
@@ -65,6 +59,10 @@ def initialize(
     else:
         groups.maybe_init_distributed()
     config_dict = resolve_config_sources(args=args, config=config, config_params=config_params)
+    if mesh_param is not None:  # DeepSpeed's (data, sequence) device mesh (core/sequence_parallel.py)
+        from zerostep.core.sequence_parallel import mesh_param_config
+
+        config_dict = mesh_param_config(config_dict, mesh_param, mpu)
     mesh = None
     if mpu is not None:  # its data-parallel group and size (zerostep/core/model_parallel.py)
         from zerostep.core.model_parallel import mesh_for

@@ -1,16 +1,15 @@
 """The ``hybrid_engine`` block (DeepSpeed 0.19's ``HybridEngineConfig``: keys and defaults).
 
 One engine that trains and generates with the same weights (DeepSpeed-Chat's RLHF actor). What each key
-does in zerostep is decided in ``core/hybrid_engine.py``; here only the values are checked. A
-tensor-parallel generation (``inference_tp_size > 1``) is not implemented and refused by name while the
-block is enabled.
+does in zerostep is decided in ``core/hybrid_engine.py`` (``inference_tp_size > 1``: core/hybrid_tp.py,
+which checks it against the world size); here only the values are checked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zerostep.core.config.values import Block, boolean, fail, positive_int
+from zerostep.core.config.values import Block, boolean, positive_int
 
 
 @dataclass(frozen=True)
@@ -40,11 +39,4 @@ def parse_hybrid_engine(block: Block | None) -> HybridEngineConfig:
         enable_cuda_graph=block.take("enable_cuda_graph", d.enable_cuda_graph, boolean),
     )
     block.finish()
-    if config.enabled and config.inference_tp_size > 1:
-        raise fail(
-            block.key_path("inference_tp_size"),
-            config.inference_tp_size,
-            "tensor-parallel generation is not implemented by zerostep's hybrid engine (generate runs "
-            "the whole model on every rank); set it to 1",
-        )
     return config

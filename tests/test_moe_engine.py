@@ -35,9 +35,10 @@ class MoENet(nn.Module):
         moe.deepspeed_moe.gate.top2_2nd_expert_sampling = False
         self.blocks = nn.ModuleList([moe])
         self.head = nn.Linear(M, 1)
-        torch.manual_seed(1)
-        for p in moe.deepspeed_moe.experts.parameters():  # distinct experts
-            p.data.normal_(std=0.3)
+        for i, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):  # distinct experts,
+            torch.manual_seed(100 + moe.first_expert + i)  # seeded by global index (a rank holds its own)
+            for p in expert.parameters():
+                p.data.normal_(std=0.3)
 
     def forward(self, x):
         h = self.inp(x)
@@ -89,7 +90,9 @@ def train(stage: int, world: int, rank: int, ep_size: int, save_dir=None, chunks
         norms.append(float(state.metrics.grad_norm))
     if save_dir is not None:
         engine.save(state, save_dir, tag="t")
-    return engine.full_params(state), norms, float(state.metrics.loss), engine.memory_report(state)
+    memory = engine.memory_report(state)
+    memory["held_numel"] = sum(lay.numel for lay in engine.plan.layouts.values())  # this rank's parameters
+    return engine.full_params(state), norms, float(state.metrics.loss), memory
 
 
 def ranks(rank: int, world: int, save_dir: str) -> tuple:
@@ -111,14 +114,19 @@ def test_stages_at_ep_size_2_equal_one_process(tmp_path):
     for rank, per_stage in enumerate(results):
         for stage, (params, norms, loss, memory) in per_stage.items():
             assert params.keys() == want_params.keys()
-            assert any("deepspeed_experts.3." in n for n in params)  # every expert, on every rank
+            assert any("deepspeed_experts.3." in n for n in params)  # every expert, by global name
             for name, value in params.items():
                 assert torch.allclose(value, want_params[name], rtol=1e-5, atol=1e-6), (rank, stage, name)
             assert norms == [pytest_approx(n) for n in want_norms], (rank, stage)
             assert abs(loss - want_loss) < 1e-5 * max(1.0, abs(want_loss)) * WORLD
             numel = sum(v.numel() for v in want_params.values())
-            # fp32 master: every expert's (sharded over both ranks from stage 1 on), padding aside
-            assert numel * 4 // (1 if stage == 0 else WORLD) <= memory["master"] < numel * 4 + 4096, stage
+            experts = sum(v.numel() for n, v in want_params.items() if ".deepspeed_experts." in n)
+            # this rank holds the dense parameters and its E / 2 experts
+            assert memory["held_numel"] == numel - experts + experts // 2, (rank, stage)
+            # fp32 master: stage 0 all it holds; stages 1-3 the dense ones sharded over both ranks, its
+            # experts whole (their expert-data-parallel group is this rank alone); padding aside
+            held = numel - experts + experts // 2 if stage == 0 else (numel - experts) // WORLD + experts // 2
+            assert held * 4 <= memory["master"] < held * 4 + 4096, (rank, stage, memory["master"])
     # the stage-2 checkpoint of 2 ranks at ep_size 2, loaded by one process at ep_size 1
     engine = initialize(MoENet(1), config(2, 1), loss_fn=chunked_loss(WORLD), compile=False)
     loaded = engine.full_params(engine.load(str(tmp_path), tag="t"))

@@ -5,6 +5,9 @@ the checkpoint; a checkpoint saved at 2 ranks / ep_size 2 loads in one process /
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,7 +83,7 @@ def batches():
 
 
 def train(stage: int, world: int, rank: int, ep_size: int, save_dir=None, chunks=None):
-    chunks = WORLD // world if chunks is None else chunks
+    chunks = max(1, WORLD // world) if chunks is None else chunks
     engine = initialize(MoENet(ep_size), config(stage, world), loss_fn=chunked_loss(chunks), compile=False)
     state = engine.init()
     norms = []
@@ -95,22 +98,42 @@ def train(stage: int, world: int, rank: int, ep_size: int, save_dir=None, chunks
     return engine.full_params(state), norms, float(state.metrics.loss), memory
 
 
+def resumed(stage: int, world: int, rank: int, ep_size: int, load_dir: str, parts: int = WORLD) -> dict:
+    """A checkpoint loaded at (world, ep_size, stage), then one more step: its parameters by global name
+    (the step shows that the optimizer state was resharded too). ``parts``: the batch is the gate's in
+    that many pieces (the saving run's ranks), ``parts / world`` of them on each rank."""
+    engine = initialize(
+        MoENet(ep_size), config(stage, world), loss_fn=chunked_loss(parts // world), compile=False
+    )
+    state = engine.load(load_dir, tag="t")
+    x, y = batches()[0]
+    rows = slice(rank * ROWS * WORLD // world, (rank + 1) * ROWS * WORLD // world)
+    return engine.full_params(engine.step(state, (x[rows], y[rows])))
+
+
 def ranks(rank: int, world: int, save_dir: str) -> tuple:
     from test_expert import check_ranks
 
     layer = check_ranks(rank, world)  # the layer alone (tests/test_expert.py)
-    return layer, {
-        stage: train(stage, world, rank, 2, save_dir if stage == 2 else None) for stage in range(4)
+    per_stage = {stage: train(stage, world, rank, 2, save_dir if stage == 2 else None) for stage in range(4)}
+    # ep_size 1 on 2 ranks: the expert-data-parallel group is the whole world (every rank holds every
+    # expert and their gradients are summed over both), against ep_size 2 above (a group of one)
+    ep1 = train(1, world, rank, 1, save_dir + "/ep1")
+    # reshard: the ep_size-2 checkpoint at ep_size 1 (stage 3), the ep_size-1 one at ep_size 2 (stage 0)
+    loads = {
+        "ep2->ep1": resumed(3, world, rank, 1, save_dir),
+        "ep1->ep2": resumed(0, world, rank, 2, save_dir + "/ep1"),
     }
+    return layer, per_stage, ep1, loads
 
 
-def test_stages_at_ep_size_2_equal_one_process(tmp_path):
-    want_params, want_norms, want_loss, _ = train(0, 1, 0, 1)
-    both = spawn_ranks(ranks, WORLD, str(tmp_path), timeout=240)
-    for rank, ((failures, ep_ranks, edp_ranks, ep_rank), _) in enumerate(both):
-        assert failures == [], (rank, failures)
-        assert ep_ranks == (0, 1) and edp_ranks == (rank,) and ep_rank == rank
-    results = [per_stage for _, per_stage in both]
+def check_equal_one_process(results: list, world: int, ep_size: int, want: tuple) -> None:
+    """Each rank's (params, norms, loss, memory) per stage against one process holding every expert."""
+    want_params, want_norms, want_loss, _ = want
+    numel = sum(v.numel() for v in want_params.values())
+    experts = sum(v.numel() for n, v in want_params.items() if ".deepspeed_experts." in n)
+    dense, local = numel - experts, experts // ep_size  # this rank: the dense parameters, E / ep_size experts
+    edp = world // ep_size
     for rank, per_stage in enumerate(results):
         for stage, (params, norms, loss, memory) in per_stage.items():
             assert params.keys() == want_params.keys()
@@ -118,25 +141,56 @@ def test_stages_at_ep_size_2_equal_one_process(tmp_path):
             for name, value in params.items():
                 assert torch.allclose(value, want_params[name], rtol=1e-5, atol=1e-6), (rank, stage, name)
             assert norms == [pytest_approx(n) for n in want_norms], (rank, stage)
-            assert abs(loss - want_loss) < 1e-5 * max(1.0, abs(want_loss)) * WORLD
-            numel = sum(v.numel() for v in want_params.values())
-            experts = sum(v.numel() for n, v in want_params.items() if ".deepspeed_experts." in n)
-            # this rank holds the dense parameters and its E / 2 experts
-            assert memory["held_numel"] == numel - experts + experts // 2, (rank, stage)
-            # fp32 master: stage 0 all it holds; stages 1-3 the dense ones sharded over both ranks, its
-            # experts whole (their expert-data-parallel group is this rank alone); padding aside
-            held = numel - experts + experts // 2 if stage == 0 else (numel - experts) // WORLD + experts // 2
+            assert abs(loss - want_loss) < 1e-5 * max(1.0, abs(want_loss)) * world
+            assert memory["held_numel"] == dense + local, (rank, stage)
+            # fp32 master: stage 0 all it holds; stages 1-3 the dense parameters sharded over the world,
+            # its experts over their expert-data-parallel group; padding aside
+            held = dense + local if stage == 0 else dense // world + local // edp
             assert held * 4 <= memory["master"] < held * 4 + 4096, (rank, stage, memory["master"])
+
+
+def test_stages_at_ep_size_2_equal_one_process(tmp_path):
+    want = train(0, 1, 0, 1)
+    out = spawn_ranks(ranks, WORLD, str(tmp_path), timeout=240)
+    for rank, ((failures, ep_ranks, edp_ranks, ep_rank), *_) in enumerate(out):
+        assert failures == [], (rank, failures)
+        assert ep_ranks == (0, 1) and edp_ranks == (rank,) and ep_rank == rank
+    check_equal_one_process([r[1] for r in out], WORLD, 2, want)
+    check_equal_one_process([{1: r[2]} for r in out], WORLD, 1, want)
     # the stage-2 checkpoint of 2 ranks at ep_size 2, loaded by one process at ep_size 1
     engine = initialize(MoENet(1), config(2, 1), loss_fn=chunked_loss(WORLD), compile=False)
     loaded = engine.full_params(engine.load(str(tmp_path), tag="t"))
-    for name, value in results[0][2][0].items():
+    for name, value in out[0][1][2][0].items():
         assert torch.equal(loaded[name], value), name
+    # ... and resumed for a step there, at 2 ranks / ep_size 1, and (the ep_size-1 checkpoint) at ep_size 2
+    for key, load_dir in (("ep2->ep1", str(tmp_path)), ("ep1->ep2", str(tmp_path / "ep1"))):
+        one = resumed(2, 1, 0, 1, load_dir)
+        for rank, r in enumerate(out):
+            for name, value in r[3][key].items():
+                assert torch.allclose(value, one[name], rtol=1e-5, atol=1e-6), (key, rank, name)
+
+
+def ranks_of_four(rank: int, world: int, save_dir: str) -> tuple:
+    per_stage = {stage: train(stage, world, rank, 2, save_dir if stage == 1 else None) for stage in range(4)}
+    return per_stage, resumed(2, world, rank, 2, save_dir, parts=4)
+
+
+@pytest.mark.skipif(
+    os.environ.get("ZEROSTEP_SLOW_TESTS") != "1", reason="4 ranks: ~35 s; ZEROSTEP_SLOW_TESTS=1"
+)
+def test_four_ranks_at_ep_size_2_equal_one_process(tmp_path):
+    """World 4, ep_size 2: expert-data-parallel groups of two ranks ([0, 2], [1, 3]), over which expert
+    gradients are summed and ZeRO shards the experts; a checkpoint of it resumes in one process."""
+    want = train(0, 1, 0, 1, chunks=4)
+    out = spawn_ranks(ranks_of_four, 4, str(tmp_path), timeout=300)
+    check_equal_one_process([r[0] for r in out], 4, 2, want)
+    one = resumed(2, 1, 0, 1, str(tmp_path), parts=4)
+    for rank, (_, params) in enumerate(out):
+        for name, value in params.items():
+            assert torch.allclose(value, one[name], rtol=1e-5, atol=1e-6), (rank, name)
 
 
 def pytest_approx(x: float):
-    import pytest
-
     return pytest.approx(x, rel=1e-5)
 
 

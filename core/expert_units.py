@@ -135,6 +135,18 @@ class ExpertUnits(Mapping):
             out[g] = FlatLayout.build(entries, lay.dtype, self.world_size, lay.align)
         return out
 
+    def local_values(
+        self, layouts: Mapping[str, FlatLayout], by_global_name: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Tensors by this rank's parameter names, from tensors by global name (a checkpoint's): each
+        expert unit takes its local experts, the other units their own names."""
+        out = {}
+        for g, lay in layouts.items():
+            unit = self._units.get(g)
+            for name in lay.names:
+                out[name] = by_global_name[name if unit is None else unit.global_name(name)]
+        return out
+
     # ------------------------------------------------------------------ gathering
 
     def global_tensors(self, g: str, local: torch.Tensor, layout: FlatLayout) -> dict[str, torch.Tensor]:

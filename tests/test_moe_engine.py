@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zerostep.core import Config, initialize
+from zerostep.core.deepspeed_checkpoint import load_deepspeed_checkpoint
 from zerostep.parallel.launch import spawn_ranks
 
 M, E, ROWS, STEPS, WORLD = 8, 4, 6, 2, 2  # ROWS: tokens per rank and step
@@ -28,13 +29,13 @@ class Mlp(nn.Module):
 
 
 class MoENet(nn.Module):
-    def __init__(self, ep_size: int):
+    def __init__(self, ep_size: int, experts: int = E):
         from zerostep.moe.layer import MoE
 
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(5, M)
-        moe = MoE(M, Mlp(), num_experts=E, ep_size=ep_size, k=2, min_capacity=0, drop_tokens=False)
+        moe = MoE(M, Mlp(), num_experts=experts, ep_size=ep_size, k=2, min_capacity=0, drop_tokens=False)
         moe.deepspeed_moe.gate.top2_2nd_expert_sampling = False
         self.blocks = nn.ModuleList([moe])
         self.head = nn.Linear(M, 1)
@@ -124,6 +125,11 @@ def ranks(rank: int, world: int, save_dir: str) -> tuple:
         "ep2->ep1": resumed(3, world, rank, 1, save_dir),
         "ep1->ep2": resumed(0, world, rank, 2, save_dir + "/ep1"),
     }
+    # DeepSpeed's MoE layout (written by the parent), at ep_size 2 and stage 1: each rank its experts
+    engine = initialize(MoENet(2), config(1, world), loss_fn=chunked_loss(1), compile=False)
+    loads["deepspeed"] = engine.full_params(
+        load_deepspeed_checkpoint(engine, save_dir + "/ds", "t", False)[0]
+    )
     return layer, per_stage, ep1, loads
 
 
@@ -149,8 +155,48 @@ def check_equal_one_process(results: list, world: int, ep_size: int, want: tuple
             assert held * 4 <= memory["master"] < held * 4 + 4096, (rank, stage, memory["master"])
 
 
+def write_deepspeed_moe_checkpoint(path, weights: dict) -> None:
+    """The files DeepSpeed's ``_save_moe_checkpoint`` writes at stage 0 (as its torch.save dicts): the
+    model states without expert keys, and one file per (MoE layer, global expert) with its parameters."""
+    tag = path / "t"
+    tag.mkdir(parents=True)
+    experts = {n: v for n, v in weights.items() if ".deepspeed_experts." in n}
+    module = {n: v for n, v in weights.items() if n not in experts}
+    states = {"module": module, "buffer_names": [], "optimizer": None, "global_steps": 7, "skipped_steps": 1}
+    torch.save(
+        {**states, "dp_world_size": 2, "num_experts": [E], "ds_version": "0.19.8"},
+        tag / "mp_rank_00_model_states.pt",
+    )
+    for e in range(E):
+        mine = {n: v for n, v in experts.items() if f".deepspeed_experts.{e}." in n}
+        torch.save(mine, tag / f"layer_0_expert_{e}_mp_rank_00_model_states.pt")
+    (path / "latest").write_text("t")
+
+
+def test_deepspeed_moe_layout_and_another_num_experts(tmp_path):
+    """DeepSpeed's MoE checkpoint files load (one process here, 2 ranks at ep_size 2 in the spawn); a
+    checkpoint of 4 experts is refused by a model of 2, naming the counts."""
+    from zerostep.io import CheckpointError
+
+    weights = {n: torch.randn(p.shape) for n, p in MoENet(1).named_parameters()}
+    write_deepspeed_moe_checkpoint(tmp_path / "ds", weights)
+    engine = initialize(MoENet(1), config(0, 1), loss_fn=chunked_loss(1), compile=False)
+    state, _ = load_deepspeed_checkpoint(engine, tmp_path / "ds", None, False)
+    assert int(state.step) == 7 and int(state.skipped_steps) == 1
+    for name, value in engine.full_params(state).items():
+        assert torch.equal(value, weights[name]), name
+    with pytest.raises(CheckpointError, match="optimizer state .* is not"):
+        load_deepspeed_checkpoint(engine, tmp_path / "ds", None, True)
+    engine.save(state, tmp_path / "z", tag="t")
+    fewer = initialize(MoENet(1, experts=2), config(0, 1), loss_fn=chunked_loss(1), compile=False)
+    with pytest.raises(CheckpointError, match="has 4 experts, this model's has 2"):
+        fewer.load(tmp_path / "z", tag="t")
+
+
 def test_stages_at_ep_size_2_equal_one_process(tmp_path):
     want = train(0, 1, 0, 1)
+    ds_weights = {n: torch.randn(p.shape) for n, p in MoENet(1).named_parameters()}
+    write_deepspeed_moe_checkpoint(tmp_path / "ds", ds_weights)
     out = spawn_ranks(ranks, WORLD, str(tmp_path), timeout=240)
     for rank, ((failures, ep_ranks, edp_ranks, ep_rank), *_) in enumerate(out):
         assert failures == [], (rank, failures)
@@ -168,6 +214,10 @@ def test_stages_at_ep_size_2_equal_one_process(tmp_path):
         for rank, r in enumerate(out):
             for name, value in r[3][key].items():
                 assert torch.allclose(value, one[name], rtol=1e-5, atol=1e-6), (key, rank, name)
+    for rank, r in enumerate(out):  # DeepSpeed's MoE files at 2 ranks, ep_size 2
+        assert r[3]["deepspeed"].keys() == ds_weights.keys()
+        for name, value in r[3]["deepspeed"].items():
+            assert torch.equal(value, ds_weights[name]), (rank, name)
 
 
 def ranks_of_four(rank: int, world: int, save_dir: str) -> tuple:

@@ -130,7 +130,9 @@ def ranks(rank: int, world: int, save_dir: str) -> tuple:
     loads["deepspeed"] = engine.full_params(
         load_deepspeed_checkpoint(engine, save_dir + "/ds", "t", False)[0]
     )
-    return layer, per_stage, ep1, loads
+    # the DeepSpeed-style facade at ep_size 2, stage 1, against the functional engine on the same rows
+    facade = facade_params(1, world, rank, 2), train(1, world, rank, 2, chunks=1)[0]
+    return layer, per_stage, ep1, loads, facade
 
 
 def check_equal_one_process(results: list, world: int, ep_size: int, want: tuple) -> None:
@@ -214,6 +216,11 @@ def test_stages_at_ep_size_2_equal_one_process(tmp_path):
         for rank, r in enumerate(out):
             for name, value in r[3][key].items():
                 assert torch.allclose(value, one[name], rtol=1e-5, atol=1e-6), (key, rank, name)
+    for rank, r in enumerate(out):  # the facade at 2 ranks, ep_size 2
+        got, want_facade = r[4]  # the module holds this rank's experts, full_params every expert
+        assert got.keys() <= want_facade.keys() and sum(".deepspeed_experts." in n for n in got) == 8
+        for name, value in got.items():
+            assert torch.allclose(value, want_facade[name], atol=1e-6), (rank, name)
     for rank, r in enumerate(out):  # DeepSpeed's MoE files at 2 ranks, ep_size 2
         assert r[3]["deepspeed"].keys() == ds_weights.keys()
         for name, value in r[3]["deepspeed"].items():
@@ -244,21 +251,31 @@ def pytest_approx(x: float):
     return pytest.approx(x, rel=1e-5)
 
 
-def test_facade_with_deepspeeds_moe_param_groups_equals_the_functional_engine():
+def facade_params(stage: int, world: int, rank: int, ep_size: int) -> dict:
+    """The DeepSpeed-style script (``zerostep.initialize`` with DeepSpeed's MoE param groups, then
+    ``engine(x)``, ``backward``, ``step``) on this rank's rows: the weights by global name."""
     import zerostep
     from zerostep.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from zerostep.parallel.expert import global_expert_name
 
-    model = MoENet(1)
+    model = MoENet(ep_size)
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "d"}
     )
     assert [g.get("moe", False) for g in groups] == [False, True]
-    cfg = config(0, 1).to_dict()
+    cfg = config(stage, world).to_dict()
     engine, _, _, _ = zerostep.initialize(model=model, model_parameters=groups, config=cfg, compile=False)
+    rows = slice(rank * ROWS * WORLD // world, (rank + 1) * ROWS * WORLD // world)
     for x, y in batches():
-        pred, l_aux = engine(x)
-        engine.backward(F.mse_loss(pred, y) + 0.01 * l_aux)
+        pred, l_aux = engine(x[rows])
+        engine.backward(F.mse_loss(pred, y[rows]) + 0.01 * l_aux)
         engine.step()
+    first = model.blocks[0].first_expert
+    return {global_expert_name(n, first): p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def test_facade_with_deepspeeds_moe_param_groups_equals_the_functional_engine():
+    got = facade_params(0, 1, 0, 1)
     want, _, _, _ = train(0, 1, 0, 1, chunks=1)
-    for name, p in engine.module.named_parameters():
-        assert torch.allclose(p.detach(), want[name], atol=1e-6), name
+    for name, p in got.items():
+        assert torch.allclose(p, want[name], atol=1e-6), name

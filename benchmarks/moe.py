@@ -1,6 +1,8 @@
 """Mixture of Experts on 2 gloo ranks: tokens/s of the MoE GPT at ep_size 1 and 2 against the dense GPT
-of equal active parameters (top-1: each token runs one expert of the dense MLP's size), and the bytes each
-rank moves per step by all-to-all and by the gradient/parameter collectives.
+of equal active parameters (top-1: each token runs one expert of the dense MLP's size), the bytes each
+rank moves per step by all-to-all and by the gradient/parameter collectives, and the bytes each rank holds
+(``memory_report``: the parameters it holds, its gradient accumulator, fp32 master and optimizer moments):
+at ep_size 2 a rank holds half of every layer's experts.
 
 The three engines step in turn on every rank, so machine noise hits all of them; medians over the rounds
 of the slowest rank. All-to-all bytes: what this rank sends in every MoE layer's two forward all-to-alls
@@ -62,8 +64,10 @@ def rank_main(rank: int, world: int, args: dict) -> dict:
             times[name].append(time.perf_counter() - start)
             layers = [m for m in models[name].modules() if isinstance(m, MOELayer)]
             a2a[name] = 2 * sum(m.last_all_to_all_bytes for m in layers)  # forward + its adjoint
-    params = {n: sum(p.numel() for p in models[n].parameters()) for n in variants}
+    params = {n: sum(p.numel() for p in models[n].parameters()) for n in variants}  # this rank's
+    memory = {n: engines[n].memory_report(states[n]) for n in variants}
     return {
+        "memory": memory,
         "times": {n: t[args["warmup"] :] for n, t in times.items()},
         "a2a_bytes": a2a,
         "comm_bytes": {n: engines[n].comm.bytes_per_step for n in variants},
@@ -92,7 +96,8 @@ def main() -> None:
         f"{tokens} tokens per step, {'compiled' if args['compile'] else 'eager'}"
     )
     print(
-        f"{'model':10} {'params':>9} {'ms/step':>9} {'tok/s':>9} {'x dense':>8} {'a2a MB':>8} {'grad MB':>8}"
+        f"{'model':10} {'params/rk':>9} {'ms/step':>9} {'tok/s':>9} {'x dense':>8} {'a2a MB':>8} "
+        f"{'coll MB':>8} {'grad MB':>8} {'master MB':>9} {'optim MB':>8}"
     )
     for n in names:
         r0 = results[0]
@@ -103,12 +108,17 @@ def main() -> None:
             "time_vs_dense": median[n] / median["dense"],
             "all_to_all_bytes_per_step": max(r["a2a_bytes"][n] for r in results),
             "collective_bytes_per_step": r0["comm_bytes"][n],
+            # per-rank bytes (rank 0's; both ranks hold alike): gradient accumulator, fp32 master, moments
+            "grad_bytes_per_rank": r0["memory"][n]["gradients"],
+            "master_bytes_per_rank": r0["memory"][n]["master"],
+            "optimizer_bytes_per_rank": r0["memory"][n]["optimizer_state"],
         }
         rows[n] = row
         print(
             f"{n:10} {row['params'] / 1e6:8.2f}M {row['ms_per_step']:9.1f} {row['tokens_per_s']:9.0f} "
             f"{row['time_vs_dense']:8.2f} {row['all_to_all_bytes_per_step'] / 1e6:8.2f} "
-            f"{row['collective_bytes_per_step'] / 1e6:8.2f}"
+            f"{row['collective_bytes_per_step'] / 1e6:8.2f} {row['grad_bytes_per_rank'] / 1e6:8.2f} "
+            f"{row['master_bytes_per_rank'] / 1e6:9.2f} {row['optimizer_bytes_per_rank'] / 1e6:8.2f}"
         )
     print(json.dumps(rows))
 

@@ -157,13 +157,15 @@ def optimizer_comm_plan(plan: StepPlan, optimizer: Optimizer | None) -> C.CommPl
 def step_comm_plan(plan: StepPlan, applied: bool = True, optimizer: Optimizer | None = None) -> C.CommPlan:
     """The collectives of one step (``applied=False``: a skipped step gathers no parameters and runs
     no update); with ``optimizer``, its update's own (``optimizer_comm_plan``)."""
-    ws, dt = plan.world_size, plan.compute_dtype
-    gas = plan.accumulation_steps
+    dt, gas = plan.compute_dtype, plan.accumulation_steps
     # overlapped reductions run one collective per unit (the unit is the bucket)
     reduce_bucket = None if plan.overlap_comm else plan.reduce_bucket_numel
-    out = C.all_reduce_plan(2, torch.float32, ws)  # the [sumsq, loss] pair of the finite check
+    out = C.all_reduce_plan(2, torch.float32, plan.world_size)  # the [sumsq, loss] pair of the finite check
     for g, lay in plan.layouts.items():
         n = lay.padded_numel
+        ws = plan.unit_size(g)  # MoE experts: over their expert-data-parallel group
+        if ws == 1:
+            continue
         if plan.stage == 0:
             out = out + C.all_reduce_plan(n, dt, ws, reduce_bucket)
         elif plan.stage in (1, 2):

@@ -148,11 +148,28 @@ def _plain_values(hyperparams: Any) -> dict:
     return {str(k): v for k, v in dict(hyperparams or {}).items() if plain(v)}
 
 
+def _experts(engine: Any) -> Any:
+    """The engine's MoE expert units (core/expert_units.py), or an empty mapping."""
+    return getattr(engine, "expert_units", None) or {}
+
+
+def _named_layouts(engine: Any) -> dict:
+    """The layouts a checkpoint of this engine is written in: the plan's, with MoE expert units holding
+    every expert under its global name (core/expert_units.py)."""
+    experts = _experts(engine)
+    return experts.global_layouts(engine.plan.layouts) if experts else engine.plan.layouts
+
+
 def _check_model_matches(engine: Any, meta: dict, where: str) -> None:
     saved = meta.get("layouts")
     if not isinstance(saved, dict):
         raise CheckpointError(where, "manifest has no parameter layouts; not a zerostep train state")
-    want = {e.name: (g, e.shape) for g, lay in engine.plan.layouts.items() for e in lay.entries}
+    experts = _experts(engine)
+    if experts:
+        problem = experts.check_saved(saved, where)
+        if problem is not None:
+            raise CheckpointError(where, problem)
+    want = {e.name: (g, e.shape) for g, lay in _named_layouts(engine).items() for e in lay.entries}
     have = {n: (g, tuple(shape)) for g, lay in saved.items() for n, shape, _ in lay["entries"]}
     problems = [f"missing from checkpoint: {n}" for n in want.keys() - have.keys()]
     problems += [f"not in the model: {n}" for n in have.keys() - want.keys()]
@@ -175,8 +192,13 @@ def _moved_entries(engine: Any, meta: dict) -> Moves:
     at other offsets than this engine's layout puts them: a checkpoint written before entries and shards
     were aligned (zerostep's back-to-back packing), read entry by entry. Checked to match the model."""
     out = {}
+    experts = _experts(engine)
     for g, lay in engine.plan.layouts.items():
         saved = {n: int(offset) for n, _, offset in meta["layouts"][g]["entries"]}
+        unit = experts.get(g)
+        if unit is not None:  # this rank's local experts, read from their global entries
+            out[g] = tuple((e.offset, saved[unit.global_name(e.name)], e.numel) for e in lay.entries)
+            continue
         moves = tuple((e.offset, saved[e.name], e.numel) for e in lay.entries)
         if any(here != there for here, there, _ in moves):
             out[g] = moves
@@ -342,10 +364,15 @@ def _in_place_targets(engine: Any, into: TrainState, with_optimizer: bool) -> di
     return fills
 
 
-def _flat_start(engine: Any, t: torch.Tensor) -> int:
-    """Where this rank's part of a flat leaf starts: rank r holds [r * S, (r + 1) * S), S its numel; an
-    unsharded master holds the whole padded buffer."""
-    return (engine.plan.rank if engine.plan.sharded_master else 0) * t.numel()
+def _flat_start(engine: Any, path: str, t: torch.Tensor) -> int:
+    """Where this rank's part of flat leaf ``path`` (``master/<group>``, ``opt_state/.../<group>``)
+    starts in its group's buffer: rank r of the group's ranks holds [r * S, (r + 1) * S), S its numel
+    (MoE experts: r is the rank in their expert-data-parallel group); an unsharded master holds the
+    whole padded buffer."""
+    plan = engine.plan
+    g = path.rsplit("/", 1)[-1]
+    rank = plan.unit_rank(g) if g in plan.layouts else plan.rank
+    return (rank if plan.sharded_master else 0) * t.numel()
 
 
 def _check_flat_leaves(
@@ -357,7 +384,7 @@ def _check_flat_leaves(
             if path.startswith("opt_state/"):
                 raise _missing_opt_leaf(ckpt.path, path.removeprefix("opt_state/"))
             raise CheckpointError(ckpt.path, f"leaf {path!r} missing")
-        _read_part(ckpt, path, _flat_start(engine, t), t.numel(), moved, verify=True)
+        _read_part(ckpt, path, _flat_start(engine, path, t), t.numel(), moved, verify=True)
 
 
 def _fill_in_place(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tensor], moved: Moves) -> None:
@@ -367,7 +394,7 @@ def _fill_in_place(engine: Any, ckpt: CheckpointDir, fills: dict[str, torch.Tens
         saved = dtype_from_name(ckpt.leaves[path]["dtype"])
         direct = t.device.type == "cpu" and t.is_contiguous() and t.dtype == saved
         host = t if direct else torch.empty(t.numel(), dtype=saved)
-        _read_part(ckpt, path, _flat_start(engine, t), host, moved, verify=True, in_place=direct)
+        _read_part(ckpt, path, _flat_start(engine, path, t), host, moved, verify=True, in_place=direct)
         if direct:  # written behind autograd's back: let it know, as an in-place op would
             torch.autograd.graph.increment_version(t)
         else:
@@ -429,7 +456,7 @@ def load(
                     t = torch.empty(
                         _master_numel(plan, path.rsplit("/", 1)[-1]), dtype=dtype_from_name(entry["dtype"])
                     )
-                    _read_part(ckpt, path, _flat_start(engine, t), t, moved, verify=True)
+                    _read_part(ckpt, path, _flat_start(engine, path, t), t, moved, verify=True)
                     relaid[path] = t
             rest = [p for p in ckpt.leaves if selected(p, wanted) and p not in relaid]
         tree, _ = load_checkpoint(load_dir, tag, rank=rank, world_size=world, leaves=rest)
@@ -586,6 +613,6 @@ def _params_from(
         if plan.params_alias_master:
             params[g] = m
             continue
-        value = m if plan.params_match_master else all_gather_flat(m, engine.group)
+        value = m if plan.params_match_master else all_gather_flat(m, plan.group_of(g, engine.group))
         params[g] = value.to(plan.compute_dtype) if into is None else into[g].copy_(value)
     return params

@@ -50,6 +50,13 @@ def load_deepspeed_checkpoint(
     if load_optimizer_states:
         _check_optimizer(engine, checkpoint)
     frozen = _frozen_updates(engine, checkpoint)
+    experts = getattr(engine, "expert_units", None)
+    if experts:  # DeepSpeed's global expert names -> this rank's experts (core/expert_units.py)
+        layouts = engine.plan.layouts
+        checkpoint.params = experts.local_values(layouts, checkpoint.params)
+        if checkpoint.exp_avg is not None and checkpoint.exp_avg_sq is not None:
+            checkpoint.exp_avg = experts.local_values(layouts, checkpoint.exp_avg)
+            checkpoint.exp_avg_sq = experts.local_values(layouts, checkpoint.exp_avg_sq)
     master, flats = engine.buffers_from(checkpoint.params)
     opt_state = engine.init_optimizer_state(master)
     if load_optimizer_states:
@@ -85,7 +92,11 @@ def _assign_stage_0_moments(engine: Any, checkpoint: DeepSpeedCheckpoint) -> Non
 
 
 def _check_params(engine: Any, checkpoint: DeepSpeedCheckpoint) -> None:
-    want = {e.name: e.shape for layout in engine.plan.layouts.values() for e in layout.entries}
+    layouts = engine.plan.layouts
+    experts = getattr(engine, "expert_units", None)
+    if experts:  # every expert under its global name, as DeepSpeed's expert files hold them
+        layouts = experts.global_layouts(layouts)
+    want = {e.name: e.shape for layout in layouts.values() for e in layout.entries}
     have = {n: tuple(t.shape) for n, t in checkpoint.params.items()}
     problems = []
     missing = [n for n in want if n not in have]
@@ -157,7 +168,7 @@ def _fill_adam(engine: Any, checkpoint: DeepSpeedCheckpoint, opt_state: Any) -> 
             full = layout.flatten({n: moments[n] for n in layout.names}, dtype=torch.float32).to(
                 engine.device
             )
-            piece = layout.shard(full, engine.rank) if plan.sharded_master else full
+            piece = layout.shard(full, plan.unit_rank(g)) if plan.sharded_master else full
             target[g].copy_(piece)  # [shard_numel] or [padded_numel], like master[g]
     step = checkpoint.optimizer_step
     if step is None:  # no per-parameter step saved: every applied step is an Adam step

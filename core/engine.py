@@ -27,6 +27,7 @@ from zerostep.core import (
     activation_checkpointing,
     agreement,
     deferred_init,
+    expert_units,
     model_parallel,
     model_parallel_optim,
     sequence_parallel,
@@ -242,6 +243,11 @@ class Engine:
                 stacklevel=4,
             )
         layouts = _trainable_layouts(model, set(trainable), self.compute_dtype, self.world_size)
+        # MoE: each layer's experts a unit of their own, over their expert-data-parallel group
+        self.expert_units = expert_units.find_expert_units(
+            model, self.world_size, self.rank, self.mesh.is_world
+        )
+        layouts = self.expert_units.split_layouts(layouts, self.compute_dtype)
         self.plan = plan_of_config(
             config,
             layouts,
@@ -249,6 +255,7 @@ class Engine:
             rank=self.rank,
             overlap_comm=False,  # decided in _build_phases, once the shared-memory channel is known
             offload_optimizer=self.offload_settings is not None,
+            unit_groups=self.expert_units.unit_groups(),
             model_parallel=model_parallel.norm_share(self.mesh, model, layouts, self.tp_specs, stage),
         )
         self.optimizer_state_dtype = optimizer_state_dtype_of(config)
@@ -260,6 +267,9 @@ class Engine:
         self.group_options = self._group_options(param_groups, set(trainable))
         self.optimizer = self._build_optimizer()
         model_parallel_optim.check_optimizer(self.mesh, self.optimizer.name, config.optimizer.type)
+        expert_units.check_supported(
+            self.expert_units, config, config.optimizer.type, self.offload_settings is not None
+        )
         sequence_parallel.check(config, self.optimizer.name, self.mesh.is_world)
         if self.offload_settings is not None:  # before the ranks' first collective
             offloading.check_optimizer(self.optimizer.name)
@@ -306,7 +316,8 @@ class Engine:
             units = [Unit(g, lay) for g, lay in plan.layouts.items()]
             # offload_param: host shards, gathered on the device (core/offload.py)
             offload_to = self.device if self.offload_settings and self.offload_settings.params else None
-            self._runner = Zero3Runner(model, units, self.group, offload_to=offload_to)
+            own = {g: u.group for g, u in plan.unit_groups.items()}  # MoE experts: their edp group
+            self._runner = Zero3Runner(model, units, self.group, offload_to=offload_to, unit_groups=own)
             self._scaled_backward = make_zero3_backward(self._runner, plan.accumulation_steps)
             step_forward = under_autocast(make_module_forward(self.loss_fn, self._constants), self.autocast)
         else:
@@ -424,7 +435,7 @@ class Engine:
         check_groups(param_groups, [n for n, _ in self.model.named_parameters() if n in trainable])
         plan = self.plan
         ranges = {
-            g: lay.shard_range(plan.rank) if plan.sharded_master else (0, lay.padded_numel)
+            g: lay.shard_range(plan.unit_rank(g)) if plan.sharded_master else (0, lay.padded_numel)
             for g, lay in plan.layouts.items()
         }
         return GroupOptions(param_groups, plan.layouts, ranges, self.master_device)
@@ -458,7 +469,7 @@ class Engine:
             return {}
         plan, segments = self.plan, {}
         for g, lay in plan.layouts.items():
-            lo, hi = lay.shard_range(plan.rank) if plan.sharded_master else (0, lay.padded_numel)
+            lo, hi = lay.shard_range(plan.unit_rank(g)) if plan.sharded_master else (0, lay.padded_numel)
             pieces = []
             for index, e in enumerate(lay.entries):
                 start, stop = max(lo, e.offset), min(hi, e.offset + e.numel)
@@ -503,7 +514,7 @@ class Engine:
             return {}
         plan, pieces = self.plan, {}
         for g, lay in plan.layouts.items():
-            lo, hi = lay.shard_range(plan.rank) if plan.sharded_master else (0, lay.padded_numel)
+            lo, hi = lay.shard_range(plan.unit_rank(g)) if plan.sharded_master else (0, lay.padded_numel)
             pieces[g] = optim.layout_pieces(
                 lay.entries, lo, hi, sharded=plan.sharded_master, full_numel=lay.padded_numel
             )
@@ -541,9 +552,9 @@ class Engine:
         for g, layout in plan.layouts.items():
             full = layout.flatten({n: values[n].detach() for n in layout.names}, dtype=plan.master_dtype)
             full = full.to(self.device)  # [padded_numel]
-            if broadcast:
-                dist.broadcast(full, group_src=0, group=self.group)
-            shard = layout.shard(full, self.rank).clone() if plan.sharded_master else full
+            if broadcast:  # a unit of its own group (MoE experts): that group's rank 0's values
+                dist.broadcast(full, group_src=0, group=plan.group_of(g, self.group))
+            shard = layout.shard(full, plan.unit_rank(g)).clone() if plan.sharded_master else full
             master[g] = shard if self._offload is None else self._offload.transfer.host_copy(shard)
             if plan.params_alias_master:
                 flats[g] = shard

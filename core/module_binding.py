@@ -94,7 +94,8 @@ def gathered_master(engine: Any, master: dict[str, torch.Tensor]) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     for g, shard in master.items():
         sharded = engine.plan.sharded_master  # an offloaded master shard is gathered on the device
-        full = all_gather_flat(shard.to(engine.device).contiguous(), engine.group) if sharded else shard
+        group = engine.plan.group_of(g, engine.group)  # MoE experts: their expert-data-parallel group
+        full = all_gather_flat(shard.to(engine.device).contiguous(), group) if sharded else shard
         out.update(engine.plan.layouts[g].unflatten(full))
     return out
 
@@ -189,6 +190,12 @@ def release_gathered(params: list[torch.Tensor], modifier_rank: int | None) -> N
 
 def _write_back(engine: Any, home: ParamHome, value: torch.Tensor, src: int) -> None:
     value = value.detach().to(torch.float32).contiguous()
+    if home.group in engine.plan.unit_groups:
+        raise NotImplementedError(
+            f"{home.name}: writing an MoE expert parameter back through "
+            "GatheredParameters(modifier_rank=...) with ep_size > 1 is not supported (the ranks hold "
+            "different experts)"
+        )
     if engine.world_size > 1:
         dist.broadcast(
             value, src=dist.get_global_rank(engine.group, src) if engine.group else src, group=engine.group

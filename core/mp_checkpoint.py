@@ -98,6 +98,11 @@ def save(
 ) -> Any:
     mesh = engine.mesh
     if mesh.is_world:
+        experts = getattr(engine, "expert_units", None)
+        if experts is not None and experts.parallel:  # MoE experts under their global names
+            from zerostep.core.expert_units import checkpoint_view
+
+            engine, state = checkpoint_view(engine, state)
         return checkpointing.save(engine, state, save_dir, tag, client_state, **kw)
     _no_async(kw.pop("async_save", False))
     tag = tag or f"global_step{int(state.step)}"

@@ -110,10 +110,15 @@ class CompiledReducer(Reducer):
 
         def over_groups(collective: Callable) -> Callable[[Flats], Flats]:
             def run(grads: Flats) -> Flats:
-                return {g: collective(_in_dtype(t, dtype, pre), group, bucket) for g, t in grads.items()}
+                # each unit over its group: the data-parallel one, or its own (MoE experts)
+                return {
+                    g: collective(_in_dtype(t, dtype, pre), plan.group_of(g, group), bucket)
+                    for g, t in grads.items()
+                }
 
             # over shared memory the collectives are eager calls, which a graph cannot hold
             traced = compile and collectives.shared_memory_channel(group) is None
+            traced = traced and not plan.unit_groups  # collectives over several groups: eagerly
             return compile_private(run, dynamic=False, fullgraph=True) if traced else run
 
         self.all_reduce = over_groups(collectives.all_reduce_flat)
@@ -157,11 +162,12 @@ class OverlappedReducer(Reducer):
                 grad.copy_(acc.add_(grad))
         if self.pre is not None:
             grad.mul_(self.pre)
+        group = self.plan.group_of(g, self.group)
         if self.plan.stage == 0:
-            self.pending[g] = (collectives.all_reduce_into(grad, self.group, async_op=True), grad)
+            self.pending[g] = (collectives.all_reduce_into(grad, group, async_op=True), grad)
         else:
             shard = grad.new_empty(self.plan.layouts[g].shard_numel)
-            work = collectives.reduce_scatter_into(shard, grad, self.group, async_op=True)
+            work = collectives.reduce_scatter_into(shard, grad, group, async_op=True)
             self.pending[g] = (work, shard)
 
     def grad_hooks(self, last: bool) -> dict[str, Callable] | None:
@@ -208,7 +214,11 @@ class ShardingReducer(Reducer):
         super().__init__(plan.accumulation_dtype)
         self.layouts = plan.layouts
         self.grad_sink = GradShardSink(
-            group, plan.reduce_bucket_numel, _predivide(plan), overlap=plan.overlap_comm
+            group,
+            plan.reduce_bucket_numel,
+            _predivide(plan),
+            overlap=plan.overlap_comm,
+            unit_groups={g: u.group for g, u in plan.unit_groups.items()},
         )
         self.grad_sink.deliver = self.add_unit
         self.last = True  # whether the micro-batch whose backward runs now is the last one
@@ -239,7 +249,10 @@ class ShardingReducer(Reducer):
                 continue
             full = grad.contiguous()  # a full gradient: reduce a copy when the predivide scales in place
             sink.reduce(
-                full.clone() if sink.predivide is not None else full, n, lambda s, g=g: self.add_unit(g, s)
+                full.clone() if sink.predivide is not None else full,
+                n,
+                lambda s, g=g: self.add_unit(g, s),
+                unit=g,
             )
         sink.wait()
 

@@ -97,6 +97,23 @@ class StepPlan:
     # Ulysses (parallel/ulysses.py): gradients are summed over each sequence-parallel group and averaged
     # over the world_size / sequence_parallel_size data-parallel replicas, as DeepSpeed divides them
     sequence_parallel_size: int = 1
+    # units reduced and sharded over a group of their own instead of the data-parallel group: MoE experts
+    # over their expert-data-parallel group (core/expert_units.py); unit -> UnitGroup(group, size, rank)
+    unit_groups: Any = dataclasses.field(default_factory=dict)
+
+    def unit_rank(self, g: str) -> int:
+        """This rank's index in the group unit ``g`` is sharded over (its layout's world size)."""
+        own = self.unit_groups.get(g)
+        return self.rank if own is None else own.rank
+
+    def unit_size(self, g: str) -> int:
+        own = self.unit_groups.get(g)
+        return self.world_size if own is None else own.size
+
+    def group_of(self, g: str, default: Any) -> Any:
+        """The process group unit ``g`` is reduced over: its own, else ``default`` (the engine's)."""
+        own = self.unit_groups.get(g)
+        return default if own is None else own.group
 
     @property
     def accumulation_dtype(self) -> torch.dtype:
@@ -469,7 +486,8 @@ def make_norm_and_loss(
         for g, grad in grads.items():
             if plan.stage == 0 and world > 1:
                 # Every rank holds the same full gradient: each sums only its own slice.
-                grad = plan.layouts[g].shard(grad, plan.rank)
+                # (a unit of its own group: replicated over that group, each of whose ranks sums a slice)
+                grad = plan.layouts[g].shard(grad, plan.unit_rank(g))
             if mp is not None:  # the parameters this rank counts (core/model_parallel.py)
                 sumsq = sumsq + mp.sumsq(g, grad)
                 continue
@@ -600,7 +618,7 @@ def make_sharded_update(
 
 def param_rows(plan: StepPlan, params: Flats) -> Flats:
     """This rank's row [S] of every full compute-dtype buffer [N * S] (stages 1-2): its shard's place."""
-    return {g: flat.view(plan.world_size, -1)[plan.rank] for g, flat in params.items()}
+    return {g: flat.view(plan.unit_size(g), -1)[plan.unit_rank(g)] for g, flat in params.items()}
 
 
 class ParamGathers:
@@ -624,7 +642,9 @@ def gather_params(plan: StepPlan, params: Flats, group: Any) -> ParamGathers | N
     so no copy in or out of the collective). With ``defer_param_gather`` they are left running, in
     layout order (the root unit, then the blocks in module order), for the next forward."""
     pending = {
-        g: collectives.all_gather_rows(flat, group, plan.allgather_bucket_numel, async_op=True)
+        g: collectives.all_gather_rows(
+            flat, plan.group_of(g, group), plan.allgather_bucket_numel, async_op=True
+        )
         for g, flat in params.items()
     }
     gathers = ParamGathers(pending)

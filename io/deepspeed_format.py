@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from zerostep.io import deepspeed_moe
 from zerostep.io.errors import CheckpointError
 
 # Top-level keys DeepSpeed itself writes into a model-states file; the rest is the client's
@@ -47,6 +48,7 @@ DEEPSPEED_KEYS = frozenset(
         "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
         "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
         "ds_version", "checkpoint_parallel_dimensions", "universal_checkpoint_info", "param_families",
+        "num_experts",
     }
 )  # fmt: skip
 
@@ -508,7 +510,18 @@ def read_deepspeed_checkpoint(load_dir: str | os.PathLike, tag: str | None = Non
     for o, p in zip(optims, optim_paths):
         if not isinstance(o.get("optimizer_state_dict"), dict):
             raise CheckpointError(p, "no 'optimizer_state_dict'")
-    if not optims:
+    moe_files = deepspeed_moe.expert_files(ckpt_dir)
+    if moe_files:  # DeepSpeed's MoE layout (io/deepspeed_moe.py): parameters only
+        if model_paths != [model_path]:
+            raise CheckpointError(ckpt_dir, "DeepSpeed MoE checkpoints at ZeRO stage 3 are not supported")
+        osd = optims[0]["optimizer_state_dict"] if optims else {}
+        stage = _stage_of(osd["zero_stage"], optim_paths[0]) if "zero_stage" in osd else 0
+        params = _read_stage_0(model, model_path)[0]  # the module's: its non-expert parameters
+        params.update(deepspeed_moe.read_expert_params(moe_files, deepspeed_moe.num_experts_of(model)))
+        avg = avg_sq = step = by_index = None
+        groups, note = [], deepspeed_moe.NOTE
+        world = int(model.get("dp_world_size") or 1)
+    elif not optims:
         stage = 0
         params, avg, avg_sq, step, groups, note, by_index = _read_stage_0(model, model_paths[0])
         world = int(model.get("dp_world_size") or 1)

@@ -155,16 +155,14 @@ def combine(expert_out: torch.Tensor, slots: torch.Tensor, gates: torch.Tensor) 
 
 
 class Experts(nn.Module):
-    """DeepSpeed's ``Experts``: deep copies of ``expert``, their parameters marked ``allreduce = False`` and
-    ``group_name`` (what ``is_moe_param`` goes by).
+    """DeepSpeed's ``Experts``: ``num_local_experts`` deep copies of ``expert`` (this rank's share of the
+    layer's experts), their parameters marked ``allreduce = False`` and ``group_name`` (what
+    ``is_moe_param`` goes by).
 
-    Unlike DeepSpeed's, every rank holds the parameters of all ``num_experts`` experts (under their global
-    index), and runs only its ``num_local_experts`` from ``first_local`` on. A non-local expert's gradient
-    is zero on this rank, so the engine's one reduction over the data-parallel group sums each expert's
-    gradient over exactly the ranks that ran it (its expert-data-parallel group), divided by the
-    data-parallel size as DeepSpeed divides it; every ZeRO stage, the norm, clipping, checkpoints and their
-    resharding then treat experts as any parameter. The cost: expert gradients and (stages 0-2) parameters
-    are exchanged and held for all experts, ``ep_size`` times DeepSpeed's expert bytes.
+    As in DeepSpeed, a rank holds only its own experts: local expert ``i`` is the layer's global expert
+    ``first_local + i`` (``first_local`` is set once the expert-parallel groups exist). The engine makes
+    them a unit of their own (core/expert_units.py), reduced and ZeRO-sharded over the expert-data-parallel
+    group, and checkpoints them under their global names (``global_expert_name``).
     """
 
     def __init__(
@@ -172,15 +170,14 @@ class Experts(nn.Module):
         expert: nn.Module,
         num_local_experts: int = 1,
         expert_group_name: str | None = None,
-        num_experts: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(expert, nn.Module):
             raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
-        total = num_local_experts if num_experts is None else num_experts
-        self.deepspeed_experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(total))
+        self.deepspeed_experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_local_experts))
         self.num_local_experts = num_local_experts
         self.first_local = 0
+        self.expert_group_name = expert_group_name
         for e in self.deepspeed_experts:
             for p in e.parameters():
                 p.allreduce = False
@@ -189,12 +186,51 @@ class Experts(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         # inputs: [P, E/P, C, M] (source rank, local expert, slot, model); expert i sees [P, 1, C, M]
         chunks = inputs.chunk(self.num_local_experts, dim=1)
-        local = self.deepspeed_experts[self.first_local : self.first_local + self.num_local_experts]
         outs = []
-        for chunk, expert in zip(chunks, local, strict=True):
+        for chunk, expert in zip(chunks, self.deepspeed_experts, strict=True):
             out = expert(chunk)
             outs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outs, dim=1)
+
+
+_EXPERTS = ".deepspeed_experts."
+
+
+def expert_index(name: str) -> tuple[str, int, str] | None:
+    """``(head, index, rest)`` of a parameter name ``head.deepspeed_experts.<index>.rest``, else None."""
+    if _EXPERTS not in name:
+        return None
+    head, tail = name.rsplit(_EXPERTS, 1)
+    index, _, rest = tail.partition(".")
+    if not index.isdigit():
+        return None
+    return head, int(index), rest
+
+
+def global_expert_name(name: str, first_local: int) -> str:
+    """Local expert ``i``'s parameter name on a rank whose first expert is ``first_local`` -> the name
+    global expert ``first_local + i`` has in one process holding every expert (names of non-expert
+    parameters are returned as they are)."""
+    parts = expert_index(name)
+    if parts is None:
+        return name
+    head, index, rest = parts
+    return _expert_name(head, first_local + index, rest)
+
+
+def local_expert_name(name: str, first_local: int, num_local: int) -> str | None:
+    """The inverse of ``global_expert_name``: the local name, or None when the expert is another rank's."""
+    parts = expert_index(name)
+    if parts is None:
+        return name
+    head, index, rest = parts
+    if not first_local <= index < first_local + num_local:
+        return None
+    return _expert_name(head, index - first_local, rest)
+
+
+def _expert_name(head: str, index: int, rest: str) -> str:
+    return f"{head}{_EXPERTS}{index}.{rest}" if rest else f"{head}{_EXPERTS}{index}"
 
 
 class MOELayer(nn.Module):

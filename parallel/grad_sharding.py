@@ -45,8 +45,11 @@ class GradShardSink:
         predivide: float | None = None,
         overlap: bool = False,
         max_in_flight: int = 2,
+        unit_groups: Mapping[str, collectives.Group] | None = None,
     ) -> None:
         self.group = collectives.resolve_group(group)
+        # units reduced over a group of their own (MoE experts over their expert-data-parallel group)
+        self.unit_groups = dict(unit_groups or {})
         self.bucket_numel, self.predivide = bucket_numel, predivide
         self.overlap, self.max_in_flight = overlap, max(1, max_in_flight)
         # where ``ShardedBackward`` hands each unit's finished shard: set by whoever accumulates them
@@ -54,19 +57,27 @@ class GradShardSink:
         # reductions in flight: (work, full buffer kept alive until it is done, shard, what to call then)
         self.pending: list[tuple[collectives.Pending, torch.Tensor, torch.Tensor, Callable]] = []
 
-    def reduce(self, grad_full: torch.Tensor, shard_numel: int, then: Callable[[torch.Tensor], None]) -> None:
+    def reduce(
+        self,
+        grad_full: torch.Tensor,
+        shard_numel: int,
+        then: Callable[[torch.Tensor], None],
+        unit: str | None = None,
+    ) -> None:
         """``then(shard)`` with this rank's shard [S] of the sum over ranks of ``grad_full`` [N * S]
         (contiguous; scaled in place by the predivide factor): at once, or when an overlapped reduction
-        is waited for (``wait()`` waits for all)."""
+        is waited for (``wait()`` waits for all). ``unit``: whose gradient it is (a unit with a group of
+        its own is reduced over that group)."""
+        group = self.unit_groups.get(unit, self.group)
         if self.predivide is not None:
             grad_full.mul_(self.predivide)
         if not self.overlap:
-            then(collectives.reduce_scatter_flat(grad_full, self.group, self.bucket_numel))
+            then(collectives.reduce_scatter_flat(grad_full, group, self.bucket_numel))
             return
         while len(self.pending) >= self.max_in_flight:  # bound the full buffers kept alive
             self._finish(self.pending.pop(0))
         shard = grad_full.new_empty(shard_numel)
-        work = collectives.reduce_scatter_into(shard, grad_full, self.group, async_op=True)
+        work = collectives.reduce_scatter_into(shard, grad_full, group, async_op=True)
         if work.done:  # shared memory completes in the call: nothing to keep
             then(shard)
         else:
@@ -121,7 +132,7 @@ class ShardedBackward:
     def _reduce(self, g: str) -> None:
         self.reduced.add(g)
         buffer = self.buffers.pop(g)
-        self.sink.reduce(buffer, self.layouts[g].shard_numel, lambda shard: self.deliver(g, shard))
+        self.sink.reduce(buffer, self.layouts[g].shard_numel, lambda shard: self.deliver(g, shard), unit=g)
 
     def _hook_for(self, g: str, index: int):
         entry = self.layouts[g].entries[index]

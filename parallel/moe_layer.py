@@ -14,8 +14,8 @@ from zerostep.parallel.moe_gate import TopKGate, check_gate_args
 class MoE(nn.Module):
     """A Mixture-of-Experts layer with DeepSpeed's constructor and forward contract.
 
-    ``num_experts`` copies of ``expert`` whose work is split over ``ep_size`` ranks (``num_experts /
-    ep_size`` run on each; every rank holds all experts' parameters, see ``parallel.expert.Experts``), a
+    ``num_experts`` copies of ``expert`` split over ``ep_size`` ranks (each holds and runs its
+    ``num_experts / ep_size``, the global experts from ``first_expert`` on; ``parallel.expert.Experts``), a
     top-``k`` gate (``TopKGate``), and with ``use_residual`` a dense ``expert`` mixed in by a learned
     2-way softmax (Residual MoE). The expert-parallel groups are created when ``torch.distributed`` is up
     at construction, else at the first forward (``set_deepspeed_parallelism`` does it explicitly).
@@ -70,7 +70,7 @@ class MoE(nn.Module):
             None,
             top2_2nd_expert_sampling,
         )
-        experts = ep.Experts(expert, self.num_local_experts, self.expert_group_name, num_experts)
+        experts = ep.Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = ep.MOELayer(
             gate, experts, self.expert_group_name, ep_size, self.num_local_experts
         )

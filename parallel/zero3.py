@@ -319,19 +319,29 @@ class Zero3Runner:
         prefetch: bool = True,
         overlap_reduce: bool = True,
         offload_to: torch.device | None = None,
+        unit_groups: Mapping[str, Group] | None = None,
     ) -> None:
         """``offload_to``: the shards live in host memory (offload_param) and are gathered on this
-        device; reductions then run synchronously, each shard gradient copied back to the host."""
+        device; reductions then run synchronously, each shard gradient copied back to the host.
+        ``unit_groups``: units sharded over a group of their own (MoE experts over their
+        expert-data-parallel group), by name; the others over ``group``."""
         self.model, self.units = model, units
         self.offload_to = offload_to
         self.group = resolve_group(group)
         if group_size(self.group) == 1:
             self.group = None  # world size 1: gathers are copies, no collectives
-        sizes = {u.layout.world_size for u in units}
-        if sizes - {group_size(self.group)}:
-            raise ValueError(
-                f"units planned for world size {sizes}, group has {group_size(self.group)} ranks"
-            )
+        self._unit_groups: dict[str, dist.ProcessGroup | None] = {}
+        for name, own in (unit_groups or {}).items():
+            own = resolve_group(own)
+            self._unit_groups[name] = None if group_size(own) == 1 else own
+        for u in units:
+            own = self.group_of(u.name)
+            size = 1 if own is None else dist.get_world_size(own)
+            if u.layout.world_size != size:
+                raise ValueError(
+                    f"unit {u.name!r} planned for world size {u.layout.world_size}, its group has "
+                    f"{size} ranks"
+                )
         self.prefetch = prefetch and self.group is not None
         self.overlap_reduce = overlap_reduce and self.group is not None and offload_to is None
         self._by_name = {u.name: u for u in units}
@@ -344,6 +354,10 @@ class Zero3Runner:
             self._locations.setdefault(key, []).append((model.get_submodule(module_path), attr))
         self._forward_order: list[str] = []  # unit names in call order, recorded by the last call
         self.peak_gathered_bytes = 0  # high-water mark of the last call
+
+    def group_of(self, unit: str) -> dist.ProcessGroup | None:
+        """The group unit ``unit`` is gathered and reduced over (None: one rank, copies only)."""
+        return self._unit_groups[unit] if unit in self._unit_groups else self.group
 
     def _swap_in(self, unit: Unit, full: torch.Tensor) -> list[tuple[nn.Module, str, object]]:
         """Put views of ``full`` in place of the unit's parameters; returns what to put back."""
@@ -419,7 +433,8 @@ class Zero3Session:
 
     def _new_gather(self, unit: Unit) -> _Gathered:
         runner = self.runner
-        gathered = _Gathered(unit, self.leaves[unit.name], runner.group, self.tracker, runner.offload_to)
+        group = runner.group_of(unit.name)
+        gathered = _Gathered(unit, self.leaves[unit.name], group, self.tracker, runner.offload_to)
         self.gathers.append(gathered)
         return gathered
 

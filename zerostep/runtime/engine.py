@@ -154,7 +154,8 @@ class DeepSpeedEngine(DataSamplingMethods, nn.Module):
 
     @property
     def seq_dp_world_size(self) -> int:
-        """The sequence-and-data-parallel group gradients are reduced over: every rank."""
+        """The sequence-and-data-parallel group gradients are reduced over: every rank, or under AutoTP the
+        ranks of this tensor-parallel rank (parallel/mesh.sequence_tensor_layout)."""
         return self._core.world_size
 
     @property
